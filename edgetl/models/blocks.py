@@ -1,0 +1,191 @@
+"""Finding inverted-residual blocks (IRBs) and describing them as data.
+
+Discovery is by type (torchvision's ``InvertedResidual`` of MobileNetV2 and V3 and ``MBConv`` of
+EfficientNet), never by per-model indices. A model is read as torchvision lays these families out:
+``features`` (a sequence whose leaves, in forward order, are the stem, the IRBs and the final 1x1
+conv stage), global average pooling, and ``classifier``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+import edgetl._torchvision_compat  # noqa: F401
+from torchvision.models import efficientnet, mobilenetv2, mobilenetv3
+from torchvision.ops import SqueezeExcitation, StochasticDepth
+
+from edgetl.train.layers import ShiftOnlyNorm, activation_kind
+
+IRB_TYPES: tuple[type[nn.Module], ...] = (
+    mobilenetv2.InvertedResidual,
+    mobilenetv3.InvertedResidual,
+    efficientnet.MBConv,
+)
+
+
+def is_irb(module: nn.Module) -> bool:
+    return isinstance(module, IRB_TYPES)
+
+
+def _contains_irb(module: nn.Module) -> bool:
+    return any(is_irb(m) for m in module.modules())
+
+
+def feature_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The leaves of ``model.features`` in forward order: stem, each IRB, final conv stage.
+
+    Containers that hold IRBs (EfficientNet's stages) are flattened; an IRB is never split.
+    """
+    features = getattr(model, "features", None)
+    if not isinstance(features, nn.Sequential):
+        raise ValueError(f"{type(model).__name__} has no 'features' sequence; edgetl supports torchvision's MobileNet/EfficientNet layout")
+
+    units: list[tuple[str, nn.Module]] = []
+
+    def walk(prefix: str, seq: nn.Sequential) -> None:
+        for name, child in seq.named_children():
+            path = f"{prefix}.{name}"
+            if not is_irb(child) and isinstance(child, nn.Sequential) and _contains_irb(child):
+                walk(path, child)
+            else:
+                units.append((path, child))
+
+    walk("features", features)
+    return units
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's inverted-residual blocks, bottom to top, with their qualified names."""
+    return [(name, unit) for name, unit in feature_units(model) if is_irb(unit)]
+
+
+# --- a block as data ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer of a block, in forward order.
+
+    ``op`` is ``conv``, ``linear``, ``norm``, ``act``, ``se`` (squeeze-excitation, with ``se_*``
+    fields), ``pad`` (zero padding, ``padding`` = left, right, top, bottom), ``pool`` (global average), ``dropout``, ``drop_path`` (stochastic depth) or
+    ``residual``.
+    """
+
+    op: str
+    in_channels: int = 0
+    out_channels: int = 0
+    kernel: int = 1
+    stride: int = 1
+    padding: int | tuple[int, int, int, int] = 0
+    dilation: int = 1
+    groups: int = 1
+    bias: bool = False
+    kind: str = ""  # activation kind for ``act``
+    se_squeeze: int = 0
+    se_act: str = ""
+    se_gate: str = ""
+    drop_prob: float = 0.0  # ``dropout`` / ``drop_path`` probability
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """An inverted-residual block's structure: enough to predict its memory without running it."""
+
+    name: str
+    kind: str  # class name: InvertedResidual / MBConv
+    in_channels: int
+    out_channels: int
+    expand_ratio: float
+    kernel: int
+    stride: int
+    use_se: bool
+    use_residual: bool
+    layers: tuple[LayerSpec, ...]
+
+
+def _conv_spec(conv: nn.Conv2d) -> LayerSpec:
+    def one(v):
+        return v[0] if isinstance(v, tuple) else v
+
+    return LayerSpec(
+        "conv",
+        conv.in_channels,
+        conv.out_channels,
+        kernel=one(conv.kernel_size),
+        stride=one(conv.stride),
+        padding=one(conv.padding),
+        dilation=one(conv.dilation),
+        groups=conv.groups,
+        bias=conv.bias is not None,
+    )
+
+
+def layer_specs(module: nn.Module) -> list[LayerSpec]:
+    if isinstance(module, nn.Conv2d):
+        return [_conv_spec(module)]
+    if isinstance(module, nn.Linear):
+        return [LayerSpec("linear", module.in_features, module.out_features, bias=module.bias is not None)]
+    if isinstance(module, (ShiftOnlyNorm, nn.BatchNorm2d)):
+        return [LayerSpec("norm", module.num_features, module.num_features)]
+    if isinstance(module, SqueezeExcitation):
+        return [
+            LayerSpec(
+                "se",
+                module.fc1.in_channels,
+                module.fc1.in_channels,
+                se_squeeze=module.fc1.out_channels,
+                se_act=activation_kind(module.activation) or "",
+                se_gate=activation_kind(module.scale_activation) or "",
+            )
+        ]
+    kind = activation_kind(module)
+    if kind is not None:
+        return [LayerSpec("act", kind=kind)]
+    if isinstance(module, StochasticDepth):
+        return [LayerSpec("drop_path", drop_prob=float(module.p))]
+    if isinstance(module, nn.Dropout):
+        return [LayerSpec("dropout", drop_prob=float(module.p))]
+    if isinstance(module, nn.ZeroPad2d):
+        return [LayerSpec("pad", padding=tuple(module.padding))]
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return [LayerSpec("pool")]
+    if isinstance(module, (nn.Identity, nn.Flatten)):
+        return []
+    children = list(module.children())
+    if not children:
+        raise ValueError(f"edgetl cannot account for layer {type(module).__name__}")
+    out: list[LayerSpec] = []
+    for child in children:
+        out.extend(layer_specs(child))
+    return out
+
+
+def block_spec(name: str, block: nn.Module) -> BlockSpec:
+    """Describe ``block`` (an IRB, original or prepared) as a :class:`BlockSpec`."""
+    if not is_irb(block):
+        raise TypeError(f"{name} is a {type(block).__name__}, not an inverted-residual block")
+    body = getattr(block, "conv", None) or getattr(block, "block")
+    layers = layer_specs(body)
+    sd = getattr(block, "stochastic_depth", None)
+    use_res = bool(block.use_res_connect)
+    if use_res and sd is not None:
+        layers += layer_specs(sd)
+    if use_res:
+        layers.append(LayerSpec("residual"))
+    convs = [layer for layer in layers if layer.op == "conv"]
+    dw = next(layer for layer in convs if layer.groups > 1 and layer.groups == layer.in_channels)
+    cin, cout = convs[0].in_channels, convs[-1].out_channels
+    return BlockSpec(
+        name=name,
+        kind=type(block).__name__,
+        in_channels=cin,
+        out_channels=cout,
+        expand_ratio=dw.in_channels / cin,
+        kernel=dw.kernel,
+        stride=dw.stride,
+        use_se=any(layer.op == "se" for layer in layers),
+        use_residual=use_res,
+        layers=tuple(layers),
+    )

@@ -1,0 +1,173 @@
+"""Model zoo: torchvision architectures, their weights, and the matching input transforms."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import edgetl._torchvision_compat  # noqa: F401  (must precede torchvision)
+from torchvision import models as tvm
+from torchvision.transforms import v2
+
+from edgetl.errors import EdgetlError, WeightsError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one architecture and preprocess its input."""
+
+    builder: Callable[..., nn.Module]  # builder(weights=None) -> randomly initialised model
+    weights_enum: Any  # torchvision WeightsEnum class (``builder(weights=enum.DEFAULT)``), or None
+    pretrained: Callable[[], nn.Module] | None = None  # "DEFAULT" weights not from torchvision
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR
+    crop_ratio: float = 224 / 256  # eval: resize the short side to size / ratio, then centre-crop
+
+
+MODELS: dict[str, ModelSpec] = {
+    "mobilenet_v2": ModelSpec(tvm.mobilenet_v2, tvm.MobileNet_V2_Weights),
+    "mobilenet_v3_small": ModelSpec(tvm.mobilenet_v3_small, tvm.MobileNet_V3_Small_Weights),
+    "mobilenet_v3_large": ModelSpec(tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights),
+    "efficientnet_b0": ModelSpec(
+        tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights, interpolation=v2.InterpolationMode.BICUBIC
+    ),
+}
+
+
+def model_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise EdgetlError(f"unknown model {name!r}; expected one of {', '.join(sorted(MODELS))}") from None
+
+
+def classifier_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
+    """The last ``nn.Linear`` of ``model.classifier``, with its parent and attribute name."""
+    head = getattr(model, "classifier", None)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no 'classifier' module")
+    if isinstance(head, nn.Linear):
+        return model, "classifier", head
+    found = None
+    for parent in head.modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                found = (parent, attr, child)
+    if found is None:
+        raise ValueError(f"{type(model).__name__}.classifier has no nn.Linear layer")
+    return found
+
+
+def replace_classifier(model: nn.Module, num_classes: int) -> nn.Module:
+    """Give ``model`` a freshly initialised final linear layer with ``num_classes`` outputs."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    parent, attr, old = classifier_linear(model)
+    if old.out_features != num_classes:
+        new = nn.Linear(old.in_features, num_classes)
+        nn.init.normal_(new.weight, 0.0, 0.01)
+        nn.init.zeros_(new.bias)
+        setattr(parent, attr, new)
+    return model
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise WeightsError("reading .safetensors needs the 'safetensors' package: pip install safetensors") from None
+            state = load_file(path)
+        else:
+            # weights_only: never unpickle arbitrary objects from a user's file
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except WeightsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure is an unreadable file to the user
+        raise WeightsError(f"cannot read weights from {path}: {type(exc).__name__}: {exc}") from None
+    for key in ("model", "state_dict"):  # edgetl checkpoints and common training scripts
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def load_model(name: str, *, weights: str | os.PathLike | None = None, num_classes: int) -> nn.Module:
+    """Build torchvision architecture ``name`` with ``num_classes`` outputs.
+
+    Args:
+        name: one of :data:`MODELS` (``mobilenet_v2``, ``mobilenet_v3_small``,
+            ``mobilenet_v3_large``, ``efficientnet_b0``).
+        weights: ``None`` for random initialisation; ``"DEFAULT"`` for torchvision's pretrained
+            ImageNet weights (downloaded once and cached by torchvision; a clear
+            :class:`WeightsError` where there is no network); or the path of a local state dict
+            (``.pt``/``.pth`` read with ``weights_only=True``, or ``.safetensors``). A state dict may
+            carry any classifier size; the classifier is replaced when it differs from
+            ``num_classes``.
+        num_classes: outputs of the (new) classifier.
+    """
+    spec = model_spec(name)
+    if weights is None:
+        return replace_classifier(spec.builder(weights=None), num_classes)
+    if isinstance(weights, str) and weights.upper() == "DEFAULT":
+        try:
+            model = spec.pretrained() if spec.pretrained else spec.builder(weights=spec.weights_enum.DEFAULT)
+        except WeightsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - network/cache failures come in many types
+            raise WeightsError(
+                f"cannot get torchvision's pretrained weights for {name} ({type(exc).__name__}: {exc}). "
+                "Without a network, pass a local state-dict file with --weights PATH."
+            ) from None
+        return replace_classifier(model, num_classes)
+    state = _read_state_dict(os.fspath(weights))
+    model = spec.builder(weights=None)
+    _, _, linear = classifier_linear(model)
+    # build the classifier at the checkpoint's size so every key must match, then swap it
+    shapes = [v.shape for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+    if shapes:
+        replace_classifier(model, shapes[-1][0])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"weights in {os.fspath(weights)} do not fit {name}: {exc}") from None
+    return replace_classifier(model, num_classes)
+
+
+def transforms_for(name: str, *, image_size: int, train: bool) -> v2.Compose:
+    """The transforms v2 pipeline matching ``name``'s weights.
+
+    PIL image or uint8 tensor in, normalised float32 ``3 x image_size x image_size`` out.
+    ``train=True`` adds random-resized-crop and horizontal-flip augmentation; ``train=False`` is
+    the deterministic resize + centre crop used for evaluation (and for training without
+    augmentation).
+    """
+    spec = model_spec(name)
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8, got {image_size}")
+    head = [v2.ToImage(), v2.RGB()]
+    if train:
+        geometry = [
+            v2.RandomResizedCrop(image_size, interpolation=spec.interpolation, antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+    else:
+        geometry = [
+            v2.Resize(round(image_size / spec.crop_ratio), interpolation=spec.interpolation, antialias=True),
+            v2.CenterCrop(image_size),
+        ]
+    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
+    return v2.Compose(head + geometry + tail)

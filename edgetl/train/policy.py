@@ -1,0 +1,61 @@
+"""What trains: the training policy as data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+Method = Literal["mobiletl", "vanilla"]
+ActivationGrad = Literal["sign", "exact"]
+ActivationMask = Literal["reuse", "packed"]
+
+METHODS: tuple[str, ...] = ("mobiletl", "vanilla")
+ACTIVATION_GRADS: tuple[str, ...] = ("sign", "exact")
+ACTIVATION_MASKS: tuple[str, ...] = ("reuse", "packed")
+
+
+@dataclass(frozen=True)
+class TrainPolicy:
+    """Which part of a network trains, and how. Applied by :func:`edgetl.prepare`.
+
+    Attributes:
+        blocks: K, the number of inverted-residual blocks trained, counted from the top. Everything
+            above them (final 1x1 conv stage, classifier) trains in full. ``0`` trains the
+            classifier only (the linear-probe baseline: the final conv stage stays frozen too).
+        method: ``"mobiletl"`` (shift-only internal norms, 1-bit activation masks) or
+            ``"vanilla"`` (the paper's FT-BLKs baseline: the same blocks trained with ordinary
+            autograd, train-mode batch norm, full-precision activations).
+        activation_grad: MobileTL's activation backward. ``"sign"`` (the paper's default): the
+            gradient passes where the activation input is > 0. ``"exact"``: use the true derivative
+            where it is itself binary (ReLU6: 1[0 < x < 6]); Hard-Swish and SiLU have no binary
+            derivative and keep the sign rule.
+        activation_mask: where MobileTL's 1-bit mask lives. ``"reuse"`` (default) reads it off the
+            activation output, which the next trainable conv stores anyway (zero extra bytes);
+            ``"packed"`` stores a bit-packed uint8 mask per activation (numel / 8 bytes).
+    """
+
+    blocks: int
+    method: Method = "mobiletl"
+    activation_grad: ActivationGrad = "sign"
+    activation_mask: ActivationMask = "reuse"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.blocks, bool) or not isinstance(self.blocks, int):
+            raise TypeError(f"TrainPolicy.blocks must be an int, got {self.blocks!r}")
+        if self.blocks < 0:
+            raise ValueError(f"TrainPolicy.blocks must be >= 0 (0 = classifier only), got {self.blocks}")
+        for field, value, allowed in (
+            ("method", self.method, METHODS),
+            ("activation_grad", self.activation_grad, ACTIVATION_GRADS),
+            ("activation_mask", self.activation_mask, ACTIVATION_MASKS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown TrainPolicy.{field} {value!r}; expected one of {', '.join(allowed)}")
+
+    def check_blocks(self, num_blocks: int) -> None:
+        """Raise if K exceeds the number of blocks of a model."""
+        if self.blocks > num_blocks:
+            raise ValueError(f"TrainPolicy.blocks={self.blocks} but the model has only {num_blocks} inverted-residual blocks")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,129 @@
+"""Apply a :class:`TrainPolicy` to a network: the one function that decides what trains."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from edgetl.models.blocks import feature_units, find_blocks, is_irb
+from edgetl.train.layers import MaskedActivation, ShiftOnlyNorm, activation_kind
+from edgetl.train.policy import TrainPolicy
+
+
+class TransferModel(nn.Module):
+    """A network split for transfer learning: frozen bottom, trained top, head.
+
+    ``forward(x) == forward_top(forward_bottom(x))``. The bottom (every unit of ``features`` below
+    the top K blocks) always runs in eval mode under ``torch.no_grad()``, so autograd keeps
+    nothing for it; its output can be cached (:mod:`edgetl.train.cache`). State-dict keys are the
+    original model's (``features.*``, ``classifier.*``), so a trained state dict loads back into
+    the plain torchvision architecture.
+    """
+
+    def __init__(self, model: nn.Module, policy: TrainPolicy) -> None:
+        super().__init__()
+        units = feature_units(model)
+        blocks = [name for name, unit in units if is_irb(unit)]
+        policy.check_blocks(len(blocks))
+        self.policy = policy
+        self.features = model.features
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = model.classifier
+        if policy.blocks == 0:
+            split = len(units)  # linear probe: all of features is frozen
+        else:
+            first = blocks[len(blocks) - policy.blocks]
+            split = next(i for i, (name, _) in enumerate(units) if name == first)
+        self.bottom_names = [name for name, _ in units[:split]]
+        self.top_names = [name for name, _ in units[split:]]
+        self.trained_block_names = blocks[len(blocks) - policy.blocks :]
+        self.num_blocks = len(blocks)
+
+    def _unit(self, name: str) -> nn.Module:
+        return self.get_submodule(name)
+
+    def bottom_units(self) -> list[nn.Module]:
+        return [self._unit(n) for n in self.bottom_names]
+
+    def top_units(self) -> list[nn.Module]:
+        return [self._unit(n) for n in self.top_names]
+
+    def train(self, mode: bool = True) -> TransferModel:
+        super().train(mode)
+        for unit in self.bottom_units():
+            unit.eval()  # frozen statistics below the trained blocks, always
+        return self
+
+    def forward_bottom(self, x: Tensor) -> Tensor:
+        """The frozen part: no autograd, eval mode."""
+        with torch.no_grad():
+            for unit in self.bottom_units():
+                x = unit(x)
+        return x
+
+    def forward_top(self, x: Tensor) -> Tensor:
+        """The trained part, from the bottom's output to logits."""
+        for unit in self.top_units():
+            x = unit(x)
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_top(self.forward_bottom(x))
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+
+def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
+    parent_name, _, attr = qualified.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
+
+
+def apply_mobiletl(block: nn.Module, policy: TrainPolicy) -> None:
+    """Rewrite one IRB in place for MobileTL.
+
+    Every norm but the block's last becomes a :class:`ShiftOnlyNorm`; the last (after the
+    projection conv) stays a train-mode ``BatchNorm2d``. Every activation, including the
+    squeeze-excitation's, becomes a :class:`MaskedActivation`.
+
+    Squeeze-excitation decision: its two 1x1 convs train like the block's other convs; its inner
+    activation (ReLU / SiLU on N x C/4 x 1 x 1) takes the masked backward, mask read off its
+    output, which fc2 stores; its gate (Hard-Sigmoid / Sigmoid) keeps its exact derivative, read off
+    its output, which the gating multiply stores. The multiply stores the SE input (the depthwise
+    activation's output) for the gate's gradient: a full expanded map, which is the SE's price.
+    """
+    norms = [name for name, m in block.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    for name in norms[:-1]:
+        _set_child(block, name, ShiftOnlyNorm(block.get_submodule(name)))
+    for name, module in list(block.named_modules()):
+        kind = activation_kind(module)
+        if kind is not None and not isinstance(module, MaskedActivation):
+            _set_child(block, name, MaskedActivation(kind, policy.activation_grad, policy.activation_mask))
+
+
+def prepare(model: nn.Module, policy: TrainPolicy) -> TransferModel:
+    """Return a copy of ``model`` ready to train under ``policy``.
+
+    Lower blocks, the stem and (for ``blocks=0``) the final conv stage are frozen and run without
+    autograd. For ``method="mobiletl"`` the top K blocks are rewritten by :func:`apply_mobiletl`;
+    for ``"vanilla"`` they train with ordinary autograd. The final 1x1 conv stage (for K >= 1) and
+    the classifier train in full. ``model`` itself is left unchanged.
+    """
+    if not isinstance(policy, TrainPolicy):
+        raise TypeError(f"policy must be a TrainPolicy, got {type(policy).__name__}")
+    if not find_blocks(model):
+        raise ValueError(f"{type(model).__name__} has no inverted-residual blocks")
+    net = TransferModel(copy.deepcopy(model), policy)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for name in net.top_names:
+        unit = net.get_submodule(name)
+        if policy.method == "mobiletl" and is_irb(unit):
+            apply_mobiletl(unit, policy)
+        for p in unit.parameters():
+            p.requires_grad_(True)
+    for p in net.classifier.parameters():
+        p.requires_grad_(True)
+    return net.train()
