@@ -1,0 +1,36 @@
+"""edgetl: on-device transfer learning with inverted residual blocks (MobileTL).
+
+Public API:
+
+* :func:`load_model`, :func:`transforms_for` - architectures, weights and their input pipeline;
+* :class:`TrainPolicy`, :func:`prepare` - what trains, applied to a network;
+* :class:`FinetuneConfig`, :func:`finetune` - the training loop behind ``edgetl finetune``;
+* :class:`FashionMNIST` - the embedded default dataset.
+"""
+
+from edgetl.data.fashion_mnist import FashionMNIST
+from edgetl.errors import DataError, EdgetlError, WeightsError
+from edgetl.models.blocks import find_blocks
+from edgetl.models.zoo import MODELS, load_model, transforms_for
+from edgetl.train.policy import TrainPolicy
+from edgetl.train.prepare import TransferModel, prepare
+from edgetl.train.trainer import FinetuneConfig, FinetuneResult, finetune
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODELS",
+    "DataError",
+    "EdgetlError",
+    "FashionMNIST",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "TrainPolicy",
+    "TransferModel",
+    "WeightsError",
+    "finetune",
+    "find_blocks",
+    "load_model",
+    "prepare",
+    "transforms_for",
+]

@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-
-import edgetl._torchvision_compat  # noqa: F401
 from torchvision import tv_tensors
 
+import edgetl._torchvision_compat  # noqa: F401
 from edgetl.errors import DataError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")

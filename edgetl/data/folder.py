@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Subset
-
-import edgetl._torchvision_compat  # noqa: F401
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+import edgetl._torchvision_compat  # noqa: F401
 from edgetl.data.fashion_mnist import FashionMNIST
 from edgetl.errors import DataError
 

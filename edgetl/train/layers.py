@@ -36,8 +36,8 @@ class ShiftOnlyNorm(nn.Module):
         self.register_buffer("num_batches_tracked", bn.num_batches_tracked.detach().clone())
         self.bias = nn.Parameter(bias)
         # s and -mu*s, derived once: buffers so autograd saves a view of constant storage
-        self.register_buffer("scale", torch.empty(c), persistent=False)
-        self.register_buffer("offset", torch.empty(c), persistent=False)
+        self.register_buffer("scale", torch.empty_like(weight), persistent=False)
+        self.register_buffer("offset", torch.empty_like(weight), persistent=False)
         self._refresh()
         self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh())
 
