@@ -8,6 +8,12 @@ Public API:
 * :class:`FashionMNIST` - the embedded default dataset.
 """
 
+# isort: off
+# torchvision's C++ ops cannot load beside a CPU-only torch from PyPI; this must run before any
+# edgetl module imports torchvision (it does nothing where the wheels match).
+from edgetl import _torchvision_compat  # noqa: F401
+# isort: on
+
 from edgetl.data.fashion_mnist import FashionMNIST
 from edgetl.errors import DataError, EdgetlError, WeightsError
 from edgetl.models.blocks import find_blocks

@@ -1,8 +1,9 @@
-"""Shared fixtures: a small learnable image dataset and 'pretrained' stand-in weights.
+"""Shared fixtures: a small learnable image dataset and stand-in 'pretrained' weights.
 
-No weights can be downloaded here, so the stand-in for a pretrained network is a random one whose
-batch-norm statistics were calibrated on the data (frozen, uncalibrated random layers would make
-activations vanish or blow up through many blocks). The architecture and loading path are real.
+No weights can be downloaded here. The stand-in for a pretrained network is a torchvision
+architecture whose batch-norm statistics were calibrated on a source dataset and which was then
+trained in full on it for a few steps; tests then transfer it to a target dataset of the same
+family. The architecture and the weight-loading path are the real ones.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edgetl.models.zoo import load_model
+from edgetl.models.zoo import load_model, transforms_for
 
 torch.set_num_threads(1)
 
@@ -28,12 +29,13 @@ CLASSES = ("red", "green", "blue")
 
 
 def make_image_folder(root: Path, per_class: int = 24, size: int = 24, seed: int = 0) -> Path:
-    """Class k: images whose channel k is bright, with noise and a random blob (learnable, not trivial)."""
+    """Class k: noisy images tinted towards channel k, with a bright blob of it at a random place."""
     rng = np.random.default_rng(seed)
     for k, name in enumerate(CLASSES):
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             img = rng.integers(0, 120, size=(size, size, 3)).astype(np.uint8)
+            img[..., k] += 60
             y, x = rng.integers(0, size // 2, size=2)
             img[y : y + size // 2, x : x + size // 2, k] = rng.integers(170, 255)
             Image.fromarray(img).save(root / name / f"{i:03d}.png")
@@ -45,12 +47,18 @@ def image_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data") / "train")
 
 
+@pytest.fixture(scope="session")
+def source_folder(tmp_path_factory) -> Path:
+    """The 'pretraining' data: same task family, other images."""
+    return make_image_folder(tmp_path_factory.mktemp("source") / "train", per_class=40, seed=1)
+
+
 def calibrate(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
     """Set every batch norm's statistics to those of ``model``'s activations on ``x``."""
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.reset_running_stats()
-            m.momentum = None
+            m.momentum = None  # cumulative average
     model.train()
     with torch.no_grad():
         model(x)
@@ -60,27 +68,38 @@ def calibrate(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
     return model.eval()
 
 
-def calibrated_model(name: str, folder: Path, image_size: int = 32) -> torch.nn.Module:
-    """A random ``name`` whose norm statistics match ``folder``'s images."""
+def pretrained_model(name: str, folder: Path, image_size: int = 32, steps: int = 60) -> torch.nn.Module:
+    """A stand-in for a pretrained ``name``: calibrated, then briefly trained in full on ``folder``.
+
+    Its classifier has 5 outputs, so loading it for the 3-class target gives a fresh head, as with
+    real ImageNet weights.
+    """
     from torchvision.datasets import ImageFolder
 
-    from edgetl.models.zoo import transforms_for
-
     torch.manual_seed(0)
-    model = load_model(name, num_classes=len(CLASSES))
+    model = load_model(name, num_classes=5)
     data = ImageFolder(str(folder), transform=transforms_for(name, image_size=image_size, train=False))
-    return calibrate(model, torch.stack([data[i][0] for i in range(len(data))]))
+    x, y = torch.stack([data[i][0] for i in range(len(data))]), torch.tensor(data.targets)
+    calibrate(model, x).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (16,))
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
 
 
 @pytest.fixture(scope="session")
-def pretrained_file(tmp_path_factory, image_folder):
-    """``pretrained_file(name)`` -> path of a calibrated state dict for architecture ``name``."""
+def pretrained_file(tmp_path_factory, source_folder):
+    """``pretrained_file(name)`` -> path of a stand-in pretrained state dict for ``name``."""
     cache: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in cache:
             path = tmp_path_factory.mktemp("weights") / f"{name}.pt"
-            torch.save(calibrated_model(name, image_folder).state_dict(), path)
+            torch.save(pretrained_model(name, source_folder).state_dict(), path)
             cache[name] = path
         return cache[name]
 

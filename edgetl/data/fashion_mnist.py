@@ -17,7 +17,6 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-import edgetl._torchvision_compat  # noqa: F401
 from edgetl.errors import DataError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -17,7 +17,6 @@ from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-import edgetl._torchvision_compat  # noqa: F401
 from edgetl.data.fashion_mnist import FashionMNIST
 from edgetl.errors import DataError
 

@@ -14,7 +14,6 @@ from torch import nn
 from torchvision.models import efficientnet, mobilenetv2, mobilenetv3
 from torchvision.ops import SqueezeExcitation, StochasticDepth
 
-import edgetl._torchvision_compat  # noqa: F401
 from edgetl.train.layers import ShiftOnlyNorm, activation_kind
 
 IRB_TYPES: tuple[type[nn.Module], ...] = (

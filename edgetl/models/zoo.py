@@ -12,7 +12,6 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.transforms import v2
 
-import edgetl._torchvision_compat  # noqa: F401  (must precede torchvision)
 from edgetl.errors import EdgetlError, WeightsError
 from edgetl.models import lite0
 
@@ -106,7 +105,8 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     except WeightsError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parse failure is an unreadable file to the user
-        raise WeightsError(f"cannot read weights from {path}: {type(exc).__name__}: {exc}") from None
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise WeightsError(f"cannot read weights from {path}: {type(exc).__name__}: {first_line}") from None
     for key in ("model", "state_dict"):  # edgetl checkpoints and common training scripts
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
