@@ -31,8 +31,8 @@ from torch import nn
 from edgetl.errors import WeightsError
 from edgetl.models import lite0, zoo
 from edgetl.models.blocks import block_spec, find_blocks
-from edgetl.profile.measure import HEAD, measure_saved_bytes
-from edgetl.profile.predict import predict_units
+from edgetl.profiler.measure import HEAD, measure_saved_bytes
+from edgetl.profiler.predict import predict_units
 from edgetl.train.policy import TrainPolicy
 from edgetl.train.prepare import prepare
 

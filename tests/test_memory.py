@@ -7,9 +7,9 @@ import torch
 
 from edgetl import TrainPolicy, find_blocks, load_model, prepare
 from edgetl.models.blocks import block_spec
-from edgetl.profile.analytic import saved_for_backward, total_bytes
-from edgetl.profile.measure import measure_saved_bytes
-from edgetl.profile.predict import predict_units
+from edgetl.profiler.analytic import saved_for_backward, total_bytes
+from edgetl.profiler.measure import measure_saved_bytes
+from edgetl.profiler.predict import predict_units
 
 POLICIES = [("vanilla", "reuse"), ("mobiletl", "reuse"), ("mobiletl", "packed")]
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetl import TrainPolicy, find_blocks, load_model, prepare
-from edgetl.profile.measure import measure_saved_bytes
+from edgetl.profiler.measure import measure_saved_bytes
 from edgetl.train.layers import MaskedActivation, ShiftOnlyNorm
 from tests.conftest import calibrate
 

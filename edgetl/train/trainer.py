@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from edgetl.data.folder import FASHION_MNIST, build_datasets
 from edgetl.errors import EdgetlError
 from edgetl.models.zoo import load_model, transforms_for
-from edgetl.profile.process import peak_rss_bytes
+from edgetl.profiler.process import peak_rss_bytes
 from edgetl.train.cache import FeatureCache, cache_features
 from edgetl.train.checkpoint import atomic_write_json, atomic_write_text, load_torch, save_torch
 from edgetl.train.policy import TrainPolicy

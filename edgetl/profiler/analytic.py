@@ -1,7 +1,7 @@
 """Predicted bytes stored for backward: pure functions of layer specs, input shapes and policy.
 
 Nothing here runs a model. The rules are those of PyTorch's autograd on CPU (held against
-:mod:`edgetl.profile.measure` by the tests, to the byte), with every saved tensor counted once
+:mod:`edgetl.profiler.measure` by the tests, to the byte), with every saved tensor counted once
 (tensors sharing storage are one tensor):
 
 * conv / linear with a trainable weight: its input (dW needs it).

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from edgetl.models.blocks import block_spec, feature_units, is_irb, layer_specs
-from edgetl.profile.analytic import Saved, Shape, saved_for_backward, total_bytes
-from edgetl.profile.measure import HEAD
+from edgetl.profiler.analytic import Saved, Shape, saved_for_backward, total_bytes
+from edgetl.profiler.measure import HEAD
 from edgetl.train.policy import TrainPolicy
 
 
