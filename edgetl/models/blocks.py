@@ -59,6 +59,20 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, unit) for name, unit in feature_units(model) if is_irb(unit)]
 
 
+def first_trained_unit(units: list[tuple[str, nn.Module]], k: int) -> int:
+    """Index of the first unit that trains when the top ``k`` blocks do.
+
+    ``k = 0``: none of ``features`` (classifier only). ``k`` = every block: all of ``features``,
+    the stem included (full fine-tuning). Otherwise the ``k``-th block from the top.
+    """
+    blocks = [i for i, (_, unit) in enumerate(units) if is_irb(unit)]
+    if k == 0:
+        return len(units)
+    if k >= len(blocks):
+        return 0
+    return blocks[len(blocks) - k]
+
+
 # --- a block as data ---------------------------------------------------------------------------
 
 

@@ -16,6 +16,9 @@ Nothing here runs a model. The rules are those of PyTorch's autograd on CPU (hel
 * zero padding: nothing (its backward is a slice), but the next conv keeps the padded tensor.
 * global average pooling to 1 x 1 (a mean) and residual additions: nothing.
 * dropout / stochastic depth in train mode: their float noise (N x F, resp. N x 1 x 1 x 1).
+
+:func:`paper_saved_for_backward` is the other accounting: the paper's (TinyTL's) analytic
+convention, used to reproduce MobileTL's published per-block figures.
 """
 
 from __future__ import annotations
@@ -164,3 +167,78 @@ def saved_for_backward(
 
 def total_bytes(items: Sequence[Saved]) -> int:
     return sum(item.nbytes for item in items)
+
+
+# --- the paper's accounting ----------------------------------------------------------------------
+
+#: activations TinyTL's profiler stores as a 1-bit mask even under ordinary fine-tuning
+PAPER_ONE_BIT = frozenset({"relu", "relu6"})
+
+
+def paper_saved_for_backward(
+    layers: Sequence[LayerSpec], in_shape: Shape, *, mobiletl: bool = False
+) -> tuple[list[Saved], Shape]:
+    """What one unit stores for backward under the paper's (TinyTL's) accounting, not PyTorch's.
+
+    MobileTL's per-block figures (-46.3% for a MobileNetV2 IRB, -53.3% for a MobileNetV3 IRB) follow
+    the analytic convention of TinyTL's ``memory_cost_profiler``: every layer counts its own input,
+    nothing is shared or deduplicated, and
+
+    * conv / linear with a trainable weight: the fp32 input;
+    * batch norm that trains its scale (vanilla, and MobileTL's last norm): the fp32 input, no
+      statistics; MobileTL's shift-only norms: nothing;
+    * ReLU / ReLU6: 1 bit per element (``ceil(numel / 8)`` bytes), as their derivative is binary;
+      smooth activations (Hard-Swish, SiLU, ...): the fp32 input; under MobileTL every non-gate
+      activation is a 1-bit mask;
+    * squeeze-excitation: its fp32 input map (the gating multiply needs it), the pooled and squeezed
+      vectors, and its gate (fp32 in both methods: it is a per-channel vector, and the paper does
+      not say what MobileTL does with it);
+    * padding, pooling, residual additions, dropout and stochastic depth: nothing.
+
+    Where this differs from :func:`saved_for_backward` (which is what PyTorch really keeps, held
+    against autograd to the byte): PyTorch's ReLU6 and Hard-Swish keep a full fp32 copy of their
+    input and train-mode batch norm also keeps 2 x C statistics, so vanilla blocks cost more under
+    PyTorch and MobileTL's relative saving is larger; MobileTL's ``reuse`` masks cost nothing in
+    edgetl (they are read off a tensor the next conv keeps anyway) but 1 bit here.
+    """
+    items: list[Saved] = []
+    shape = tuple(in_shape)
+    norms = [i for i, layer in enumerate(layers) if layer.op == "norm"]
+    last_norm = norms[-1] if norms else -1
+
+    def fp32(i: int, what: str, s: Shape) -> None:
+        items.append(Saved(i, what, s, _numel(s) * FLOAT_BYTES))
+
+    def act(i: int, kind: str, s: Shape, what: str) -> None:
+        if mobiletl or kind in PAPER_ONE_BIT:
+            items.append(Saved(i, f"{what} 1-bit mask", s, packed_numel(_numel(s))))
+        else:
+            fp32(i, f"{what} input", s)
+
+    for i, layer in enumerate(layers):
+        if layer.op == "conv":
+            fp32(i, "conv input", shape)
+            shape = conv_output_shape(layer, shape)
+        elif layer.op == "linear":
+            fp32(i, "linear input", shape)
+            shape = shape[:-1] + (layer.out_channels,)
+        elif layer.op == "norm":
+            if not (mobiletl and i != last_norm):
+                fp32(i, "batch-norm input", shape)
+        elif layer.op == "act":
+            act(i, layer.kind, shape, "activation")
+        elif layer.op == "se":
+            pooled, squeezed = (shape[0], shape[1], 1, 1), (shape[0], layer.se_squeeze, 1, 1)
+            fp32(i, "SE input", shape)
+            fp32(i, "SE fc1 input (pooled)", pooled)
+            act(i, layer.se_act, squeezed, "SE activation")
+            fp32(i, "SE fc2 input", squeezed)
+            fp32(i, "SE gate", pooled)
+        elif layer.op == "pad":
+            left, right, top, bottom = layer.padding
+            shape = shape[:2] + (shape[2] + top + bottom, shape[3] + left + right)
+        elif layer.op == "pool":
+            shape = shape[:2]
+        elif layer.op not in ("residual", "dropout", "drop_path"):
+            raise ValueError(f"no memory rule for layer op {layer.op!r}")
+    return items, shape

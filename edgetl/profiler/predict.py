@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from edgetl.models.blocks import block_spec, feature_units, is_irb, layer_specs
+from edgetl.models.blocks import block_spec, feature_units, first_trained_unit, is_irb, layer_specs
 from edgetl.profiler.analytic import Saved, Shape, saved_for_backward, total_bytes
 from edgetl.profiler.measure import HEAD
 from edgetl.train.policy import TrainPolicy
@@ -37,7 +37,7 @@ def predict_units(model: nn.Module, policy: TrainPolicy, *, batch_size: int, ima
     units = feature_units(model)
     blocks = [name for name, unit in units if is_irb(unit)]
     policy.check_blocks(len(blocks))
-    trained_from = len(units) if policy.blocks == 0 else [n for n, _ in units].index(blocks[len(blocks) - policy.blocks])
+    trained_from = first_trained_unit(units, policy.blocks)
     shape: Shape = (batch_size, 3, image_size, image_size)
     rows: list[UnitPrediction] = []
     for i, (name, unit) in enumerate(units):

@@ -21,7 +21,8 @@ class TrainPolicy:
     Attributes:
         blocks: K, the number of inverted-residual blocks trained, counted from the top. Everything
             above them (final 1x1 conv stage, classifier) trains in full. ``0`` trains the
-            classifier only (the linear-probe baseline: the final conv stage stays frozen too).
+            classifier only (the linear-probe baseline: the final conv stage stays frozen too); K =
+            the model's number of blocks trains everything, stem included (full fine-tuning).
         method: ``"mobiletl"`` (shift-only internal norms, 1-bit activation masks) or
             ``"vanilla"`` (the paper's FT-BLKs baseline: the same blocks trained with ordinary
             autograd, train-mode batch norm, full-precision activations).

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from edgetl.models.blocks import feature_units, find_blocks, is_irb
+from edgetl.models.blocks import feature_units, find_blocks, first_trained_unit, is_irb
 from edgetl.train.layers import MaskedActivation, ShiftOnlyNorm, activation_kind
 from edgetl.train.policy import TrainPolicy
 
@@ -31,11 +31,7 @@ class TransferModel(nn.Module):
         self.features = model.features
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = model.classifier
-        if policy.blocks == 0:
-            split = len(units)  # linear probe: all of features is frozen
-        else:
-            first = blocks[len(blocks) - policy.blocks]
-            split = next(i for i, (name, _) in enumerate(units) if name == first)
+        split = first_trained_unit(units, policy.blocks)
         self.bottom_names = [name for name, _ in units[:split]]
         self.top_names = [name for name, _ in units[split:]]
         self.trained_block_names = blocks[len(blocks) - policy.blocks :]
@@ -107,7 +103,7 @@ def prepare(model: nn.Module, policy: TrainPolicy) -> TransferModel:
     """Return a copy of ``model`` ready to train under ``policy``.
 
     Lower blocks, the stem and (for ``blocks=0``) the final conv stage are frozen and run without
-    autograd. For ``method="mobiletl"`` the top K blocks are rewritten by :func:`apply_mobiletl`;
+    autograd; with K = all blocks nothing is frozen (full fine-tuning, stem included). For ``method="mobiletl"`` the top K blocks are rewritten by :func:`apply_mobiletl`;
     for ``"vanilla"`` they train with ordinary autograd. The final 1x1 conv stage (for K >= 1) and
     the classifier train in full. ``model`` itself is left unchanged.
     """
