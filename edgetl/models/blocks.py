@@ -81,8 +81,8 @@ class LayerSpec:
     """One layer of a block, in forward order.
 
     ``op`` is ``conv``, ``linear``, ``norm``, ``act``, ``se`` (squeeze-excitation, with ``se_*``
-    fields), ``pad`` (zero padding, ``padding`` = left, right, top, bottom), ``pool`` (global average), ``dropout``, ``drop_path`` (stochastic depth) or
-    ``residual``.
+    fields), ``pad`` (zero padding, ``padding`` = left, right, top, bottom), ``pool`` (global
+    average), ``dropout``, ``drop_path`` (stochastic depth) or ``residual``.
     """
 
     op: str

@@ -103,8 +103,9 @@ def prepare(model: nn.Module, policy: TrainPolicy) -> TransferModel:
     """Return a copy of ``model`` ready to train under ``policy``.
 
     Lower blocks, the stem and (for ``blocks=0``) the final conv stage are frozen and run without
-    autograd; with K = all blocks nothing is frozen (full fine-tuning, stem included). For ``method="mobiletl"`` the top K blocks are rewritten by :func:`apply_mobiletl`;
-    for ``"vanilla"`` they train with ordinary autograd. The final 1x1 conv stage (for K >= 1) and
+    autograd; with K = all blocks nothing is frozen (full fine-tuning, stem included). For
+    ``method="mobiletl"`` the top K blocks are rewritten by :func:`apply_mobiletl`; for
+    ``"vanilla"`` they train with ordinary autograd. The final 1x1 conv stage (for K >= 1) and
     the classifier train in full. ``model`` itself is left unchanged.
     """
     if not isinstance(policy, TrainPolicy):
