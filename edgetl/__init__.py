@@ -9,6 +9,13 @@ Public API:
 """
 
 # isort: off
+import os
+import sys
+
+if "torch" not in sys.modules:
+    # OpenMP workers that spin while waiting make small CPU workloads 10-100x slower whenever
+    # another process holds a core (a phone or a Pi is never idle); sleeping workers cost little.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # torchvision's C++ ops cannot load beside a CPU-only torch from PyPI; this must run before any
 # edgetl module imports torchvision (it does nothing where the wheels match).
 from edgetl import _torchvision_compat  # noqa: F401
