@@ -25,6 +25,9 @@ from edgetl.data.fashion_mnist import FashionMNIST
 from edgetl.errors import DataError, EdgetlError, WeightsError
 from edgetl.models.blocks import find_blocks
 from edgetl.models.zoo import MODELS, load_model, transforms_for
+from edgetl.profiler.device import DeviceProfile, load_device
+from edgetl.profiler.planner import plan
+from edgetl.profiler.report import MemoryReport, profile
 from edgetl.train.policy import TrainPolicy
 from edgetl.train.prepare import TransferModel, prepare
 from edgetl.train.trainer import FinetuneConfig, FinetuneResult, finetune
@@ -34,16 +37,21 @@ __version__ = "0.1.0"
 __all__ = [
     "MODELS",
     "DataError",
+    "DeviceProfile",
     "EdgetlError",
     "FashionMNIST",
     "FinetuneConfig",
     "FinetuneResult",
+    "MemoryReport",
     "TrainPolicy",
     "TransferModel",
     "WeightsError",
     "finetune",
     "find_blocks",
+    "load_device",
     "load_model",
+    "plan",
     "prepare",
+    "profile",
     "transforms_for",
 ]

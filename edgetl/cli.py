@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl.errors import EdgetlError
+from edgetl.profiler.cli import add_plan_parser, add_profile_parser
 
 
 def _load_config_file(path: str) -> dict[str, Any]:
@@ -36,7 +37,7 @@ def _blocks(value: str) -> int | str:
     return "all" if value == "all" else int(value)
 
 
-def _add_finetune(sub: argparse._SubParsersAction) -> None:
+def _add_finetune(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune the top K blocks of a pretrained model",
                        argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="TOML or JSON file of settings; flags override it")
@@ -68,13 +69,14 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, help="data-loading worker processes")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    return p
 
 
 def _finetune(args: argparse.Namespace) -> int:
     from edgetl.models.zoo import load_model
     from edgetl.train.trainer import CONFIG, FinetuneConfig, finetune
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "debug")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "debug", "handler")}
     resume = getattr(args, "resume", False)
     values: dict[str, Any] = {}
     if resume and "out" in given and (Path(given["out"]) / CONFIG).is_file():
@@ -101,17 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgetl", description="On-device transfer learning with inverted residual blocks (MobileTL)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_finetune(sub)
+    _add_finetune(sub).set_defaults(handler=_finetune)
+    add_profile_parser(sub)
+    add_plan_parser(sub)
     return parser
-
-
-COMMANDS = {"finetune": _finetune}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return args.handler(args)
     except (EdgetlError, ValueError, TypeError) as exc:
         if args.debug:
             raise

@@ -157,6 +157,20 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, num_class
     return replace_classifier(model, num_classes)
 
 
+def identify_model(model: nn.Module) -> str:
+    """The :data:`MODELS` name whose architecture ``model`` has (same state-dict keys and shapes).
+
+    Lets a process be given a name and a state dict, never a pickled module.
+    """
+    _, _, linear = classifier_linear(model)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, spec in MODELS.items():
+        candidate = replace_classifier(spec.builder(weights=None), linear.out_features)
+        if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == shapes:
+            return name
+    raise EdgetlError(f"{type(model).__name__} matches none of edgetl's architectures ({', '.join(MODELS)})")
+
+
 def transforms_for(name: str, *, image_size: int, train: bool) -> v2.Compose:
     """The transforms v2 pipeline matching ``name``'s weights.
 

@@ -9,9 +9,9 @@ Two figures, never to be confused:
   real training steps (forward, backward, optimizer step). It includes everything the device
   really pays: the interpreter, PyTorch's libraries, allocator retention and fragmentation.
 
-Run as ``python -m edgetl.profiler.peak --model NAME --blocks K --method M ...`` it is that child
-process, printing one JSON object on stdout (the parent starts it with ``python -c``, which avoids
-runpy's warning about a module imported twice).
+The child's entry point is ``_child`` (arguments ``--model NAME --blocks K --method M ...``; it
+prints one JSON object on stdout). The parent starts it with ``python -c`` rather than ``-m``
+because ``import edgetl`` already imports this module, which ``-m`` would then run a second time.
 """
 
 from __future__ import annotations
@@ -44,6 +44,15 @@ OPTIMIZER_STATE_FLOATS: dict[str, int] = {
 }
 #: the backward of a layer holds about as much again as its forward (dy, dx, kernel temporaries)
 BACKWARD_FACTOR = 2
+#: weights are resident twice after loading: prepare() deep-copies the loaded network, and the
+#: allocator keeps most of the freed original (measured: RSS after load - baseline ~ 2.5-3 x W)
+LOAD_FACTOR = 2
+#: heap fragmentation over live activation bytes; measured up to +29% for MobileTL under glibc's
+#: dynamic mmap threshold (its shift-only norms and masked activations free full-size
+#: temporaries between tensors that stay saved), a few % for vanilla
+ALLOCATOR_SLACK = 1.25
+#: the smallest configuration, run by :func:`calibrate_runtime`
+CALIBRATION = {"model": "mobilenet_v3_small", "blocks": 1, "batch_size": 2, "image_size": 64, "num_classes": 10}
 
 
 def _numel(shape: Shape) -> int:
@@ -143,9 +152,9 @@ def layer_working_set(layers: Sequence[LayerSpec], in_shape: Shape, *, residual:
 class StepPeakEstimate:
     """Predicted peak bytes of one steady-state training step, by component. An estimate.
 
-    ``model_bytes`` is what the model and its training add to a process; ``total`` adds
-    ``runtime`` (the interpreter and framework baseline, supplied by the caller: it is a property
-    of the runtime and platform, not of shapes).
+    See :func:`predict_step_peak` for the formula. ``model_bytes`` is what the model and its
+    training add to a process; ``total`` adds ``runtime`` (the interpreter and framework baseline,
+    supplied by the caller: it is a property of the runtime and platform, not of shapes).
     """
 
     weights: int
@@ -160,12 +169,12 @@ class StepPeakEstimate:
 
     @property
     def activations(self) -> int:
-        """The activation part of the peak: the frozen forward's or the trained part's, whichever is larger."""
-        return max(self.transient_frozen, self.saved_activations + self.transient_trained)
+        """The activation term: ``T_frozen + ALLOCATOR_SLACK * (S + T_trained)``."""
+        return self.transient_frozen + int(ALLOCATOR_SLACK * (self.saved_activations + self.transient_trained))
 
     @property
     def model_bytes(self) -> int:
-        return self.weights + self.gradients + self.optimizer_state + self.input_batch + self.activations
+        return LOAD_FACTOR * self.weights + self.gradients + self.optimizer_state + self.input_batch + self.activations
 
     @property
     def total(self) -> int:
@@ -185,14 +194,16 @@ def predict_step_peak(
     runtime_bytes: int = 0,
     rows: Sequence[UnitPrediction] | None = None,
 ) -> StepPeakEstimate:
-    """Estimate the peak memory of one steady-state training step of ``model`` under ``policy``.
+    """Estimate the peak resident memory of a steady-state training step of ``model`` under ``policy``.
 
     A pure function of the structure (shapes, which parameters train) and the policy; nothing
     runs. The formula, all tensors fp32::
 
-        peak = runtime + W + G + O + X + max(T_frozen, S + 2 * T_trained)
+        peak = runtime + 2 W + G + O + X + T_frozen + 1.25 (S + 2 T_trained)
 
-    * ``W``: every parameter and buffer of the prepared network (frozen ones are resident too).
+    * ``W``: every parameter and buffer of the prepared network (frozen ones are resident too),
+      counted :data:`LOAD_FACTOR` = 2 times: ``prepare`` deep-copies the loaded network and the
+      allocator keeps most of the freed original.
     * ``G``: gradients of the trained parameters (as many bytes as those parameters). They are
       alive during the next step's forward (the trainer zeroes them just before backward).
     * ``O``: optimizer state, :data:`OPTIMIZER_STATE_FLOATS` per trained parameter (Adam: 2,
@@ -201,17 +212,21 @@ def predict_step_peak(
     * ``S``: bytes saved for backward (:func:`edgetl.profiler.predict.predict_units`, exact
       against autograd). All of it is alive at the end of the forward pass.
     * ``T_frozen``: the frozen bottom's working set, the largest input + output of one layer
-      (plus a residual block's input); the bottom runs without autograd, so nothing accumulates.
-    * ``T_trained``: the same for the trained part; doubled (:data:`BACKWARD_FACTOR`) because a
-      layer's backward holds the incoming gradient, the outgoing one and kernel temporaries next to
-      what is still saved.
+      (plus a residual block's input). Added, not maxed with the rest: the allocator keeps those
+      freed pages and they are not all reused by the trained part.
+    * ``T_trained``: the same for the trained part, doubled (:data:`BACKWARD_FACTOR`): a layer's
+      backward holds the incoming gradient, the outgoing one and kernel temporaries next to what is
+      still saved.
+    * ``1.25`` (:data:`ALLOCATOR_SLACK`): heap fragmentation over the live trained-part bytes.
     * ``runtime``: the interpreter + framework baseline, which shapes cannot tell (pass it in: a
-      device profile's ``runtime_overhead``, or a measured baseline).
+      device profile's ``runtime_overhead``, or :func:`calibrate_runtime` on the device).
 
-    What it leaves out, and why it is an estimate: allocator retention and fragmentation (glibc
-    keeps freed small blocks), per-op scratch buffers of the kernels (oneDNN), code pages faulted in
-    on first use, autograd graph nodes. Summing ``G + O`` with the activations is conservative for
-    the very first step (no gradients or optimizer state exist yet during its forward).
+    Why it is an estimate: ``2 W``, ``T_frozen`` and ``1.25`` stand for allocator behaviour
+    (glibc malloc keeps freed memory and fragments), calibrated against child-process peak RSS on
+    x86-64 Linux (glibc, torch 2.13 CPU; 20 configurations of MobileNetV2/V3 and EfficientNet-B0,
+    K 1-17, batch 2-64, 64-224 px): measured/predicted total was 0.85-1.12. Kernel scratch
+    buffers (oneDNN) and autograd's graph nodes are not modelled. Summing ``G + O`` with the
+    activations is conservative for the very first step (nothing of them exists yet).
     """
     check_optimizer(optimizer)
     if batch_size < 1 or image_size < 8:
@@ -246,6 +261,21 @@ def predict_step_peak(
     )
 
 
+def trainable_shapes_problem(rows: Sequence[UnitPrediction]) -> str | None:
+    """Why a configuration cannot train, or None.
+
+    A train-mode batch norm needs more than one value per channel: batch x H x W > 1 at every
+    trained unit's output (the smallest map the unit's last norm sees).
+    """
+    for row in rows:
+        if row.role in ("block", "stage") and len(row.out_shape) == 4:
+            n, _, h, w = row.out_shape
+            if n * h * w <= 1:
+                return (f"{row.name} trains a batch norm on a {n}x{h}x{w} map (batch x height x width), which has one value "
+                        "per channel; use a batch size of at least 2 or a larger image size")
+    return None
+
+
 # --- the measured peak: a fresh child process ------------------------------------------------------
 
 
@@ -255,17 +285,20 @@ class ProcessPeak:
 
     * ``runtime_rss``: after importing Python, PyTorch, torchvision and edgetl (the baseline).
     * ``loaded_rss``: after loading the model, preparing it, creating the optimizer and one input
-      batch, i.e. just before the first step.
+      batch, i.e. just before the first step; ``loaded_peak_rss``: the peak up to then.
     * ``step_peak_rss``: the peak RSS during the steps. Where the kernel allows resetting the
       high-water mark (Linux ``/proc/self/clear_refs``, ``hwm_reset=True``) it is reset right
       before the steps, so this is the steps' own peak; otherwise it is the process's lifetime peak,
       an upper bound of it.
     * ``step_delta``: ``step_peak_rss - loaded_rss``, what the steps need on top of the loaded model.
+    * ``peak_rss``: the process's lifetime peak, ``max(loaded_peak_rss, step_peak_rss)``: what the
+      device must have.
     """
 
     method: str
     runtime_rss: int
     loaded_rss: int
+    loaded_peak_rss: int
     step_peak_rss: int
     hwm_reset: bool
     steps: int
@@ -278,12 +311,16 @@ class ProcessPeak:
         return self.step_peak_rss - self.loaded_rss
 
     @property
+    def peak_rss(self) -> int:
+        return max(self.loaded_peak_rss, self.step_peak_rss)
+
+    @property
     def model_delta(self) -> int:
         """Peak over the runtime baseline: what the model and its training add to the process."""
-        return self.step_peak_rss - self.runtime_rss
+        return self.peak_rss - self.runtime_rss
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "step_delta": self.step_delta, "model_delta": self.model_delta}
+        return {**asdict(self), "step_delta": self.step_delta, "peak_rss": self.peak_rss, "model_delta": self.model_delta}
 
 
 def _child_env() -> dict[str, str]:
@@ -306,23 +343,30 @@ def measure_process_peak(
 ) -> ProcessPeak:
     """Run ``steps`` real training steps in a fresh Python process and report its RSS.
 
-    ``model`` is a name for :func:`edgetl.load_model` (random weights) or a module (saved to a
-    temporary file that the child unpickles). The default ``steps=2``: the first step allocates the
+    ``model`` is a name for :func:`edgetl.load_model` (random weights) or a module of one of its
+    architectures (its state dict goes to the child through a temporary file, read with
+    ``weights_only=True``). The default ``steps=2``: the first step allocates the
     gradients and the optimizer state; the second is the steady state, whose forward runs with
     them alive. A fresh process per call because the peak RSS only grows within a process.
     """
     check_optimizer(optimizer)
+    if steps < 1:
+        raise EdgetlError(f"steps must be >= 1, got {steps}")
     with tempfile.TemporaryDirectory(prefix="edgetl-peak-") as tmp:
         if isinstance(model, nn.Module):
             import torch
 
-            source = str(Path(tmp) / "model.pt")
-            torch.save(model, source)
+            from edgetl.models.zoo import classifier_linear, identify_model
+
+            path = str(Path(tmp) / "model.pt")
+            torch.save(model.state_dict(), path)
+            num_classes = classifier_linear(model)[2].out_features  # the module's own head
+            source = ["--model", identify_model(model), "--weights", path]
         else:
-            source = model
+            source = ["--model", model]
         cmd = [
             sys.executable, "-c", "import sys; from edgetl.profiler.peak import _child; sys.exit(_child(sys.argv[1:]))",
-            "--model", source, "--blocks", str(policy.blocks), "--method", policy.method,
+            *source, "--blocks", str(policy.blocks), "--method", policy.method,
             "--activation-grad", policy.activation_grad, "--activation-mask", policy.activation_mask,
             "--batch-size", str(batch_size), "--image-size", str(image_size), "--num-classes", str(num_classes),
             "--optimizer", optimizer, "--steps", str(steps),
@@ -338,6 +382,24 @@ def measure_process_peak(
     return ProcessPeak(**values)
 
 
+def calibrate_runtime(*, timeout: float = 600.0) -> int:
+    """Measure this platform's runtime overhead: the ``runtime_overhead`` of a device profile.
+
+    Runs the smallest configuration (:data:`CALIBRATION`) in a child process and returns its peak
+    RSS minus the predicted model bytes, i.e. the interpreter, the framework's libraries and what
+    the first training step faults in. Run it on the device itself.
+    """
+    from edgetl.models.zoo import load_model
+
+    c = CALIBRATION
+    policy = TrainPolicy(c["blocks"], "mobiletl")
+    measured = measure_process_peak(c["model"], policy, batch_size=c["batch_size"], image_size=c["image_size"],
+                                    num_classes=c["num_classes"], timeout=timeout)
+    estimate = predict_step_peak(load_model(c["model"], num_classes=c["num_classes"]), policy,
+                                 batch_size=c["batch_size"], image_size=c["image_size"])
+    return measured.peak_rss - estimate.model_bytes
+
+
 def _reset_peak() -> bool:
     """Reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0)."""
     try:
@@ -350,7 +412,8 @@ def _reset_peak() -> bool:
 
 def _child(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgetl.profiler.peak", description="one training step, RSS as JSON")
-    p.add_argument("--model", required=True, help="model name, or a file saved with torch.save(module)")
+    p.add_argument("--model", required=True, help="model name for edgetl.load_model")
+    p.add_argument("--weights", help="state-dict file (default: random weights; memory does not depend on them)")
     p.add_argument("--blocks", type=int, required=True)
     p.add_argument("--method", default="mobiletl")
     p.add_argument("--activation-grad", default="sign")
@@ -368,17 +431,14 @@ def _child(argv: list[str] | None = None) -> int:
     import torch
 
     import edgetl  # noqa: F401  (the runtime's baseline includes the package)
-    from edgetl.models.zoo import load_model
+    from edgetl.models.zoo import classifier_linear, load_model
     from edgetl.profiler.process import current_rss_bytes, peak_rss_bytes
     from edgetl.train.prepare import prepare
 
     runtime_rss = current_rss_bytes()
     policy = TrainPolicy(args.blocks, args.method, args.activation_grad, args.activation_mask)
     torch.manual_seed(0)
-    if os.path.isfile(args.model):
-        original = torch.load(args.model, weights_only=False)  # our own file, written by the parent
-    else:
-        original = load_model(args.model, num_classes=args.num_classes)
+    original = load_model(args.model, weights=args.weights, num_classes=args.num_classes)
     net = prepare(original, policy)
     del original  # prepare deep-copies; the device would not keep the unprepared model
     params = [p for _, p in net.trainable_parameters()]
@@ -387,11 +447,12 @@ def _child(argv: list[str] | None = None) -> int:
     else:
         opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9 if args.optimizer == "sgd" else 0.0)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-    y = torch.randint(0, args.num_classes, (args.batch_size,))
+    classes = classifier_linear(net)[2].out_features  # a saved module keeps its own head
+    y = torch.randint(0, classes, (args.batch_size,))
     loss_fn = nn.CrossEntropyLoss()
     net.train()
     gc.collect()
-    loaded_rss = current_rss_bytes()
+    loaded_rss, loaded_peak = current_rss_bytes(), peak_rss_bytes()
     reset = _reset_peak()
     for _ in range(args.steps):  # the trainer's order: forward, zero_grad, backward, step
         loss = loss_fn(net(x), y)
@@ -404,6 +465,7 @@ def _child(argv: list[str] | None = None) -> int:
         method=args.method,
         runtime_rss=runtime_rss,
         loaded_rss=loaded_rss,
+        loaded_peak_rss=loaded_peak,
         step_peak_rss=peak,
         hwm_reset=reset,
         steps=args.steps,

@@ -36,7 +36,11 @@ BINARY_DERIVATIVE = frozenset({"relu", "relu6", "hardsigmoid"})
 GATE_KINDS = frozenset({"hardsigmoid", "sigmoid"})
 GRAD_RULES = ("sign", "exact")
 
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+def _bit_weights(device: torch.device) -> Tensor:
+    """1, 2, 4, ..., 128 as int32. Computed, not a ``torch.tensor`` literal: a literal inside the
+    packed activation's backward becomes a graph constant that ``_export_forward_backward`` rejects."""
+    return torch.pow(2, torch.arange(8, dtype=torch.int32, device=device))
 
 
 def packed_numel(numel: int) -> int:
@@ -50,9 +54,8 @@ def pack_bits(mask: Tensor) -> Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
     # sum of at most 255 fits uint8; sum() would promote, so accumulate as int32 then narrow
-    return (flat.view(-1, 8).to(torch.int32) * weights.to(torch.int32)).sum(dim=1).to(torch.uint8)
+    return (flat.view(-1, 8).to(torch.int32) * _bit_weights(mask.device)).sum(dim=1).to(torch.uint8)
 
 
 def unpack_bits(packed: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
@@ -60,7 +63,7 @@ def unpack_bits(packed: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     numel = 1
     for s in shape:
         numel *= s
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
+    weights = _bit_weights(packed.device).to(torch.uint8)
     bits = torch.bitwise_and(packed.view(-1, 1), weights.view(1, 8)) != 0
     return bits.reshape(-1)[:numel].reshape(shape)
 
@@ -133,7 +136,9 @@ def _masked_act_backward(ctx, grad: Tensor):
     (y,) = ctx.saved_tensors
     if ctx.kind in GATE_KINDS:
         return _gate_grad(grad, y, ctx.kind), None, None
-    return grad * mask_from_output(y, ctx.kind, ctx.rule).to(grad.dtype), None, None
+    # where, not grad * mask.to(dtype): the same values without a float copy of the mask (the
+    # cast is the slowest kernel of an ExecuTorch training step on portable kernels)
+    return torch.where(mask_from_output(y, ctx.kind, ctx.rule), grad, 0.0), None, None
 
 
 masked_act.register_autograd(_masked_act_backward, setup_context=_masked_act_setup)
@@ -165,7 +170,7 @@ def _packed_setup(ctx, inputs, output) -> None:
 
 def _packed_backward(ctx, grad: Tensor, _grad_mask: Tensor | None):
     (packed,) = ctx.saved_tensors
-    return grad * unpack_bits(packed, ctx.shape).to(grad.dtype), None, None
+    return torch.where(unpack_bits(packed, ctx.shape), grad, 0.0), None, None
 
 
 masked_act_packed.register_autograd(_packed_backward, setup_context=_packed_setup)
