@@ -271,17 +271,17 @@ def finetune(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / CONFIG, {**config.to_dict(), "classes": data.classes, "policy": policy.to_dict()})
 
+    train_source = data.train if config.augment else data.train_eval
     cache: FeatureCache | None = None
     val_source: Dataset = data.val
     if config.cache_features:
         views = config.cache_views if config.augment else 1
         t0 = time.perf_counter()
-        cache = cache_features(model, data.train if config.augment else data.train_eval, views=views, seed=config.seed,
+        cache = cache_features(model, train_source, views=views, seed=config.seed,
                                batch_size=max(config.batch_size, 32), workers=config.workers)
         val_source = cache_features(model, data.val, views=1, seed=config.seed, batch_size=max(config.batch_size, 32),
                                     workers=config.workers).view(0)
         log(f"cached bottom features: {cache.nbytes / 2**20:.1f}MiB for {views} view(s) in {time.perf_counter() - t0:.1f}s")
-    train_source = data.train if config.augment else data.train_eval
     val_loader = DataLoader(val_source, batch_size=2 * config.batch_size, num_workers=0 if cache else config.workers)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
