@@ -23,6 +23,7 @@ from edgetl import _torchvision_compat  # noqa: F401
 
 from edgetl.data.fashion_mnist import FashionMNIST
 from edgetl.errors import DataError, EdgetlError, WeightsError
+from edgetl.exporter import ExportBundle, export
 from edgetl.models.blocks import find_blocks
 from edgetl.models.zoo import MODELS, load_model, transforms_for
 from edgetl.profiler.device import DeviceProfile, load_device
@@ -39,6 +40,7 @@ __all__ = [
     "DataError",
     "DeviceProfile",
     "EdgetlError",
+    "ExportBundle",
     "FashionMNIST",
     "FinetuneConfig",
     "FinetuneResult",
@@ -46,6 +48,7 @@ __all__ = [
     "TrainPolicy",
     "TransferModel",
     "WeightsError",
+    "export",
     "finetune",
     "find_blocks",
     "load_device",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl.errors import EdgetlError
+from edgetl.exporter.cli import add_export_parser
 from edgetl.profiler.cli import add_plan_parser, add_profile_parser
 
 
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub).set_defaults(handler=_finetune)
     add_profile_parser(sub)
     add_plan_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

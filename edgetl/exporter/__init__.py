@@ -1,0 +1,17 @@
+"""ExecuTorch export: an XNNPACK classifier and a trainable program for on-device fine-tuning.
+
+* :func:`export` - a model and policy to a verified bundle (``edgetl export`` on the command line);
+* :class:`ExportBundle` - a bundle on disk (``manifest.json`` and the programs it lists).
+
+Modules: ``pipeline`` (:func:`export`), ``inference`` (XNNPACK programs), ``nhwc`` (the trained
+top in the form the training program runs), ``training`` (training program and its
+verification), ``memory`` (what the exported backward keeps), ``bundle`` (atomic bundle and
+manifest), ``cli`` (``edgetl export``), ``errors``, and ``_executorch``, the only module touching
+ExecuTorch's experimental APIs (copied into every bundle for the device runner).
+"""
+
+from edgetl.exporter.bundle import ExportBundle
+from edgetl.exporter.errors import ExecutorchMissingError, ExportError, UnsupportedModelError, VerificationError
+from edgetl.exporter.pipeline import export
+
+__all__ = ["ExecutorchMissingError", "ExportBundle", "ExportError", "UnsupportedModelError", "VerificationError", "export"]

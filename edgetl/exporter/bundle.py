@@ -1,0 +1,159 @@
+"""The export bundle: a directory of programs plus ``manifest.json``, written all-or-nothing.
+
+Layout (``--training`` adds the last four)::
+
+    manifest.json   what each file is, inputs, normalisation, classes, hashes, versions
+    model.pte       the whole classifier, XNNPACK (batch 1)
+    et_adapter.py   the runtime half of edgetl's ExecuTorch adapter, for the device runner
+    bottom.pte      the frozen bottom, XNNPACK (training batch): images -> features
+    train.pte       training program over features: methods ``forward`` (train step), ``predict``
+    train.ptd       its external weights: trainable parameters and running statistics
+
+The bundle is built in a hidden directory beside the target and renamed into place at the end,
+every file written atomically, so an interrupted export leaves no half-written bundle behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgetl.exporter.errors import ExportError
+from edgetl.train.checkpoint import atomic_write, atomic_write_json
+
+MANIFEST = "manifest.json"
+FORMAT = "edgetl-bundle/1"
+MODEL_PTE = "model.pte"
+BOTTOM_PTE = "bottom.pte"
+TRAIN_PTE = "train.pte"
+TRAIN_PTD = "train.ptd"
+ADAPTER = "et_adapter.py"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class ExportBundle:
+    """An export on disk: its directory and manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, check: bool = True) -> ExportBundle:
+        """Read the bundle at ``path``; with ``check``, verify every file against its sha256."""
+        path = Path(path)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise ExportError(f"{path} is not an edgetl export bundle (no {MANIFEST})") from None
+        if manifest.get("format") != FORMAT:
+            raise ExportError(f"{path / MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+        bundle = cls(path, manifest)
+        if check:
+            bundle.check_files()
+        return bundle
+
+    def file(self, name: str) -> Path:
+        if name not in self.manifest["files"]:
+            hint = " (export with --training)" if name in (TRAIN_PTE, TRAIN_PTD, BOTTOM_PTE) else ""
+            raise ExportError(f"the bundle in {self.path} has no {name}{hint}")
+        return self.path / name
+
+    @property
+    def has_training(self) -> bool:
+        return "training" in self.manifest["programs"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["model"]["classes"])
+
+    def check_files(self) -> None:
+        """Raise :class:`ExportError` if a listed file is missing or its bytes changed."""
+        for name, meta in self.manifest["files"].items():
+            p = self.path / name
+            if not p.is_file():
+                raise ExportError(f"bundle file {p} is missing")
+            if sha256_file(p) != meta["sha256"]:
+                raise ExportError(f"bundle file {p} does not match the sha256 in {MANIFEST}")
+
+
+def check_output_dir(out: Path, *, overwrite: bool) -> None:
+    """Refuse a target that exists with other content (an earlier bundle only with ``overwrite``)."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if overwrite and (out / MANIFEST).is_file():
+            return
+        hint = "; pass --force to replace it" if (out / MANIFEST).is_file() else "; choose an empty or new directory"
+        raise ExportError(f"output directory {out} already exists with other content{hint}")
+
+
+class BundleWriter:
+    """Builds a bundle in a hidden sibling directory; :meth:`commit` renames it into place."""
+
+    def __init__(self, out: str | os.PathLike, *, overwrite: bool = False) -> None:
+        self.out = Path(out).absolute()
+        check_output_dir(self.out, overwrite=overwrite)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
+        self.files: dict[str, dict[str, Any]] = {}
+
+    def __enter__(self) -> BundleWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def write(self, name: str, data: bytes) -> Path:
+        path = atomic_write(self.dir / name, lambda f: f.write(data))
+        self.files[name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
+        return path
+
+    def commit(self, manifest: dict[str, Any]) -> ExportBundle:
+        """Write the manifest (with file hashes) and move the bundle to its target."""
+        manifest = {**manifest, "format": FORMAT, "files": dict(sorted(self.files.items()))}
+        atomic_write_json(self.dir / MANIFEST, manifest)
+        _fsync_dir(self.dir)
+        old = None
+        if self.out.is_dir():
+            if any(self.out.iterdir()):
+                old = self.out.with_name(f".{self.out.name}.{os.getpid()}.old")
+                os.rename(self.out, old)
+            else:
+                self.out.rmdir()
+        os.rename(self.dir, self.out)
+        _fsync_dir(self.out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return ExportBundle(self.out, manifest)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,434 @@
+"""The trained top in channels-last (NHWC) form: what the ExecuTorch training program runs.
+
+Why: ExecuTorch's portable CPU kernels have a naive convolution, and a 1x1 convolution in NCHW
+becomes a matrix product only through permutes, which are just as slow there. Channels-last makes
+every 1x1 convolution (expansion, projection, squeeze-excitation fc, final conv stage) a plain
+``mm`` with no activation permute in its forward and one in its backward (dW = dY^T X).
+Depthwise convolutions become a custom operator whose forward and backward are shifted-window
+multiply-adds (elementwise kernels), and whose backward recomputes the windows from the saved
+input, so the program keeps one tensor per depthwise conv for backward, as autograd does in
+eager, and not one per kernel tap.
+
+The conversion swaps leaf modules only and keeps every parameter and buffer *object*, so names
+(``features.16.conv.0.0.weight``) are the torchvision state-dict keys and the blocks' own
+``forward`` code (residuals, squeeze-excitation gating) runs unchanged. What it stores for
+backward matches the eager MobileTL model:
+
+* 1x1 conv: its input (as ``F.linear`` saves it); shift-only norm: nothing;
+* train-mode batch norm: written out so autograd keeps only its input (``x * a + b`` with
+  per-channel ``a``, ``b`` from ``var_mean``); running statistics update in place, as
+  ``nn.BatchNorm2d`` does (momentum, unbiased variance);
+* masked activations: unchanged (layout-agnostic custom ops).
+
+Dropout and stochastic depth become identities: the portable kernels could draw the noise, but
+a deterministic program is what lets an export verify itself step for step against eager PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.ops import StochasticDepth
+
+from edgetl.exporter.errors import UnsupportedModelError
+from edgetl.train.layers import MaskedActivation, ShiftOnlyNorm, activation_kind
+from edgetl.train.prepare import TransferModel
+
+DW_OP = "edgetl_export::depthwise_nhwc"
+PW_OP = "edgetl_export::pointwise_nhwc"
+
+
+# --- depthwise convolution ---------------------------------------------------------------------
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _window(xp: Tensor, i: int, j: int, stride: int, ho: int, wo: int) -> Tensor:
+    """The input pixels kernel tap (i, j) sees, for every output pixel: N x Ho x Wo x C."""
+    return xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :]
+
+
+def _pad_hw(x: Tensor, padding: int) -> Tensor:
+    return F.pad(x, (0, 0, padding, padding, padding, padding)) if padding else x
+
+
+def depthwise_forward(x: Tensor, weight: Tensor, stride: int, padding: int) -> Tensor:
+    """Depthwise convolution of NHWC ``x`` with ``weight`` (C x 1 x k x k) as k*k multiply-adds."""
+    k = weight.shape[-1]
+    xp = _pad_hw(x, padding)
+    ho, wo = _out_size(x.shape[1], k, stride, padding), _out_size(x.shape[2], k, stride, padding)
+    y = None
+    for i in range(k):
+        for j in range(k):
+            term = _window(xp, i, j, stride, ho, wo) * weight[:, 0, i, j]
+            y = term if y is None else y + term
+    return y
+
+
+def _dilate(t: Tensor, stride: int, dim: int) -> Tensor:
+    """Insert ``stride - 1`` zeros between neighbours along ``dim`` (the transpose of striding)."""
+    if stride == 1:
+        return t
+    stacked = torch.stack([t] + [torch.zeros_like(t)] * (stride - 1), dim=dim + 1)
+    shape = list(t.shape)
+    shape[dim] *= stride
+    return stacked.reshape(shape).narrow(dim, 0, (t.shape[dim] - 1) * stride + 1)
+
+
+def depthwise_grad_input(dy: Tensor, weight: Tensor, x_shape: list[int], stride: int, padding: int) -> Tensor:
+    """dL/dx of :func:`depthwise_forward`: each tap's contribution placed back by zero padding."""
+    _, h, w, _ = x_shape
+    k = weight.shape[-1]
+    hp, wp = h + 2 * padding, w + 2 * padding
+    d = _dilate(_dilate(dy, stride, 1), stride, 2)
+    hd, wd = d.shape[1], d.shape[2]
+    gxp = None
+    for i in range(k):
+        for j in range(k):
+            term = F.pad(d * weight[:, 0, i, j], (0, 0, j, wp - j - wd, i, hp - i - hd))
+            gxp = term if gxp is None else gxp + term
+    return gxp[:, padding : padding + h, padding : padding + w, :] if padding else gxp
+
+
+def depthwise_grad_weight(dy: Tensor, x: Tensor, weight_shape: list[int], stride: int, padding: int) -> Tensor:
+    """dL/dweight of :func:`depthwise_forward`, the windows recomputed from the saved input."""
+    k = weight_shape[-1]
+    xp = _pad_hw(x, padding)
+    n, ho, wo, c = dy.shape
+    # the per-channel sum over pixels as a (1 x pixels) @ (pixels x C) product: ExecuTorch's
+    # portable sum over leading dims walks memory with stride C, mm does not
+    ones = dy.new_ones((1, n * ho * wo))
+    taps = [torch.mm(ones, (dy * _window(xp, i, j, stride, ho, wo)).reshape(n * ho * wo, c)) for i in range(k) for j in range(k)]
+    return torch.cat(taps, dim=0).t().reshape(weight_shape)
+
+
+@torch.library.custom_op(DW_OP, mutates_args=())
+def depthwise_nhwc(x: Tensor, weight: Tensor, stride: int, padding: int) -> Tensor:
+    """NHWC depthwise convolution; backward keeps only ``x`` and ``weight``."""
+    # eager: the native kernel (fast); exported programs get depthwise_forward (DECOMPOSITIONS)
+    y = F.conv2d(x.permute(0, 3, 1, 2), weight, stride=stride, padding=padding, groups=weight.shape[0])
+    return y.permute(0, 2, 3, 1).contiguous()
+
+
+@depthwise_nhwc.register_fake
+def _(x: Tensor, weight: Tensor, stride: int, padding: int) -> Tensor:
+    k = weight.shape[-1]
+    n, h, w, c = x.shape
+    return x.new_empty((n, _out_size(h, k, stride, padding), _out_size(w, k, stride, padding), c))
+
+
+def _dw_setup(ctx, inputs, output) -> None:
+    x, weight, ctx.stride, ctx.padding = inputs
+    ctx.x_shape = list(x.shape)
+    ctx.w_shape = list(weight.shape)
+    ctx.save_for_backward(x, weight)
+
+
+def _dw_backward(ctx, dy: Tensor):
+    x, weight = ctx.saved_tensors
+    gx = depthwise_grad_input(dy, weight, ctx.x_shape, ctx.stride, ctx.padding) if ctx.needs_input_grad[0] else None
+    gw = depthwise_grad_weight(dy, x, ctx.w_shape, ctx.stride, ctx.padding) if ctx.needs_input_grad[1] else None
+    return gx, gw, None, None
+
+
+depthwise_nhwc.register_autograd(_dw_backward, setup_context=_dw_setup)
+
+
+def _decompose_depthwise(x: Tensor, weight: Tensor, stride: int, padding: int) -> Tensor:
+    return depthwise_forward(x, weight, stride, padding)
+
+
+# --- 1x1 convolution -----------------------------------------------------------------------
+
+
+@torch.library.custom_op(PW_OP, mutates_args=())
+def pointwise_nhwc(x: Tensor, weight: Tensor) -> Tensor:
+    """``x @ weight[:, :, 0, 0]^T`` for 2-D ``x`` (pixels x channels); backward keeps ``x`` and the
+    weight itself, not a transposed copy of it."""
+    return torch.mm(x, weight.squeeze(3).squeeze(2).t())
+
+
+@pointwise_nhwc.register_fake
+def _(x: Tensor, weight: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _pw_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _pw_backward(ctx, dy: Tensor):
+    x, weight = ctx.saved_tensors
+    # squeeze, not view: ExecuTorch 1.5 cannot emit a view of an external (.ptd) weight
+    w2 = weight.squeeze(3).squeeze(2)
+    gx = torch.mm(dy, w2) if ctx.needs_input_grad[0] else None
+    gw = torch.mm(dy.t(), x).unsqueeze(2).unsqueeze(3) if ctx.needs_input_grad[1] else None
+    return gx, gw
+
+
+pointwise_nhwc.register_autograd(_pw_backward, setup_context=_pw_setup)
+
+
+def _decompose_pointwise(x: Tensor, weight: Tensor) -> Tensor:
+    return torch.mm(x, weight.squeeze(3).squeeze(2).t())
+
+
+# --- leaf modules --------------------------------------------------------------------------------
+
+
+class PointwiseConv(nn.Module):
+    """A 1x1 convolution on NHWC input: ``x @ W^T`` (the same ``weight`` / ``bias`` objects)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.stride = conv.stride[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride > 1:
+            x = x[:, :: self.stride, :: self.stride, :]
+        n, h, w, c = x.shape
+        y = pointwise_nhwc(x.reshape(n * h * w, c), self.weight).view(n, h, w, -1)
+        return y if self.bias is None else y + self.bias
+
+
+class DepthwiseConv(nn.Module):
+    """A depthwise k x k convolution on NHWC input (see :func:`depthwise_nhwc`)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.stride = conv.stride[0]
+        self.padding = conv.padding[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = depthwise_nhwc(x, self.weight, self.stride, self.padding)
+        return y if self.bias is None else y + self.bias
+
+
+class ShiftOnlyNormNHWC(nn.Module):
+    """:class:`~edgetl.train.layers.ShiftOnlyNorm` on the channel-last axis (same ``bias``, ``scale``, ``offset``)."""
+
+    def __init__(self, norm: ShiftOnlyNorm) -> None:
+        super().__init__()
+        self.bias = norm.bias
+        self.register_buffer("scale", norm.scale, persistent=False)
+        self.register_buffer("offset", norm.offset, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale + (self.bias + self.offset)
+
+
+class BatchNormNHWC(nn.Module):
+    """``nn.BatchNorm2d`` on the channel-last axis, sharing its parameters and running statistics.
+
+    Train mode normalises with batch statistics and updates the running ones in place (the graph's
+    buffer mutations); eval mode uses the running ones.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        if bn.weight is None or bn.bias is None or bn.running_mean is None or bn.running_var is None:
+            raise UnsupportedModelError("batch norm without affine parameters or running statistics")
+        if bn.momentum is None:
+            raise UnsupportedModelError("batch norm with momentum=None (cumulative average)")
+        self.weight, self.bias = bn.weight, bn.bias
+        self.register_buffer("running_mean", bn.running_mean)
+        self.register_buffer("running_var", bn.running_var)
+        self.register_buffer("num_batches_tracked", bn.num_batches_tracked)
+        self.eps, self.momentum = bn.eps, bn.momentum
+        self.train(bn.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            var, mean = torch.var_mean(x, dim=(0, 1, 2), correction=0)
+            n = x.numel() // x.shape[-1]
+            with torch.no_grad():
+                m = self.momentum
+                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+                self.running_var.mul_(1 - m).add_(var * (n / max(n - 1, 1)), alpha=m)  # unbiased, as nn.BatchNorm2d
+                self.num_batches_tracked.add_(1)
+        else:
+            mean, var = self.running_mean, self.running_var
+        a = self.weight * torch.rsqrt(var + self.eps)
+        return x * a + (self.bias - mean * a)
+
+
+class GlobalMean(nn.Module):
+    """``AdaptiveAvgPool2d(1)`` on NHWC input, keeping the 1 x 1 spatial dims."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean((1, 2), keepdim=True)
+
+
+class PadNHWC(nn.Module):
+    """``ZeroPad2d`` on NHWC input."""
+
+    def __init__(self, pad: nn.ZeroPad2d) -> None:
+        super().__init__()
+        self.padding = tuple(pad.padding)  # left, right, top, bottom
+
+    def forward(self, x: Tensor) -> Tensor:
+        left, right, top, bottom = self.padding
+        return F.pad(x, (0, 0, left, right, top, bottom))
+
+
+# --- conversion ------------------------------------------------------------------------------
+
+
+_PASS_THROUGH = (nn.Sequential, nn.Identity, nn.Flatten, nn.Linear, MaskedActivation)
+
+
+def _convert_leaf(module: nn.Module, path: str, part: str) -> nn.Module | None:
+    """The NHWC replacement of ``module``, or None to keep it. Raises for what cannot be expressed."""
+    if isinstance(module, nn.Conv2d):
+        k, s, p, d = module.kernel_size, module.stride, module.padding, module.dilation
+        square = k[0] == k[1] and s[0] == s[1] and not isinstance(p, str) and p[0] == p[1] and d == (1, 1)
+        if square and k == (1, 1) and module.groups == 1 and p == (0, 0):
+            return PointwiseConv(module)
+        if square and module.groups == module.in_channels == module.out_channels:
+            return DepthwiseConv(module)
+        raise UnsupportedModelError(
+            f"cannot export {path} ({module}) in {part}: only 1x1 and depthwise convolutions with square kernels, "
+            "equal strides and no dilation are supported in the training program"
+        )
+    if isinstance(module, ShiftOnlyNorm):
+        return ShiftOnlyNormNHWC(module)
+    if isinstance(module, nn.BatchNorm2d):
+        try:
+            return BatchNormNHWC(module)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"cannot export {path} in {part}: {exc}") from None
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        if module.output_size not in (1, (1, 1)):
+            raise UnsupportedModelError(f"cannot export {path} in {part}: adaptive pooling to {module.output_size}")
+        return GlobalMean()
+    if isinstance(module, nn.ZeroPad2d):
+        return PadNHWC(module)
+    if isinstance(module, (nn.Dropout, StochasticDepth)):
+        return nn.Identity()
+    if isinstance(module, _PASS_THROUGH) or activation_kind(module) is not None:
+        return None
+    if any(True for _ in module.children()):
+        return None  # a container (block, squeeze-excitation, conv-norm-act): its leaves are converted
+    if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+        raise UnsupportedModelError(f"cannot export {path} ({type(module).__name__}) in {part}: no channels-last form for this layer")
+    return None  # parameter-free leaf (e.g. an activation edgetl does not know): layout-agnostic
+
+
+def describe_part(net: TransferModel, qualified: str) -> str:
+    """Which part of the model ``qualified`` (a module or parameter path) is in, in words."""
+    for name in net.top_names:
+        if qualified == name or qualified.startswith(name + "."):
+            kind = "trained block" if name in net.trained_block_names else "final conv stage"
+            return f"{kind} {name}"
+    for name in net.bottom_names:
+        if qualified == name or qualified.startswith(name + "."):
+            return f"frozen bottom unit {name}"
+    if qualified.startswith("classifier"):
+        return "classifier"
+    return "model"
+
+
+def _convert(root: nn.Module, prefix: str, net: TransferModel) -> None:
+    for name, child in list(root.named_children()):
+        path = f"{prefix}.{name}" if prefix else name
+        new = _convert_leaf(child, path, describe_part(net, path))
+        if new is not None:
+            setattr(root, name, new)
+        else:
+            _convert(child, path, net)
+
+
+def hold_units(net: TransferModel, names: list[str]) -> tuple[nn.Module, list[str]]:
+    """A module holding ``net``'s units ``names`` (``features.16``, ...) at their torchvision paths
+    (``16``, ...), so state-dict keys stay ``features.16.*``; and those paths, in forward order."""
+    holder = nn.Module()
+    paths = []
+    for name in names:
+        parts = name.split(".")[1:]  # drop "features"
+        parent = holder
+        for part in parts[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(parts[-1], net.get_submodule(name))
+        paths.append(".".join(parts))
+    return holder, paths
+
+
+class TrainableTop(nn.Module):
+    """The trained top of a :class:`TransferModel` in NHWC form, with its loss.
+
+    ``forward(features, labels) -> (loss, logits)`` is the training step (the loss first, as
+    ExecuTorch's training export requires); ``forward(features) -> logits`` is inference. Features
+    are the frozen bottom's NCHW output. Only the top's modules are held (``features.<i>`` as in
+    torchvision, ``classifier``), so the exported programs carry no frozen bottom weights.
+    It takes over ``net``'s top modules (converting them in place): pass a copy, or use
+    :func:`trainable_top`.
+    """
+
+    def __init__(self, net: TransferModel, *, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.features, self.unit_paths = hold_units(net, net.top_names)
+        self.classifier = net.classifier
+        self.label_smoothing = label_smoothing
+        _convert(self, "", net)
+
+    def logits(self, features: Tensor) -> Tensor:
+        x = features.permute(0, 2, 3, 1)  # NCHW -> NHWC, once
+        for path in self.unit_paths:
+            x = self.features.get_submodule(path)(x)
+        return self.classifier(x.mean((1, 2)))
+
+    def updated_buffers(self) -> list[tuple[str, Tensor]]:
+        """The running statistics a training step updates (train-mode batch norms), in output order."""
+        return [(f"{name}.{b}", getattr(m, b)) for name, m in self.named_modules()
+                if isinstance(m, BatchNormNHWC) and m.training for b in ("running_mean", "running_var", "num_batches_tracked")]
+
+    def forward(self, features: Tensor, labels: Tensor | None = None):
+        logits = self.logits(features)
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        # the updated running statistics are outputs too, so any runtime (ExecuTorch's Java
+        # TrainingModule has no access to a method's buffers) can save them with the weights
+        return (loss, logits.detach(), *(buf.detach().clone() for _, buf in self.updated_buffers()))
+
+
+def trainable_top(net: TransferModel, *, label_smoothing: float = 0.0) -> TrainableTop:
+    """An NHWC :class:`TrainableTop` of a copy of ``net`` (same names and values; ``net`` is not modified)."""
+    import copy
+
+    return TrainableTop(copy.deepcopy(net), label_smoothing=label_smoothing)
+
+
+#: Decompositions that turn edgetl's custom operators into ATen for ExecuTorch, after
+#: ``_export_forward_backward`` has recorded their custom backward formulas.
+def decompositions() -> dict:
+    from edgetl.train import ops
+
+    def masked_act(x: Tensor, kind: str, rule: str) -> Tensor:
+        return ops.activation_forward(x, kind)
+
+    def masked_act_packed(x: Tensor, kind: str, rule: str) -> tuple[Tensor, Tensor]:
+        return ops.activation_forward(x, kind), ops.pack_bits(ops.mask_from_input(x, kind, rule))
+
+    def empty_permuted(size, physical_layout, **kwargs) -> Tensor:
+        # SiLU's backward decomposition allocates through empty_permuted, which has no ExecuTorch kernel
+        physical = torch.empty([size[i] for i in physical_layout], **kwargs)
+        inverse = sorted(range(len(physical_layout)), key=lambda i: physical_layout[i])
+        return physical.permute(inverse)
+
+    return {
+        torch.ops.aten.empty_permuted.default: empty_permuted,
+        torch.ops.edgetl.masked_act.default: masked_act,
+        torch.ops.edgetl.masked_act_packed.default: masked_act_packed,
+        torch.ops.edgetl_export.depthwise_nhwc.default: _decompose_depthwise,
+        torch.ops.edgetl_export.pointwise_nhwc.default: _decompose_pointwise,
+    }

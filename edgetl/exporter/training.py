@@ -1,0 +1,212 @@
+"""The trainable program: the top K MobileTL blocks, head and loss as one ExecuTorch training program.
+
+``train.pte`` holds two methods over the frozen bottom's NCHW features:
+
+* ``forward(features, labels) -> (loss, logits, running statistics..., gradients...,
+  parameters...)``: one training step's forward and backward (``torch.export`` -> ``_export_forward_backward`` -> ``to_edge`` ->
+  ``to_executorch``), the optimizer being the caller's (ExecuTorch's SGD);
+* ``predict(features) -> logits``: the same top in eval mode (running statistics), for
+  classification with the weights training produced.
+
+``train.ptd`` holds what training changes: the policy's trainable parameters and the running
+statistics of the train-mode batch norms (each block's last norm and the final conv stage's).
+Both methods read them by name, so writing a new ``.ptd`` (on the device) is how trained weights
+are saved, resumed and used for inference.
+
+The program runs the channels-last form of the top (:mod:`edgetl.exporter.nhwc`) on ExecuTorch's
+portable CPU kernels; MobileTL's custom backward formulas (1-bit masks, shift-only norms) are
+recorded by ``_export_forward_backward`` before the custom operators are decomposed to ATen.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.export.graph_signature import OutputKind
+from torchvision.ops import StochasticDepth
+
+from edgetl.exporter import _executorch as et
+from edgetl.exporter import memory, nhwc
+from edgetl.exporter.errors import UnsupportedModelError, VerificationError
+from edgetl.exporter.inference import locate_operator
+from edgetl.train.prepare import TransferModel
+
+#: verification tolerances: |loss_et - loss_eager| per step and |w_et - w_eager| per element after
+#: the steps, both relative to max(1, |reference|) (float32 summation order differs between the
+#: portable kernels, MKL and the decomposed ops)
+LOSS_TOLERANCE = 1e-4
+WEIGHT_TOLERANCE = 1e-4
+
+
+def without_dropout(net: TransferModel) -> TransferModel:
+    """A copy of ``net`` with dropout and stochastic depth off: the program's semantics in eager."""
+    net = copy.deepcopy(net)
+    for m in net.modules():
+        if isinstance(m, (nn.Dropout, StochasticDepth)):
+            m.p = 0.0
+    return net
+
+
+@dataclass
+class TrainingExport:
+    """The emitted training program and what the export learned about it."""
+
+    program: et.TrainingProgram
+    parameter_names: list[str]
+    buffer_names: list[str]
+    feature_shape: tuple[int, ...]  # N x C x H x W
+    num_classes: int
+    saved: list[memory.SavedTensor]
+    seconds: float
+    label_smoothing: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def export_training(net: TransferModel, *, feature_shape: tuple[int, ...], num_classes: int,
+                    label_smoothing: float = 0.0) -> TrainingExport:
+    """Export ``net``'s top (trained per its policy) with a cross-entropy loss as a training program.
+
+    ``feature_shape`` is the bottom's output for one batch (N x C x H x W). Raises
+    :class:`UnsupportedModelError` when a layer has no exportable form or an operator no kernel.
+    """
+    t0 = time.perf_counter()
+    top = nhwc.trainable_top(net, label_smoothing=label_smoothing)
+    features = torch.zeros(feature_shape)
+    labels = torch.arange(feature_shape[0]) % num_classes
+    # eval first: the train-mode trace records running-statistic updates but must not see them
+    top.eval()
+    with torch.no_grad():
+        predict = torch.export.export(top, (features,), strict=False)
+    top.train()
+    forward = torch.export.export(top, (features, labels), strict=False)
+    joint = et.export_forward_backward(forward)
+    decomps = nhwc.decompositions()
+    joint, predict = joint.run_decompositions(decomps), predict.run_decompositions(decomps)
+
+    specs = joint.graph_signature.output_specs
+    grads = [s.target for s in specs if s.kind == OutputKind.GRADIENT_TO_PARAMETER]
+    expected = [name for name, _ in net.trainable_parameters()]
+    if sorted(grads) != sorted(expected):
+        raise UnsupportedModelError(
+            f"the exported backward computes gradients for {sorted(set(grads) ^ set(expected))} unlike the policy's trainable parameters"
+        )
+    mutated = [name for name, _ in top.updated_buffers()]
+    if sorted(mutated) != sorted(s.target for s in specs if s.kind == OutputKind.BUFFER_MUTATION):
+        raise UnsupportedModelError("the exported step updates buffers other than the batch-norm running statistics")
+    saved = memory.saved_for_backward(joint)
+    part_of = lambda path: nhwc.describe_part(net, path)  # noqa: E731
+    graphs = [forward.graph, joint.graph]
+    try:
+        program = et.emit_training_program({"forward": joint, "predict": predict}, external=set(grads) | set(mutated))
+    except et.MissingKernelError as exc:
+        raise UnsupportedModelError("; ".join(
+            f"operator {op} has no ExecuTorch out-variant, used in {locate_operator(op, graphs, part_of)}" for op in exc.ops
+        )) from None
+    kernels = et.registered_operators()
+    missing = sorted({op for ops in program.operators.values() for op in ops if op not in kernels})
+    if missing:
+        raise UnsupportedModelError("; ".join(
+            f"operator {op} has no kernel in this ExecuTorch runtime, used in {locate_operator(op, graphs, part_of)}" for op in missing
+        ))
+    return TrainingExport(program, grads, mutated, tuple(feature_shape), num_classes, saved,
+                          time.perf_counter() - t0, label_smoothing)
+
+
+@dataclass
+class TrainingCheck:
+    """How a few ExecuTorch training steps compare with the same steps in eager PyTorch."""
+
+    steps: int
+    losses_eager: list[float]
+    losses_executorch: list[float]
+    loss_max_abs_diff: float
+    weight_max_abs_diff: float
+    running_stats_max_abs_diff: float
+    running_stats_moved: float  # largest change of a running statistic over the steps, ExecuTorch side
+    predict_max_abs_diff: float  # predict method over a .ptd written from the session vs eager eval
+    tolerance: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(1.0, float(np.abs(b).max()))) if a.size else 0.0
+
+
+def verify_training(net: TransferModel, export: TrainingExport, pte: Path, ptd: Path, *, steps: int = 3, lr: float,
+                    momentum: float, weight_decay: float, seed: int = 0) -> TrainingCheck:
+    """Run ``steps`` SGD steps in the ExecuTorch program and in eager PyTorch from the same weights
+    on the same batches; raise :class:`VerificationError` when they disagree beyond tolerance.
+
+    Eager side: ``net`` (dropout off) with ``torch.optim.SGD``. ExecuTorch side: the program and
+    ExecuTorch's SGD. Also checks the running statistics (updated on the ExecuTorch side, equal to
+    eager's) and that a ``.ptd`` written from the session feeds ``predict`` the trained weights.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = export.feature_shape[0]
+    batches = [(torch.randn(export.feature_shape, generator=gen).abs(),
+                torch.randint(0, export.num_classes, (n,), generator=gen)) for _ in range(steps)]
+    eager = without_dropout(net).train()
+    params = [p for _, p in eager.trainable_parameters()]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=export.label_smoothing)
+    session = et.TrainingSession(pte, ptd, buffer_names=export.buffer_names)
+    losses_eager, losses_et = [], []
+    sgd = None
+    initial_buffers = None
+    for x, y in batches:
+        loss = loss_fn(eager.forward_top(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses_eager.append(loss.item())
+        if initial_buffers is None:
+            initial_buffers = {k: et.read_ptd_tensor(ptd.read_bytes(), export.program.layout[k]).copy() for k in export.buffer_names}
+        out = session.forward_backward(x.numpy(), y.numpy())
+        sgd = sgd or session.sgd(lr, momentum=momentum, weight_decay=weight_decay)
+        sgd.step()
+        losses_et.append(float(out[0]))
+    state = session.state()
+    eager_state = {k: v.detach().numpy() for k, v in eager.state_dict().items()}
+    weight_diff = max(_max_rel(state[k], eager_state[k]) for k in export.parameter_names)
+    float_buffers = [k for k in export.buffer_names if state[k].dtype.kind == "f"]
+    stats_diff = max((_max_rel(state[k], eager_state[k]) for k in float_buffers), default=0.0)
+    moved = max((float(np.abs(state[k] - initial_buffers[k]).max()) for k in float_buffers), default=0.0)
+    # write the session's state to a new .ptd and classify with it: the device's write-back path
+    with tempfile.TemporaryDirectory(dir=ptd.parent) as tmp:
+        trained = Path(tmp) / "trained.ptd"
+        trained.write_bytes(et.write_ptd(ptd.read_bytes(), export.program.layout, state))
+        got = et.Program(pte, trained).run("predict", batches[0][0].numpy())[0]
+    with torch.no_grad():
+        want = eager.eval().forward_top(batches[0][0]).numpy()
+    predict_diff = _max_rel(got, want)
+    check = TrainingCheck(
+        steps, losses_eager, losses_et,
+        max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(losses_et, losses_eager, strict=True)),
+        weight_diff, stats_diff, moved, predict_diff,
+        {"loss": LOSS_TOLERANCE, "weights": WEIGHT_TOLERANCE, "running_stats": WEIGHT_TOLERANCE, "predict": WEIGHT_TOLERANCE},
+    )
+    failures = [
+        f"{what} differs by {value:.3g} (tolerance {tol:g})"
+        for what, value, tol in (
+            ("loss", check.loss_max_abs_diff, LOSS_TOLERANCE),
+            ("updated weights", check.weight_max_abs_diff, WEIGHT_TOLERANCE),
+            ("running statistics", check.running_stats_max_abs_diff, WEIGHT_TOLERANCE),
+            ("predict logits with the written weights", check.predict_max_abs_diff, WEIGHT_TOLERANCE),
+        )
+        if not value <= tol
+    ]
+    if float_buffers and not moved > 0:
+        failures.append("the running statistics did not change on the ExecuTorch side")
+    if failures:
+        raise VerificationError(f"training program does not match eager PyTorch after {steps} SGD steps: " + "; ".join(failures))
+    return check

@@ -1,0 +1,365 @@
+"""ExecuTorch export: XNNPACK programs, the trainable program, the bundle and its errors.
+
+One training bundle (MobileNetV2, K=2, 64 px, batch 4) is exported once through ``edgetl export``
+and shared with tests/test_deploy.py (:func:`training_bundle`); lowering is the slow part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import functools
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import edgetl
+from edgetl.exporter import _executorch as et
+from edgetl.exporter import bundle as bundle_mod
+from edgetl.exporter import inference, memory, nhwc, training
+from edgetl.exporter.cli import add_export_parser, read_checkpoint
+from edgetl.exporter.errors import ExecutorchMissingError, ExportError, UnsupportedModelError
+from edgetl.models.zoo import load_model, model_spec
+from edgetl.profiler.predict import predict_units
+from tests.conftest import CLASSES, calibrate, make_image_folder, pretrained_model
+
+IMAGE_SIZE, BATCH = 64, 4
+POLICY = edgetl.TrainPolicy(blocks=2)
+_WORK = Path(tempfile.mkdtemp(prefix="edgetl-export-tests-"))
+atexit.register(shutil.rmtree, _WORK, True)
+
+
+@functools.cache
+def run_dir() -> Path:
+    """A finished 'edgetl finetune' run: config.json + model.pt (stand-in pretrained MobileNetV2, 3-class head)."""
+    source = make_image_folder(_WORK / "source", per_class=20, seed=1)
+    pretrained = pretrained_model("mobilenet_v2", source, image_size=32, steps=30)
+    torch.manual_seed(0)
+    model = load_model("mobilenet_v2", num_classes=len(CLASSES))
+    state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("classifier")}
+    model.load_state_dict(state, strict=False)
+    run = _WORK / "run"
+    run.mkdir()
+    torch.save({"model": model.state_dict(), "model_name": "mobilenet_v2", "classes": list(CLASSES),
+                "policy": json.dumps(POLICY.to_dict())}, run / "model.pt")
+    (run / "config.json").write_text(json.dumps({"model": "mobilenet_v2", "blocks": 2, "method": "mobiletl", "image_size": IMAGE_SIZE,
+                                                 "batch_size": BATCH, "classes": list(CLASSES), "policy": POLICY.to_dict()}))
+    return run
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="edgetl")
+    add_export_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+@functools.cache
+def training_bundle() -> Path:
+    """``edgetl export --training`` of :func:`run_dir` (shared with test_deploy.py)."""
+    out = _WORK / "dist"
+    assert cli(["export", "--checkpoint", str(run_dir()), "--out", str(out), "--training", "--batch-size", str(BATCH),
+                "--lr", "0.005", "--momentum", "0.9"]) == 0
+    return out
+
+
+def eager_net() -> edgetl.TransferModel:
+    """The run's model, prepared as the bundle's training program trains it (dropout off)."""
+    state = torch.load(run_dir() / "model.pt", weights_only=True)["model"]
+    model = load_model("mobilenet_v2", num_classes=len(CLASSES))
+    model.load_state_dict(state)
+    return training.without_dropout(edgetl.prepare(model, POLICY))
+
+
+@pytest.fixture(scope="module")
+def bundle() -> edgetl.ExportBundle:
+    return edgetl.ExportBundle.load(training_bundle())
+
+
+# --- the bundle ---------------------------------------------------------------------------------
+
+
+def test_manifest_describes_the_programs(bundle):
+    m = bundle.manifest
+    assert sorted(m["files"]) == ["bottom.pte", "et_adapter.py", "model.pte", "train.ptd", "train.pte"]
+    assert m["created"]["executorch"] == et.executorch_version() and m["created"]["edgetl"] == edgetl.__version__
+    assert m["model"]["classes"] == list(CLASSES) and m["model"]["policy"] == POLICY.to_dict()
+    spec = model_spec("mobilenet_v2")
+    assert m["input"]["mean"] == list(spec.mean) and m["input"]["std"] == list(spec.std)
+    assert m["programs"]["inference"]["inputs"] == [{"name": "image", "shape": [1, 3, IMAGE_SIZE, IMAGE_SIZE], "dtype": "float32"}]
+    train = m["programs"]["training"]
+    assert set(train["methods"]) == {"forward", "predict"}
+    assert train["methods"]["forward"]["inputs"][1] == {"name": "labels", "shape": [BATCH], "dtype": "int64"}
+    assert train["optimizer"] == {"name": "sgd", "lr": 0.005, "momentum": 0.9, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}
+    expected = [n for n, _ in eager_net().trainable_parameters()]
+    assert sorted(train["trainable_parameters"]) == sorted(expected)
+    assert all(n.endswith(("running_mean", "running_var", "num_batches_tracked")) for n in train["buffers"])
+    assert set(train["weights_layout"]) == set(expected) | set(train["buffers"])
+    for name, meta in m["files"].items():
+        assert bundle_mod.sha256_file(bundle.path / name) == meta["sha256"]
+    check = m["verification"]["training"]
+    assert check["loss_max_abs_diff"] <= check["tolerance"]["loss"] and check["running_stats_moved"] > 0
+
+
+def test_manifest_hashes_catch_a_changed_file(bundle, tmp_path):
+    copy = tmp_path / "dist"
+    shutil.copytree(bundle.path, copy)
+    edgetl.ExportBundle.load(copy)
+    data = bytearray((copy / "train.ptd").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "train.ptd").write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="sha256"):
+        edgetl.ExportBundle.load(copy)
+
+
+# --- inference programs ----------------------------------------------------------------------------
+
+
+def test_inference_program_matches_eager_mobilenet_v2(bundle):
+    model = eager_net()
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    got = et.Program(bundle.file("model.pte")).run("forward", x.numpy())[0]
+    with torch.no_grad():
+        want = model.eval()(x).numpy()
+    diff = float(np.abs(got - want).max())
+    print(f"MobileNetV2 model.pte max |ExecuTorch - eager| = {diff:.3g} (logits up to {np.abs(want).max():.3g})")
+    assert diff < 1e-4
+    assert bundle.manifest["programs"]["inference"]["backend"] == ["XnnpackBackend"]
+    assert bundle.manifest["programs"]["inference"]["undelegated_ops"] == []
+    features = et.Program(bundle.file("bottom.pte")).run("forward", np.repeat(x.numpy(), BATCH, 0))[0]
+    want = model.forward_bottom(x)[0].numpy()
+    assert np.abs(features[0] - want).max() < 1e-4 * max(1.0, float(np.abs(want).max()))  # XNNPACK folds BN into conv
+
+
+def test_xnnpack_export_of_mobilenet_v3_small_regression():
+    """pytorch/executorch#1062: V2/V3 exports failed on _native_batch_norm_legit_functional."""
+    torch.manual_seed(0)
+    model = calibrate(load_model("mobilenet_v3_small", num_classes=5), torch.randn(16, 3, IMAGE_SIZE, IMAGE_SIZE))
+    x = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    res = inference.export_inference(model, x)
+    assert res.program.delegates == ["XnnpackBackend"]
+    assert not any("batch_norm" in op for op in res.program.undelegated + res.program.operators)
+    path = _WORK / "v3.pte"
+    path.write_bytes(res.program.buffer)
+    diff = inference.max_abs_diff(path, model, x)
+    print(f"MobileNetV3-Small model.pte max |ExecuTorch - eager| = {diff:.3g}")
+    assert diff < 1e-4
+
+
+# --- the training program -------------------------------------------------------------------------
+
+
+def test_training_steps_match_eager_and_update_running_stats(bundle):
+    train = bundle.manifest["programs"]["training"]
+    session = et.TrainingSession(bundle.file("train.pte"), bundle.file("train.ptd"), buffer_names=train["buffers"])
+    assert session.layout.metadata_ok, "the program's __et_training_* metadata must match its output layout"
+    net = eager_net().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.SGD([p for _, p in net.trainable_parameters()], lr=0.005, momentum=0.9)
+    gen = torch.Generator().manual_seed(3)
+    shape = train["methods"]["forward"]["inputs"][0]["shape"]
+    sgd = None
+    for _ in range(4):
+        f, y = torch.randn(shape, generator=gen).relu(), torch.randint(0, 3, (BATCH,), generator=gen)
+        loss = nn.functional.cross_entropy(net.forward_top(f), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        et_loss, logits, *stats = session.forward_backward(f.numpy(), y.numpy())
+        assert len(stats) == len(train["buffers"])
+        sgd = sgd or session.sgd(0.005, momentum=0.9)
+        sgd.step()
+        assert abs(float(et_loss) - loss.item()) < 1e-4
+        assert logits.shape == (BATCH, 3)
+    state, eager = session.state(), net.state_dict()
+    for name in train["trainable_parameters"]:
+        assert np.abs(state[name] - eager[name].numpy()).max() < 1e-4, name
+        assert not torch.equal(eager[name], before[name]), f"{name} did not train"
+    for name in train["buffers"]:
+        if name.endswith("num_batches_tracked"):
+            assert int(state[name].reshape(())) == int(before[name]) + 4
+            continue
+        assert np.abs(state[name] - eager[name].numpy()).max() < 1e-4, name
+        moved_et = np.abs(state[name] - before[name].numpy()).max()
+        moved_eager = (eager[name] - before[name]).abs().max().item()
+        assert moved_et > 0 and moved_et == pytest.approx(moved_eager, rel=1e-2), f"{name} did not update on the ExecuTorch side"
+
+
+def test_only_the_policys_parameters_get_gradients(bundle):
+    session = et.TrainingSession(bundle.file("train.pte"), bundle.file("train.ptd"))
+    names = session.layout.parameter_names
+    net = eager_net()
+    assert sorted(names) == sorted(n for n, _ in net.trainable_parameters())
+    assert not any(n.startswith(tuple(f"{b}." for b in net.bottom_names)) for n in names)
+    # shift-only norms train beta alone
+    shift = [f"{b}.conv.0.1" for b in net.trained_block_names]
+    assert all(f"{s}.bias" in names and f"{s}.weight" not in names for s in shift)
+
+
+def test_executorch_training_metadata_bug_is_corrected():
+    """ExecuTorch 1.5 counts buffer-mutation outputs in __et_training_gradients_index; the adapter's
+    emission does not (the method's outputs don't include them)."""
+    net = edgetl.prepare(load_model("mobilenet_v2", num_classes=3), edgetl.TrainPolicy(blocks=1))
+    shape = tuple(net.forward_bottom(torch.zeros(2, 3, 64, 64)).shape)
+    top = nhwc.trainable_top(net)
+    joint = et.export_forward_backward(torch.export.export(top, (torch.zeros(shape), torch.tensor([0, 1]))))
+    stock = et.training_metadata({"forward": joint}, corrected=False)
+    fixed = et.training_metadata({"forward": joint})
+    n_stats = 6  # running mean, var, count of block 17's last norm and of the final conv stage's
+    # outputs: loss, logits, the updated running statistics, then gradients
+    assert fixed["__et_training_gradients_index_forward"] == 2 + n_stats
+    assert stock["__et_training_gradients_index_forward"] == 2 + 2 * n_stats  # counts the buffer writes as outputs
+    assert stock["__et_training_fqn_forward"] == fixed["__et_training_fqn_forward"]
+
+
+@pytest.mark.parametrize("mask", ["packed", "reuse"])
+def test_exported_backward_keeps_bit_packed_masks_not_float_maps(mask):
+    policy = edgetl.TrainPolicy(blocks=1, activation_mask=mask)
+    model = load_model("mobilenet_v2", num_classes=3)
+    net = edgetl.prepare(model, policy)
+    shape = tuple(net.forward_bottom(torch.zeros(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE)).shape)
+    top = nhwc.trainable_top(net)
+    joint = et.export_forward_backward(torch.export.export(top, (torch.zeros(shape), torch.arange(BATCH) % 3)))
+    saved = memory.saved_for_backward(joint.run_decompositions(nhwc.decompositions()))
+    masks = [s for s in saved if s.dtype == "uint8"]
+    expanded = BATCH * 960 * (IMAGE_SIZE // 32) ** 2  # features.17's expanded map
+    if mask == "packed":  # the block's two masked activations: one bit per element
+        assert [s.nbytes for s in masks] == [expanded // 8, expanded // 8]
+    else:  # masks read off outputs the next convs keep anyway
+        assert masks == []
+    # nothing else: the exported saved bytes are the eager profiler's, up to per-channel statistics
+    rows = predict_units(model, policy, batch_size=BATCH, image_size=IMAGE_SIZE)
+    predicted = sum(r.nbytes for r in rows) - sum(s.nbytes for r in rows for s in r.saved if "noise" in s.what)
+    exported = memory.total_bytes(saved)
+    print(f"{mask}: saved for backward exported {exported} B, predicted {predicted} B")
+    assert abs(exported - predicted) <= 0.02 * predicted
+    # shift-only norms keep nothing: no saved float tensor of the expanded shape besides the conv inputs
+    float_maps = [s for s in saved if s.dtype == "float32" and s.nbytes == 4 * expanded]
+    assert len(float_maps) == 2  # inputs of the depthwise and the projection conv
+
+
+def test_channels_last_top_matches_transfer_model_with_squeeze_excitation():
+    torch.manual_seed(0)
+    model = calibrate(load_model("mobilenet_v3_small", num_classes=3), torch.randn(8, 3, 96, 96))
+    net = training.without_dropout(edgetl.prepare(model, edgetl.TrainPolicy(blocks=3, activation_mask="packed")))
+    top = nhwc.trainable_top(net)
+    f = net.forward_bottom(torch.randn(4, 3, 96, 96))
+    y = torch.tensor([0, 1, 2, 0])
+    nn.functional.cross_entropy(net.forward_top(f), y).backward()
+    loss = top(f, y)[0]
+    loss.backward()
+    ref = dict(net.trainable_parameters())
+    for name, p in top.named_parameters():
+        scale = ref[name].grad.abs().max().item()
+        assert (p.grad - ref[name].grad).abs().max().item() <= 1e-4 * max(scale, 1e-3), name
+    for name, b in top.named_buffers():
+        if name in dict(net.named_buffers()) and b.dtype.is_floating_point:
+            torch.testing.assert_close(b, dict(net.named_buffers())[name])
+
+
+@pytest.mark.parametrize("stride,kernel", [(1, 3), (2, 3), (2, 5), (1, 5)])
+def test_depthwise_and_pointwise_custom_ops_match_convolution(stride, kernel):
+    torch.manual_seed(stride * 10 + kernel)
+    x = torch.randn(2, 9, 11, 6, dtype=torch.float64, requires_grad=True)  # NHWC
+    w = torch.randn(6, 1, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    pad = kernel // 2
+    ref = nn.functional.conv2d(x.permute(0, 3, 1, 2), w, stride=stride, padding=pad, groups=6).permute(0, 2, 3, 1)
+    dy = torch.randn_like(ref)
+    gx, gw = torch.autograd.grad(ref, (x, w), dy)
+    y = nhwc.depthwise_nhwc(x, w, stride, pad)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(nhwc.depthwise_forward(x, w, stride, pad), ref)  # the exported form
+    torch.testing.assert_close(torch.autograd.grad(y, (x, w), dy), (gx, gw))
+    v = torch.randn(4, 6, 1, 1, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().reshape(-1, 6).requires_grad_()
+    out = nhwc.pointwise_nhwc(x2, v)
+    torch.testing.assert_close(out, x2 @ v[:, :, 0, 0].t())
+    d = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (x2, v), d), torch.autograd.grad(x2 @ v[:, :, 0, 0].t(), (x2, v), d))
+
+
+# --- errors -------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_from_another_model_is_refused(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir(), run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "model": "mobilenet_v3_small"}))
+    with pytest.raises(edgetl.EdgetlError, match="another model"):
+        read_checkpoint(run)
+    with pytest.raises(edgetl.EdgetlError, match="another model"):
+        cli(["export", "--checkpoint", str(run_dir() / "model.pt"), "--model", "mobilenet_v3_small", "--out", str(tmp_path / "x")])
+    state = torch.load(run_dir() / "model.pt", weights_only=True)["model"]
+    torch.save(state, tmp_path / "plain.pt")
+    with pytest.raises(ExportError, match=r"does not hold mobilenet_v3_small weights.*looks like mobilenet_v2"):
+        cli(["export", "--checkpoint", str(tmp_path / "plain.pt"), "--model", "mobilenet_v3_small", "--out", str(tmp_path / "x")])
+    with pytest.raises(edgetl.EdgetlError, match="--model"):
+        cli(["export", "--checkpoint", str(tmp_path / "plain.pt"), "--out", str(tmp_path / "y")])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_output_directory_with_other_content_is_refused(tmp_path):
+    out = tmp_path / "dist"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="already exists with other content"):
+        edgetl.export(load_model("mobilenet_v2", num_classes=3), POLICY, out, image_size=IMAGE_SIZE, batch_size=BATCH)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_missing_executorch_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setattr(et, "executorch_version", lambda: None)
+    with pytest.raises(ExecutorchMissingError, match="pip install executorch"):
+        edgetl.export(load_model("mobilenet_v2", num_classes=3), POLICY, tmp_path / "d", image_size=IMAGE_SIZE, batch_size=BATCH)
+
+
+def test_layer_without_an_exportable_form_is_named_with_its_part():
+    model = load_model("mobilenet_v2", num_classes=3)
+    block = model.features[17].conv
+    block[1][0] = nn.Conv2d(960, 960, 3, padding=1, groups=480, bias=False)  # grouped, not depthwise
+    net = edgetl.prepare(model, edgetl.TrainPolicy(blocks=1))
+    with pytest.raises(UnsupportedModelError, match=r"features\.17\.conv\.1\.0.*trained block features\.17"):
+        nhwc.trainable_top(net)
+
+
+class _Erfinv(nn.Module):
+    def forward(self, x):
+        return torch.special.erfinv(torch.tanh(x) * 0.5)
+
+
+def test_operator_without_kernel_is_named_with_its_part():
+    model = load_model("mobilenet_v2", num_classes=3)
+    model.classifier.append(_Erfinv())
+    net = edgetl.prepare(model, edgetl.TrainPolicy(blocks=0))
+    shape = tuple(net.forward_bottom(torch.zeros(2, 3, 32, 32)).shape)
+    with pytest.raises(UnsupportedModelError, match=r"erfinv.*classifier"):
+        training.export_training(net, feature_shape=shape, num_classes=3)
+    head = nn.Sequential(nn.Flatten(), nn.Linear(12, 3), _Erfinv())
+    with pytest.raises(UnsupportedModelError, match=r"erfinv.*2 \(head\)"):
+        inference.export_inference(head, torch.zeros(1, 3, 2, 2), part_of=lambda path: "head")
+
+
+def test_bundle_writer_is_all_or_nothing(tmp_path):
+    out = tmp_path / "dist"
+    with pytest.raises(RuntimeError), bundle_mod.BundleWriter(out) as writer:
+        writer.write("model.pte", b"x" * 100)
+        raise RuntimeError("power cut")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    with bundle_mod.BundleWriter(out) as writer:
+        writer.write("a.bin", b"old")
+        writer.commit({"model": {}, "programs": {}})
+    with pytest.raises(ExportError, match="--force"):
+        bundle_mod.BundleWriter(out)
+    with bundle_mod.BundleWriter(out, overwrite=True) as writer:
+        writer.write("b.bin", b"new")
+        writer.commit({"model": {}, "programs": {}})
+    assert sorted(p.name for p in out.iterdir()) == ["b.bin", "manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dist"]
