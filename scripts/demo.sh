@@ -7,8 +7,22 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXTRAS="weights" source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 RUN="runs/demo-$(date +%Y%m%d-%H%M%S)"
-echo "== 1/2 fine-tune (MobileTL, top 4 blocks) -> $RUN"
+echo "== 1/5 fine-tune (MobileTL, top 4 blocks) -> $RUN"
 "$VENV/bin/edgetl" finetune --config examples/fashion_mnist_lite0.toml --out "$RUN" "$@"
-echo "== 2/2 memory: what that training stores per block, vanilla against MobileTL"
+echo "== 2/5 memory: what that training stores per block, vanilla against MobileTL"
 "$VENV/bin/edgetl" profile --model efficientnet_lite0 --blocks 4 --batch-size 32 --image-size 96 --num-classes 10 \
   --json "$RUN/memory.json"
+echo "== 3/5 export: XNNPACK classifier + trainable ExecuTorch program, each verified against eager"
+"$VENV/bin/edgetl" export --checkpoint "$RUN" --out "$RUN/bundle" --training --batch-size 8
+echo "== 4/5 on the device side (ExecuTorch runtime only): classify Fashion-MNIST test photos"
+"$VENV/bin/python" - "$RUN/device-data" <<'PY'
+import sys
+from edgetl.data.fashion_mnist import FashionMNIST, write_image_folder
+test = FashionMNIST(split="test")
+write_image_folder(test, sys.argv[1] + "/train", indices=range(9000, 9240))  # the device's "own" photos
+write_image_folder(test, sys.argv[1] + "/check", indices=range(9800, 9810))
+PY
+"$VENV/bin/python" deploy/edgetl_device.py classify "$RUN/bundle" "$RUN/device-data/check" --top-k 1
+echo "== 5/5 on the device side: fine-tune the trainable program on 240 photos, then classify with the result"
+"$VENV/bin/python" deploy/edgetl_device.py finetune "$RUN/bundle" "$RUN/device-data/train" --state "$RUN/device-state" --epochs 1
+"$VENV/bin/python" deploy/edgetl_device.py classify "$RUN/bundle" "$RUN/device-data/check" --trained "$RUN/device-state" --top-k 1
