@@ -54,12 +54,6 @@ class ShiftOnlyNorm(nn.Module):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return x * self.scale.view(shape) + (self.bias + self.offset).view(shape)
 
-    def to_batchnorm(self) -> nn.BatchNorm2d:
-        """The equivalent eval-mode ``nn.BatchNorm2d`` (for inference export)."""
-        bn = nn.BatchNorm2d(self.num_features, eps=self.eps)
-        bn.load_state_dict(self.state_dict())
-        return bn.eval()
-
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, trains=shift"
 

@@ -30,8 +30,6 @@ from torch import Tensor
 
 #: Activation kinds edgetl knows, by the name used in the operators' ``kind`` argument.
 ACTIVATION_KINDS = ("relu", "relu6", "hardswish", "silu", "hardsigmoid", "sigmoid")
-#: Kinds whose true derivative is itself a binary mask (times a constant).
-BINARY_DERIVATIVE = frozenset({"relu", "relu6", "hardsigmoid"})
 #: Kinds used as squeeze-excitation gates: always exact, derivative from the output.
 GATE_KINDS = frozenset({"hardsigmoid", "sigmoid"})
 GRAD_RULES = ("sign", "exact")
