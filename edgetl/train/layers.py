@@ -52,7 +52,8 @@ class ShiftOnlyNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x * self.scale.view(shape) + (self.bias + self.offset).view(shape)
+        # one fused kernel: x * s + b in a single output, no full-size temporary for x * s
+        return torch.addcmul((self.bias + self.offset).view(shape), x, self.scale.view(shape))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, trains=shift"
