@@ -182,10 +182,7 @@ def export(
         writer.write(ADAPTER, Path(inspect.getfile(et)).read_bytes())
 
         x1 = torch.randn(1, 3, image_size, image_size, generator=gen)
-        res = inference.export_inference(plain, x1, part_of=part_of)
-        path = writer.write(MODEL_PTE, res.program.buffer)
-        diff = inference.max_abs_diff(path, plain, x1)
-        _check_inference(MODEL_PTE, diff, plain, x1)
+        res, diff = _write_checked_inference(writer, MODEL_PTE, plain, x1, part_of)
         log(f"  {MODEL_PTE}: XNNPACK ({', '.join(res.program.delegates) or 'no delegate'}), lowered in {res.seconds:.1f}s, "
             f"max |ExecuTorch - eager| = {diff:.3g}")
         manifest["programs"]["inference"] = {
@@ -211,11 +208,16 @@ def _edgetl_version() -> str:
     return str(getattr(edgetl, "__version__", "unknown"))
 
 
-def _check_inference(name: str, diff: float, module: nn.Module, x: torch.Tensor) -> None:
+def _write_checked_inference(writer: BundleWriter, name: str, module: nn.Module, x: torch.Tensor, part_of):
+    """Lower ``module`` to XNNPACK, write it as ``name``, and check it against eager on ``x``."""
+    res = inference.export_inference(module, x, part_of=part_of)
+    path = writer.write(name, res.program.buffer)
+    diff = inference.max_abs_diff(path, module, x)
     with torch.no_grad():
         scale = max(1.0, float(module.eval()(x).abs().max()))
     if not diff <= INFERENCE_TOLERANCE * scale:
         raise VerificationError(f"{name} differs from eager PyTorch by {diff:.3g} (tolerance {INFERENCE_TOLERANCE * scale:.3g})")
+    return res, diff
 
 
 def _export_training_part(writer: BundleWriter, manifest: dict[str, Any], net: TransferModel, plain: nn.Module,
@@ -224,10 +226,7 @@ def _export_training_part(writer: BundleWriter, manifest: dict[str, Any], net: T
                           gen: torch.Generator, part_of, log: Callable[[str], None]) -> None:
     xb = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
     bottom = inference.Bottom(training.without_dropout(net))
-    res = inference.export_inference(bottom, xb, part_of=part_of)
-    path = writer.write(BOTTOM_PTE, res.program.buffer)
-    diff = inference.max_abs_diff(path, bottom, xb)
-    _check_inference(BOTTOM_PTE, diff, bottom, xb)
+    res, diff = _write_checked_inference(writer, BOTTOM_PTE, bottom, xb, part_of)
     log(f"  {BOTTOM_PTE}: frozen bottom ({len(net.bottom_names)} units), XNNPACK, lowered in {res.seconds:.1f}s, "
         f"max |ExecuTorch - eager| = {diff:.3g}")
     feature_shape = res.output_shape
