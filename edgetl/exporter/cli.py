@@ -100,6 +100,9 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--image-size", type=int, help="input size in pixels (default: the run's, else 224)")
     p.add_argument("--model", help="architecture, for a weights file that does not name it")
     p.add_argument("--blocks", type=int, help="K, blocks trained on the device (default: the run's policy)")
+    p.add_argument("--method", choices=("mobiletl", "vanilla"),
+                   help="how the device trains those blocks (default: the run's policy); vanilla exports the paper's "
+                        "FT-BLKs baseline of the same K, to measure MobileTL's saving on the device")
     p.add_argument("--lr", type=float, default=0.01, help="on-device SGD learning rate (default 0.01)")
     p.add_argument("--momentum", type=float, default=0.9, help="on-device SGD momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="on-device SGD weight decay (default 0)")
@@ -148,6 +151,8 @@ def run_export(args: argparse.Namespace) -> int:
     policy_values = dict(ckpt.policy or {"blocks": ckpt.config.get("blocks", 2)})
     if args.blocks is not None:
         policy_values["blocks"] = args.blocks
+    if getattr(args, "method", None) is not None:
+        policy_values["method"] = args.method
     try:
         policy = TrainPolicy(**{k: v for k, v in policy_values.items() if k in ("blocks", "method", "activation_grad", "activation_mask")})
     except (TypeError, ValueError) as exc:

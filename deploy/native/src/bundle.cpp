@@ -1,0 +1,85 @@
+#include "bundle.h"
+
+#include "files.h"
+
+namespace edgetl {
+
+namespace {
+constexpr const char* kFormat = "edgetl-bundle/1";
+
+// nlohmann's exceptions name a JSON pointer, not the file: say which manifest is malformed.
+template <typename F>
+auto field(const std::string& manifest_path, const char* what, F get) -> decltype(get()) {
+  try {
+    return get();
+  } catch (const nlohmann::json::exception& e) {
+    throw DeviceError(manifest_path + " is not a valid edgetl manifest (" + what + ": " + e.what() + ")");
+  }
+}
+}  // namespace
+
+Bundle::Bundle(const std::string& path, bool verify) : dir(path) {
+  std::string mpath = join(dir, "manifest.json");
+  if (!is_dir(dir)) throw DeviceError(dir + " is not a directory (expected an edgetl bundle)");
+  if (!is_file(mpath)) throw DeviceError(dir + " is not an edgetl bundle (no manifest.json)");
+  try {
+    manifest = nlohmann::json::parse(read_file(mpath));
+  } catch (const nlohmann::json::exception& e) {
+    throw DeviceError(mpath + " is not valid JSON: " + e.what());
+  }
+  if (manifest.value("format", "") != kFormat)
+    throw DeviceError(mpath + " has format '" + manifest.value("format", "") + "', this runner reads '" + kFormat + "'");
+  if (verify) {
+    for (const auto& [name, meta] : manifest.at("files").items()) {
+      std::string p = join(dir, name);
+      if (!is_file(p)) throw DeviceError("bundle file " + p + " is missing");
+      if (sha256_file(p) != meta.at("sha256").get<std::string>())
+        throw DeviceError("bundle file " + p + " is damaged (sha256 mismatch with manifest.json)");
+    }
+  }
+  field(mpath, "model/input", [&] {
+    classes = manifest.at("model").at("classes").get<std::vector<std::string>>();
+    const auto& in = manifest.at("input");
+    input.image_size = in.at("image_size").get<int>();
+    input.resize_short_side = in.at("resize_short_side").get<int>();
+    std::string interp = in.value("interpolation", "bilinear");
+    if (interp != "bilinear" && interp != "bicubic") throw DeviceError("unsupported interpolation '" + interp + "' in " + mpath);
+    input.interpolation = interp == "bicubic" ? Interpolation::Bicubic : Interpolation::Bilinear;
+    for (int c = 0; c < 3; ++c) {
+      input.mean[c] = in.at("mean").at(c).get<float>();
+      input.std[c] = in.at("std").at(c).get<float>();
+    }
+    inference_pte = manifest.at("programs").at("inference").at("file").get<std::string>();
+    return 0;
+  });
+  const auto& programs = manifest.at("programs");
+  has_training_ = programs.contains("training") && programs.contains("bottom");
+  if (!has_training_) return;
+  field(mpath, "programs/training", [&] {
+    bottom_pte = programs.at("bottom").at("file").get<std::string>();
+    const auto& t = programs.at("training");
+    training_.pte = t.at("file").get<std::string>();
+    training_.ptd = t.at("data").get<std::string>();
+    training_.batch_size = t.at("batch_size").get<int>();
+    training_.feature_shape = t.at("methods").at("forward").at("inputs").at(0).at("shape").get<std::vector<int64_t>>();
+    training_.trainable_parameters = t.at("trainable_parameters").get<std::vector<std::string>>();
+    training_.buffers = t.at("buffers").get<std::vector<std::string>>();
+    for (const auto& [name, s] : t.at("weights_layout").items())
+      training_.weights_layout[name] = {s.at("offset").get<uint64_t>(), s.at("nbytes").get<uint64_t>(), s.at("dtype").get<std::string>(),
+                                        s.at("shape").get<std::vector<int64_t>>()};
+    const auto& o = t.at("optimizer");
+    training_.optimizer = {o.at("lr").get<double>(), o.value("momentum", 0.0), o.value("dampening", 0.0), o.value("weight_decay", 0.0),
+                           o.value("nesterov", false)};
+    ptd_sha256 = manifest.at("files").at(training_.ptd).at("sha256").get<std::string>();
+    return 0;
+  });
+}
+
+std::string Bundle::file(const std::string& name) const { return join(dir, name); }
+
+const TrainingSpec& Bundle::training() const {
+  if (!has_training_) throw DeviceError(dir + " has no training program: export it with 'edgetl export --training'");
+  return training_;
+}
+
+}  // namespace edgetl

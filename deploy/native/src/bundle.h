@@ -1,0 +1,59 @@
+// An export bundle as the device sees it: the manifest's fields this runner needs (mirrored from
+// edgetl/exporter, not shared code), with every file checked against its sha256 before use.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "image.h"
+
+namespace edgetl {
+
+// Where one named tensor's bytes are in train.ptd.
+struct TensorSlot {
+  uint64_t offset = 0;
+  uint64_t nbytes = 0;
+  std::string dtype;
+  std::vector<int64_t> shape;
+};
+
+struct SgdOptions {
+  double lr = 0.0, momentum = 0.0, dampening = 0.0, weight_decay = 0.0;
+  bool nesterov = false;
+};
+
+struct TrainingSpec {
+  std::string pte, ptd;  // file names inside the bundle
+  int batch_size = 0;
+  std::vector<int64_t> feature_shape;           // N x C x H x W, N = batch_size
+  std::vector<std::string> trainable_parameters;  // in the program's order
+  std::vector<std::string> buffers;               // running statistics, in forward's output order
+  std::map<std::string, TensorSlot> weights_layout;
+  SgdOptions optimizer;
+};
+
+class Bundle {
+ public:
+  // Reads `dir`/manifest.json and (with `verify`) checks every listed file's sha256.
+  explicit Bundle(const std::string& dir, bool verify = true);
+
+  std::string file(const std::string& name) const;  // path of a bundle file
+  bool has_training() const { return has_training_; }
+  const TrainingSpec& training() const;  // DeviceError when the bundle has no training program
+
+  std::string dir;
+  nlohmann::json manifest;
+  std::vector<std::string> classes;
+  InputSpec input{};
+  std::string inference_pte, bottom_pte;
+  std::string ptd_sha256;  // of train.ptd: names the weights a state directory belongs to
+
+ private:
+  bool has_training_ = false;
+  TrainingSpec training_;
+};
+
+}  // namespace edgetl

@@ -1,0 +1,30 @@
+// File I/O the runner trusts its state to: sha256, atomic writes, image listing.
+#pragma once
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace edgetl {
+
+// A user-facing failure: printed as one line, exit status 2.
+struct DeviceError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+std::string sha256_file(const std::string& path);
+std::string read_file(const std::string& path);
+bool is_file(const std::string& path);
+bool is_dir(const std::string& path);
+// Writes `data` to a temporary file beside `path`, fsyncs it, renames it over `path` and fsyncs
+// the directory: after a crash `path` holds either the old or the new bytes, never a mix. On any
+// failure (full disk, read-only directory) the temporary file is removed and DeviceError thrown.
+void atomic_write(const std::string& path, const std::string& data);
+// Creates `dir` (and parents) and checks that files can be created in it.
+void ensure_writable_dir(const std::string& dir);
+// Image files (by suffix, as the Python runner) under `dir`, recursively, sorted by path.
+std::vector<std::string> list_images(const std::string& dir);
+// Sorted names of the subdirectories of `dir`.
+std::vector<std::string> subdirectories(const std::string& dir);
+std::string join(const std::string& a, const std::string& b);
+
+}  // namespace edgetl

@@ -1,0 +1,266 @@
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <iostream>
+#include <numeric>
+
+#include "commands.h"
+#include "files.h"
+#include "runtime.h"
+#include "sgd.h"
+#include "state.h"
+
+namespace edgetl {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// splitmix64: the runner's documented random stream (tests re-implement it to know the order).
+struct SplitMix64 {
+  uint64_t s;
+  uint64_t next() {
+    uint64_t z = (s += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+  }
+};
+
+// The order of epoch `epoch` (0-based): Fisher-Yates driven by splitmix64 seeded with
+// seed * 1000003 + epoch, so it depends on (seed, epoch) only and a resumed run repeats it.
+std::vector<size_t> epoch_order(size_t n, uint64_t seed, int epoch) {
+  SplitMix64 rng{seed * 1000003ULL + static_cast<uint64_t>(epoch)};
+  std::vector<size_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  for (size_t i = n; i > 1; --i) std::swap(order[i - 1], order[rng.next() % i]);
+  return order;
+}
+
+// Bottom features of every training image, computed once: in memory within the budget, else in
+// a file mapped read-only (its pages are file-backed, so the kernel can drop and re-read them
+// under memory pressure instead of the process being killed).
+class FeatureStore {
+ public:
+  FeatureStore(size_t count, size_t per_feature, int64_t budget, const std::string& dir) : per_(per_feature) {
+    size_t bytes = count * per_feature * sizeof(float);
+    if (static_cast<int64_t>(bytes) <= budget) {
+      memory_.resize(count * per_feature);
+      data_ = memory_.data();
+      return;
+    }
+    path_ = join(dir, ".features.cache");
+    fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
+    if (fd_ < 0 || ::ftruncate(fd_, static_cast<off_t>(bytes)) != 0)
+      throw DeviceError("cannot create the feature cache " + path_ + ": " + std::strerror(errno));
+    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+    if (p == MAP_FAILED) throw DeviceError("cannot map the feature cache " + path_ + ": " + std::strerror(errno));
+    data_ = static_cast<float*>(p);
+    mapped_ = bytes;
+  }
+  ~FeatureStore() {
+    if (mapped_) ::munmap(data_, mapped_);
+    if (fd_ >= 0) ::close(fd_);
+    if (!path_.empty()) ::unlink(path_.c_str());
+  }
+  float* row(size_t i) { return data_ + i * per_; }
+  bool on_disk() const { return mapped_ != 0; }
+
+ private:
+  size_t per_;
+  std::vector<float> memory_;
+  float* data_ = nullptr;
+  std::string path_;
+  int fd_ = -1;
+  size_t mapped_ = 0;
+};
+
+struct Dataset {
+  std::vector<std::string> paths;
+  std::vector<int64_t> labels;
+};
+
+Dataset read_folder(const std::string& dir, const std::vector<std::string>& classes, const char* what) {
+  if (!is_dir(dir)) throw DeviceError(std::string(what) + " folder " + dir + " does not exist");
+  Dataset d;
+  for (const auto& sub : subdirectories(dir)) {
+    auto it = std::find(classes.begin(), classes.end(), sub);
+    if (it == classes.end()) {
+      std::string known;
+      for (const auto& c : classes) known += (known.empty() ? "" : ", ") + c;
+      throw DeviceError("folder " + join(dir, sub) + " is not one of the bundle's classes (" + known + ")");
+    }
+    for (const auto& p : list_images(join(dir, sub))) {
+      d.paths.push_back(p);
+      d.labels.push_back(it - classes.begin());
+    }
+  }
+  if (d.paths.empty()) throw DeviceError(std::string("no images in ") + dir + " (expected one subfolder per class)");
+  return d;
+}
+
+// Preprocessed images of `d` (unreadable ones dropped with a warning), labels kept in step.
+Images load_dataset(Dataset& d, const InputSpec& spec) {
+  Images images = load_images(d.paths, spec);
+  std::vector<int64_t> labels;
+  for (size_t i = 0, j = 0; i < d.paths.size() && j < images.paths.size(); ++i)
+    if (d.paths[i] == images.paths[j]) labels.push_back(d.labels[i]), ++j;
+  d.paths = images.paths;
+  d.labels = std::move(labels);
+  return images;
+}
+
+void flip_horizontally(float* image, int size) {
+  for (int c = 0; c < 3; ++c)
+    for (int y = 0; y < size; ++y) std::reverse(image + (c * size + y) * size, image + (c * size + y + 1) * size);
+}
+
+double accuracy_of(const Bundle& bundle, const std::string& weights, const std::vector<float>& features, const std::vector<int64_t>& labels) {
+  const auto& t = bundle.training();
+  Program top(bundle.file(t.pte), weights);
+  const size_t batch = t.batch_size, classes = bundle.classes.size(), per = features.size() / (((labels.size() + batch - 1) / batch) * batch);
+  size_t correct = 0;
+  for (size_t start = 0; start < labels.size(); start += batch) {
+    auto logits = top.run("predict", const_cast<float*>(features.data()) + start * per, t.feature_shape);
+    for (size_t i = 0; i < std::min(batch, labels.size() - start); ++i) {
+      const float* z = logits.data() + i * classes;
+      correct += static_cast<int64_t>(std::max_element(z, z + classes) - z) == labels[start + i];
+    }
+  }
+  return static_cast<double>(correct) / labels.size();
+}
+
+}  // namespace
+
+int finetune(const Bundle& bundle, const FinetuneOptions& o) {
+  const TrainingSpec& t = bundle.training();
+  if (o.epochs < 1) throw DeviceError("--epochs must be at least 1");
+  if (o.batch_size && *o.batch_size != t.batch_size)
+    throw DeviceError("the training program was exported for batch " + std::to_string(t.batch_size) +
+                      " (static shapes); re-export with 'edgetl export --training --batch-size " + std::to_string(*o.batch_size) + "'");
+  SgdOptions opt = t.optimizer;
+  if (o.lr) opt.lr = *o.lr;
+  if (o.momentum) opt.momentum = *o.momentum;
+  if (o.weight_decay) opt.weight_decay = *o.weight_decay;
+  if (!(opt.lr > 0 && std::isfinite(opt.lr))) throw DeviceError("--lr must be a positive number");
+  if (!(opt.momentum >= 0 && opt.momentum < 1)) throw DeviceError("--momentum must be in [0, 1)");
+  if (!(opt.weight_decay >= 0 && std::isfinite(opt.weight_decay))) throw DeviceError("--weight-decay must be >= 0");
+
+  Dataset train = read_folder(o.data, bundle.classes, "data");
+  Dataset val;
+  if (!o.val.empty()) val = read_folder(o.val, bundle.classes, "validation");
+  ensure_writable_dir(o.state);
+  StateDir state(o.state, bundle);
+  const int start = state.epoch();
+  if (start >= o.epochs) {
+    std::cout << "already trained for " << start << " epoch(s); nothing to do (raise --epochs to continue)\n";
+    return 0;
+  }
+
+  const size_t batch = t.batch_size;
+  const size_t per_feature = std::accumulate(t.feature_shape.begin() + 1, t.feature_shape.end(), size_t{1}, std::multiplies<size_t>());
+  const size_t per_image = size_t{3} * bundle.input.image_size * bundle.input.image_size;
+  Program bottom(bundle.file(bundle.bottom_pte));
+
+  auto t0 = Clock::now();
+  Images images = load_dataset(train, bundle.input);
+  const size_t n = train.paths.size();
+  if (n < batch) throw DeviceError(std::to_string(n) + " readable images is fewer than one training batch of " + std::to_string(batch));
+  std::unique_ptr<FeatureStore> cache;
+  if (!o.augment) {  // the bottom is frozen: one pass serves every epoch
+    cache = std::make_unique<FeatureStore>(((n + batch - 1) / batch) * batch, per_feature, o.feature_budget, o.state);
+    bottom_features(bottom, images.pixels.data(), n, bundle.input, t.feature_shape, cache->row(0));
+    images.pixels = {};
+    images.pixels.shrink_to_fit();
+    std::cout << "features of " << n << " images from bottom.pte in " << seconds_since(t0) << "s ("
+              << (cache->on_disk() ? "memory-mapped file" : "in memory") << ")" << std::endl;
+  }
+  std::vector<float> val_features;
+  if (!o.val.empty()) {
+    Images v = load_dataset(val, bundle.input);
+    if (v.paths.empty()) throw DeviceError("no readable validation images in " + o.val);
+    val_features.assign(((v.paths.size() + batch - 1) / batch) * batch * per_feature, 0.0f);
+    bottom_features(bottom, v.pixels.data(), v.paths.size(), bundle.input, t.feature_shape, val_features.data());
+  }
+
+  std::string weights = state.weights_path();
+  if (start) std::cout << "resuming after epoch " << start << " from " << weights << std::endl;
+  TrainingSession session(bundle.file(t.pte), weights, t.buffers);
+  Sgd sgd(opt);
+  if (opt.momentum != 0) sgd.set_momentum_buffers(state.momentum(session.parameter_names()));
+
+  const size_t steps = n / batch;  // the last partial batch is dropped: batch norm trains on batch statistics
+  const bool tty = ::isatty(STDERR_FILENO);
+  const size_t every = std::max<size_t>(1, steps / 5);
+  std::vector<float> feats(batch * per_feature), pixels(o.augment ? batch * per_image : 0), logits;
+  std::vector<int64_t> labels(batch);
+  const std::vector<int64_t> image_shape = {static_cast<int64_t>(batch), 3, bundle.input.image_size, bundle.input.image_size};
+  for (int epoch = start; epoch < o.epochs; ++epoch) {
+    auto order = epoch_order(n, o.seed, epoch);
+    SplitMix64 flips{~(o.seed * 1000003ULL + static_cast<uint64_t>(epoch))};
+    auto e0 = Clock::now();
+    double loss_sum = 0;
+    size_t correct = 0, seen = 0;
+    for (size_t s = 0; s < steps; ++s) {
+      for (size_t i = 0; i < batch; ++i) {
+        size_t idx = order[s * batch + i];
+        labels[i] = train.labels[idx];
+        if (cache) {
+          std::memcpy(feats.data() + i * per_feature, cache->row(idx), per_feature * sizeof(float));
+        } else {
+          std::memcpy(pixels.data() + i * per_image, images.pixels.data() + idx * per_image, per_image * sizeof(float));
+          if (flips.next() & 1) flip_horizontally(pixels.data() + i * per_image, bundle.input.image_size);
+        }
+      }
+      if (!cache) feats = bottom.run("forward", pixels.data(), image_shape);
+      float loss = session.step(feats.data(), t.feature_shape, labels.data(), &logits);
+      if (!std::isfinite(loss))
+        throw DeviceError("the loss became non-finite at epoch " + std::to_string(epoch + 1) + " step " + std::to_string(s + 1) +
+                          " (learning rate too high?); the weights saved after epoch " + std::to_string(epoch) + " are kept");
+      sgd.step(session.parameters(), session.gradients());
+      loss_sum += static_cast<double>(loss) * batch;
+      for (size_t i = 0; i < batch; ++i) {
+        const float* z = logits.data() + i * bundle.classes.size();
+        correct += (std::max_element(z, z + bundle.classes.size()) - z) == labels[i];
+      }
+      seen += batch;
+      char line[160];
+      std::snprintf(line, sizeof line, "epoch %d/%d step %zu/%zu loss %.4f", epoch + 1, o.epochs, s + 1, steps, loss_sum / seen);
+      if (tty)
+        std::fprintf(stderr, "\r%s", line);
+      else if ((s + 1) % every == 0)
+        std::fprintf(stderr, "%s\n", line);
+    }
+    if (tty) std::fprintf(stderr, "\n");
+    for (const auto& p : session.parameters())
+      for (size_t k = 0; k < p.numel; ++k)
+        if (!std::isfinite(p.f32()[k]))
+          throw DeviceError("weight " + p.name + " became non-finite in epoch " + std::to_string(epoch + 1) + "; the weights saved after epoch " +
+                            std::to_string(epoch) + " are kept");
+    double secs = seconds_since(e0);
+    nlohmann::json row = {{"epoch", epoch + 1}, {"loss", loss_sum / seen}, {"accuracy", static_cast<double>(correct) / seen},
+                          {"seconds", secs}, {"images_per_s", seen / secs}};
+    state.save_epoch(epoch + 1, session, sgd.momentum_buffers(), row);
+    char line[256];
+    std::snprintf(line, sizeof line, "epoch %d/%d loss %.4f train_acc %.1f%% %.1f images/s", epoch + 1, o.epochs, loss_sum / seen,
+                  100.0 * correct / seen, seen / secs);
+    std::cout << line;
+    if (!val_features.empty()) {
+      double acc = accuracy_of(bundle, state.weights_path(), val_features, val.labels);
+      state.annotate_last("val_accuracy", acc);
+      std::snprintf(line, sizeof line, " val_acc %.1f%%", 100.0 * acc);
+      std::cout << line;
+    }
+    std::cout << " -> " << state.weights_path() << std::endl;
+  }
+  return 0;
+}
+
+}  // namespace edgetl

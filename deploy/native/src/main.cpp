@@ -1,0 +1,176 @@
+// edgetl-device: classify and fine-tune on the device with an edgetl bundle, on ExecuTorch's C++
+// runtime alone (no Python, no libtorch). Usage: edgetl-device --help.
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "bundle.h"
+#include "commands.h"
+#include "files.h"
+#include "runtime.h"
+
+namespace {
+
+const char* kUsage = R"(usage: edgetl-device [--threads N] [--verbose] COMMAND ...
+
+  info      BUNDLE
+  classify  BUNDLE IMAGE_OR_DIR... [--trained STATE_DIR|PTD] [--top-k N (3)]
+  finetune  BUNDLE DATA_DIR --state STATE_DIR [--epochs N (5)] [--batch-size B (the bundle's)]
+            [--lr X] [--momentum X] [--weight-decay X] (default: the bundle's optimizer)
+            [--seed N (0)] [--augment] [--val DIR] [--feature-budget MIB (64)]
+
+  --threads N   ExecuTorch thread-pool size (default: the runtime's, one per core)
+  --verbose     show ExecuTorch's own log lines
+
+DATA_DIR and --val hold one subfolder per class, named like the bundle's classes (JPEG or PNG).
+finetune computes the frozen bottom's features once per image (in memory up to --feature-budget
+MiB, beyond it in a memory-mapped file in STATE_DIR; --augment adds random horizontal flips and
+recomputes them every step), trains with SGD, and saves weights and momentum atomically after
+every epoch: running the same command again resumes after the last saved epoch.
+Exit status: 0 ok, 2 a user error (one line on stderr), 1 an internal error.
+)";
+
+struct Args {
+  std::vector<std::string> positional;
+  std::map<std::string, std::string> values;
+  std::map<std::string, bool> flags;
+};
+
+// Options taking a value and plain flags, per command ("" = global).
+const std::map<std::string, std::vector<std::string>> kValueOptions = {
+    {"", {"--threads"}},
+    {"classify", {"--trained", "--top-k"}},
+    {"finetune", {"--state", "--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay", "--seed", "--val", "--feature-budget"}},
+    {"info", {}}};
+const std::map<std::string, std::vector<std::string>> kFlags = {{"", {"--verbose"}}, {"finetune", {"--augment"}}};
+
+bool listed(const std::map<std::string, std::vector<std::string>>& table, const std::string& cmd, const std::string& opt) {
+  for (const auto& key : {std::string(), cmd}) {
+    auto it = table.find(key);
+    if (it != table.end())
+      for (const auto& o : it->second)
+        if (o == opt) return true;
+  }
+  return false;
+}
+
+Args parse(int argc, char** argv, std::string* command) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i], value;
+    bool has_value = false;
+    if (arg.rfind("--", 0) == 0 && arg.find('=') != std::string::npos) {
+      value = arg.substr(arg.find('=') + 1);
+      arg = arg.substr(0, arg.find('='));
+      has_value = true;
+    }
+    if (arg == "--help" || arg == "-h") {
+      std::cout << kUsage;
+      std::exit(0);
+    }
+    if (arg.rfind("--", 0) != 0) {
+      if (command->empty()) {
+        if (!kValueOptions.count(arg)) throw edgetl::DeviceError("unknown command '" + arg + "' (info, classify, finetune)");
+        *command = arg;
+      } else {
+        a.positional.push_back(arg);
+      }
+    } else if (listed(kFlags, *command, arg)) {
+      a.flags[arg] = true;
+    } else if (listed(kValueOptions, *command, arg)) {
+      if (!has_value) {
+        if (i + 1 >= argc) throw edgetl::DeviceError(arg + " needs a value");
+        value = argv[++i];
+      }
+      a.values[arg] = value;
+    } else {
+      throw edgetl::DeviceError("unknown option " + arg + (command->empty() ? "" : " for " + *command) + " (see --help)");
+    }
+  }
+  if (command->empty()) throw edgetl::DeviceError("no command given (info, classify, finetune; see --help)");
+  return a;
+}
+
+long long to_int(const Args& a, const std::string& opt, long long fallback, long long min) {
+  auto it = a.values.find(opt);
+  if (it == a.values.end()) return fallback;
+  char* end = nullptr;
+  errno = 0;
+  long long v = std::strtoll(it->second.c_str(), &end, 10);
+  if (errno || end == it->second.c_str() || *end || v < min)
+    throw edgetl::DeviceError(opt + " must be an integer >= " + std::to_string(min) + ", got '" + it->second + "'");
+  return v;
+}
+
+std::optional<double> to_double(const Args& a, const std::string& opt) {
+  auto it = a.values.find(opt);
+  if (it == a.values.end()) return std::nullopt;
+  char* end = nullptr;
+  double v = std::strtod(it->second.c_str(), &end);
+  if (end == it->second.c_str() || *end) throw edgetl::DeviceError(opt + " must be a number, got '" + it->second + "'");
+  return v;
+}
+
+void need(const Args& a, size_t n, const char* what) {
+  if (a.positional.size() < n) throw edgetl::DeviceError(std::string("missing ") + what + " (see --help)");
+}
+
+int run(int argc, char** argv) {
+  std::string command;
+  Args a = parse(argc, argv, &command);
+  edgetl::init_runtime(a.flags.count("--verbose") > 0);
+  if (a.values.count("--threads")) edgetl::set_threads(static_cast<unsigned>(to_int(a, "--threads", 0, 1)));
+  need(a, 1, "BUNDLE");
+  edgetl::Bundle bundle(a.positional[0]);
+  if (command == "info") {
+    edgetl::info(bundle);
+    return 0;
+  }
+  if (command == "classify") {
+    need(a, 2, "IMAGE_OR_DIR");
+    edgetl::ClassifyOptions o;
+    o.images.assign(a.positional.begin() + 1, a.positional.end());
+    o.trained = a.values.count("--trained") ? a.values.at("--trained") : "";
+    o.top_k = static_cast<int>(to_int(a, "--top-k", 3, 1));
+    return edgetl::classify(bundle, o);
+  }
+  need(a, 2, "DATA_DIR");
+  if (a.positional.size() > 2) throw edgetl::DeviceError("unexpected argument '" + a.positional[2] + "'");
+  if (!a.values.count("--state")) throw edgetl::DeviceError("finetune needs --state STATE_DIR");
+  edgetl::FinetuneOptions o;
+  o.data = a.positional[1];
+  o.state = a.values.at("--state");
+  o.val = a.values.count("--val") ? a.values.at("--val") : "";
+  o.epochs = static_cast<int>(to_int(a, "--epochs", 5, 1));
+  if (a.values.count("--batch-size")) o.batch_size = static_cast<int>(to_int(a, "--batch-size", 0, 1));
+  o.lr = to_double(a, "--lr");
+  o.momentum = to_double(a, "--momentum");
+  o.weight_decay = to_double(a, "--weight-decay");
+  o.seed = static_cast<uint64_t>(to_int(a, "--seed", 0, 0));
+  o.augment = a.flags.count("--augment") > 0;
+  o.feature_budget = to_int(a, "--feature-budget", 64, 0) << 20;
+  return edgetl::finetune(bundle, o);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const edgetl::DeviceError& e) {
+    std::cerr << "edgetl-device: error: " << e.what() << std::endl;
+    return 2;
+  } catch (const std::bad_alloc&) {
+    std::cerr << "edgetl-device: error: out of memory" << std::endl;
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "edgetl-device: internal error: " << e.what() << std::endl;
+    return 1;
+  }
+}

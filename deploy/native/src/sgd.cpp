@@ -1,0 +1,45 @@
+#include "sgd.h"
+
+#include "files.h"
+
+namespace edgetl {
+
+namespace {
+// out = a + alpha * b, alpha applied in double: the arithmetic of ExecuTorch's add kernel with a
+// double Scalar, which is what its SGD calls (matches it bit for bit).
+inline float add_scaled(float a, double alpha, float b) { return static_cast<float>(a + alpha * b); }
+}  // namespace
+
+void Sgd::step(const std::vector<TensorView>& params, const std::vector<TensorView>& grads) {
+  if (params.size() != grads.size()) throw DeviceError("SGD: parameters and gradients differ in number");
+  const auto& o = options_;
+  const bool first = o.momentum != 0.0 && momentum_.empty();
+  if (first) momentum_.resize(params.size());
+  if (o.momentum != 0.0 && momentum_.size() != params.size()) throw DeviceError("SGD: momentum state does not match the parameters");
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].numel != grads[i].numel || params[i].dtype != "float32" || grads[i].dtype != "float32")
+      throw DeviceError("SGD: parameter " + params[i].name + " and its gradient do not match");
+    float* p = params[i].f32();
+    float* d = grads[i].f32();
+    const size_t n = params[i].numel;
+    if (o.weight_decay != 0.0)
+      for (size_t k = 0; k < n; ++k) d[k] = add_scaled(d[k], o.weight_decay, p[k]);
+    if (o.momentum != 0.0) {
+      auto& buf = momentum_[i];
+      if (buf.empty()) {
+        buf.assign(d, d + n);  // the first step seeds the buffer with the gradient
+      } else {
+        if (buf.size() != n) throw DeviceError("SGD: momentum buffer of " + params[i].name + " has the wrong size");
+        for (size_t k = 0; k < n; ++k) buf[k] = add_scaled(static_cast<float>(buf[k] * o.momentum), 1.0 - o.dampening, d[k]);
+      }
+      if (o.nesterov) {
+        for (size_t k = 0; k < n; ++k) d[k] = add_scaled(d[k], o.momentum, buf[k]);
+      } else {
+        d = buf.data();
+      }
+    }
+    for (size_t k = 0; k < n; ++k) p[k] = add_scaled(p[k], -o.lr, d[k]);
+  }
+}
+
+}  // namespace edgetl
