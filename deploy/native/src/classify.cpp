@@ -106,6 +106,12 @@ int classify(const Bundle& bundle, const ClassifyOptions& o) {
     std::vector<size_t> order(classes);
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return p[a] > p[b]; });
+    if (o.json) {
+      nlohmann::json top = nlohmann::json::array();
+      for (size_t j = 0; j < k; ++j) top.push_back({{"label", bundle.classes[order[j]]}, {"prob", p[order[j]] / sum}});
+      std::cout << nlohmann::json{{"path", images.paths[i]}, {"top", top}}.dump() << "\n";
+      continue;
+    }
     std::cout << images.paths[i] << ":";
     for (size_t j = 0; j < k; ++j) {
       char prob[32];

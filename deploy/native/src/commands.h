@@ -13,6 +13,7 @@ struct ClassifyOptions {
   std::vector<std::string> images;  // files or folders
   std::string trained;              // state directory or .ptd; empty: model.pte
   int top_k = 3;
+  bool json = false;  // one JSON object per image, full-precision probabilities
 };
 
 struct FinetuneOptions {

@@ -76,41 +76,85 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
-void atomic_write(const std::string& path, const std::string& data) {
-  fs::path target(path);
-  std::string dir = target.parent_path().empty() ? "." : target.parent_path().string();
-  std::string tmp = join(dir, "." + target.filename().string() + ".XXXXXX");
-  std::vector<char> name(tmp.begin(), tmp.end());
-  name.push_back('\0');
-  int fd = ::mkstemp(name.data());
-  if (fd < 0) throw DeviceError("cannot write in " + dir + ": " + std::strerror(errno));
-  auto fail = [&](const char* what) {
-    int err = errno;
-    ::close(fd);
-    ::unlink(name.data());
-    throw DeviceError(std::string("cannot ") + what + " " + path + ": " + std::strerror(err) + " (the previous file is kept)");
-  };
-  size_t done = 0;
-  while (done < data.size()) {
-    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      fail("write");
+namespace {
+// A temporary file beside `path`; renamed over it by commit(), removed if never committed.
+class TempFile {
+ public:
+  explicit TempFile(const std::string& path) : path_(path) {
+    fs::path target(path);
+    dir_ = target.parent_path().empty() ? "." : target.parent_path().string();
+    std::string tmp = join(dir_, "." + target.filename().string() + ".XXXXXX");
+    name_.assign(tmp.begin(), tmp.end());
+    name_.push_back('\0');
+    fd_ = ::mkstemp(name_.data());
+    if (fd_ < 0) throw DeviceError("cannot write in " + dir_ + ": " + std::strerror(errno));
+  }
+  ~TempFile() {
+    if (fd_ >= 0) ::close(fd_);
+    if (!committed_) ::unlink(name_.data());
+  }
+  void write(const void* data, size_t size) {
+    const char* p = static_cast<const char*>(data);
+    while (size > 0) {
+      ssize_t n = ::write(fd_, p, size);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) fail("write");
+      p += n;
+      size -= static_cast<size_t>(n);
     }
-    done += static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0) fail("flush");
-  if (::close(fd) != 0) {
-    int err = errno;
-    ::unlink(name.data());
-    throw DeviceError("cannot write " + path + ": " + std::strerror(err));
+  void commit() {
+    if (::fsync(fd_) != 0) fail("flush");
+    int fd = fd_;
+    fd_ = -1;
+    if (::close(fd) != 0) fail("write");
+    if (::rename(name_.data(), path_.c_str()) != 0) fail("replace");
+    committed_ = true;
+    fsync_dir(dir_);
   }
-  if (::rename(name.data(), path.c_str()) != 0) {
-    int err = errno;
-    ::unlink(name.data());
-    throw DeviceError("cannot replace " + path + ": " + std::strerror(err));
+  const char* name() const { return name_.data(); }
+
+ private:
+  [[noreturn]] void fail(const char* what) {
+    throw DeviceError(std::string("cannot ") + what + " " + path_ + ": " + std::strerror(errno) + " (the previous file is kept)");
   }
-  fsync_dir(dir);
+  std::string path_, dir_;
+  std::vector<char> name_;
+  int fd_ = -1;
+  bool committed_ = false;
+};
+}  // namespace
+
+void atomic_write(const std::string& path, const std::function<void(const ByteSink&)>& produce) {
+  TempFile tmp(path);
+  produce([&](const void* data, size_t size) { tmp.write(data, size); });
+  tmp.commit();
+}
+
+void atomic_write(const std::string& path, const std::string& data) {
+  atomic_write(path, [&](const ByteSink& sink) { sink(data.data(), data.size()); });
+}
+
+void atomic_link(const std::string& existing, const std::string& path) {
+  std::string tmp = path + ".link-tmp";
+  ::unlink(tmp.c_str());
+  if (::link(existing.c_str(), tmp.c_str()) == 0) {
+    if (::rename(tmp.c_str(), path.c_str()) != 0) {
+      ::unlink(tmp.c_str());
+      throw DeviceError("cannot replace " + path + ": " + std::strerror(errno));
+    }
+    fsync_dir(fs::path(path).parent_path().empty() ? "." : fs::path(path).parent_path().string());
+    return;
+  }
+  std::ifstream in(existing, std::ios::binary);
+  if (!in) throw DeviceError("cannot read " + existing);
+  atomic_write(path, [&](const ByteSink& sink) {
+    std::vector<char> buf(1 << 20);
+    while (in) {
+      in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+      sink(buf.data(), static_cast<size_t>(in.gcount()));
+    }
+  });
 }
 
 void ensure_writable_dir(const std::string& dir) {

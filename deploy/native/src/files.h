@@ -1,5 +1,6 @@
 // File I/O the runner trusts its state to: sha256, atomic writes, image listing.
 #pragma once
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -19,6 +20,12 @@ bool is_dir(const std::string& path);
 // the directory: after a crash `path` holds either the old or the new bytes, never a mix. On any
 // failure (full disk, read-only directory) the temporary file is removed and DeviceError thrown.
 void atomic_write(const std::string& path, const std::string& data);
+// The same, with the bytes streamed by `produce` through the sink it is given (no full copy in memory).
+using ByteSink = std::function<void(const void* data, size_t size)>;
+void atomic_write(const std::string& path, const std::function<void(const ByteSink&)>& produce);
+// Atomically makes `path` name the same bytes as `existing` (a hard link; a streamed copy where
+// the file system has no links).
+void atomic_link(const std::string& existing, const std::string& path);
 // Creates `dir` (and parents) and checks that files can be created in it.
 void ensure_writable_dir(const std::string& dir);
 // Image files (by suffix, as the Python runner) under `dir`, recursively, sorted by path.

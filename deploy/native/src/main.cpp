@@ -20,7 +20,7 @@ namespace {
 const char* kUsage = R"(usage: edgetl-device [--threads N] [--verbose] COMMAND ...
 
   info      BUNDLE
-  classify  BUNDLE IMAGE_OR_DIR... [--trained STATE_DIR|PTD] [--top-k N (3)]
+  classify  BUNDLE IMAGE_OR_DIR... [--trained STATE_DIR|PTD] [--top-k N (3)] [--json]
   finetune  BUNDLE DATA_DIR --state STATE_DIR [--epochs N (5)] [--batch-size B (the bundle's)]
             [--lr X] [--momentum X] [--weight-decay X] (default: the bundle's optimizer)
             [--seed N (0)] [--augment] [--val DIR] [--feature-budget MIB (64)]
@@ -28,6 +28,7 @@ const char* kUsage = R"(usage: edgetl-device [--threads N] [--verbose] COMMAND .
   --threads N   ExecuTorch thread-pool size (default: the runtime's, one per core)
   --verbose     show ExecuTorch's own log lines
 
+classify prints "PATH: LABEL PROB, ..." per image (--json: one JSON object per line, full precision).
 DATA_DIR and --val hold one subfolder per class, named like the bundle's classes (JPEG or PNG).
 finetune computes the frozen bottom's features once per image (in memory up to --feature-budget
 MiB, beyond it in a memory-mapped file in STATE_DIR; --augment adds random horizontal flips and
@@ -48,7 +49,7 @@ const std::map<std::string, std::vector<std::string>> kValueOptions = {
     {"classify", {"--trained", "--top-k"}},
     {"finetune", {"--state", "--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay", "--seed", "--val", "--feature-budget"}},
     {"info", {}}};
-const std::map<std::string, std::vector<std::string>> kFlags = {{"", {"--verbose"}}, {"finetune", {"--augment"}}};
+const std::map<std::string, std::vector<std::string>> kFlags = {{"", {"--verbose"}}, {"classify", {"--json"}}, {"finetune", {"--augment"}}};
 
 bool listed(const std::map<std::string, std::vector<std::string>>& table, const std::string& cmd, const std::string& opt) {
   for (const auto& key : {std::string(), cmd}) {
@@ -138,6 +139,7 @@ int run(int argc, char** argv) {
     o.images.assign(a.positional.begin() + 1, a.positional.end());
     o.trained = a.values.count("--trained") ? a.values.at("--trained") : "";
     o.top_k = static_cast<int>(to_int(a, "--top-k", 3, 1));
+    o.json = a.flags.count("--json") > 0;
     return edgetl::classify(bundle, o);
   }
   need(a, 2, "DATA_DIR");

@@ -66,12 +66,13 @@ void init_runtime(bool verbose) {
 void set_threads(unsigned n) { ::executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(n); }
 
 struct Program::Impl {
-  std::string path;
+  std::string path, data;
   std::unique_ptr<Module> module;
 };
 
 Program::Program(const std::string& pte, const std::string& ptd) : impl_(new Impl) {
   impl_->path = pte;
+  impl_->data = ptd;
   impl_->module = ptd.empty() ? std::make_unique<Module>(pte, Module::LoadMode::Mmap)
                               : std::make_unique<Module>(pte, ptd, Module::LoadMode::Mmap);
   et::Error err = impl_->module->load();
@@ -81,7 +82,20 @@ Program::Program(const std::string& pte, const std::string& ptd) : impl_(new Imp
 
 Program::~Program() = default;
 
+void Program::load_method(const std::string& method) {
+  if (impl_->module->is_method_loaded(method)) return;
+  et::Error err = impl_->module->load_method(method);
+  if (err == et::Error::Ok) return;
+  std::string what = "cannot load method " + method + " of " + impl_->path;
+  if (!impl_->data.empty()) {
+    what += " with weights " + impl_->data;
+    if (err == et::Error::NotFound) what += " (the weights file lacks tensors the program needs: weights of another model?)";
+  }
+  throw DeviceError(what + ": ExecuTorch error " + et::to_string(err));
+}
+
 std::vector<float> Program::run(const std::string& method, float* input, const std::vector<int64_t>& shape) {
+  load_method(method);
   std::vector<::executorch::aten::SizesType> sizes(shape.begin(), shape.end());
   auto tensor = ::executorch::extension::from_blob(input, sizes, ::executorch::aten::ScalarType::Float);
   auto out = check(impl_->module->execute(method, {et::EValue(*tensor)}), "running " + method + " of " + impl_->path);
@@ -107,6 +121,7 @@ std::vector<int64_t> Program::planned_bytes(const std::string& method) {
 TrainingSession::TrainingSession(const std::string& pte, const std::string& ptd, const std::vector<std::string>& buffer_names,
                                  const std::string& method)
     : program_(pte, ptd), method_(method), buffer_names_(buffer_names) {
+  program_.load_method(method);
   auto& module = *program_.impl_->module;
   auto fqns = check(module.execute("__et_training_fqn_" + method), pte + " is not a training program: reading its parameter names");
   for (const auto& v : fqns) names_.emplace_back(v.toString());

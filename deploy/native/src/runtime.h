@@ -42,6 +42,8 @@ class Program {
   std::vector<int64_t> input_shape(const std::string& method, size_t index);
   // Sizes of the method's memory-planned arenas, bytes.
   std::vector<int64_t> planned_bytes(const std::string& method);
+  // Loads `method` (done by run() otherwise): where a mismatched weights file is found.
+  void load_method(const std::string& method);
 
  private:
   friend class TrainingSession;

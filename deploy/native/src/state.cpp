@@ -2,7 +2,8 @@
 
 #include <cstdio>
 #include <cstring>
-#include <numeric>
+#include <algorithm>
+#include <fstream>
 
 #include "files.h"
 
@@ -27,17 +28,38 @@ nlohmann::json read_state(const std::string& path) {
 }
 }  // namespace
 
-std::string write_ptd(const std::string& base, const std::map<std::string, TensorSlot>& layout, const std::vector<TensorView>& tensors) {
-  std::string out = base;
+void write_ptd(const std::string& path, const std::string& base, const std::map<std::string, TensorSlot>& layout,
+               const std::vector<TensorView>& tensors) {
+  std::vector<std::pair<const TensorSlot*, const TensorView*>> patches;
   for (const auto& t : tensors) {
     auto it = layout.find(t.name);
     if (it == layout.end()) throw DeviceError("the weights file has no slot for " + t.name);
-    const TensorSlot& slot = it->second;
-    if (slot.nbytes != t.nbytes || slot.dtype != t.dtype || slot.offset + slot.nbytes > out.size())
+    if (it->second.nbytes != t.nbytes || it->second.dtype != t.dtype)
       throw DeviceError("tensor " + t.name + " does not fit its slot in the weights file");
-    std::memcpy(&out[slot.offset], t.data, t.nbytes);
+    patches.emplace_back(&it->second, &t);
   }
-  return out;
+  std::ifstream in(base, std::ios::binary);
+  if (!in) throw DeviceError("cannot read " + base);
+  atomic_write(path, [&](const ByteSink& sink) {
+    std::vector<char> chunk(1 << 20);
+    uint64_t at = 0, used = 0;
+    while (in) {
+      in.read(chunk.data(), static_cast<std::streamsize>(chunk.size()));
+      const uint64_t n = static_cast<uint64_t>(in.gcount());
+      for (const auto& [slot, view] : patches) {  // copy the part of each tensor that falls in this chunk
+        uint64_t lo = std::max(at, slot->offset), hi = std::min(at + n, slot->offset + slot->nbytes);
+        if (lo < hi) {
+          std::memcpy(chunk.data() + (lo - at), static_cast<const char*>(view->data) + (lo - slot->offset), hi - lo);
+          used += hi - lo;
+        }
+      }
+      sink(chunk.data(), n);
+      at += n;
+    }
+    uint64_t want = 0;
+    for (const auto& p : patches) want += p.first->nbytes;
+    if (used != want) throw DeviceError(base + " is shorter than its layout says");
+  });
 }
 
 StateDir::StateDir(std::string dir, const Bundle& bundle) : dir_(std::move(dir)), bundle_(bundle) {
@@ -63,22 +85,20 @@ std::string StateDir::weights_path() const {
 std::vector<std::vector<float>> StateDir::momentum(const std::vector<std::string>& names) const {
   if (!state_.contains("momentum") || !state_["momentum"].is_string()) return {};
   std::string path = join(dir_, state_["momentum"].get<std::string>());
-  std::string bytes = read_file(path);
-  if (sha256_file(path) != state_.value("momentum_sha256", "")) throw DeviceError(path + " is damaged (sha256 mismatch with state.json)");
+  if (!is_file(path) || sha256_file(path) != state_.value("momentum_sha256", ""))
+    throw DeviceError(path + " is missing or damaged (sha256 mismatch with state.json)");
+  std::ifstream in(path, std::ios::binary);
   std::vector<std::vector<float>> out;
-  size_t offset = 0;
   const auto& layout = bundle_.training().weights_layout;
   for (const auto& name : names) {
     auto it = layout.find(name);
     if (it == layout.end()) throw DeviceError("no weights slot for parameter " + name);
-    size_t n = it->second.nbytes / sizeof(float);
-    if (offset + n * sizeof(float) > bytes.size()) throw DeviceError(path + " is shorter than the parameters it should hold");
-    std::vector<float> buf(n);
-    std::memcpy(buf.data(), bytes.data() + offset, n * sizeof(float));
-    offset += n * sizeof(float);
+    std::vector<float> buf(it->second.nbytes / sizeof(float));
+    in.read(reinterpret_cast<char*>(buf.data()), static_cast<std::streamsize>(it->second.nbytes));
+    if (static_cast<uint64_t>(in.gcount()) != it->second.nbytes) throw DeviceError(path + " is shorter than the parameters it should hold");
     out.push_back(std::move(buf));
   }
-  if (offset != bytes.size()) throw DeviceError(path + " does not match the bundle's parameters");
+  if (in.peek() != std::char_traits<char>::eof()) throw DeviceError(path + " does not match the bundle's parameters");
   return out;
 }
 
@@ -87,16 +107,15 @@ void StateDir::save_epoch(int epoch, const TrainingSession& session, const std::
   const auto& t = bundle_.training();
   std::vector<TensorView> tensors = session.parameters();
   tensors.insert(tensors.end(), session.buffers().begin(), session.buffers().end());
-  std::string weights = write_ptd(read_file(bundle_.file(t.ptd)), t.weights_layout, tensors);
   std::string wname = numbered("weights", epoch, ".ptd");
-  atomic_write(join(dir_, wname), weights);
+  write_ptd(join(dir_, wname), bundle_.file(t.ptd), t.weights_layout, tensors);
 
   nlohmann::json next = state_;
   if (!momentum.empty()) {
-    std::string bytes;
-    for (const auto& buf : momentum) bytes.append(reinterpret_cast<const char*>(buf.data()), buf.size() * sizeof(float));
     std::string mname = numbered("momentum", epoch, ".bin");
-    atomic_write(join(dir_, mname), bytes);
+    atomic_write(join(dir_, mname), [&](const ByteSink& sink) {
+      for (const auto& buf : momentum) sink(buf.data(), buf.size() * sizeof(float));
+    });
     next["momentum"] = mname;
     next["momentum_sha256"] = sha256_file(join(dir_, mname));
   }
@@ -108,7 +127,7 @@ void StateDir::save_epoch(int epoch, const TrainingSession& session, const std::
   next["history"].push_back(row);
   atomic_write(join(dir_, kState), next.dump(2) + "\n");  // the commit point
   state_ = std::move(next);
-  atomic_write(join(dir_, kTrained), weights);
+  atomic_link(join(dir_, wname), join(dir_, kTrained));
   for (const auto& name : previous)
     if (name != state_["weights"] && name != state_.value("momentum", "")) std::remove(join(dir_, name).c_str());
 }

@@ -4,7 +4,7 @@
 //   state.json             epoch, history, the bundle it belongs to, the files below (the commit point)
 //   weights-epochNNNN.ptd  a complete train.ptd: trainable parameters and running statistics
 //   momentum-epochNNNN.bin SGD momentum buffers, float32, in the program's parameter order
-//   trained.ptd            a copy of the last weights under a stable name
+//   trained.ptd            the last weights under a stable name (a hard link)
 //
 // Every file is written atomically (temporary file, fsync, rename); state.json is written after
 // the files it names, so a crash at any point leaves the previous epoch's state intact.
@@ -44,7 +44,9 @@ class StateDir {
 // The weights `classify --trained PATH` means: a .ptd file, or a state directory's last saved weights.
 std::string trained_weights(const std::string& path, const Bundle& bundle);
 
-// `base` (a train.ptd) with the named tensors written over their slots.
-std::string write_ptd(const std::string& base, const std::map<std::string, TensorSlot>& layout, const std::vector<TensorView>& tensors);
+// Atomically writes `path`: the .ptd `base` with the named tensors over their slots, streamed
+// (the weights are never held twice in memory).
+void write_ptd(const std::string& path, const std::string& base, const std::map<std::string, TensorSlot>& layout,
+               const std::vector<TensorView>& tensors);
 
 }  // namespace edgetl

@@ -1,0 +1,336 @@
+"""The native device runner (deploy/native): built by the suite, run in child processes as on a device.
+
+It shares the MobileNetV2 training bundle of tests/test_export.py (K=2, 64 px, batch 4, SGD lr
+0.005 momentum 0.9). References: the Python transforms (preprocessing), ExecuTorch's Python
+bindings over the same programs (bit for bit) and eager PyTorch (within float tolerance).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import edgetl
+from edgetl.exporter import _executorch as et
+from tests.conftest import CLASSES, make_image_folder
+from tests.test_export import BATCH, IMAGE_SIZE, eager_net, run_dir, training_bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / "deploy" / "native" / "build"
+MASK = (1 << 64) - 1
+
+
+@pytest.fixture(scope="module")
+def runner() -> Path:
+    """deploy/native/build.sh, as a user runs it (incremental after the first build)."""
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        ["bash", str(ROOT / "deploy/native/build.sh"), str(BUILD)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    print(f"native runner built in {time.perf_counter() - t0:.1f}s")
+    return BUILD / "edgetl-device"
+
+
+def run(runner: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(runner), *args], capture_output=True, text=True, timeout=600, **kw)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The runner's documented shuffle (finetune.cpp): Fisher-Yates over splitmix64(seed * 1000003 + epoch)."""
+    state = (seed * 1000003 + epoch) & MASK
+    order = list(range(n))
+    for i in range(n, 1, -1):
+        state = (state + 0x9E3779B97F4A7C15) & MASK
+        z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+        j = (z ^ (z >> 31)) % i
+        order[i - 1], order[j] = order[j], order[i - 1]
+    return order
+
+
+def preprocessed(paths: list[Path]) -> np.ndarray:
+    """The Python side's eval transform (what the trainer feeds the model)."""
+    from PIL import Image
+
+    tf = edgetl.transforms_for("mobilenet_v2", image_size=IMAGE_SIZE, train=False)
+    return np.stack([tf(Image.open(p).convert("RGB")).numpy() for p in paths])
+
+
+def images_of(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix in (".png", ".jpg"))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """12 PNGs and 12 JPEGs of odd sizes: 3 classes x 8."""
+    from PIL import Image
+
+    root = make_image_folder(tmp_path_factory.mktemp("native") / "photos", per_class=8, size=45, seed=7)
+    for p in images_of(root)[1::2]:
+        Image.open(p).resize((51, 45)).save(p.with_suffix(".jpg"), quality=90)
+        p.unlink()
+    return root
+
+
+def test_binary_maps_no_torch_and_no_python(runner):
+    ldd = subprocess.run(["ldd", str(runner)], capture_output=True, text=True, check=True).stdout
+    assert "libexecutorch.so" in ldd and "libexecutorch_backend_xnnpack.so" in ldd
+    for banned in ("libtorch", "libc10", "libpython"):
+        assert banned not in ldd, ldd
+
+
+def test_preprocessing_equals_the_python_transforms(runner):
+    """JPEG/PNG decoding, resize (bilinear and bicubic), crop and normalisation, bit for bit, 84 images x 7 specs."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tests/native_preprocess_compare.py"), "--binary", str(BUILD / "edgetl-preprocess")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+    assert "worst max abs diff: 0 " in r.stdout or "0 failing case(s)" in r.stdout, r.stdout[-500:]
+
+
+def test_classify_equals_the_python_bindings_and_eager(runner, photos):
+    bundle = training_bundle()
+    paths = images_of(photos)
+    out = run(runner, "classify", str(bundle), str(photos), "--top-k", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["path"] for r in rows] == [str(p) for p in paths]
+    x = preprocessed(paths)
+    program = et.Program(bundle / "model.pte")
+    logits = np.concatenate([program.run("forward", x[i : i + 1])[0] for i in range(len(x))])
+    probs = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
+    net = edgetl.load_model("mobilenet_v2", num_classes=len(CLASSES))
+    net.load_state_dict(torch.load(run_dir() / "model.pt", weights_only=True)["model"])
+    with torch.no_grad():
+        eager_top1 = net.eval()(torch.from_numpy(x)).argmax(1).numpy()
+    for row, p, top1 in zip(rows, probs, eager_top1, strict=True):
+        assert row["top"][0]["label"] == CLASSES[int(np.argmax(p))] == CLASSES[int(top1)]
+        for entry in row["top"]:
+            assert abs(entry["prob"] - p[CLASSES.index(entry["label"])]) < 1e-5, (row, p)
+    plain = run(runner, "classify", str(bundle), str(paths[0]), "--top-k", "1")
+    name, prob = plain.stdout.strip().split(": ")[1].split()
+    assert plain.returncode == 0 and name == rows[0]["top"][0]["label"] and abs(float(prob) - rows[0]["top"][0]["prob"]) < 5e-4
+
+
+def test_three_steps_equal_the_python_path_bit_for_bit_and_eager(runner, photos, tmp_path):
+    """One epoch of 12 images = 3 SGD steps (momentum 0.9): against ExecuTorch's Python bindings
+    (same programs, same SGD rule: identical bytes) and against eager MobileTL in PyTorch."""
+    bundle = training_bundle()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    train = manifest["programs"]["training"]
+    data = tmp_path / "data"
+    for cls in CLASSES:
+        shutil.copytree(photos / cls, data / cls, ignore=lambda d, names: [n for n in sorted(names)[4:]])
+    r = run(runner, "finetune", str(bundle), str(data), "--state", str(tmp_path / "state"), "--epochs", "1", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    native = et.read_ptd((tmp_path / "state" / "trained.ptd").read_bytes())
+    loss_native = json.loads((tmp_path / "state" / "state.json").read_text())["history"][0]["loss"]
+
+    paths = images_of(data)
+    labels = np.array([CLASSES.index(p.parent.name) for p in paths])
+    x = preprocessed(paths)
+    bottom = et.Program(bundle / "bottom.pte")
+    feats = np.concatenate([bottom.run("forward", x[i : i + BATCH])[0] for i in range(0, len(x), BATCH)])
+    order = epoch_order(len(paths), seed=0, epoch=0)
+    batches = [np.array(order[s * BATCH : (s + 1) * BATCH]) for s in range(len(paths) // BATCH)]
+    assert len(batches) == 3
+
+    opt = train["optimizer"]
+    session = et.TrainingSession(bundle / "train.pte", bundle / "train.ptd", buffer_names=train["buffers"])
+    sgd, losses = None, []
+    for idx in batches:
+        losses.append(float(session.forward_backward(feats[idx], labels[idx])[0]))
+        sgd = sgd or session.sgd(opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"])
+        sgd.step()
+    python = session.state()
+    assert set(native) >= set(python)
+    for name, value in python.items():
+        assert np.array_equal(native[name].reshape(-1), np.asarray(value).reshape(-1)), name
+    assert loss_native == pytest.approx(np.mean(losses), abs=1e-6)
+
+    net = eager_net().train()
+    sgd_eager = torch.optim.SGD([p for _, p in net.trainable_parameters()], lr=opt["lr"], momentum=opt["momentum"])
+    eager_losses = []
+    for idx in batches:
+        loss = torch.nn.functional.cross_entropy(net.forward_top(torch.from_numpy(feats[idx])), torch.from_numpy(labels[idx]))
+        sgd_eager.zero_grad()
+        loss.backward()
+        sgd_eager.step()
+        eager_losses.append(loss.item())
+    np.testing.assert_allclose(losses, eager_losses, rtol=0, atol=1e-6)
+    state = net.state_dict()
+    for name in train["trainable_parameters"] + [b for b in train["buffers"] if "running" in b]:
+        ref = state[name].detach().numpy().reshape(-1)
+        # relative to the tensor's scale: running variances reach the hundreds
+        assert np.abs(native[name].reshape(-1) - ref).max() <= 1e-6 * max(1.0, float(np.abs(ref).max())), name
+
+
+def _finetune_cmd(runner: Path, data: Path, state: Path, epochs: int) -> list[str]:
+    return [
+        str(runner),
+        "finetune",
+        str(training_bundle()),
+        str(data),
+        "--state",
+        str(state),
+        "--epochs",
+        str(epochs),
+        "--threads",
+        "1",
+        "--seed",
+        "3",
+        "--lr",
+        "0.0005",
+    ]
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("native-many") / "photos", per_class=60, size=40, seed=11)
+
+
+def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(runner, many_photos, tmp_path):
+    epochs = 6
+    whole = subprocess.run(_finetune_cmd(runner, many_photos, tmp_path / "whole", epochs), capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+
+    state = tmp_path / "cut"
+    proc = subprocess.Popen(_finetune_cmd(runner, many_photos, state, epochs), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (state / "state.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    maps = Path(f"/proc/{proc.pid}/maps").read_text()  # a running fine-tune: what it has mapped
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert "libexecutorch.so" in maps
+    assert not any(lib in maps for lib in ("libtorch", "libc10", "libpython")), "a torch or Python library is mapped"
+    saved = json.loads((state / "state.json").read_text())
+    assert 1 <= saved["epoch"] < epochs, "the kill came too late to interrupt training"
+
+    resumed = subprocess.run(_finetune_cmd(runner, many_photos, state, epochs), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after epoch {saved['epoch']}" in resumed.stdout
+    a, b = json.loads((tmp_path / "whole" / "state.json").read_text()), json.loads((state / "state.json").read_text())
+    assert [h["epoch"] for h in b["history"]] == list(range(1, epochs + 1))
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert (tmp_path / "whole" / "trained.ptd").read_bytes() == (state / "trained.ptd").read_bytes()
+    assert (tmp_path / "whole" / a["momentum"]).read_bytes() == (state / b["momentum"]).read_bytes()
+    assert sorted(p.name for p in state.iterdir()) == sorted(["state.json", "trained.ptd", b["weights"], b["momentum"]])
+
+
+def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    lines = [line for line in r.stderr.strip().splitlines() if not re.match(r"epoch \d+/\d+ step", line)]  # progress
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("edgetl-device: error: "), r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["train.ptd", "train.pte", "bottom.pte"])
+def test_a_corrupted_program_or_weights_file_fails_with_one_line(runner, tmp_path, name):
+    damaged = tmp_path / "bundle"
+    shutil.copytree(training_bundle(), damaged)
+    data = bytearray((damaged / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (damaged / name).write_bytes(bytes(data))
+    _one_line_error(run(runner, "info", str(damaged)), name, "damaged")
+
+
+def test_a_bundle_whose_weights_belong_to_another_model_fails_with_one_line(runner, tmp_path, photos):
+    """Hashes made consistent, so only the runtime can tell: the weights file names another network's tensors."""
+    from executorch.exir._serialize.data_serializer import DataPayload
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
+
+    other = tmp_path / "bundle"
+    shutil.copytree(training_bundle(), other)
+    serializer = FlatTensorSerializer()
+    payload = serializer.deserialize((other / "train.ptd").read_bytes())
+    renamed = DataPayload(buffers=payload.buffers, named_data={f"other.{k}": v for k, v in payload.named_data.items()})
+    blob = bytes(serializer.serialize(renamed))
+    (other / "train.ptd").write_bytes(blob)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["files"]["train.ptd"]["sha256"] = hashlib.sha256(blob).hexdigest()
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    _one_line_error(run(runner, "finetune", str(other), str(photos), "--state", str(tmp_path / "s"), "--epochs", "1"), "train.pte")
+    assert not (tmp_path / "s" / "state.json").exists()
+
+
+def test_state_of_another_bundle_unknown_classes_and_bad_values_fail_with_one_line(runner, tmp_path, photos):
+    bundle = training_bundle()
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "state.json").write_text(json.dumps({"epoch": 1, "history": [], "bundle_ptd_sha256": "0" * 64, "weights": None}))
+    _one_line_error(run(runner, "classify", str(bundle), str(photos), "--trained", str(state)), "another bundle")
+    _one_line_error(run(runner, "finetune", str(bundle), str(photos), "--state", str(state)), "another bundle")
+    other = tmp_path / "photos"
+    shutil.copytree(photos, other)
+    (other / "red").rename(other / "purple")
+    _one_line_error(run(runner, "finetune", str(bundle), str(other), "--state", str(tmp_path / "s")), "purple")
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
+    for args, needle in (
+        (["--epochs", "0"], "--epochs"),
+        (["--lr", "-1"], "--lr"),
+        (["--batch-size", "3"], "batch 4"),
+        (["--threads", "-1"], "--threads"),
+        (["--momentum", "1.5"], "--momentum"),
+    ):
+        _one_line_error(run(runner, "finetune", str(bundle), str(photos), "--state", str(tmp_path / "t"), *args), needle)
+    _one_line_error(run(runner, "classify", str(bundle), str(photos), "--top-k", "0"), "--top-k")
+
+
+def test_unreadable_images_are_skipped_with_one_warning_each(runner, tmp_path, photos):
+    data = tmp_path / "data"
+    shutil.copytree(photos, data)
+    jpg = next(data.rglob("*.jpg"))
+    jpg.write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) // 2])  # a truncated JPEG
+    (data / "red" / "notes.png").write_text("not an image")
+    r = run(runner, "finetune", str(training_bundle()), str(data), "--state", str(tmp_path / "s"), "--epochs", "1")
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 2 and any(str(jpg) in w for w in warnings) and any("notes.png" in w for w in warnings), warnings
+
+
+def test_a_state_directory_that_cannot_be_written_fails_before_training(runner, photos):
+    # /proc/self is a directory nobody, root included, can create files in
+    _one_line_error(run(runner, "finetune", str(training_bundle()), str(photos), "--state", "/proc/self"), "not writable")
+
+
+def test_a_full_disk_keeps_the_previous_epoch(runner, tmp_path, photos):
+    """RLIMIT_FSIZE makes writes fail with EFBIG past a size, as a full disk fails them with ENOSPC."""
+    bundle = training_bundle()
+    state = tmp_path / "state"
+    ok = run(runner, "finetune", str(bundle), str(photos), "--state", str(state), "--epochs", "1")
+    assert ok.returncode == 0, ok.stderr
+    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    limit = (bundle / "train.ptd").stat().st_size // 2
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = run(runner, "finetune", str(bundle), str(photos), "--state", str(state), "--epochs", "2", preexec_fn=small_files)
+    _one_line_error(r, "cannot write", "previous file is kept")
+    after = {p.name: p.read_bytes() for p in state.iterdir()}
+    assert after == before  # no temporary file left, nothing half-written, epoch 1 still current
+    assert json.loads(after["state.json"])["epoch"] == 1
