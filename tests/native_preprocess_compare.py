@@ -1,14 +1,15 @@
 """Compare the native preprocessing (deploy/native/src/image.cpp) with the Python reference.
 
-Given the ``edgetl-preprocess`` tool that ``deploy/native/build.sh`` builds, generates test images of many sizes and pixel formats with PIL (plus hand-written PNGs for formats PIL cannot
-write: 16-bit RGB/RGBA/LA, 2/4-bit grey and palette, tRNS, Adam7 interlace), and checks that
+Given the ``edgetl-preprocess`` tool that ``deploy/native/build.sh`` builds, generates test images
+of many sizes and pixel formats with PIL (plus hand-written PNGs for formats PIL cannot write:
+16-bit RGB/RGBA/LA, 2/4-bit grey and palette, tRNS, Adam7 interlace), and checks that
 
     edgetl-preprocess IMAGE SIZE SHORT INTERP mean std OUT.bin
 
 equals, to max abs diff <= 1e-6, the eval transform applied the way the Python loaders do it:
-``transform(Image.open(path).convert("RGB"))`` (torchvision's ImageFolder loader converts to RGB). Where ``transform(Image.open(path))`` works too (RGB
-and greyscale files) it is checked as well. Corrupt inputs (half a JPEG/PNG, a text file, an empty
-file, a GIF, a missing file) must exit 1 with one error line on stderr.
+``transform(Image.open(path).convert("RGB"))`` (torchvision's ImageFolder loader converts to RGB).
+Where ``transform(Image.open(path))`` works too (RGB and greyscale files) it is checked as well.
+Corrupt inputs (half a JPEG/PNG, a text file, an empty file, a GIF, a missing file) must exit 1 with one error line on stderr.
 
 Run by tests/test_native.py; by hand:
     .venv/bin/python tests/native_preprocess_compare.py --binary deploy/native/build/edgetl-preprocess
