@@ -72,12 +72,8 @@ def child(args: argparse.Namespace) -> dict:
     labels = rng.integers(0, manifest["model"]["num_classes"], fshape[0]).astype(np.int64)
     images = rng.standard_normal((fshape[0], 3, IMAGE, IMAGE)).astype(np.float32)
     if args.child.startswith("et"):
-        import importlib.util
+        from edgetl.exporter import _executorch as et
 
-        spec = importlib.util.spec_from_file_location("et_adapter", Path(args.bundle) / "et_adapter.py")
-        et = importlib.util.module_from_spec(spec)
-        sys.modules["et_adapter"] = et
-        spec.loader.exec_module(et)
         et.set_threads(args.threads)
         base = _rss_mib()
         if args.child == "et-train":

@@ -14,7 +14,8 @@ echo "== 2/5 memory: what that training stores per block, vanilla against Mobile
   --json "$RUN/memory.json"
 echo "== 3/5 export: XNNPACK classifier + trainable ExecuTorch program, each verified against eager"
 "$VENV/bin/edgetl" export --checkpoint "$RUN" --out "$RUN/bundle" --training --batch-size 8
-echo "== 4/5 on the device side (ExecuTorch runtime only): classify Fashion-MNIST test photos"
+echo "== 4/5 on the device side (native runner: ExecuTorch's C++ runtime, no Python, no torch): classify test photos"
+DEVICE="$(PYTHON="$VENV/bin/python" bash deploy/native/build.sh deploy/native/build)"
 "$VENV/bin/python" - "$RUN/device-data" <<'PY'
 import sys
 from edgetl.data.fashion_mnist import FashionMNIST, write_image_folder
@@ -22,7 +23,7 @@ test = FashionMNIST(split="test")
 write_image_folder(test, sys.argv[1] + "/train", indices=range(9000, 9240))  # the device's "own" photos
 write_image_folder(test, sys.argv[1] + "/check", indices=range(9800, 9810))
 PY
-"$VENV/bin/python" deploy/edgetl_device.py classify "$RUN/bundle" "$RUN/device-data/check" --top-k 1
+"$DEVICE" classify "$RUN/bundle" "$RUN/device-data/check" --top-k 1
 echo "== 5/5 on the device side: fine-tune the trainable program on 240 photos, then classify with the result"
-"$VENV/bin/python" deploy/edgetl_device.py finetune "$RUN/bundle" "$RUN/device-data/train" --state "$RUN/device-state" --epochs 1
-"$VENV/bin/python" deploy/edgetl_device.py classify "$RUN/bundle" "$RUN/device-data/check" --trained "$RUN/device-state" --top-k 1
+"$DEVICE" finetune "$RUN/bundle" "$RUN/device-data/train" --state "$RUN/device-state" --epochs 1 --val "$RUN/device-data/check"
+"$DEVICE" classify "$RUN/bundle" "$RUN/device-data/check" --trained "$RUN/device-state" --top-k 1

@@ -1,7 +1,7 @@
 """ExecuTorch export: XNNPACK programs, the trainable program, the bundle and its errors.
 
 One training bundle (MobileNetV2, K=2, 64 px, batch 4) is exported once through ``edgetl export``
-and shared with tests/test_deploy.py (:func:`training_bundle`); lowering is the slow part.
+and shared with tests/test_native.py (:func:`training_bundle`); lowering is the slow part.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def cli(argv: list[str]) -> int:
 
 @functools.cache
 def training_bundle() -> Path:
-    """``edgetl export --training`` of :func:`run_dir` (shared with test_deploy.py)."""
+    """``edgetl export --training`` of :func:`run_dir` (shared with test_native.py)."""
     out = _WORK / "dist"
     assert cli(["export", "--checkpoint", str(run_dir()), "--out", str(out), "--training", "--batch-size", str(BATCH),
                 "--lr", "0.005", "--momentum", "0.9"]) == 0
@@ -87,7 +87,7 @@ def bundle() -> edgetl.ExportBundle:
 
 def test_manifest_describes_the_programs(bundle):
     m = bundle.manifest
-    assert sorted(m["files"]) == ["bottom.pte", "et_adapter.py", "model.pte", "train.ptd", "train.pte"]
+    assert sorted(m["files"]) == ["bottom.pte", "model.pte", "train.ptd", "train.pte"]
     assert m["created"]["executorch"] == et.executorch_version() and m["created"]["edgetl"] == edgetl.__version__
     assert m["model"]["classes"] == list(CLASSES) and m["model"]["policy"] == POLICY.to_dict()
     spec = model_spec("mobilenet_v2")

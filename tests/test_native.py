@@ -25,6 +25,7 @@ import torch
 
 import edgetl
 from edgetl.exporter import _executorch as et
+from edgetl.exporter.cli import apply_device_weights
 from tests.conftest import CLASSES, make_image_folder
 from tests.test_export import BATCH, IMAGE_SIZE, eager_net, run_dir, training_bundle
 
@@ -184,6 +185,22 @@ def test_three_steps_equal_the_python_path_bit_for_bit_and_eager(runner, photos,
         ref = state[name].detach().numpy().reshape(-1)
         # relative to the tensor's scale: running variances reach the hundreds
         assert np.abs(native[name].reshape(-1) - ref).max() <= 1e-6 * max(1.0, float(np.abs(ref).max())), name
+
+    # classify with the trained weights: the bindings' predict over the same .ptd, and eager with
+    # the device weights loaded (apply_device_weights, how they come back to the workstation)
+    out = run(runner, "classify", str(bundle), str(data), "--trained", str(tmp_path / "state"), "--json")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    top = et.Program(bundle / "train.pte", tmp_path / "state" / "trained.ptd")
+    logits = np.concatenate([top.run("predict", feats[i : i + BATCH])[0] for i in range(0, len(feats), BATCH)])
+    probs = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
+    device = eager_net()
+    device.load_state_dict(apply_device_weights(device.state_dict(), tmp_path / "state" / "trained.ptd"))
+    with torch.no_grad():
+        eager_top1 = device.eval().forward_top(torch.from_numpy(feats)).argmax(1).numpy()
+    for row, p, top1 in zip(rows, probs, eager_top1, strict=True):
+        assert row["top"][0]["label"] == CLASSES[int(np.argmax(p))] == CLASSES[int(top1)]
+        assert abs(row["top"][0]["prob"] - p.max()) < 1e-5
 
 
 def _finetune_cmd(runner: Path, data: Path, state: Path, epochs: int) -> list[str]:

@@ -28,7 +28,7 @@ command -v cmake >/dev/null || missing+=(cmake)
 command -v g++ >/dev/null || missing+=(g++)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  echo "== installing ${missing[*]} (apt)"
+  echo "== installing ${missing[*]} (apt)" >&2
   { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null; } || {
     echo "build.sh: could not install ${missing[*]}; run: sudo apt install ${missing[*]}" >&2; exit 2; }
 fi

@@ -5,16 +5,13 @@ A new ExecuTorch release should need a change here and nowhere else. Two halves:
 * **Ahead of time** (the workstation; imports ``executorch.exir`` lazily): lowering to XNNPACK,
   ``torch.export.experimental._export_forward_backward``, emitting the training program with its
   external weights, and rewriting the ``.ptd`` so every tensor has its own bytes.
-* **Runtime** (workstation verification *and* the device): loading programs, running methods on
-  numpy arrays, the training session over the joint forward-backward method, ExecuTorch's SGD, and
-  saving updated weights into a new ``.ptd``.
+* **Runtime** (the workstation's verification of what it exports): loading programs, running
+  methods on numpy arrays, the training session over the joint forward-backward method,
+  ExecuTorch's SGD, and saving updated weights into a new ``.ptd``. The device runs the same
+  programs with the native runner (``deploy/native``, ExecuTorch's C++ runtime, no torch).
 
-This file imports nothing from edgetl: every exported bundle carries a copy of it
-(``et_adapter.py``), which is what the device runner loads, so the runner never needs edgetl and
-always runs the adapter that matches the ExecuTorch version its programs were made with. The
-runtime half needs only numpy and the ExecuTorch runtime package; ExecuTorch's Python bindings
-import torch themselves (their shared library links libtorch), so torch is imported lazily, here,
-only to hand tensors to those bindings.
+ExecuTorch's Python bindings import torch themselves (their shared library links libtorch), so
+torch is imported lazily, here, only to hand tensors to those bindings.
 
 Facts this module works around (verified on ExecuTorch 1.5.1 / torch 2.13):
 

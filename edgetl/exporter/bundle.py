@@ -1,10 +1,9 @@
 """The export bundle: a directory of programs plus ``manifest.json``, written all-or-nothing.
 
-Layout (``--training`` adds the last four)::
+Layout (``--training`` adds the last three)::
 
     manifest.json   what each file is, inputs, normalisation, classes, hashes, versions
     model.pte       the whole classifier, XNNPACK (batch 1)
-    et_adapter.py   the runtime half of edgetl's ExecuTorch adapter, for the device runner
     bottom.pte      the frozen bottom, XNNPACK (training batch): images -> features
     train.pte       training program over features: methods ``forward`` (train step), ``predict``
     train.ptd       its external weights: trainable parameters and running statistics
@@ -33,7 +32,6 @@ MODEL_PTE = "model.pte"
 BOTTOM_PTE = "bottom.pte"
 TRAIN_PTE = "train.pte"
 TRAIN_PTD = "train.ptd"
-ADAPTER = "et_adapter.py"
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from edgetl.errors import WeightsError
 from edgetl.exporter import _executorch as et
 from edgetl.exporter import bundle as bundle_mod
 from edgetl.exporter import inference, memory, training
-from edgetl.exporter.bundle import ADAPTER, BOTTOM_PTE, MANIFEST, MODEL_PTE, TRAIN_PTD, TRAIN_PTE, BundleWriter, ExportBundle
+from edgetl.exporter.bundle import BOTTOM_PTE, MANIFEST, MODEL_PTE, TRAIN_PTD, TRAIN_PTE, BundleWriter, ExportBundle
 from edgetl.exporter.errors import ExecutorchMissingError, ExportError, VerificationError
 from edgetl.models.zoo import MODELS, classifier_linear, model_spec
 from edgetl.profiler.predict import predict_units
@@ -172,14 +171,13 @@ def export(
             "mean": list(spec.mean), "std": list(spec.std), "resize_short_side": round(image_size / spec.crop_ratio),
             "crop": "center", "interpolation": spec.interpolation.value,
         },
-        "runtime": {"adapter": ADAPTER, "executorch_series": et.SUPPORTED_SERIES},
+        "runtime": {"executorch_series": et.SUPPORTED_SERIES},
         "programs": {},
         "verification": {},
     }
 
     with BundleWriter(out, overwrite=overwrite) as writer:
         log(f"edgetl export: {name} ({num_classes} classes) K={policy.blocks} {policy.method}, {image_size}px -> {out}")
-        writer.write(ADAPTER, Path(inspect.getfile(et)).read_bytes())
 
         x1 = torch.randn(1, 3, image_size, image_size, generator=gen)
         res, diff = _write_checked_inference(writer, MODEL_PTE, plain, x1, part_of)

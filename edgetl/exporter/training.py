@@ -55,6 +55,27 @@ def without_dropout(net: TransferModel) -> TransferModel:
     return net
 
 
+def drop_aliases(ep: torch.export.ExportedProgram) -> int:
+    """Remove ``aten.alias`` nodes (uses read the aliased tensor itself); returns how many.
+
+    Autograd saves a custom operator's *output* for backward (MobileTL's masks are read off the
+    activation's output) as ``alias(output)``. The graph is functional, so the alias is the same
+    values, but ExecuTorch has no views: it emits ``alias_copy``, a full copy of every saved
+    activation, kept alive from forward to backward. That doubled what MobileTL saves in the
+    program's memory plan.
+    """
+    graph = ep.graph_module.graph
+    outputs = set(graph.output_node().all_input_nodes)
+    dropped = 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target == torch.ops.aten.alias.default and node not in outputs:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            dropped += 1
+    ep.graph_module.recompile()
+    return dropped
+
+
 @dataclass
 class TrainingExport:
     """The emitted training program and what the export learned about it."""
@@ -90,6 +111,7 @@ def export_training(net: TransferModel, *, feature_shape: tuple[int, ...], num_c
     joint = et.export_forward_backward(forward)
     decomps = nhwc.decompositions()
     joint, predict = joint.run_decompositions(decomps), predict.run_decompositions(decomps)
+    drop_aliases(joint)
 
     specs = joint.graph_signature.output_specs
     grads = [s.target for s in specs if s.kind == OutputKind.GRADIENT_TO_PARAMETER]
