@@ -24,36 +24,40 @@ void info(const Bundle& bundle) {
   std::cout << out.dump(2) << "\n";
 }
 
-Images load_images(const std::vector<std::string>& paths, const InputSpec& spec) {
-  Images out;
-  const size_t n = image_floats(spec);
-  std::vector<float> one(n);
-  std::string error;
-  for (const auto& p : paths) {
-    if (!load_image(p, spec, one.data(), &error)) {
-      std::fprintf(stderr, "edgetl-device: warning: skipping %s: %s\n", p.c_str(), error.c_str());
-      continue;
-    }
-    out.paths.push_back(p);
-    out.pixels.insert(out.pixels.end(), one.begin(), one.end());
-  }
-  return out;
+size_t numel_per_item(const std::vector<int64_t>& shape) {
+  return std::accumulate(shape.begin() + 1, shape.end(), size_t{1}, std::multiplies<size_t>());
 }
 
-void bottom_features(Program& bottom, const float* pixels, size_t n, const InputSpec& spec, const std::vector<int64_t>& feature_shape,
-                     float* out) {
-  const size_t batch = static_cast<size_t>(feature_shape[0]), per_image = image_floats(spec);
-  const size_t per_feature = std::accumulate(feature_shape.begin() + 1, feature_shape.end(), size_t{1}, std::multiplies<size_t>());
+bool read_image(const std::string& path, const InputSpec& spec, float* out) {
+  std::string error;
+  if (load_image(path, spec, out, &error)) return true;
+  std::fprintf(stderr, "edgetl-device: warning: skipping %s: %s\n", path.c_str(), error.c_str());
+  return false;
+}
+
+std::vector<size_t> bottom_features(Program& bottom, const std::vector<std::string>& paths, const InputSpec& spec,
+                                    const std::vector<int64_t>& feature_shape, const std::function<float*(size_t)>& row) {
+  const size_t batch = static_cast<size_t>(feature_shape[0]), per_image = image_floats(spec), per_feature = numel_per_item(feature_shape);
   const std::vector<int64_t> shape = {feature_shape[0], 3, spec.image_size, spec.image_size};
-  std::vector<float> chunk(batch * per_image);
-  for (size_t start = 0; start < n; start += batch) {
-    size_t valid = std::min(batch, n - start);
-    std::fill(chunk.begin(), chunk.end(), 0.0f);
-    std::copy(pixels + start * per_image, pixels + (start + valid) * per_image, chunk.begin());
-    std::vector<float> f = bottom.run("forward", chunk.data(), shape);
+  std::vector<float> pixels(batch * per_image);
+  std::vector<size_t> kept, pending;
+  auto flush = [&] {
+    std::fill(pixels.begin() + pending.size() * per_image, pixels.end(), 0.0f);
+    std::vector<float> f = bottom.run("forward", pixels.data(), shape);
     if (f.size() != batch * per_feature) throw DeviceError("bottom.pte returned features of an unexpected size");
-    std::copy(f.begin(), f.begin() + valid * per_feature, out + start * per_feature);
+    for (size_t i = 0; i < pending.size(); ++i) {
+      std::copy(f.begin() + i * per_feature, f.begin() + (i + 1) * per_feature, row(kept.size()));
+      kept.push_back(pending[i]);
+    }
+    pending.clear();
+  };
+  for (size_t i = 0; i < paths.size(); ++i) {
+    if (!read_image(paths[i], spec, pixels.data() + pending.size() * per_image)) continue;
+    pending.push_back(i);
+    if (pending.size() == batch) flush();
   }
+  if (!pending.empty()) flush();
+  return kept;
 }
 
 int classify(const Bundle& bundle, const ClassifyOptions& o) {
@@ -67,32 +71,35 @@ int classify(const Bundle& bundle, const ClassifyOptions& o) {
     }
   }
   if (paths.empty()) throw DeviceError("no images given");
-  Images images = load_images(paths, bundle.input);
-  if (images.paths.empty()) throw DeviceError("none of the images could be read");
-  const size_t n = images.paths.size(), per_image = image_floats(bundle.input), classes = bundle.classes.size();
+  const size_t classes = bundle.classes.size();
+  std::vector<std::string> kept;
   std::vector<float> logits;
-  if (o.trained.empty()) {
+  if (o.trained.empty()) {  // model.pte, one image at a time
     Program model(bundle.file(bundle.inference_pte));
     const std::vector<int64_t> shape = {1, 3, bundle.input.image_size, bundle.input.image_size};
-    for (size_t i = 0; i < n; ++i) {
-      auto out = model.run("forward", images.pixels.data() + i * per_image, shape);
+    std::vector<float> pixels(image_floats(bundle.input));
+    for (const auto& p : paths) {
+      if (!read_image(p, bundle.input, pixels.data())) continue;
+      auto out = model.run("forward", pixels.data(), shape);
       logits.insert(logits.end(), out.begin(), out.end());
+      kept.push_back(p);
     }
-  } else {
+  } else {  // bottom.pte + train.pte's predict over the trained weights
     const auto& t = bundle.training();
     std::string weights = trained_weights(o.trained, bundle);
     Program bottom(bundle.file(bundle.bottom_pte));
     Program top(bundle.file(t.pte), weights);
-    const size_t batch = static_cast<size_t>(t.batch_size);
-    const size_t per_feature = std::accumulate(t.feature_shape.begin() + 1, t.feature_shape.end(), size_t{1}, std::multiplies<size_t>());
-    std::vector<float> features(((n + batch - 1) / batch) * batch * per_feature, 0.0f);
-    bottom_features(bottom, images.pixels.data(), n, bundle.input, t.feature_shape, features.data());
-    for (size_t start = 0; start < n; start += batch) {
+    const size_t batch = static_cast<size_t>(t.batch_size), per_feature = numel_per_item(t.feature_shape);
+    std::vector<float> features(((paths.size() + batch - 1) / batch) * batch * per_feature, 0.0f);
+    for (size_t i : bottom_features(bottom, paths, bundle.input, t.feature_shape, [&](size_t k) { return features.data() + k * per_feature; }))
+      kept.push_back(paths[i]);
+    for (size_t start = 0; start < kept.size(); start += batch) {
       auto out = top.run("predict", features.data() + start * per_feature, t.feature_shape);
-      size_t valid = std::min(batch, n - start);
-      logits.insert(logits.end(), out.begin(), out.begin() + valid * classes);
+      logits.insert(logits.end(), out.begin(), out.begin() + std::min(batch, kept.size() - start) * classes);
     }
   }
+  if (kept.empty()) throw DeviceError("none of the images could be read");
+  const size_t n = kept.size();
   if (logits.size() != n * classes) throw DeviceError("the program returned logits for a different number of classes than the manifest lists");
   for (float v : logits)
     if (!std::isfinite(v)) throw DeviceError("the weights produce non-finite logits; they are unusable (retrain from the last good epoch)");
@@ -109,10 +116,10 @@ int classify(const Bundle& bundle, const ClassifyOptions& o) {
     if (o.json) {
       nlohmann::json top = nlohmann::json::array();
       for (size_t j = 0; j < k; ++j) top.push_back({{"label", bundle.classes[order[j]]}, {"prob", p[order[j]] / sum}});
-      std::cout << nlohmann::json{{"path", images.paths[i]}, {"top", top}}.dump() << "\n";
+      std::cout << nlohmann::json{{"path", kept[i]}, {"top", top}}.dump() << "\n";
       continue;
     }
-    std::cout << images.paths[i] << ":";
+    std::cout << kept[i] << ":";
     for (size_t j = 0; j < k; ++j) {
       char prob[32];
       std::snprintf(prob, sizeof prob, "%.3f", p[order[j]] / sum);

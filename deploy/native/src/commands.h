@@ -1,6 +1,7 @@
 // The runner's three commands, each over a verified bundle.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -24,21 +25,22 @@ struct FinetuneOptions {
   uint64_t seed = 0;
   bool augment = false;
   int64_t feature_budget = int64_t{64} << 20;  // bytes of bottom features kept in memory; more go to a mapped file
+  bool verbose = false;                         // also log the process's memory after each phase
 };
 
 void info(const Bundle& bundle);
 int classify(const Bundle& bundle, const ClassifyOptions& options);
 int finetune(const Bundle& bundle, const FinetuneOptions& options);
 
-// Shared by both commands: images decoded and preprocessed, unreadable ones skipped with one warning each.
-struct Images {
-  std::vector<std::string> paths;
-  std::vector<float> pixels;  // N x 3 x S x S
-};
-Images load_images(const std::vector<std::string>& paths, const InputSpec& spec);
-// Bottom features of `n` preprocessed images, in batches of the program's static batch (last one zero-padded).
 class Program;
-void bottom_features(Program& bottom, const float* pixels, size_t n, const InputSpec& spec, const std::vector<int64_t>& feature_shape,
-                     float* out);
+// Runs the frozen bottom over `paths`, streaming: images are decoded and preprocessed one batch
+// at a time (the program's static batch; the last one zero-padded), so memory holds one batch of
+// pixels, never the data set. The features of the k-th readable image go to `row(k)`; unreadable
+// images are skipped with one warning each. Returns the indices into `paths` of the images kept.
+std::vector<size_t> bottom_features(Program& bottom, const std::vector<std::string>& paths, const InputSpec& spec,
+                                    const std::vector<int64_t>& feature_shape, const std::function<float*(size_t)>& row);
+// Decodes and preprocesses one image into `out`; false (after one warning naming it) if unreadable.
+bool read_image(const std::string& path, const InputSpec& spec, float* out);
+size_t numel_per_item(const std::vector<int64_t>& shape);  // product of all dims but the first
 
 }  // namespace edgetl

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <iostream>
 #include <numeric>
 
@@ -106,15 +107,24 @@ Dataset read_folder(const std::string& dir, const std::vector<std::string>& clas
   return d;
 }
 
-// Preprocessed images of `d` (unreadable ones dropped with a warning), labels kept in step.
-Images load_dataset(Dataset& d, const InputSpec& spec) {
-  Images images = load_images(d.paths, spec);
-  std::vector<int64_t> labels;
-  for (size_t i = 0, j = 0; i < d.paths.size() && j < images.paths.size(); ++i)
-    if (d.paths[i] == images.paths[j]) labels.push_back(d.labels[i]), ++j;
-  d.paths = images.paths;
-  d.labels = std::move(labels);
-  return images;
+// "phase: rss X MiB, peak Y MiB" from /proc/self/status (Linux), for --verbose.
+void log_memory(bool on, const char* phase) {
+  if (!on) return;
+  std::ifstream status("/proc/self/status");
+  std::string line, rss, hwm;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) rss = line.substr(6);
+    if (line.rfind("VmHWM:", 0) == 0) hwm = line.substr(6);
+  }
+  auto mib = [](const std::string& kb) { return std::to_string(std::atol(kb.c_str()) / 1024); };
+  std::fprintf(stderr, "memory after %s: rss %s MiB, peak %s MiB\n", phase, mib(rss).c_str(), mib(hwm).c_str());
+}
+
+// Keeps the entries of `d` at `kept` (the readable images), in order.
+void keep(Dataset& d, const std::vector<size_t>& kept) {
+  Dataset out;
+  for (size_t i : kept) out.paths.push_back(d.paths[i]), out.labels.push_back(d.labels[i]);
+  d = std::move(out);
 }
 
 void flip_horizontally(float* image, int size) {
@@ -122,13 +132,14 @@ void flip_horizontally(float* image, int size) {
     for (int y = 0; y < size; ++y) std::reverse(image + (c * size + y) * size, image + (c * size + y + 1) * size);
 }
 
-double accuracy_of(const Bundle& bundle, const std::string& weights, const std::vector<float>& features, const std::vector<int64_t>& labels) {
+// Top-1 accuracy of the weights in `weights` on cached features (train.pte's predict method).
+double accuracy_of(const Bundle& bundle, const std::string& weights, std::vector<float>& features, const std::vector<int64_t>& labels) {
   const auto& t = bundle.training();
   Program top(bundle.file(t.pte), weights);
-  const size_t batch = t.batch_size, classes = bundle.classes.size(), per = features.size() / (((labels.size() + batch - 1) / batch) * batch);
+  const size_t batch = t.batch_size, classes = bundle.classes.size(), per = numel_per_item(t.feature_shape);
   size_t correct = 0;
   for (size_t start = 0; start < labels.size(); start += batch) {
-    auto logits = top.run("predict", const_cast<float*>(features.data()) + start * per, t.feature_shape);
+    auto logits = top.run("predict", features.data() + start * per, t.feature_shape);
     for (size_t i = 0; i < std::min(batch, labels.size() - start); ++i) {
       const float* z = logits.data() + i * classes;
       correct += static_cast<int64_t>(std::max_element(z, z + classes) - z) == labels[start + i];
@@ -164,32 +175,38 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
     return 0;
   }
 
-  const size_t batch = t.batch_size;
-  const size_t per_feature = std::accumulate(t.feature_shape.begin() + 1, t.feature_shape.end(), size_t{1}, std::multiplies<size_t>());
+  const size_t batch = t.batch_size, per_feature = numel_per_item(t.feature_shape);
   const size_t per_image = size_t{3} * bundle.input.image_size * bundle.input.image_size;
-  Program bottom(bundle.file(bundle.bottom_pte));
+  log_memory(o.verbose, "start");
+  auto bottom = std::make_unique<Program>(bundle.file(bundle.bottom_pte));
 
   auto t0 = Clock::now();
-  Images images = load_dataset(train, bundle.input);
-  const size_t n = train.paths.size();
-  if (n < batch) throw DeviceError(std::to_string(n) + " readable images is fewer than one training batch of " + std::to_string(batch));
   std::unique_ptr<FeatureStore> cache;
   if (!o.augment) {  // the bottom is frozen: one pass serves every epoch
-    cache = std::make_unique<FeatureStore>(((n + batch - 1) / batch) * batch, per_feature, o.feature_budget, o.state);
-    bottom_features(bottom, images.pixels.data(), n, bundle.input, t.feature_shape, cache->row(0));
-    images.pixels = {};
-    images.pixels.shrink_to_fit();
+    const size_t rows = ((train.paths.size() + batch - 1) / batch) * batch;
+    cache = std::make_unique<FeatureStore>(rows, per_feature, o.feature_budget, o.state);
+    keep(train, bottom_features(*bottom, train.paths, bundle.input, t.feature_shape, [&](size_t k) { return cache->row(k); }));
+  } else {  // features are recomputed every step: check once that every image decodes
+    std::vector<float> pixels(per_image);
+    std::vector<size_t> readable;
+    for (size_t i = 0; i < train.paths.size(); ++i)
+      if (read_image(train.paths[i], bundle.input, pixels.data())) readable.push_back(i);
+    keep(train, readable);
+  }
+  const size_t n = train.paths.size();
+  if (n < batch) throw DeviceError(std::to_string(n) + " readable images is fewer than one training batch of " + std::to_string(batch));
+  if (cache)
     std::cout << "features of " << n << " images from bottom.pte in " << seconds_since(t0) << "s ("
               << (cache->on_disk() ? "memory-mapped file" : "in memory") << ")" << std::endl;
-  }
   std::vector<float> val_features;
   if (!o.val.empty()) {
-    Images v = load_dataset(val, bundle.input);
-    if (v.paths.empty()) throw DeviceError("no readable validation images in " + o.val);
-    val_features.assign(((v.paths.size() + batch - 1) / batch) * batch * per_feature, 0.0f);
-    bottom_features(bottom, v.pixels.data(), v.paths.size(), bundle.input, t.feature_shape, val_features.data());
+    val_features.assign(((val.paths.size() + batch - 1) / batch) * batch * per_feature, 0.0f);
+    keep(val, bottom_features(*bottom, val.paths, bundle.input, t.feature_shape, [&](size_t k) { return val_features.data() + k * per_feature; }));
+    if (val.paths.empty()) throw DeviceError("no readable validation images in " + o.val);
   }
 
+  if (cache) bottom.reset();  // every feature is cached: free XNNPACK's packed weights before training
+  log_memory(o.verbose, "bottom features");
   std::string weights = state.weights_path();
   if (start) std::cout << "resuming after epoch " << start << " from " << weights << std::endl;
   TrainingSession session(bundle.file(t.pte), weights, t.buffers);
@@ -215,16 +232,19 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
         if (cache) {
           std::memcpy(feats.data() + i * per_feature, cache->row(idx), per_feature * sizeof(float));
         } else {
-          std::memcpy(pixels.data() + i * per_image, images.pixels.data() + idx * per_image, per_image * sizeof(float));
+          if (!read_image(train.paths[idx], bundle.input, pixels.data() + i * per_image))
+            throw DeviceError(train.paths[idx] + " became unreadable during training");
           if (flips.next() & 1) flip_horizontally(pixels.data() + i * per_image, bundle.input.image_size);
         }
       }
-      if (!cache) feats = bottom.run("forward", pixels.data(), image_shape);
+      if (!cache) feats = bottom->run("forward", pixels.data(), image_shape);
       float loss = session.step(feats.data(), t.feature_shape, labels.data(), &logits);
       if (!std::isfinite(loss))
         throw DeviceError("the loss became non-finite at epoch " + std::to_string(epoch + 1) + " step " + std::to_string(s + 1) +
                           " (learning rate too high?); the weights saved after epoch " + std::to_string(epoch) + " are kept");
+      if (s == 0) log_memory(o.verbose, "first forward-backward");
       sgd.step(session.parameters(), session.gradients());
+      if (s == 0) log_memory(o.verbose, "first SGD step");
       loss_sum += static_cast<double>(loss) * batch;
       for (size_t i = 0; i < batch; ++i) {
         const float* z = logits.data() + i * bundle.classes.size();
@@ -248,6 +268,7 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
     nlohmann::json row = {{"epoch", epoch + 1}, {"loss", loss_sum / seen}, {"accuracy", static_cast<double>(correct) / seen},
                           {"seconds", secs}, {"images_per_s", seen / secs}};
     state.save_epoch(epoch + 1, session, sgd.momentum_buffers(), row);
+    log_memory(o.verbose, "saving the epoch");
     char line[256];
     std::snprintf(line, sizeof line, "epoch %d/%d loss %.4f train_acc %.1f%% %.1f images/s", epoch + 1, o.epochs, loss_sum / seen,
                   100.0 * correct / seen, seen / secs);

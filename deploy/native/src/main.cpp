@@ -26,7 +26,7 @@ const char* kUsage = R"(usage: edgetl-device [--threads N] [--verbose] COMMAND .
             [--seed N (0)] [--augment] [--val DIR] [--feature-budget MIB (64)]
 
   --threads N   ExecuTorch thread-pool size (default: the runtime's, one per core)
-  --verbose     show ExecuTorch's own log lines
+  --verbose     show ExecuTorch's own log lines and, in finetune, memory after each phase
 
 classify prints "PATH: LABEL PROB, ..." per image (--json: one JSON object per line, full precision).
 DATA_DIR and --val hold one subfolder per class, named like the bundle's classes (JPEG or PNG).
@@ -157,6 +157,7 @@ int run(int argc, char** argv) {
   o.seed = static_cast<uint64_t>(to_int(a, "--seed", 0, 0));
   o.augment = a.flags.count("--augment") > 0;
   o.feature_budget = to_int(a, "--feature-budget", 64, 0) << 20;
+  o.verbose = a.flags.count("--verbose") > 0;
   return edgetl::finetune(bundle, o);
 }
 
