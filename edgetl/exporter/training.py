@@ -21,6 +21,7 @@ recorded by ``_export_forward_backward`` before the custom operators are decompo
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from torch.export.graph_signature import OutputKind
 from torchvision.ops import StochasticDepth
 
 from edgetl.exporter import _executorch as et
-from edgetl.exporter import memory, nhwc
+from edgetl.exporter import inference, memory, nhwc
 from edgetl.exporter.errors import UnsupportedModelError, VerificationError
 from edgetl.exporter.inference import locate_operator
 from edgetl.train.prepare import TransferModel
@@ -140,6 +141,21 @@ def export_training(net: TransferModel, *, feature_shape: tuple[int, ...], num_c
         ))
     return TrainingExport(program, grads, mutated, tuple(feature_shape), num_classes, saved,
                           time.perf_counter() - t0, label_smoothing)
+
+
+def program_memory(model: nn.Module, policy, *, batch_size: int, image_size: int, num_classes: int):
+    """The memory an exported training program of ``model`` under ``policy`` would cost on the
+    device (its planned arena, weights file, trainable bytes, one image's features): the program
+    is emitted, not lowered, verified or written. Seconds to a minute: the planner's native runtime."""
+    from edgetl.profiler.native import ProgramMemory
+    from edgetl.train.prepare import prepare
+
+    net = prepare(model, policy)
+    with torch.no_grad():
+        feature_shape = tuple(inference.Bottom(without_dropout(net))(torch.zeros(batch_size, 3, image_size, image_size)).shape)
+    ex = export_training(net, feature_shape=feature_shape, num_classes=num_classes)
+    trainable = sum(ex.program.layout[name].nbytes for name in ex.parameter_names)
+    return ProgramMemory(sum(ex.program.planned_bytes["forward"]), len(ex.program.ptd), trainable, 4 * math.prod(feature_shape[1:]))
 
 
 @dataclass

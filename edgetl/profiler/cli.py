@@ -105,7 +105,12 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--method", choices=list(METHODS), default="mobiletl")
     p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--optimizer", choices=list(OPTIMIZER_STATE_FLOATS), default="adam")
+    p.add_argument("--optimizer", choices=list(OPTIMIZER_STATE_FLOATS),
+                   help="optimizer (default: adam for eager, sgd with momentum for native)")
+    p.add_argument("--runtime", choices=("eager", "native"), default="eager",
+                   help="what trains on the device: PyTorch (eager) or deploy/native's edgetl-device (native; emits the training "
+                        "program per K to read its memory plan, a minute each)")
+    p.add_argument("--images", type=int, default=1000, help="native runtime: training images on the device (their features are cached)")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=DEFAULT_BATCH_SIZES,
                    help=f"candidate batch sizes (default {','.join(map(str, DEFAULT_BATCH_SIZES))})")
     p.add_argument("--runner-ups", type=int, default=4, help="how many next-best configurations to show")
@@ -120,8 +125,21 @@ def plan_command(args: argparse.Namespace) -> int:
 
     from edgetl.profiler.planner import plan
 
+    program_memory = None
+    if args.runtime == "native":
+        from edgetl.exporter.training import program_memory as emit_memory
+        from edgetl.models.zoo import load_model
+
+        model = load_model(args.model, num_classes=args.num_classes)
+
+        def program_memory(policy, batch_size):
+            print(f"  emitting the training program for K={policy.blocks} batch {batch_size} (its memory plan) ...", flush=True)
+            return emit_memory(model, policy, batch_size=batch_size, image_size=args.image_size, num_classes=args.num_classes)
+
+    optimizer = args.optimizer or ("sgd" if args.runtime == "native" else "adam")
     result = plan(args.device, args.model, image_size=args.image_size, method=args.method, batch_sizes=args.batch_sizes,
-                  num_classes=args.num_classes, optimizer=args.optimizer, runner_ups=args.runner_ups)
+                  num_classes=args.num_classes, optimizer=optimizer, runner_ups=args.runner_ups, runtime=args.runtime,
+                  program_memory=program_memory, images=args.images)
     print(result.render())
     if args.json:
         _write(args.json, json.dumps(result.to_dict(), indent=2) + "\n")

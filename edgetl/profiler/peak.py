@@ -183,6 +183,11 @@ class StepPeakEstimate:
     def to_dict(self) -> dict:
         return {**asdict(self), "activations": self.activations, "model_bytes": self.model_bytes, "total": self.total}
 
+    def summary(self, size) -> str:
+        """One line for the planner (``size`` formats bytes)."""
+        return (f"saved activations {size(self.saved_activations)}, weights+grads+{self.optimizer} state "
+                f"{size(self.weights + self.gradients + self.optimizer_state)}")
+
 
 def predict_step_peak(
     model: nn.Module,

@@ -1,15 +1,24 @@
 """The planner: the largest K, then the largest batch size, whose predicted peak fits a device.
 
-Every candidate ``(K, batch size)`` is scored with :func:`edgetl.profiler.peak.predict_step_peak`
-(an estimate, pure functions of shapes), plus the device's runtime overhead, against the device's
-usable memory, ``memory_budget x (1 - safety_margin)``. Nothing is run.
+Every candidate ``(K, batch size)`` is scored against the device's usable memory,
+``memory_budget x (1 - safety_margin)``, for one of two runtimes:
+
+* ``eager`` (PyTorch on the device): :func:`edgetl.profiler.peak.predict_step_peak` (an estimate,
+  pure functions of shapes) plus the device profile's runtime overhead. Nothing is run.
+* ``native`` (``deploy/native``'s ``edgetl-device``): :func:`edgetl.profiler.native.predict_native_peak`
+  over the training program's memory plan, which only ExecuTorch's memory planner knows: the
+  caller passes ``program_memory(policy, batch_size)`` (the CLI passes the exporter's, which emits
+  the program without verifying it). It is called at two batch sizes per K and the arena is taken
+  as linear in the batch between and beyond them (activations scale with it, weights and
+  gradients do not; tests hold the extrapolation against an emitted program).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from torch import nn
@@ -17,11 +26,15 @@ from torch import nn
 from edgetl.errors import EdgetlError
 from edgetl.models.blocks import find_blocks
 from edgetl.profiler.device import DeviceProfile, format_size, load_device
+from edgetl.profiler.native import NativePeakEstimate, ProgramMemory, predict_native_peak
 from edgetl.profiler.peak import StepPeakEstimate, check_optimizer, predict_step_peak, trainable_shapes_problem
 from edgetl.profiler.predict import predict_units
 from edgetl.train.policy import METHODS, TrainPolicy
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+RUNTIMES = ("eager", "native")
+#: the batch sizes at which the native runtime's program memory is emitted (then extrapolated)
+NATIVE_ANCHORS = (2, 4)
 
 
 @dataclass(frozen=True)
@@ -30,7 +43,7 @@ class Candidate:
 
     blocks: int
     batch_size: int
-    estimate: StepPeakEstimate
+    estimate: StepPeakEstimate | NativePeakEstimate
     usable: int
 
     @property
@@ -69,6 +82,7 @@ class Plan:
     chosen: Candidate
     runner_ups: tuple[Candidate, ...]
     over_budget: tuple[Candidate, ...]
+    runtime: str = "eager"
 
     def policy(self) -> TrainPolicy:
         return TrainPolicy(self.chosen.blocks, self.method)
@@ -80,6 +94,7 @@ class Plan:
             "image_size": self.image_size,
             "method": self.method,
             "optimizer": self.optimizer,
+            "runtime": self.runtime,
             "num_blocks": self.num_blocks,
             "chosen": self.chosen.to_dict(),
             "runner_ups": [c.to_dict() for c in self.runner_ups],
@@ -91,25 +106,29 @@ class Plan:
         pct = 100 * d.safety_margin
 
         def line(c: Candidate) -> str:
-            e = c.estimate
             share = 100 * c.peak / c.usable if c.usable > 0 else float("inf")
             return (f"K={c.blocks:<2d} batch {c.batch_size:<3d} predicted peak {format_size(c.peak):>10s} "
-                    f"({share:5.1f}% of usable; saved activations {format_size(e.saved_activations)}, "
-                    f"weights+grads+{self.optimizer} state {format_size(e.weights + e.gradients + e.optimizer_state)})")
+                    f"({share:5.1f}% of usable; {c.estimate.summary(format_size)})")
+
+        overhead = d.runtime_overhead if self.runtime == "eager" else self.chosen.estimate.runtime
 
         out = [
             f"edgetl plan: {self.model} at {self.image_size} px, {self.method}, optimizer {self.optimizer}, "
-            f"on {d.name} ({d.path})",
+            f"{self.runtime} runtime, on {d.name} ({d.path})",
             f"  memory budget {format_size(d.memory_budget)} of {format_size(d.memory_total)}, safety margin {pct:.0f}% "
-            f"-> usable {format_size(d.usable_bytes)}; runtime overhead {format_size(d.runtime_overhead)} included",
+            f"-> usable {format_size(d.usable_bytes)}; runtime overhead {format_size(overhead)} included",
             f"  chosen:      {line(self.chosen)}",
         ]
         for i, c in enumerate(self.runner_ups):
             out.append(f"  {'runner-ups:' if i == 0 else '':12s} {line(c)}")
         for i, c in enumerate(self.over_budget):
             out.append(f"  {'over budget:' if i == 0 else '':12s} {line(c)}, {format_size(-c.headroom)} too much")
-        out.append("  Predicted peaks are estimates (edgetl.profiler.peak.predict_step_peak), not measurements; "
-                   "check on the device with `edgetl profile ... --process`.")
+        if self.runtime == "eager":
+            out.append("  Predicted peaks are estimates (edgetl.profiler.peak.predict_step_peak), not measurements; "
+                       "check on the device with `edgetl profile ... --process`.")
+        else:
+            out.append("  Predicted peaks of edgetl-device finetune (edgetl.profiler.native): runtime + cached features + weights "
+                       "file + the program's planned arena + momentum; check on the device with `edgetl-device --verbose finetune`.")
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -128,6 +147,9 @@ def plan(
     runner_ups: int = 4,
     min_blocks: int = 1,
     activation_mask: str = "reuse",
+    runtime: str = "eager",
+    program_memory: Callable[[TrainPolicy, int], ProgramMemory] | None = None,
+    images: int = 1000,
 ) -> Plan:
     """Choose the largest K, then the largest batch size, whose predicted peak fits ``device``.
 
@@ -142,6 +164,10 @@ def plan(
         optimizer: ``"adam"``, ``"adamw"``, ``"sgd"`` (momentum) or ``"sgd_nomomentum"``.
         runner_ups: how many next-best configurations to list.
         min_blocks: the smallest K considered (0 admits the classifier-only linear probe).
+        runtime: ``"eager"`` (PyTorch) or ``"native"`` (``edgetl-device``, SGD).
+        program_memory: for the native runtime, ``(policy, batch_size) -> ProgramMemory`` of the
+            exported training program (e.g. :func:`edgetl.exporter.training.program_memory`).
+        images: for the native runtime, the device's training images (their features are cached).
 
     Raises:
         EdgetlError: nothing fits (the message says what the smallest configuration needs), or bad
@@ -151,6 +177,15 @@ def plan(
     if method not in METHODS:
         raise EdgetlError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     check_optimizer(optimizer)
+    if runtime not in RUNTIMES:
+        raise EdgetlError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    if runtime == "native":
+        if program_memory is None:
+            raise EdgetlError("the native runtime needs program_memory (the exporter's memory plan of the training program)")
+        if optimizer not in ("sgd", "sgd_nomomentum"):
+            raise EdgetlError("the native runtime trains with SGD: use optimizer 'sgd' or 'sgd_nomomentum'")
+        if images < 1:
+            raise EdgetlError(f"images must be >= 1, got {images}")
     sizes = sorted({int(b) for b in batch_sizes}, reverse=True)
     if not sizes or sizes[-1] < 1:
         raise EdgetlError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
@@ -169,11 +204,35 @@ def plan(
     if not 0 <= min_blocks <= num_blocks:
         raise EdgetlError(f"min_blocks must be in 0..{num_blocks}, got {min_blocks}")
 
+    @cache
+    def memory_at(k: int, b: int) -> ProgramMemory | EdgetlError:
+        try:
+            return program_memory(TrainPolicy(k, method, activation_mask=activation_mask), b)
+        except EdgetlError as exc:  # remembered: a failing K is not emitted twice
+            return exc
+
+    def native_estimate(k: int, b: int) -> NativePeakEstimate:
+        lo = memory_at(k, NATIVE_ANCHORS[0])
+        if isinstance(lo, EdgetlError):
+            raise lo
+        hi = memory_at(k, NATIVE_ANCHORS[1])
+        if isinstance(hi, EdgetlError):
+            raise hi
+        per_item = (hi.arena_bytes - lo.arena_bytes) / (NATIVE_ANCHORS[1] - NATIVE_ANCHORS[0])
+        arena = max(0, round(lo.arena_bytes + (b - NATIVE_ANCHORS[0]) * per_item))
+        return predict_native_peak(arena_bytes=arena, weights_file_bytes=lo.weights_file_bytes, trainable_bytes=lo.trainable_bytes,
+                                   feature_bytes=lo.feature_bytes, images=images, momentum=optimizer == "sgd")
+
     def score(k: int, b: int) -> Candidate | None:
         policy = TrainPolicy(k, method, activation_mask=activation_mask)
         rows = predict_units(net, policy, batch_size=b, image_size=image_size)
         if trainable_shapes_problem(rows):
             return None  # cannot train at all (batch norm on one value)
+        if runtime == "native":
+            try:
+                return Candidate(k, b, native_estimate(k, b), profile.usable_bytes)
+            except EdgetlError:
+                return None  # no training program for this K (e.g. the stem's full convolution at K = all)
         est = predict_step_peak(net, policy, batch_size=b, image_size=image_size, optimizer=optimizer,
                                 runtime_bytes=profile.runtime_overhead, rows=rows)
         return Candidate(k, b, est, profile.usable_bytes)
@@ -193,13 +252,15 @@ def plan(
                 fitting.append(c)
         if fitting:
             best[k] = fitting  # largest batch first
+        if runtime == "native" and len(best) > runner_ups:
+            break  # each K costs two program emissions: stop once the answer and its runner-ups are known
     if not best:
         if smallest is None:
             raise EdgetlError(f"no candidate configuration of {name} can train at {image_size} px with batch sizes {sizes[::-1]}")
         raise EdgetlError(
             f"nothing fits on {profile.name}: the smallest configuration (K={smallest.blocks}, batch {smallest.batch_size}, "
             f"{image_size} px, {method}) needs a predicted {format_size(smallest.peak)} "
-            f"(runtime {format_size(profile.runtime_overhead)} + model {format_size(smallest.estimate.model_bytes)}) "
+            f"(runtime {format_size(smallest.estimate.runtime)} + model {format_size(smallest.peak - smallest.estimate.runtime)}) "
             f"but only {format_size(profile.usable_bytes)} is usable ({format_size(profile.memory_budget)} budget, "
             f"{100 * profile.safety_margin:.0f}% safety margin)"
         )
@@ -217,4 +278,4 @@ def plan(
         c = next((c for b in reversed(sizes) if (c := score(k_best + 1, b)) is not None), None)
         if c is not None and not c.fits:
             over.append(c)
-    return Plan(profile, name, image_size, method, optimizer, num_blocks, chosen, tuple(alternatives[:runner_ups]), tuple(over))
+    return Plan(profile, name, image_size, method, optimizer, num_blocks, chosen, tuple(alternatives[:runner_ups]), tuple(over), runtime)

@@ -1,0 +1,109 @@
+"""The device process of the native runner (deploy/native): its predicted peak, pure arithmetic.
+
+A fine-tuning run of ``edgetl-device`` holds, at its peak (a training step, after the bottom's
+features are cached and the bottom program is freed):
+
+* the runtime: the binary, ExecuTorch's libraries and their heaps (:data:`NATIVE_RUNTIME_BYTES`,
+  measured: ``edgetl-device`` before it loads a program);
+* the cached bottom features: one per image, in memory up to the runner's feature budget (beyond
+  it they live in a memory-mapped file, file-backed pages the kernel may drop);
+* the weights file (``train.ptd``, memory-mapped and read in full when the program loads);
+* the training program's planned arena (activations, gradients, the mutable weights; ExecuTorch's
+  memory plan of the ``forward`` method, fixed at export);
+* SGD's momentum buffers (one float per trainable parameter; none without momentum).
+
+The terms are summed; nothing is measured here (``benchmarks/device_memory.py`` and
+``tests/test_native.py`` hold this against the process's VmHWM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+#: edgetl-device's resident set before it loads a program (binary + ExecuTorch's libraries),
+#: measured on x86-64 Linux (10.1 MiB); aarch64 builds of the same libraries are of the same size
+NATIVE_RUNTIME_BYTES = 10 * 2**20
+#: the runner's default --feature-budget: feature bytes kept in memory
+FEATURE_BUDGET_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class ProgramMemory:
+    """What an exported training program costs in memory (the exporter's figures, not shapes)."""
+
+    arena_bytes: int  # planned arena of the training step (``forward``)
+    weights_file_bytes: int  # the .ptd
+    trainable_bytes: int  # trainable parameters (SGD momentum takes as much)
+    feature_bytes: int  # one image's bottom features
+
+
+@dataclass(frozen=True)
+class NativePeakEstimate:
+    """Predicted peak bytes of ``edgetl-device finetune``, by component. An estimate."""
+
+    runtime: int
+    features: int
+    weights_file: int
+    arena: int
+    momentum: int
+
+    @property
+    def total(self) -> int:
+        return self.runtime + self.features + self.weights_file + self.arena + self.momentum
+
+    def summary(self, size) -> str:
+        """One line for the planner (``size`` formats bytes)."""
+        return (f"arena {size(self.arena)}, weights {size(self.weights_file)} + momentum {size(self.momentum)}, "
+                f"features {size(self.features)}")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def predict_native_peak(
+    *,
+    arena_bytes: int,
+    weights_file_bytes: int,
+    trainable_bytes: int,
+    feature_bytes: int,
+    images: int,
+    momentum: bool = True,
+    feature_budget: int = FEATURE_BUDGET_BYTES,
+    runtime_bytes: int = NATIVE_RUNTIME_BYTES,
+) -> NativePeakEstimate:
+    """The peak of a native fine-tuning run over ``images`` images, from the training program's
+    memory plan (``arena_bytes``), its weights file, the trainable bytes and one image's feature
+    bytes. Feature rows are rounded up to whole batches by the runner; that is below 1% here."""
+    if min(arena_bytes, weights_file_bytes, trainable_bytes, feature_bytes, images) < 0:
+        raise ValueError("byte counts and the image count must be >= 0")
+    features = images * feature_bytes
+    return NativePeakEstimate(
+        runtime=runtime_bytes,
+        features=features if features <= feature_budget else 0,
+        weights_file=weights_file_bytes,
+        arena=arena_bytes,
+        momentum=trainable_bytes if momentum else 0,
+    )
+
+
+def native_peak_of_bundle(manifest: dict, *, images: int, momentum: bool | None = None, feature_budget: int = FEATURE_BUDGET_BYTES,
+                          runtime_bytes: int = NATIVE_RUNTIME_BYTES) -> NativePeakEstimate:
+    """:func:`predict_native_peak` for an exported bundle's ``manifest.json`` (its memory plan,
+    file sizes and optimizer)."""
+    train = manifest["programs"]["training"]
+    shape = train["methods"]["forward"]["inputs"][0]["shape"]
+    per_image = 4
+    for s in shape[1:]:
+        per_image *= int(s)
+    if momentum is None:
+        momentum = float(train["optimizer"].get("momentum", 0.0)) != 0.0
+    return predict_native_peak(
+        arena_bytes=int(manifest["memory"]["planned_arena_bytes"]["forward"]),
+        weights_file_bytes=int(manifest["files"][train["data"]]["bytes"]),
+        trainable_bytes=int(manifest["memory"]["trainable_parameter_bytes"]),
+        feature_bytes=per_image,
+        images=images,
+        momentum=momentum,
+        feature_budget=feature_budget,
+        runtime_bytes=runtime_bytes,
+    )
