@@ -27,12 +27,14 @@ import tempfile
 import zlib
 from pathlib import Path
 
+# isort: off
+import edgetl  # must precede torchvision: see edgetl/_torchvision_compat.py
+
+# isort: on
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
-
-import edgetl  # noqa: F401  (must precede torchvision: see edgetl/_torchvision_compat.py)
 
 TOL = 1e-6
 

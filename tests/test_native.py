@@ -351,3 +351,31 @@ def test_a_full_disk_keeps_the_previous_epoch(runner, tmp_path, photos):
     after = {p.name: p.read_bytes() for p in state.iterdir()}
     assert after == before  # no temporary file left, nothing half-written, epoch 1 still current
     assert json.loads(after["state.json"])["epoch"] == 1
+
+
+def test_the_native_peak_prediction_holds_against_the_measured_process(runner, many_photos, tmp_path):
+    """edgetl.profiler.native's sum (runtime, features, weights file, planned arena, momentum) against VmHWM."""
+    from edgetl.profiler.native import native_peak_of_bundle
+
+    bundle = training_bundle()
+    images = len(images_of(many_photos))
+    predicted = native_peak_of_bundle(json.loads((bundle / "manifest.json").read_text()), images=images)
+    proc = subprocess.Popen(_finetune_cmd(runner, many_photos, tmp_path / "s", 1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    measured = usage.ru_maxrss * 1024
+    print(f"native peak: predicted {predicted.total / 2**20:.1f} MiB {predicted.to_dict()}, measured {measured / 2**20:.1f} MiB")
+    assert abs(predicted.total - measured) <= 0.10 * measured
+
+
+def test_the_planners_arena_extrapolation_in_batch_holds_against_an_emitted_program():
+    from edgetl.exporter.training import program_memory
+    from edgetl.profiler.planner import NATIVE_ANCHORS
+
+    model = edgetl.load_model("mobilenet_v2", num_classes=len(CLASSES))
+    policy = edgetl.TrainPolicy(blocks=2)
+    lo, hi, far = (program_memory(model, policy, batch_size=b, image_size=96, num_classes=3) for b in (*NATIVE_ANCHORS, 8))
+    slope = (hi.arena_bytes - lo.arena_bytes) / (NATIVE_ANCHORS[1] - NATIVE_ANCHORS[0])
+    extrapolated = lo.arena_bytes + (8 - NATIVE_ANCHORS[0]) * slope
+    assert hi.arena_bytes > lo.arena_bytes and lo.weights_file_bytes == far.weights_file_bytes
+    assert abs(extrapolated - far.arena_bytes) <= 0.10 * far.arena_bytes, (lo, hi, far)

@@ -45,6 +45,11 @@ from edgetl.train.prepare import TransferModel
 #: portable kernels, MKL and the decomposed ops)
 LOSS_TOLERANCE = 1e-4
 WEIGHT_TOLERANCE = 1e-4
+#: ... or within this fraction of the largest update eager SGD made to that tensor: a network whose
+#: backward amplifies rounding (vanilla batch norm over near-constant channels of the random
+#: verification features) differs by more than 1e-4 in absolute terms while its updates agree to
+#: 0.1%; a wrong backward formula is off by the size of the update itself
+UPDATE_TOLERANCE = 1e-2
 
 
 def without_dropout(net: TransferModel) -> TransferModel:
@@ -195,6 +200,7 @@ def verify_training(net: TransferModel, export: TrainingExport, pte: Path, ptd: 
                 torch.randint(0, export.num_classes, (n,), generator=gen)) for _ in range(steps)]
     eager = without_dropout(net).train()
     params = [p for _, p in eager.trainable_parameters()]
+    initial_params = {k: p.detach().clone().numpy() for k, p in eager.trainable_parameters()}
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=export.label_smoothing)
     session = et.TrainingSession(pte, ptd, buffer_names=export.buffer_names)
@@ -216,6 +222,12 @@ def verify_training(net: TransferModel, export: TrainingExport, pte: Path, ptd: 
     state = session.state()
     eager_state = {k: v.detach().numpy() for k, v in eager.state_dict().items()}
     weight_diff = max(_max_rel(state[k], eager_state[k]) for k in export.parameter_names)
+    off_weights = [
+        k for k in export.parameter_names
+        if not float(np.abs(state[k].reshape(eager_state[k].shape) - eager_state[k]).max())
+        <= max(WEIGHT_TOLERANCE * max(1.0, float(np.abs(eager_state[k]).max())),
+               UPDATE_TOLERANCE * float(np.abs(eager_state[k] - initial_params[k]).max()))
+    ]
     float_buffers = [k for k in export.buffer_names if state[k].dtype.kind == "f"]
     stats_diff = max((_max_rel(state[k], eager_state[k]) for k in float_buffers), default=0.0)
     moved = max((float(np.abs(state[k] - initial_buffers[k]).max()) for k in float_buffers), default=0.0)
@@ -244,12 +256,14 @@ def verify_training(net: TransferModel, export: TrainingExport, pte: Path, ptd: 
         f"{what} differs by {value:.3g} (tolerance {tol:g})"
         for what, value, tol in (
             ("loss", check.loss_max_abs_diff, LOSS_TOLERANCE),
-            ("updated weights", check.weight_max_abs_diff, WEIGHT_TOLERANCE),
             ("running statistics", check.running_stats_max_abs_diff, WEIGHT_TOLERANCE),
             ("predict logits with the written weights", check.predict_max_abs_diff, WEIGHT_TOLERANCE),
         )
         if not value <= tol
     ]
+    if off_weights:
+        failures.append(f"updated weights differ by {weight_diff:.3g} (tolerance {WEIGHT_TOLERANCE:g}, or {UPDATE_TOLERANCE:g} of the "
+                        f"update) in {', '.join(off_weights[:3])}")
     if float_buffers and not moved > 0:
         failures.append("the running statistics did not change on the ExecuTorch side")
     if failures:
