@@ -11,7 +11,7 @@ Settings (10 Fashion-MNIST classes, 240 photos as the device's own data, SGD lr 
 Each setting is exported twice (``edgetl export --training --method mobiletl|vanilla``, cached in
 ``--work``); the native runner is built with ``deploy/native/build.sh`` if needed. Then, in fresh
 processes, alternating between the rows ``--repeats`` times, it measures each process's peak RSS
-(the child's ``ru_maxrss``, i.e. VmHWM) and wall time:
+(VmHWM, as each process reports it) and wall time:
 
 * native ``classify`` of 10 photos with ``model.pte``;
 * native ``finetune`` for one epoch (bottom features once, then 30 SGD steps), both methods;
@@ -33,7 +33,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,19 +46,22 @@ METHODS = ("mobiletl", "vanilla")
 MiB = 2**20
 
 
-def measure(cmd: list[str], env: dict | None = None) -> tuple[int, float, str]:
-    """Peak RSS (bytes, the child's ru_maxrss), wall seconds and stdout of ``cmd`` in a fresh process."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        if proc.returncode:
-            raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err.read()[-2000:]}")
-        return usage.ru_maxrss * 1024, seconds, out.read()
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, str, str]:
+    """Wall seconds, stdout and stderr of ``cmd`` in a fresh process.
+
+    Peak RSS is what each process reports of its own VmHWM (``edgetl-device --verbose``, the
+    trainer's ``peak_rss``): a child's ``ru_maxrss`` would include this Python process, whose memory
+    a vforked child holds until it execs.
+    """
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
+    return time.perf_counter() - t0, r.stdout, r.stderr
+
+
+def reported_peak(text: str, pattern: str) -> int:
+    return int(float(re.findall(pattern, text)[-1]) * MiB)
 
 
 def prepare(work: Path, name: str, s: dict, threads: int) -> dict[str, Path]:
@@ -133,7 +135,7 @@ def native_finetune(runner: Path, bundle: Path, data: Path, state: Path, threads
 def eager_finetune(s: dict, method: str, weights: Path, data: Path, out: Path, threads: int) -> tuple[int, float, float]:
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    rss, seconds, stdout = measure(
+    seconds, stdout, _ = measure(
         [
             *EDGETL,
             "finetune",
@@ -171,6 +173,7 @@ def eager_finetune(s: dict, method: str, weights: Path, data: Path, out: Path, t
         env,
     )
     images_per_s = float(re.search(r"images/s ([\d.]+)", stdout).group(1))
+    rss = reported_peak(stdout, r"peak_rss ([\d.]+)MiB")
     return rss, seconds, s["batch"] / images_per_s
 
 
@@ -207,7 +210,10 @@ def main() -> int:
                 rows.setdefault(f"eager {method}", []).append(
                     eager_finetune(s, method, weights, data, work / f"eager-{name}-{method}", args.threads)
                 )
-            rss, secs, _ = measure([str(runner), "--threads", str(args.threads), "classify", str(bundles["mobiletl"]), str(data / "check")])
+            secs, _, err = measure(
+                [str(runner), "--threads", str(args.threads), "--verbose", "classify", str(bundles["mobiletl"]), str(data / "check")]
+            )
+            rss = reported_peak(err, r"peak ([\d.]+) MiB")
             rows.setdefault("native classify (10 photos)", []).append((rss, secs, float("nan")))
         med = {k: tuple(statistics.median(v[i] for v in vals) for i in range(3)) for k, vals in rows.items()}
         arenas = {m: json.loads((bundles[m] / "manifest.json").read_text())["memory"]["planned_arena_bytes"]["forward"] for m in METHODS}

@@ -107,6 +107,27 @@ def _to_numpy(value: Any) -> Any:
 # =============================================================================================
 
 
+#: where ``deploy/native/build.sh`` puts edgetl's kernel library, in a checkout (EDGETL_NATIVE_KERNELS overrides)
+_KERNELS_IN_CHECKOUT = Path(__file__).resolve().parents[2] / "deploy" / "native" / "build" / "libedgetl_kernels.so"
+
+
+def load_native_kernels(path: str | os.PathLike | None = None) -> Path | None:
+    """Load edgetl's ExecuTorch kernel library (``deploy/native/kernels``) into this process, so
+    the Python bindings run the operators the device runs; returns its path, or None if absent.
+
+    It links the same ``libexecutorch.so`` as the bindings, whose operator registry its static
+    initialisers fill (once per process: the dynamic loader does not load a library twice).
+    """
+    import ctypes
+
+    candidate = Path(path or os.environ.get("EDGETL_NATIVE_KERNELS") or _KERNELS_IN_CHECKOUT)
+    if not candidate.is_file():
+        return None
+    _bindings()  # libexecutorch.so first, from the bindings' own location
+    ctypes.CDLL(str(candidate), mode=ctypes.RTLD_GLOBAL)
+    return candidate
+
+
 def set_threads(n: int) -> None:
     """Threads of ExecuTorch's shared thread pool (XNNPACK and the optimized kernels use it)."""
     _bindings()._unsafe_reset_threadpool(int(n))

@@ -36,6 +36,8 @@ from edgetl.train.layers import MaskedActivation, ShiftOnlyNorm, activation_kind
 from edgetl.train.prepare import TransferModel
 
 DW_OP = "edgetl_export::depthwise_nhwc"
+DW_GRAD_INPUT_OP = "edgetl_export::depthwise_grad_input"
+DW_GRAD_WEIGHT_OP = "edgetl_export::depthwise_grad_weight"
 PW_OP = "edgetl_export::pointwise_nhwc"
 
 
@@ -120,6 +122,55 @@ def _(x: Tensor, weight: Tensor, stride: int, padding: int) -> Tensor:
     return x.new_empty((n, _out_size(h, k, stride, padding), _out_size(w, k, stride, padding), c))
 
 
+@torch.library.custom_op(DW_GRAD_INPUT_OP, mutates_args=())
+def depthwise_grad_input_op(dy: Tensor, weight: Tensor, h: int, w: int, stride: int, padding: int) -> Tensor:
+    """dL/dx of :func:`depthwise_nhwc` as one operator (a native kernel on the device)."""
+    return depthwise_grad_input(dy, weight, [dy.shape[0], h, w, dy.shape[3]], stride, padding)
+
+
+@depthwise_grad_input_op.register_fake
+def _(dy: Tensor, weight: Tensor, h: int, w: int, stride: int, padding: int) -> Tensor:
+    return dy.new_empty((dy.shape[0], h, w, dy.shape[3]))
+
+
+@torch.library.custom_op(DW_GRAD_WEIGHT_OP, mutates_args=())
+def depthwise_grad_weight_op(dy: Tensor, x: Tensor, k: int, stride: int, padding: int) -> Tensor:
+    """dL/dweight of :func:`depthwise_nhwc` as one operator (a native kernel on the device)."""
+    return depthwise_grad_weight(dy, x, [x.shape[3], 1, k, k], stride, padding)
+
+
+@depthwise_grad_weight_op.register_fake
+def _(dy: Tensor, x: Tensor, k: int, stride: int, padding: int) -> Tensor:
+    return x.new_empty((x.shape[3], 1, k, k))
+
+
+def _define_out_variants() -> None:
+    """``.out`` overloads of the three depthwise operators: ExecuTorch emits out-variant calls,
+    which the device's native kernels (``deploy/native/kernels``) implement."""
+    lib = torch.library.Library("edgetl_export", "FRAGMENT")
+    specs = {
+        # SymInt: the schema torch.library.custom_op gives the functional operators' int arguments
+        "depthwise_nhwc": ("Tensor x, Tensor weight, SymInt stride, SymInt padding", depthwise_nhwc),
+        "depthwise_grad_input": ("Tensor dy, Tensor weight, SymInt h, SymInt w, SymInt stride, SymInt padding", depthwise_grad_input_op),
+        "depthwise_grad_weight": ("Tensor dy, Tensor x, SymInt k, SymInt stride, SymInt padding", depthwise_grad_weight_op),
+    }
+    for name, (args, functional) in specs.items():
+        lib.define(f"{name}.out({args}, *, Tensor(a!) out) -> Tensor(a!)")
+
+        def impl(*args, out, _f=functional):
+            return out.copy_(_f(*args))
+
+        def meta(*args, out, _f=functional):
+            return out
+
+        lib.impl(f"{name}.out", impl, "CPU")
+        lib.impl(f"{name}.out", meta, "Meta")
+    _define_out_variants.library = lib  # keep the registrations alive
+
+
+_define_out_variants()
+
+
 def _dw_setup(ctx, inputs, output) -> None:
     x, weight, ctx.stride, ctx.padding = inputs
     ctx.x_shape = list(x.shape)
@@ -129,8 +180,9 @@ def _dw_setup(ctx, inputs, output) -> None:
 
 def _dw_backward(ctx, dy: Tensor):
     x, weight = ctx.saved_tensors
-    gx = depthwise_grad_input(dy, weight, ctx.x_shape, ctx.stride, ctx.padding) if ctx.needs_input_grad[0] else None
-    gw = depthwise_grad_weight(dy, x, ctx.w_shape, ctx.stride, ctx.padding) if ctx.needs_input_grad[1] else None
+    _, h, w, _ = ctx.x_shape
+    gx = depthwise_grad_input_op(dy, weight, h, w, ctx.stride, ctx.padding) if ctx.needs_input_grad[0] else None
+    gw = depthwise_grad_weight_op(dy, x, ctx.w_shape[-1], ctx.stride, ctx.padding) if ctx.needs_input_grad[1] else None
     return gx, gw, None, None
 
 
@@ -409,8 +461,9 @@ def trainable_top(net: TransferModel, *, label_smoothing: float = 0.0) -> Traina
 
 
 #: Decompositions that turn edgetl's custom operators into ATen for ExecuTorch, after
-#: ``_export_forward_backward`` has recorded their custom backward formulas.
-def decompositions() -> dict:
+#: ``_export_forward_backward`` has recorded their custom backward formulas. With
+#: ``native_kernels`` the depthwise operators stay, for the device's kernels to run.
+def decompositions(native_kernels: bool = False) -> dict:
     from edgetl.train import ops
 
     def masked_act(x: Tensor, kind: str, rule: str) -> Tensor:
@@ -425,10 +478,16 @@ def decompositions() -> dict:
         inverse = sorted(range(len(physical_layout)), key=lambda i: physical_layout[i])
         return physical.permute(inverse)
 
-    return {
+    table = {
         torch.ops.aten.empty_permuted.default: empty_permuted,
         torch.ops.edgetl.masked_act.default: masked_act,
         torch.ops.edgetl.masked_act_packed.default: masked_act_packed,
-        torch.ops.edgetl_export.depthwise_nhwc.default: _decompose_depthwise,
         torch.ops.edgetl_export.pointwise_nhwc.default: _decompose_pointwise,
     }
+    if not native_kernels:
+        table[torch.ops.edgetl_export.depthwise_nhwc.default] = _decompose_depthwise
+        table[torch.ops.edgetl_export.depthwise_grad_input.default] = lambda dy, weight, h, w, stride, padding: depthwise_grad_input(
+            dy, weight, [dy.shape[0], h, w, dy.shape[3]], stride, padding)
+        table[torch.ops.edgetl_export.depthwise_grad_weight.default] = lambda dy, x, k, stride, padding: depthwise_grad_weight(
+            dy, x, [x.shape[3], 1, k, k], stride, padding)
+    return table

@@ -270,6 +270,8 @@ def _export_training_part(writer: BundleWriter, manifest: dict[str, Any], net: T
         "weights_layout": {k: v.to_dict() for k, v in sorted(ex.program.layout.items())},
         "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum, "dampening": 0.0, "weight_decay": weight_decay, "nesterov": False},
         "loss": {"name": "cross_entropy", "label_smoothing": label_smoothing},
+        # operators only deploy/native's kernel library implements (edgetl-device links it)
+        "custom_operators": sorted({op for ops in ex.program.operators.values() for op in ops if op.startswith("edgetl_export::")}),
         "operators": ex.program.operators,
         "differences_from_eager": list(DIFFERENCES),
     }

@@ -94,16 +94,22 @@ class TrainingExport:
     saved: list[memory.SavedTensor]
     seconds: float
     label_smoothing: float = 0.0
+    native_kernels: bool = False  # depthwise convolutions run edgetl's kernels (deploy/native/kernels)
     notes: list[str] = field(default_factory=list)
 
 
 def export_training(net: TransferModel, *, feature_shape: tuple[int, ...], num_classes: int,
-                    label_smoothing: float = 0.0) -> TrainingExport:
+                    label_smoothing: float = 0.0, native_kernels: bool | None = None) -> TrainingExport:
     """Export ``net``'s top (trained per its policy) with a cross-entropy loss as a training program.
 
-    ``feature_shape`` is the bottom's output for one batch (N x C x H x W). Raises
-    :class:`UnsupportedModelError` when a layer has no exportable form or an operator no kernel.
+    ``feature_shape`` is the bottom's output for one batch (N x C x H x W). ``native_kernels``:
+    keep depthwise convolutions as edgetl's operators, run by ``deploy/native``'s kernels (default:
+    when that kernel library is built, see :func:`et.load_native_kernels`), else decompose them
+    into ATen operators any ExecuTorch runtime has. Raises :class:`UnsupportedModelError` when a
+    layer has no exportable form or an operator no kernel.
     """
+    if native_kernels is None:
+        native_kernels = et.load_native_kernels() is not None
     t0 = time.perf_counter()
     top = nhwc.trainable_top(net, label_smoothing=label_smoothing)
     features = torch.zeros(feature_shape)
@@ -115,7 +121,7 @@ def export_training(net: TransferModel, *, feature_shape: tuple[int, ...], num_c
     top.train()
     forward = torch.export.export(top, (features, labels), strict=False)
     joint = et.export_forward_backward(forward)
-    decomps = nhwc.decompositions()
+    decomps = nhwc.decompositions(native_kernels)
     joint, predict = joint.run_decompositions(decomps), predict.run_decompositions(decomps)
     drop_aliases(joint)
 
@@ -145,7 +151,7 @@ def export_training(net: TransferModel, *, feature_shape: tuple[int, ...], num_c
             f"operator {op} has no kernel in this ExecuTorch runtime, used in {locate_operator(op, graphs, part_of)}" for op in missing
         ))
     return TrainingExport(program, grads, mutated, tuple(feature_shape), num_classes, saved,
-                          time.perf_counter() - t0, label_smoothing)
+                          time.perf_counter() - t0, label_smoothing, native_kernels)
 
 
 def program_memory(model: nn.Module, policy, *, batch_size: int, image_size: int, num_classes: int):

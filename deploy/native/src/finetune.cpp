@@ -1,4 +1,7 @@
 #include <fcntl.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -107,7 +110,8 @@ Dataset read_folder(const std::string& dir, const std::vector<std::string>& clas
   return d;
 }
 
-// "phase: rss X MiB, peak Y MiB" from /proc/self/status (Linux), for --verbose.
+}  // namespace
+
 void log_memory(bool on, const char* phase) {
   if (!on) return;
   std::ifstream status("/proc/self/status");
@@ -116,9 +120,11 @@ void log_memory(bool on, const char* phase) {
     if (line.rfind("VmRSS:", 0) == 0) rss = line.substr(6);
     if (line.rfind("VmHWM:", 0) == 0) hwm = line.substr(6);
   }
-  auto mib = [](const std::string& kb) { return std::to_string(std::atol(kb.c_str()) / 1024); };
-  std::fprintf(stderr, "memory after %s: rss %s MiB, peak %s MiB\n", phase, mib(rss).c_str(), mib(hwm).c_str());
+  std::fprintf(stderr, "memory after %s: rss %.1f MiB, peak %.1f MiB\n", phase, std::atol(rss.c_str()) / 1024.0,
+               std::atol(hwm.c_str()) / 1024.0);
 }
+
+namespace {
 
 // Keeps the entries of `d` at `kept` (the readable images), in order.
 void keep(Dataset& d, const std::vector<size_t>& kept) {
@@ -205,7 +211,12 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
     if (val.paths.empty()) throw DeviceError("no readable validation images in " + o.val);
   }
 
-  if (cache) bottom.reset();  // every feature is cached: free XNNPACK's packed weights before training
+  if (cache) {  // every feature is cached: free XNNPACK's packed weights and buffers before training,
+    bottom.reset();  // and hand the freed heap back to the system (glibc keeps it otherwise)
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
+  }
   log_memory(o.verbose, "bottom features");
   std::string weights = state.weights_path();
   if (start) std::cout << "resuming after epoch " << start << " from " << weights << std::endl;

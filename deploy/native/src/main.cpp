@@ -129,6 +129,7 @@ int run(int argc, char** argv) {
   if (a.values.count("--threads")) edgetl::set_threads(static_cast<unsigned>(to_int(a, "--threads", 0, 1)));
   need(a, 1, "BUNDLE");
   edgetl::Bundle bundle(a.positional[0]);
+  const bool verbose = a.flags.count("--verbose") > 0;
   if (command == "info") {
     edgetl::info(bundle);
     return 0;
@@ -140,7 +141,9 @@ int run(int argc, char** argv) {
     o.trained = a.values.count("--trained") ? a.values.at("--trained") : "";
     o.top_k = static_cast<int>(to_int(a, "--top-k", 3, 1));
     o.json = a.flags.count("--json") > 0;
-    return edgetl::classify(bundle, o);
+    int code = edgetl::classify(bundle, o);
+    edgetl::log_memory(verbose, "classifying");
+    return code;
   }
   need(a, 2, "DATA_DIR");
   if (a.positional.size() > 2) throw edgetl::DeviceError("unexpected argument '" + a.positional[2] + "'");
@@ -157,7 +160,7 @@ int run(int argc, char** argv) {
   o.seed = static_cast<uint64_t>(to_int(a, "--seed", 0, 0));
   o.augment = a.flags.count("--augment") > 0;
   o.feature_budget = to_int(a, "--feature-budget", 64, 0) << 20;
-  o.verbose = a.flags.count("--verbose") > 0;
+  o.verbose = verbose;
   return edgetl::finetune(bundle, o);
 }
 

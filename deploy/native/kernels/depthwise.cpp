@@ -1,0 +1,135 @@
+// edgetl's native kernels for the training program: NHWC depthwise convolution, forward and both
+// backward products, registered with ExecuTorch's kernel registry as `edgetl_export::*.out`.
+//
+// Without them the exporter decomposes a k x k depthwise convolution into k*k slice / multiply /
+// add (and pad, in backward) operators over full feature maps: most of a step's time and, in
+// backward, full-size temporaries that set the program's memory peak. Here each is one pass with
+// the channel loop innermost (NHWC: contiguous, vectorised by the compiler).
+//
+// Built into libedgetl_kernels.so, which edgetl-device links and the exporter loads into the
+// Python process (it links the same libexecutorch.so, whose registry the Python bindings use) so
+// that an export verifies the very kernels the device runs.
+#include <cstring>
+#include <vector>
+
+#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
+#include <executorch/runtime/kernel/kernel_includes.h>
+
+namespace edgetl_kernels {
+
+using executorch::aten::Tensor;
+using executorch::runtime::KernelRuntimeContext;
+
+namespace {
+
+struct Geometry {
+  int64_t n, h, w, c, ho, wo, k, stride, pad;
+};
+
+bool check(KernelRuntimeContext& ctx, bool ok) {
+  if (!ok) ctx.fail(executorch::runtime::Error::InvalidArgument);
+  return ok;
+}
+
+}  // namespace
+
+// y[n, oy, ox, c] = sum_ij x[n, oy*s + i - p, ox*s + j - p, c] * w[c, 0, i, j]
+Tensor& depthwise_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& weight, int64_t stride, int64_t padding, Tensor& out) {
+  if (!check(ctx, x.dim() == 4 && weight.dim() == 4 && out.dim() == 4)) return out;
+  const Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), out.size(1), out.size(2), weight.size(3), stride, padding};
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = weight.const_data_ptr<float>();
+  float* yp = out.mutable_data_ptr<float>();
+  std::vector<float> wt(g.k * g.k * g.c);  // taps-major copy: w[tap][c], contiguous per tap
+  for (int64_t c = 0; c < g.c; ++c)
+    for (int64_t t = 0; t < g.k * g.k; ++t) wt[t * g.c + c] = wp[c * g.k * g.k + t];
+  for (int64_t n = 0; n < g.n; ++n)
+    for (int64_t oy = 0; oy < g.ho; ++oy)
+      for (int64_t ox = 0; ox < g.wo; ++ox) {
+        float* y = yp + ((n * g.ho + oy) * g.wo + ox) * g.c;
+        std::memset(y, 0, sizeof(float) * g.c);
+        for (int64_t i = 0; i < g.k; ++i) {
+          const int64_t iy = oy * g.stride + i - g.pad;
+          if (iy < 0 || iy >= g.h) continue;
+          for (int64_t j = 0; j < g.k; ++j) {
+            const int64_t ix = ox * g.stride + j - g.pad;
+            if (ix < 0 || ix >= g.w) continue;
+            const float* xr = xp + ((n * g.h + iy) * g.w + ix) * g.c;
+            const float* wr = wt.data() + (i * g.k + j) * g.c;
+            for (int64_t c = 0; c < g.c; ++c) y[c] += xr[c] * wr[c];
+          }
+        }
+      }
+  return out;
+}
+
+// dx[n, iy, ix, c] = sum over the (oy, ox, i, j) with oy*s + i - p = iy, ox*s + j - p = ix of dy * w
+Tensor& depthwise_grad_input_out(KernelRuntimeContext& ctx, const Tensor& dy, const Tensor& weight, int64_t h, int64_t w,
+                                 int64_t stride, int64_t padding, Tensor& out) {
+  if (!check(ctx, dy.dim() == 4 && out.dim() == 4 && out.size(1) == h && out.size(2) == w)) return out;
+  const Geometry g{dy.size(0), h, w, dy.size(3), dy.size(1), dy.size(2), weight.size(3), stride, padding};
+  const float* dyp = dy.const_data_ptr<float>();
+  const float* wp = weight.const_data_ptr<float>();
+  float* dx = out.mutable_data_ptr<float>();
+  std::vector<float> wt(g.k * g.k * g.c);
+  for (int64_t c = 0; c < g.c; ++c)
+    for (int64_t t = 0; t < g.k * g.k; ++t) wt[t * g.c + c] = wp[c * g.k * g.k + t];
+  for (int64_t n = 0; n < g.n; ++n)
+    for (int64_t iy = 0; iy < g.h; ++iy)
+      for (int64_t ix = 0; ix < g.w; ++ix) {
+        float* d = dx + ((n * g.h + iy) * g.w + ix) * g.c;
+        std::memset(d, 0, sizeof(float) * g.c);
+        for (int64_t i = 0; i < g.k; ++i) {
+          const int64_t ty = iy + g.pad - i;  // = oy * stride
+          if (ty < 0 || ty % g.stride) continue;
+          const int64_t oy = ty / g.stride;
+          if (oy >= g.ho) continue;
+          for (int64_t j = 0; j < g.k; ++j) {
+            const int64_t tx = ix + g.pad - j;
+            if (tx < 0 || tx % g.stride) continue;
+            const int64_t ox = tx / g.stride;
+            if (ox >= g.wo) continue;
+            const float* dr = dyp + ((n * g.ho + oy) * g.wo + ox) * g.c;
+            const float* wr = wt.data() + (i * g.k + j) * g.c;
+            for (int64_t c = 0; c < g.c; ++c) d[c] += dr[c] * wr[c];
+          }
+        }
+      }
+  return out;
+}
+
+// dw[c, 0, i, j] = sum_{n, oy, ox} dy[n, oy, ox, c] * x[n, oy*s + i - p, ox*s + j - p, c]
+Tensor& depthwise_grad_weight_out(KernelRuntimeContext& ctx, const Tensor& dy, const Tensor& x, int64_t k, int64_t stride,
+                                  int64_t padding, Tensor& out) {
+  if (!check(ctx, dy.dim() == 4 && x.dim() == 4 && out.dim() == 4 && out.size(3) == k)) return out;
+  const Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), dy.size(1), dy.size(2), k, stride, padding};
+  const float* dyp = dy.const_data_ptr<float>();
+  const float* xp = x.const_data_ptr<float>();
+  std::vector<double> acc(g.k * g.k * g.c, 0.0);  // per-tap channel sums; double: many terms
+  for (int64_t n = 0; n < g.n; ++n)
+    for (int64_t oy = 0; oy < g.ho; ++oy)
+      for (int64_t ox = 0; ox < g.wo; ++ox) {
+        const float* dr = dyp + ((n * g.ho + oy) * g.wo + ox) * g.c;
+        for (int64_t i = 0; i < g.k; ++i) {
+          const int64_t iy = oy * g.stride + i - g.pad;
+          if (iy < 0 || iy >= g.h) continue;
+          for (int64_t j = 0; j < g.k; ++j) {
+            const int64_t ix = ox * g.stride + j - g.pad;
+            if (ix < 0 || ix >= g.w) continue;
+            const float* xr = xp + ((n * g.h + iy) * g.w + ix) * g.c;
+            double* a = acc.data() + (i * g.k + j) * g.c;
+            for (int64_t c = 0; c < g.c; ++c) a[c] += static_cast<double>(dr[c] * xr[c]);
+          }
+        }
+      }
+  float* dw = out.mutable_data_ptr<float>();
+  for (int64_t c = 0; c < g.c; ++c)
+    for (int64_t t = 0; t < g.k * g.k; ++t) dw[c * g.k * g.k + t] = static_cast<float>(acc[t * g.c + c]);
+  return out;
+}
+
+}  // namespace edgetl_kernels
+
+EXECUTORCH_LIBRARY(edgetl_export, "depthwise_nhwc.out", edgetl_kernels::depthwise_out);
+EXECUTORCH_LIBRARY(edgetl_export, "depthwise_grad_input.out", edgetl_kernels::depthwise_grad_input_out);
+EXECUTORCH_LIBRARY(edgetl_export, "depthwise_grad_weight.out", edgetl_kernels::depthwise_grad_weight_out);
