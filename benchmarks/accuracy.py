@@ -39,22 +39,38 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for k, method in runs:
             config = FinetuneConfig(
-                model=args.model, weights="DEFAULT", data="fashion-mnist", train_limit=args.train_limit,
-                val_limit=args.val_limit, blocks=k, method=method, epochs=args.epochs, batch_size=args.batch_size,
-                image_size=args.image_size, lr=args.lr, seed=args.seed, out=str(Path(tmp) / f"{k}-{method}"),
+                model=args.model,
+                weights="DEFAULT",
+                data="fashion-mnist",
+                train_limit=args.train_limit,
+                val_limit=args.val_limit,
+                blocks=k,
+                method=method,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                image_size=args.image_size,
+                lr=args.lr,
+                seed=args.seed,
+                out=str(Path(tmp) / f"{k}-{method}"),
             )
             t0 = time.perf_counter()
             result = finetune(config, log=lambda _: None)
             seconds = time.perf_counter() - t0
-            saved = sum(u.nbytes for u in predict_units(arch, TrainPolicy(k, method), batch_size=args.batch_size,
-                                                        image_size=args.image_size))
+            saved = sum(
+                u.nbytes for u in predict_units(arch, TrainPolicy(k, method), batch_size=args.batch_size, image_size=args.image_size)
+            )
             label = "head only" if k == 0 else ("full fine-tuning" if k == n_blocks and method == "vanilla" else method)
             rows.append((k, label, result.final["val_acc"], seconds, saved))
-            print(f"K={k:<2} {label:<16} val_acc {100 * result.final['val_acc']:.2f}%  {seconds:.0f}s  "
-                  f"saved for backward {saved / 2**20:.1f} MiB", flush=True)
+            print(
+                f"K={k:<2} {label:<16} val_acc {100 * result.final['val_acc']:.2f}%  {seconds:.0f}s  "
+                f"saved for backward {saved / 2**20:.1f} MiB",
+                flush=True,
+            )
 
-    print(f"\n{args.model}, Fashion-MNIST {args.train_limit} train / {args.val_limit} test images, {args.image_size} px, "
-          f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}, seed {args.seed}\n")
+    print(
+        f"\n{args.model}, Fashion-MNIST {args.train_limit} train / {args.val_limit} test images, {args.image_size} px, "
+        f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}, seed {args.seed}\n"
+    )
     print("| K | method | test accuracy | train time | stored for backward / step |")
     print("|---|---|---|---|---|")
     for k, label, acc, seconds, saved in rows:

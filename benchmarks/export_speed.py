@@ -115,8 +115,10 @@ def child(args: argparse.Namespace) -> dict:
                 loss.backward()
                 opt.step()
         else:  # eager-bottom
+
             def step():
                 net.forward_bottom(x)
+
     times = _time(step, args.steps)
     return {"ms": statistics.median(times), "ms_min": min(times), "peak_rss_mib": _peak_rss_mib(), "rss_before_mib": base}
 
@@ -163,8 +165,11 @@ def main() -> None:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    print(f"edgetl export benchmark: torch {torch.__version__}, executorch {et.executorch_version()}, "
-          f"{args.threads} thread(s), {os.cpu_count()} CPUs", flush=True)
+    print(
+        f"edgetl export benchmark: torch {torch.__version__}, executorch {et.executorch_version()}, "
+        f"{args.threads} thread(s), {os.cpu_count()} CPUs",
+        flush=True,
+    )
 
     def calibrated(name: str, num_classes: int) -> torch.nn.Module:
         """Random weights with batch-norm statistics of its own activations (realistic magnitudes)."""
@@ -206,8 +211,15 @@ def main() -> None:
     model = calibrated("mobilenet_v2", 10)
     torch.save(model.state_dict(), out / "model_state.pt")  # the eager child's weights
     t0 = time.perf_counter()
-    bundle = edgetl.export(model, edgetl.TrainPolicy(blocks=BLOCKS), out / "bundle", image_size=IMAGE, batch_size=BATCH,
-                           training=True, log=lambda line: print("  " + line, flush=True))
+    bundle = edgetl.export(
+        model,
+        edgetl.TrainPolicy(blocks=BLOCKS),
+        out / "bundle",
+        image_size=IMAGE,
+        batch_size=BATCH,
+        training=True,
+        log=lambda line: print("  " + line, flush=True),
+    )
     print(f"  bundle exported and verified in {time.perf_counter() - t0:.1f}s", flush=True)
     # the frozen bottom without XNNPACK, to justify delegating it
     from executorch.exir import to_edge
@@ -217,47 +229,75 @@ def main() -> None:
     xb = torch.randn(BATCH, 3, IMAGE, IMAGE)
     with torch.no_grad():
         (bundle.path / "bottom_portable.pte").write_bytes(to_edge(torch.export.export(bottom, (xb,))).to_executorch().buffer)
-    results = {k: run_child(k, bundle.path, args.threads, args.steps)
-               for k in ("eager-train", "et-train", "eager-bottom", "et-bottom", "et-bottom-portable")}
-    print(f"\n== Training step, MobileNetV2 MobileTL K={BLOCKS}, batch {BATCH}, 224 px (median of {args.steps} steps, "
-          "each in a fresh process) ==")
+    results = {
+        k: run_child(k, bundle.path, args.threads, args.steps)
+        for k in ("eager-train", "et-train", "eager-bottom", "et-bottom", "et-bottom-portable")
+    }
+    print(
+        f"\n== Training step, MobileNetV2 MobileTL K={BLOCKS}, batch {BATCH}, 224 px (median of {args.steps} steps, "
+        "each in a fresh process) =="
+    )
     print(f"{'part':34s} {'ms':>9s} {'peak RSS MiB':>13s} {'RSS before MiB':>15s}")
     labels = {
-        "eager-train": "top step, eager MobileTL", "et-train": "top step, ExecuTorch (portable)",
-        "eager-bottom": "frozen bottom, eager", "et-bottom": "frozen bottom, XNNPACK bottom.pte",
+        "eager-train": "top step, eager MobileTL",
+        "et-train": "top step, ExecuTorch (portable)",
+        "eager-bottom": "frozen bottom, eager",
+        "et-bottom": "frozen bottom, XNNPACK bottom.pte",
         "et-bottom-portable": "frozen bottom, portable kernels",
     }
     for k, label in labels.items():
         r = results[k]
         print(f"{label:34s} {r['ms']:9.1f} {r['peak_rss_mib']:13.1f} {r['rss_before_mib']:15.1f}")
     e, t = results["eager-train"], results["et-train"]
-    print(f"ExecuTorch / eager top step: time {t['ms'] / e['ms']:.2f}x, peak RSS {t['peak_rss_mib'] / e['peak_rss_mib']:.2f}x "
-          f"(RSS growth during the steps: eager {e['peak_rss_mib'] - e['rss_before_mib']:.1f} MiB, "
-          f"ExecuTorch {t['peak_rss_mib'] - t['rss_before_mib']:.1f} MiB)")
+    print(
+        f"ExecuTorch / eager top step: time {t['ms'] / e['ms']:.2f}x, peak RSS {t['peak_rss_mib'] / e['peak_rss_mib']:.2f}x "
+        f"(RSS growth during the steps: eager {e['peak_rss_mib'] - e['rss_before_mib']:.1f} MiB, "
+        f"ExecuTorch {t['peak_rss_mib'] - t['rss_before_mib']:.1f} MiB)"
+    )
     device = results["et-bottom"]["ms"] + t["ms"]
     host = results["eager-bottom"]["ms"] + e["ms"]
-    print(f"whole step incl. frozen bottom: eager {host:.1f} ms, ExecuTorch (XNNPACK bottom + portable top) {device:.1f} ms "
-          f"({device / host:.2f}x); with a portable bottom it would be {results['et-bottom-portable']['ms'] + t['ms']:.1f} ms")
+    print(
+        f"whole step incl. frozen bottom: eager {host:.1f} ms, ExecuTorch (XNNPACK bottom + portable top) {device:.1f} ms "
+        f"({device / host:.2f}x); with a portable bottom it would be {results['et-bottom-portable']['ms'] + t['ms']:.1f} ms"
+    )
 
-    ops = et.profile_operators(bundle.path / "train.pte", bundle.path / "train.ptd", "forward",
-                               [np.abs(np.random.default_rng(0).standard_normal(
-                                   bundle.manifest["programs"]["training"]["methods"]["forward"]["inputs"][0]["shape"])).astype(np.float32),
-                                np.arange(BATCH, dtype=np.int64) % 10])
+    ops = et.profile_operators(
+        bundle.path / "train.pte",
+        bundle.path / "train.ptd",
+        "forward",
+        [
+            np.abs(
+                np.random.default_rng(0).standard_normal(
+                    bundle.manifest["programs"]["training"]["methods"]["forward"]["inputs"][0]["shape"]
+                )
+            ).astype(np.float32),
+            np.arange(BATCH, dtype=np.int64) % 10,
+        ],
+    )
     total = sum(ops.values())
-    print(f"ExecuTorch training step by kernel (ETDump, one step, {total:.0f} ms): "
-          + ", ".join(f"{k} {v:.0f}" for k, v in list(ops.items())[:8]))
+    print(
+        f"ExecuTorch training step by kernel (ETDump, one step, {total:.0f} ms): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in list(ops.items())[:8])
+    )
 
     # 3. memory
     mem = bundle.manifest["memory"]
     print("\n== What the training program keeps for backward (batch 8, 224 px) ==")
-    print(f"exported joint graph: {mem['saved_for_backward_bytes_exported'] / 2**20:.3f} MiB; eager profiler "
-          f"(predict_units, no dropout): {mem['saved_for_backward_bytes_predicted'] / 2**20:.3f} MiB "
-          f"(ratio {mem['saved_for_backward_ratio']:.3f}); uint8 masks: {mem['saved_uint8_masks']}")
-    print("planned arenas: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in mem["planned_arena_bytes"].items())
-          + f"; trainable parameters {mem['trainable_parameter_bytes'] / 2**20:.2f} MiB (in the arena twice: weights and gradients)")
+    print(
+        f"exported joint graph: {mem['saved_for_backward_bytes_exported'] / 2**20:.3f} MiB; eager profiler "
+        f"(predict_units, no dropout): {mem['saved_for_backward_bytes_predicted'] / 2**20:.3f} MiB "
+        f"(ratio {mem['saved_for_backward_ratio']:.3f}); uint8 masks: {mem['saved_uint8_masks']}"
+    )
+    print(
+        "planned arenas: "
+        + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in mem["planned_arena_bytes"].items())
+        + f"; trainable parameters {mem['trainable_parameter_bytes'] / 2**20:.2f} MiB (in the arena twice: weights and gradients)"
+    )
     v = bundle.manifest["verification"]
-    print(f"verification: model.pte {v['inference_max_abs_diff']:.2e}, bottom.pte {v['bottom_max_abs_diff']:.2e}, "
-          f"3 SGD steps loss {v['training']['loss_max_abs_diff']:.2e} weights {v['training']['weight_max_abs_diff']:.2e}")
+    print(
+        f"verification: model.pte {v['inference_max_abs_diff']:.2e}, bottom.pte {v['bottom_max_abs_diff']:.2e}, "
+        f"3 SGD steps loss {v['training']['loss_max_abs_diff']:.2e} weights {v['training']['weight_max_abs_diff']:.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -43,26 +43,42 @@ def main() -> None:
     runs: dict[str, list] = {m: [] for m in METHODS}
     for i in range(args.repeats):
         for m in METHODS:
-            r = measure_process_peak(args.model, TrainPolicy(args.blocks, m), batch_size=args.batch_size,
-                                     image_size=args.image_size, num_classes=args.num_classes)
+            r = measure_process_peak(
+                args.model,
+                TrainPolicy(args.blocks, m),
+                batch_size=args.batch_size,
+                image_size=args.image_size,
+                num_classes=args.num_classes,
+            )
             runs[m].append(r)
-            print(f"  run {i + 1}/{args.repeats} {m:8s}: peak {r.peak_rss / MIB:7.1f} MiB, after load {r.loaded_rss / MIB:7.1f} MiB, "
-                  f"step delta {r.step_delta / MIB:6.1f} MiB", file=sys.stderr, flush=True)
+            print(
+                f"  run {i + 1}/{args.repeats} {m:8s}: peak {r.peak_rss / MIB:7.1f} MiB, after load {r.loaded_rss / MIB:7.1f} MiB, "
+                f"step delta {r.step_delta / MIB:6.1f} MiB",
+                file=sys.stderr,
+                flush=True,
+            )
 
     model = load_model(args.model, num_classes=args.num_classes)
-    saved = {m: sum(u.nbytes for u in predict_units(model, TrainPolicy(args.blocks, m), batch_size=args.batch_size,
-                                                    image_size=args.image_size)) for m in METHODS}
-    est = {m: predict_step_peak(model, TrainPolicy(args.blocks, m), batch_size=args.batch_size, image_size=args.image_size)
-           for m in METHODS}
+    saved = {
+        m: sum(u.nbytes for u in predict_units(model, TrainPolicy(args.blocks, m), batch_size=args.batch_size, image_size=args.image_size))
+        for m in METHODS
+    }
+    est = {
+        m: predict_step_peak(model, TrainPolicy(args.blocks, m), batch_size=args.batch_size, image_size=args.image_size) for m in METHODS
+    }
 
     def med(method: str, attr: str) -> float:
         return statistics.median(getattr(r, attr) for r in runs[method]) / MIB
 
     first = runs["vanilla"][0]
-    print(f"{args.model}, K={args.blocks}, batch {args.batch_size}, {args.image_size} px, {args.num_classes} classes, Adam, "
-          f"{first.steps} training steps per process; medians of {args.repeats} alternating child processes per method")
-    print(f"{first.platform}, Python {platform.python_version()}, torch {first.torch_version}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, peak reset after load: {first.hwm_reset}\n")
+    print(
+        f"{args.model}, K={args.blocks}, batch {args.batch_size}, {args.image_size} px, {args.num_classes} classes, Adam, "
+        f"{first.steps} training steps per process; medians of {args.repeats} alternating child processes per method"
+    )
+    print(
+        f"{first.platform}, Python {platform.python_version()}, torch {first.torch_version}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, peak reset after load: {first.hwm_reset}\n"
+    )
     rows = [
         ("saved for backward (autograd, exact)", saved["vanilla"] / MIB, saved["mobiletl"] / MIB),
         ("RSS after imports (runtime baseline)", med("vanilla", "runtime_rss"), med("mobiletl", "runtime_rss")),

@@ -63,23 +63,30 @@ def main() -> None:
     peaks: dict[str, list] = {m: [] for m in METHODS}
     for _ in range(args.runs):
         for m in METHODS:
-            peaks[m].append(measure_process_peak(args.model, TrainPolicy(args.blocks, m), batch_size=args.batch_size,
-                                                 image_size=args.image_size, num_classes=10))
+            peaks[m].append(
+                measure_process_peak(
+                    args.model, TrainPolicy(args.blocks, m), batch_size=args.batch_size, image_size=args.image_size, num_classes=10
+                )
+            )
 
     def med(values):
         return statistics.median(values)
 
     mib = 2**20
-    print(f"{args.model}, K={args.blocks}, batch {args.batch_size}, {args.image_size} px, Adam; "
-          f"{args.repeats} interleaved steps, {args.runs} child processes per method (medians)\n")
+    print(
+        f"{args.model}, K={args.blocks}, batch {args.batch_size}, {args.image_size} px, Adam; "
+        f"{args.repeats} interleaved steps, {args.runs} child processes per method (medians)\n"
+    )
     print(f"{'':34}{'vanilla':>12}{'mobiletl':>12}{'mobiletl/vanilla':>18}")
     rows = [
         ("step time (ms)", med(times["vanilla"]) * 1e3, med(times["mobiletl"]) * 1e3),
         ("stored for backward (MiB, exact)", saved["vanilla"] / mib, saved["mobiletl"] / mib),
-        ("process peak RSS (MiB)", med([r.peak_rss for r in peaks["vanilla"]]) / mib,
-         med([r.peak_rss for r in peaks["mobiletl"]]) / mib),
-        ("peak RSS over loaded model (MiB)", med([r.step_delta for r in peaks["vanilla"]]) / mib,
-         med([r.step_delta for r in peaks["mobiletl"]]) / mib),
+        ("process peak RSS (MiB)", med([r.peak_rss for r in peaks["vanilla"]]) / mib, med([r.peak_rss for r in peaks["mobiletl"]]) / mib),
+        (
+            "peak RSS over loaded model (MiB)",
+            med([r.step_delta for r in peaks["vanilla"]]) / mib,
+            med([r.step_delta for r in peaks["mobiletl"]]) / mib,
+        ),
     ]
     for label, v, m in rows:
         print(f"{label:34}{v:12.1f}{m:12.1f}{m / v:18.3f}")

@@ -39,8 +39,7 @@ def _blocks(value: str) -> int | str:
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("finetune", help="fine-tune the top K blocks of a pretrained model",
-                       argument_default=argparse.SUPPRESS)
+    p = sub.add_parser("finetune", help="fine-tune the top K blocks of a pretrained model", argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="TOML or JSON file of settings; flags override it")
     p.add_argument("--model", help="architecture (mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, efficientnet_b0, ...)")
     p.add_argument("--weights", help="DEFAULT (pretrained) or a local state-dict file; omit for random init")
@@ -95,8 +94,10 @@ def _finetune(args: argparse.Namespace) -> int:
     print(f"edgetl finetune: {config.model} K={config.blocks} {config.method} on {config.data} -> {config.out}", flush=True)
     result = finetune(config, resume=resume, log=lambda line: print(line, flush=True))
     final = result.final
-    print(f"final val_acc {100 * final['val_acc']:.2f}% val_loss {final['val_loss']:.4f} ({len(result.classes)} classes); "
-          f"weights in {result.run_dir / 'model.pt'}")
+    print(
+        f"final val_acc {100 * final['val_acc']:.2f}% val_loss {final['val_loss']:.4f} ({len(result.classes)} classes); "
+        f"weights in {result.run_dir / 'model.pt'}"
+    )
     return 0
 
 

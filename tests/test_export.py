@@ -46,10 +46,23 @@ def run_dir() -> Path:
     model.load_state_dict(state, strict=False)
     run = _WORK / "run"
     run.mkdir()
-    torch.save({"model": model.state_dict(), "model_name": "mobilenet_v2", "classes": list(CLASSES),
-                "policy": json.dumps(POLICY.to_dict())}, run / "model.pt")
-    (run / "config.json").write_text(json.dumps({"model": "mobilenet_v2", "blocks": 2, "method": "mobiletl", "image_size": IMAGE_SIZE,
-                                                 "batch_size": BATCH, "classes": list(CLASSES), "policy": POLICY.to_dict()}))
+    torch.save(
+        {"model": model.state_dict(), "model_name": "mobilenet_v2", "classes": list(CLASSES), "policy": json.dumps(POLICY.to_dict())},
+        run / "model.pt",
+    )
+    (run / "config.json").write_text(
+        json.dumps(
+            {
+                "model": "mobilenet_v2",
+                "blocks": 2,
+                "method": "mobiletl",
+                "image_size": IMAGE_SIZE,
+                "batch_size": BATCH,
+                "classes": list(CLASSES),
+                "policy": POLICY.to_dict(),
+            }
+        )
+    )
     return run
 
 
@@ -64,8 +77,25 @@ def cli(argv: list[str]) -> int:
 def training_bundle() -> Path:
     """``edgetl export --training`` of :func:`run_dir` (shared with test_native.py)."""
     out = _WORK / "dist"
-    assert cli(["export", "--checkpoint", str(run_dir()), "--out", str(out), "--training", "--batch-size", str(BATCH),
-                "--lr", "0.005", "--momentum", "0.9"]) == 0
+    assert (
+        cli(
+            [
+                "export",
+                "--checkpoint",
+                str(run_dir()),
+                "--out",
+                str(out),
+                "--training",
+                "--batch-size",
+                str(BATCH),
+                "--lr",
+                "0.005",
+                "--momentum",
+                "0.9",
+            ]
+        )
+        == 0
+    )
     return out
 
 

@@ -27,8 +27,9 @@ def test_predicted_equals_measured_for_every_block(model, method, mask, batch_si
     policy = TrainPolicy(blocks=len(find_blocks(m)), method=method, activation_mask=mask)
     net = prepare(m, policy)
     predicted = predict_units(m, policy, batch_size=batch_size, image_size=image_size)
-    measured = measure_saved_bytes(net, {n: net.get_submodule(n) for n in net.bottom_names + net.top_names},
-                                   torch.randn(batch_size, 3, image_size, image_size))
+    measured = measure_saved_bytes(
+        net, {n: net.get_submodule(n) for n in net.bottom_names + net.top_names}, torch.randn(batch_size, 3, image_size, image_size)
+    )
     for row in predicted:
         got = measured[row.name]
         assert row.in_shape == got.in_shape or row.name == "head"

@@ -214,15 +214,18 @@ def test_sizes_are_parsed_strictly():
             parse_size(bad, field="memory_budget")
 
 
-@pytest.mark.parametrize("edit,field", [
-    (lambda t: t.replace('memory_budget = "512MiB"\n', ""), "memory_budget"),
-    (lambda t: t.replace("cores = 4", 'cores = "four"'), "cores"),
-    (lambda t: t.replace('"512MiB"', '"512M"'), "memory_budget"),
-    (lambda t: t.replace("safety_margin = 0.2", "safety_margin = 1.5"), "safety_margin"),
-    (lambda t: t.replace('arch = "aarch64"', 'arch = "arm"'), "arch"),
-    (lambda t: t + "safty_margin = 0.1\n", "safty_margin"),
-    (lambda t: t.replace('"512MiB"', '"2GiB"'), "memory_budget"),
-])
+@pytest.mark.parametrize(
+    "edit,field",
+    [
+        (lambda t: t.replace('memory_budget = "512MiB"\n', ""), "memory_budget"),
+        (lambda t: t.replace("cores = 4", 'cores = "four"'), "cores"),
+        (lambda t: t.replace('"512MiB"', '"512M"'), "memory_budget"),
+        (lambda t: t.replace("safety_margin = 0.2", "safety_margin = 1.5"), "safety_margin"),
+        (lambda t: t.replace('arch = "aarch64"', 'arch = "arm"'), "arch"),
+        (lambda t: t + "safty_margin = 0.1\n", "safty_margin"),
+        (lambda t: t.replace('"512MiB"', '"2GiB"'), "memory_budget"),
+    ],
+)
 def test_bad_device_profile_names_the_field_and_file(tmp_path, edit, field):
     good = tmp_path / "good.toml"
     good.write_text(GOOD)
@@ -257,8 +260,10 @@ def test_plan_prefers_more_blocks_then_larger_batches():
 
 def _device(tmp_path: Path, budget: int, runtime: int, margin: float = 0.2) -> Path:
     path = tmp_path / "tiny.toml"
-    path.write_text(f'name = "tiny test board"\nmemory_total = "8GiB"\nmemory_budget = {budget}\nsafety_margin = {margin}\n'
-                    f'runtime_overhead = {runtime}\ncores = 2\narch = "x86_64"\nnotes = "budget calibrated by the test"\n')
+    path.write_text(
+        f'name = "tiny test board"\nmemory_total = "8GiB"\nmemory_budget = {budget}\nsafety_margin = {margin}\n'
+        f'runtime_overhead = {runtime}\ncores = 2\narch = "x86_64"\nnotes = "budget calibrated by the test"\n'
+    )
     return path
 
 
@@ -308,8 +313,26 @@ def _run(argv: list[str]) -> int:
 
 def test_cli_profile_prints_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert _run(["profile", "--model", "mobilenet_v3_small", "--blocks", "3", "--batch-size", "2", "--image-size", "64",
-                 "--num-classes", "5", "--json", str(out)]) == 0
+    assert (
+        _run(
+            [
+                "profile",
+                "--model",
+                "mobilenet_v3_small",
+                "--blocks",
+                "3",
+                "--batch-size",
+                "2",
+                "--image-size",
+                "64",
+                "--num-classes",
+                "5",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "vanilla meas" in text and "mobiletl meas" in text and "features.12" in text
     data = json.loads(out.read_text())
@@ -323,14 +346,17 @@ def test_cli_plan_prints_choice_and_runner_ups(capsys):
     assert "chosen:" in text and "runner-ups:" in text and "Raspberry Pi 5" in text
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["profile", "--model", "resnet50", "--blocks", "2", "--batch-size", "2", "--image-size", "64"], "unknown model"),
-    (["profile", "--model", "mobilenet_v3_small", "--blocks", "12", "--batch-size", "2", "--image-size", "64"], "only 11"),
-    (["profile", "--model", "mobilenet_v3_small", "--blocks", "all", "--batch-size", "1", "--image-size", "32"], "batch size"),
-    (["profile", "--model", "mobilenet_v3_small", "--blocks", "1", "--batch-size", "0", "--image-size", "64"], "batch size"),
-    (["plan", "--device", "device_profiles/no_such_board.toml", "--model", "mobilenet_v2"], "not found"),
-    (["plan", "--device", "device_profiles/raspberry_pi_zero_2w.toml", "--model", "mobilenet_v3_small"], "nothing fits"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["profile", "--model", "resnet50", "--blocks", "2", "--batch-size", "2", "--image-size", "64"], "unknown model"),
+        (["profile", "--model", "mobilenet_v3_small", "--blocks", "12", "--batch-size", "2", "--image-size", "64"], "only 11"),
+        (["profile", "--model", "mobilenet_v3_small", "--blocks", "all", "--batch-size", "1", "--image-size", "32"], "batch size"),
+        (["profile", "--model", "mobilenet_v3_small", "--blocks", "1", "--batch-size", "0", "--image-size", "64"], "batch size"),
+        (["plan", "--device", "device_profiles/no_such_board.toml", "--model", "mobilenet_v2"], "not found"),
+        (["plan", "--device", "device_profiles/raspberry_pi_zero_2w.toml", "--model", "mobilenet_v3_small"], "nothing fits"),
+    ],
+)
 def test_cli_bad_input_is_a_clear_error(argv, match, monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises((EdgetlError, ValueError), match=match):

@@ -82,8 +82,9 @@ def test_feature_cache_matches_uncached_training_without_augmentation(tmp_path, 
     kw = dict(model="mobilenet_v3_small", blocks=2, epochs=2, augment=False, optimizer="sgd", lr=0.01)
     plain = finetune(_config(tmp_path / "plain", image_folder, pretrained_file("mobilenet_v3_small"), **kw), log=lambda _: None)
     lines: list[str] = []
-    cached = finetune(_config(tmp_path / "cached", image_folder, pretrained_file("mobilenet_v3_small"), cache_features=True, **kw),
-                      log=lines.append)
+    cached = finetune(
+        _config(tmp_path / "cached", image_folder, pretrained_file("mobilenet_v3_small"), cache_features=True, **kw), log=lines.append
+    )
     assert any(line.startswith("cached bottom features") for line in lines)
     a, b = plain.model.state_dict(), cached.model.state_dict()
     # the bottom runs in other batch compositions: equal up to float rounding
@@ -101,8 +102,10 @@ def _cli(args, capsys) -> tuple[int, str]:
 
 def test_cli_config_file_and_flags(tmp_path, image_folder, pretrained_file, capsys):
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'model = "mobilenet_v2"\nepochs = 3\nblocks = 1\nimage-size = 32\ndata = "{image_folder}"\n'
-                   f'weights = "{pretrained_file("mobilenet_v2")}"\nval_fraction = 0.25\n')
+    cfg.write_text(
+        f'model = "mobilenet_v2"\nepochs = 3\nblocks = 1\nimage-size = 32\ndata = "{image_folder}"\n'
+        f'weights = "{pretrained_file("mobilenet_v2")}"\nval_fraction = 0.25\n'
+    )
     out = tmp_path / "run"
     code = main(["finetune", "--config", str(cfg), "--epochs", "1", "--out", str(out), "--batch-size", "8"])
     printed = capsys.readouterr().out
@@ -126,16 +129,19 @@ def bad_inputs(tmp_path, image_folder):
     return {"empty": empty, "no_images": no_images, "garbage": garbage}
 
 
-@pytest.mark.parametrize("case,args,message", [
-    ("missing", ["--data", "{tmp}/nope"], "data folder not found"),
-    ("empty", ["--data", "{empty}"], "no class subfolders"),
-    ("no_images", ["--data", "{no_images}"], "class 'green'"),
-    ("model", ["--model", "resnet50"], "unknown model 'resnet50'"),
-    ("blocks", ["--blocks", "40"], "only 17 inverted-residual blocks"),
-    ("weights", ["--weights", "{garbage}"], "cannot read weights"),
-    ("weights_missing", ["--weights", "{tmp}/absent.pt"], "weights file not found"),
-    ("epochs", ["--epochs", "0"], "epochs must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "case,args,message",
+    [
+        ("missing", ["--data", "{tmp}/nope"], "data folder not found"),
+        ("empty", ["--data", "{empty}"], "no class subfolders"),
+        ("no_images", ["--data", "{no_images}"], "class 'green'"),
+        ("model", ["--model", "resnet50"], "unknown model 'resnet50'"),
+        ("blocks", ["--blocks", "40"], "only 17 inverted-residual blocks"),
+        ("weights", ["--weights", "{garbage}"], "cannot read weights"),
+        ("weights_missing", ["--weights", "{tmp}/absent.pt"], "weights file not found"),
+        ("epochs", ["--epochs", "0"], "epochs must be >= 1"),
+    ],
+)
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, image_folder, bad_inputs, capsys, case, args, message):
     subs = {"tmp": tmp_path, **bad_inputs}
     out = tmp_path / "run"

@@ -189,8 +189,9 @@ class TrainingSession:
     :meth:`state`, everything a ``.ptd`` holds (see :func:`write_ptd`).
     """
 
-    def __init__(self, pte: str | os.PathLike, ptd: str | os.PathLike, *, method: str = "forward",
-                 buffer_names: Sequence[str] = ()) -> None:
+    def __init__(
+        self, pte: str | os.PathLike, ptd: str | os.PathLike, *, method: str = "forward", buffer_names: Sequence[str] = ()
+    ) -> None:
         self.program = Program(pte, ptd)
         self.method_name = method
         self._method = self.program.method(method)
@@ -250,8 +251,7 @@ class TrainingSession:
         """The running statistics after the last step (copies)."""
         return self._buffers
 
-    def sgd(self, lr: float, *, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
-            nesterov: bool = False) -> SGD:
+    def sgd(self, lr: float, *, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False) -> SGD:
         """ExecuTorch's SGD over this session's parameters (PyTorch's ``torch.optim.SGD`` rule)."""
         return SGD(self, lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
 
@@ -269,8 +269,9 @@ class SGD:
     restart at zero when a session is resumed.
     """
 
-    def __init__(self, session: TrainingSession, lr: float, *, momentum: float, dampening: float,
-                 weight_decay: float, nesterov: bool) -> None:
+    def __init__(
+        self, session: TrainingSession, lr: float, *, momentum: float, dampening: float, weight_decay: float, nesterov: bool
+    ) -> None:
         try:
             from executorch.extension.training import get_sgd_optimizer
         except ImportError as exc:
@@ -435,10 +436,13 @@ def lower_to_xnnpack(ep) -> LoweredProgram:
         if missing is not None:
             raise MissingKernelError(missing, "not in the Core ATen operator set") from None
         raise
-    undelegated = sorted({
-        _op_name(n.target) for n in edge.exported_program().graph.nodes
-        if n.op == "call_function" and "executorch_call_delegate" not in str(n.target) and "getitem" not in str(n.target)
-    })
+    undelegated = sorted(
+        {
+            _op_name(n.target)
+            for n in edge.exported_program().graph.nodes
+            if n.op == "call_function" and "executorch_call_delegate" not in str(n.target) and "getitem" not in str(n.target)
+        }
+    )
     try:
         program = edge.to_executorch()
     except RuntimeError as exc:
@@ -447,8 +451,9 @@ def lower_to_xnnpack(ep) -> LoweredProgram:
             raise MissingKernelError(missing) from None
         raise
     plan = program.executorch_program.execution_plan[0]
-    return LoweredProgram(bytes(program.buffer), undelegated, _plan_operators(plan),
-                          sorted({d.id for d in plan.delegates}), edge.exported_program().graph)
+    return LoweredProgram(
+        bytes(program.buffer), undelegated, _plan_operators(plan), sorted({d.id for d in plan.delegates}), edge.exported_program().graph
+    )
 
 
 @dataclass
@@ -512,8 +517,9 @@ def _tag_external(names: set[str]) -> Callable:
     return tag
 
 
-def emit_training_program(methods: Mapping[str, Any], external: set[str],
-                          decompositions: Mapping[Any, Callable] | None = None) -> TrainingProgram:
+def emit_training_program(
+    methods: Mapping[str, Any], external: set[str], decompositions: Mapping[Any, Callable] | None = None
+) -> TrainingProgram:
     """Emit ``methods`` (name -> ExportedProgram; joint forward-backward graphs and plain ones) as
     one program whose trainable weights and the state dict entries ``external`` live in a ``.ptd``.
 
@@ -563,8 +569,9 @@ def emit_training_program(methods: Mapping[str, Any], external: set[str],
     )
 
 
-def profile_operators(pte: str | os.PathLike, ptd: str | os.PathLike | None, method: str, inputs: Sequence[Any],
-                      runs: int = 3) -> dict[str, float]:
+def profile_operators(
+    pte: str | os.PathLike, ptd: str | os.PathLike | None, method: str, inputs: Sequence[Any], runs: int = 3
+) -> dict[str, float]:
     """Milliseconds per operator kernel over ``runs`` executions of ``method`` (ETDump + Inspector)."""
     import collections
 

@@ -77,8 +77,10 @@ def read_checkpoint(path: str | Path, *, model: str | None = None) -> Checkpoint
     if not names:
         raise EdgetlError(f"{weights} does not say which architecture it is; pass --model")
     if len(set(names)) > 1:
-        raise EdgetlError(f"checkpoint from another model: {weights} holds {data.get('model_name') or config.get('model')} "
-                          f"weights but {'--model says ' + model if model else CONFIG + ' says ' + str(config.get('model'))}")
+        raise EdgetlError(
+            f"checkpoint from another model: {weights} holds {data.get('model_name') or config.get('model')} "
+            f"weights but {'--model says ' + model if model else CONFIG + ' says ' + str(config.get('model'))}"
+        )
     policy = data.get("policy")
     policy = json.loads(policy) if isinstance(policy, str) else (policy or config.get("policy"))
     classes = data.get("classes") or config.get("classes")
@@ -91,7 +93,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "export",
         help="export a fine-tuned model as ExecuTorch programs (XNNPACK classifier, optional on-device trainer)",
         description="Write a bundle: model.pte (XNNPACK) and, with --training, bottom.pte + train.pte/.ptd for on-device "
-                    "fine-tuning, plus manifest.json. Every program is checked against eager PyTorch first.",
+        "fine-tuning, plus manifest.json. Every program is checked against eager PyTorch first.",
     )
     p.add_argument("--checkpoint", required=True, help="run directory from 'edgetl finetune', or a weights file (model.pt)")
     p.add_argument("--out", required=True, help="bundle directory to create (must be new or empty)")
@@ -100,9 +102,12 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--image-size", type=int, help="input size in pixels (default: the run's, else 224)")
     p.add_argument("--model", help="architecture, for a weights file that does not name it")
     p.add_argument("--blocks", type=int, help="K, blocks trained on the device (default: the run's policy)")
-    p.add_argument("--method", choices=("mobiletl", "vanilla"),
-                   help="how the device trains those blocks (default: the run's policy); vanilla exports the paper's "
-                        "FT-BLKs baseline of the same K, to measure MobileTL's saving on the device")
+    p.add_argument(
+        "--method",
+        choices=("mobiletl", "vanilla"),
+        help="how the device trains those blocks (default: the run's policy); vanilla exports the paper's "
+        "FT-BLKs baseline of the same K, to measure MobileTL's saving on the device",
+    )
     p.add_argument("--lr", type=float, default=0.01, help="on-device SGD learning rate (default 0.01)")
     p.add_argument("--momentum", type=float, default=0.9, help="on-device SGD momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="on-device SGD weight decay (default 0)")
@@ -160,9 +165,20 @@ def run_export(args: argparse.Namespace) -> int:
     image_size = args.image_size or int(ckpt.config.get("image_size", 224))
     batch_size = args.batch_size or int(ckpt.config.get("batch_size", 8))
     bundle = export(
-        model, policy, args.out, image_size=image_size, batch_size=batch_size, model_name=ckpt.model_name,
-        classes=ckpt.classes, training=args.training, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, verify_steps=args.verify_steps, overwrite=args.force,
+        model,
+        policy,
+        args.out,
+        image_size=image_size,
+        batch_size=batch_size,
+        model_name=ckpt.model_name,
+        classes=ckpt.classes,
+        training=args.training,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        verify_steps=args.verify_steps,
+        overwrite=args.force,
         log=lambda line: print(line, flush=True),
     )
     print(f"bundle: {bundle.path}")

@@ -106,8 +106,11 @@ def export_inference(module: nn.Module, example: Tensor, *, part_of=lambda path:
     missing = [op for op in lowered.operators if op not in et.registered_operators()]
     if missing:
         raise UnsupportedModelError(
-            "; ".join(f"operator {op} has no kernel in this ExecuTorch runtime, used in "
-                      f"{locate_operator(op, [lowered.edge_graph, ep.graph], part_of)}" for op in missing)
+            "; ".join(
+                f"operator {op} has no kernel in this ExecuTorch runtime, used in "
+                f"{locate_operator(op, [lowered.edge_graph, ep.graph], part_of)}"
+                for op in missing
+            )
         )
     return InferenceExport(lowered, tuple(example.shape), tuple(out.shape), time.perf_counter() - t0)
 

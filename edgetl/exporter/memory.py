@@ -63,8 +63,9 @@ def saved_for_backward(joint: ExportedProgram, *, include_weight_copies: bool = 
     by_name = {n.name: n for n in nodes}
     loss_name = next(s.arg.name for s in sig.output_specs if s.kind == OutputKind.LOSS_OUTPUT)
     boundary = index[by_name[loss_name]]
-    grad_roots = [by_name[s.arg.name] for s in sig.output_specs
-                  if s.kind in (OutputKind.GRADIENT_TO_PARAMETER, OutputKind.GRADIENT_TO_USER_INPUT)]
+    grad_roots = [
+        by_name[s.arg.name] for s in sig.output_specs if s.kind in (OutputKind.GRADIENT_TO_PARAMETER, OutputKind.GRADIENT_TO_USER_INPUT)
+    ]
     backward = {n for n in _ancestors(grad_roots) if index[n] > boundary}
     weights = set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(sig.inputs_to_lifted_tensor_constants)
     # nodes computed from weights alone (no user input among their ancestors)
@@ -85,8 +86,9 @@ def saved_for_backward(joint: ExportedProgram, *, include_weight_copies: bool = 
             val = base.meta.get("val")
             if not isinstance(val, torch.Tensor) or base.name in saved:
                 continue
-            saved[base.name] = SavedTensor(base.name, tuple(val.shape), str(val.dtype).removeprefix("torch."),
-                                           val.numel() * val.element_size())
+            saved[base.name] = SavedTensor(
+                base.name, tuple(val.shape), str(val.dtype).removeprefix("torch."), val.numel() * val.element_size()
+            )
     return sorted(saved.values(), key=lambda s: index[by_name[s.node]])
 
 

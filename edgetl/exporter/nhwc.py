@@ -440,8 +440,12 @@ class TrainableTop(nn.Module):
 
     def updated_buffers(self) -> list[tuple[str, Tensor]]:
         """The running statistics a training step updates (train-mode batch norms), in output order."""
-        return [(f"{name}.{b}", getattr(m, b)) for name, m in self.named_modules()
-                if isinstance(m, BatchNormNHWC) and m.training for b in ("running_mean", "running_var", "num_batches_tracked")]
+        return [
+            (f"{name}.{b}", getattr(m, b))
+            for name, m in self.named_modules()
+            if isinstance(m, BatchNormNHWC) and m.training
+            for b in ("running_mean", "running_var", "num_batches_tracked")
+        ]
 
     def forward(self, features: Tensor, labels: Tensor | None = None):
         logits = self.logits(features)
@@ -487,7 +491,9 @@ def decompositions(native_kernels: bool = False) -> dict:
     if not native_kernels:
         table[torch.ops.edgetl_export.depthwise_nhwc.default] = _decompose_depthwise
         table[torch.ops.edgetl_export.depthwise_grad_input.default] = lambda dy, weight, h, w, stride, padding: depthwise_grad_input(
-            dy, weight, [dy.shape[0], h, w, dy.shape[3]], stride, padding)
+            dy, weight, [dy.shape[0], h, w, dy.shape[3]], stride, padding
+        )
         table[torch.ops.edgetl_export.depthwise_grad_weight.default] = lambda dy, x, k, stride, padding: depthwise_grad_weight(
-            dy, x, [x.shape[3], 1, k, k], stride, padding)
+            dy, x, [x.shape[3], 1, k, k], stride, padding
+        )
     return table

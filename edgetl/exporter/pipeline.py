@@ -70,8 +70,9 @@ def _fits(name: str, state: dict[str, torch.Tensor], num_classes: int) -> bool:
     return True
 
 
-def _saved_comparison(plain: nn.Module, policy: TrainPolicy, saved: list[memory.SavedTensor], batch_size: int,
-                      image_size: int) -> dict[str, Any]:
+def _saved_comparison(
+    plain: nn.Module, policy: TrainPolicy, saved: list[memory.SavedTensor], batch_size: int, image_size: int
+) -> dict[str, Any]:
     rows = predict_units(plain, policy, batch_size=batch_size, image_size=image_size)
     # the program runs without dropout / stochastic depth, whose noise the profiler counts
     noise = sum(s.nbytes for r in rows for s in r.saved if "noise" in s.what)
@@ -85,7 +86,7 @@ def _saved_comparison(plain: nn.Module, policy: TrainPolicy, saved: list[memory.
         "saved_uint8_bytes": sum(s.nbytes for s in saved if s.dtype == "uint8"),
         "predicted_per_unit": {r.name: r.nbytes for r in rows if r.nbytes},
         "note": "saved = tensors the exported joint graph keeps from forward to backward (weights excluded); "
-                "predicted = edgetl.profiler.predict.predict_units without dropout noise",
+        "predicted = edgetl.profiler.predict.predict_units without dropout noise",
     }
 
 
@@ -162,14 +163,23 @@ def export(
     gen = torch.Generator().manual_seed(seed)
     manifest: dict[str, Any] = {
         "created": {
-            "edgetl": _edgetl_version(), "executorch": et_version, "torch": torch.__version__,
+            "edgetl": _edgetl_version(),
+            "executorch": et_version,
+            "torch": torch.__version__,
             "utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         },
         "model": {"name": name, "num_classes": num_classes, "classes": list(classes), "policy": policy.to_dict()},
         "input": {
-            "image_size": image_size, "layout": "NCHW", "dtype": "float32", "channels": "RGB", "pixel_scale": "0..1",
-            "mean": list(spec.mean), "std": list(spec.std), "resize_short_side": round(image_size / spec.crop_ratio),
-            "crop": "center", "interpolation": spec.interpolation.value,
+            "image_size": image_size,
+            "layout": "NCHW",
+            "dtype": "float32",
+            "channels": "RGB",
+            "pixel_scale": "0..1",
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "resize_short_side": round(image_size / spec.crop_ratio),
+            "crop": "center",
+            "interpolation": spec.interpolation.value,
         },
         "runtime": {"executorch_series": et.SUPPORTED_SERIES},
         "programs": {},
@@ -181,10 +191,14 @@ def export(
 
         x1 = torch.randn(1, 3, image_size, image_size, generator=gen)
         res, diff = _write_checked_inference(writer, MODEL_PTE, plain, x1, part_of)
-        log(f"  {MODEL_PTE}: XNNPACK ({', '.join(res.program.delegates) or 'no delegate'}), lowered in {res.seconds:.1f}s, "
-            f"max |ExecuTorch - eager| = {diff:.3g}")
+        log(
+            f"  {MODEL_PTE}: XNNPACK ({', '.join(res.program.delegates) or 'no delegate'}), lowered in {res.seconds:.1f}s, "
+            f"max |ExecuTorch - eager| = {diff:.3g}"
+        )
         manifest["programs"]["inference"] = {
-            "file": MODEL_PTE, "method": "forward", "backend": res.program.delegates,
+            "file": MODEL_PTE,
+            "method": "forward",
+            "backend": res.program.delegates,
             "undelegated_ops": res.program.undelegated,
             "inputs": [{"name": "image", "shape": list(res.input_shape), "dtype": "float32"}],
             "outputs": [{"name": "logits", "shape": list(res.output_shape), "dtype": "float32"}],
@@ -192,9 +206,24 @@ def export(
         manifest["verification"]["inference_max_abs_diff"] = diff
 
         if training:
-            _export_training_part(writer, manifest, net, plain, policy, batch_size=batch_size, image_size=image_size,
-                                  num_classes=num_classes, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                  label_smoothing=label_smoothing, verify_steps=verify_steps, gen=gen, part_of=part_of, log=log)
+            _export_training_part(
+                writer,
+                manifest,
+                net,
+                plain,
+                policy,
+                batch_size=batch_size,
+                image_size=image_size,
+                num_classes=num_classes,
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                label_smoothing=label_smoothing,
+                verify_steps=verify_steps,
+                gen=gen,
+                part_of=part_of,
+                log=log,
+            )
         bundle = writer.commit(manifest)
     log(f"  verified and written: {', '.join(sorted(bundle.manifest['files']))}, {MANIFEST}")
     return bundle
@@ -218,50 +247,79 @@ def _write_checked_inference(writer: BundleWriter, name: str, module: nn.Module,
     return res, diff
 
 
-def _export_training_part(writer: BundleWriter, manifest: dict[str, Any], net: TransferModel, plain: nn.Module,
-                          policy: TrainPolicy, *, batch_size: int, image_size: int, num_classes: int, lr: float,
-                          momentum: float, weight_decay: float, label_smoothing: float, verify_steps: int,
-                          gen: torch.Generator, part_of, log: Callable[[str], None]) -> None:
+def _export_training_part(
+    writer: BundleWriter,
+    manifest: dict[str, Any],
+    net: TransferModel,
+    plain: nn.Module,
+    policy: TrainPolicy,
+    *,
+    batch_size: int,
+    image_size: int,
+    num_classes: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    label_smoothing: float,
+    verify_steps: int,
+    gen: torch.Generator,
+    part_of,
+    log: Callable[[str], None],
+) -> None:
     xb = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
     bottom = inference.Bottom(training.without_dropout(net))
     res, diff = _write_checked_inference(writer, BOTTOM_PTE, bottom, xb, part_of)
-    log(f"  {BOTTOM_PTE}: frozen bottom ({len(net.bottom_names)} units), XNNPACK, lowered in {res.seconds:.1f}s, "
-        f"max |ExecuTorch - eager| = {diff:.3g}")
+    log(
+        f"  {BOTTOM_PTE}: frozen bottom ({len(net.bottom_names)} units), XNNPACK, lowered in {res.seconds:.1f}s, "
+        f"max |ExecuTorch - eager| = {diff:.3g}"
+    )
     feature_shape = res.output_shape
 
     ex = training.export_training(net, feature_shape=feature_shape, num_classes=num_classes, label_smoothing=label_smoothing)
     pte = writer.write(TRAIN_PTE, ex.program.pte)
     ptd = writer.write(TRAIN_PTD, ex.program.ptd)
-    log(f"  {TRAIN_PTE} + {TRAIN_PTD}: top {len(net.top_names)} units + head, {len(ex.parameter_names)} trainable tensors, "
-        f"{len(ex.buffer_names)} running statistics, exported in {ex.seconds:.1f}s")
+    log(
+        f"  {TRAIN_PTE} + {TRAIN_PTD}: top {len(net.top_names)} units + head, {len(ex.parameter_names)} trainable tensors, "
+        f"{len(ex.buffer_names)} running statistics, exported in {ex.seconds:.1f}s"
+    )
     check = training.verify_training(net, ex, pte, ptd, steps=verify_steps, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    log(f"  {verify_steps} SGD steps, ExecuTorch vs eager: loss max diff {check.loss_max_abs_diff:.3g}, "
+    log(
+        f"  {verify_steps} SGD steps, ExecuTorch vs eager: loss max diff {check.loss_max_abs_diff:.3g}, "
         f"weights {check.weight_max_abs_diff:.3g}, "
         f"running stats {check.running_stats_max_abs_diff:.3g} (moved {check.running_stats_moved:.3g}), "
-        f"predict with written weights {check.predict_max_abs_diff:.3g}; tolerance {training.WEIGHT_TOLERANCE:g}")
+        f"predict with written weights {check.predict_max_abs_diff:.3g}; tolerance {training.WEIGHT_TOLERANCE:g}"
+    )
     mem = _saved_comparison(plain, policy, ex.saved, batch_size, image_size)
     mem["planned_arena_bytes"] = {m: sum(v) for m, v in ex.program.planned_bytes.items()}
     mem["trainable_parameter_bytes"] = sum(s.nbytes for k, s in ex.program.layout.items() if k in ex.parameter_names)
-    log(f"  memory: saved for backward {mem['saved_for_backward_bytes_exported'] / 2**20:.2f} MiB exported vs "
+    log(
+        f"  memory: saved for backward {mem['saved_for_backward_bytes_exported'] / 2**20:.2f} MiB exported vs "
         f"{mem['saved_for_backward_bytes_predicted'] / 2**20:.2f} MiB predicted by the eager profiler "
-        f"({mem['saved_uint8_masks']} uint8 masks); planned arena {mem['planned_arena_bytes']['forward'] / 2**20:.2f} MiB")
+        f"({mem['saved_uint8_masks']} uint8 masks); planned arena {mem['planned_arena_bytes']['forward'] / 2**20:.2f} MiB"
+    )
     manifest["programs"]["bottom"] = {
-        "file": BOTTOM_PTE, "method": "forward", "backend": res.program.delegates, "undelegated_ops": res.program.undelegated,
+        "file": BOTTOM_PTE,
+        "method": "forward",
+        "backend": res.program.delegates,
+        "undelegated_ops": res.program.undelegated,
         "inputs": [{"name": "image", "shape": list(res.input_shape), "dtype": "float32"}],
         "outputs": [{"name": "features", "shape": list(feature_shape), "dtype": "float32"}],
     }
     features = {"name": "features", "shape": list(feature_shape), "dtype": "float32", "layout": "NCHW"}
     manifest["programs"]["training"] = {
-        "file": TRAIN_PTE, "data": TRAIN_PTD, "batch_size": batch_size,
+        "file": TRAIN_PTE,
+        "data": TRAIN_PTD,
+        "batch_size": batch_size,
         "methods": {
             "forward": {
                 "inputs": [features, {"name": "labels", "shape": [batch_size], "dtype": "int64"}],
-                "outputs": [{"name": "loss", "shape": [], "dtype": "float32"},
-                            {"name": "logits", "shape": [batch_size, num_classes], "dtype": "float32"}]
-                           + [{"name": n, "shape": list(ex.program.layout[n].shape), "dtype": ex.program.layout[n].dtype}
-                              for n in ex.buffer_names],
+                "outputs": [
+                    {"name": "loss", "shape": [], "dtype": "float32"},
+                    {"name": "logits", "shape": [batch_size, num_classes], "dtype": "float32"},
+                ]
+                + [{"name": n, "shape": list(ex.program.layout[n].shape), "dtype": ex.program.layout[n].dtype} for n in ex.buffer_names],
                 "then": "one gradient per trainable parameter, then the parameters (ExecuTorch training layout; "
-                        "__et_training_gradients_index_forward says where the gradients start)",
+                "__et_training_gradients_index_forward says where the gradients start)",
             },
             "predict": {"inputs": [features], "outputs": [{"name": "logits", "shape": [batch_size, num_classes], "dtype": "float32"}]},
         },

@@ -98,8 +98,14 @@ class TrainingExport:
     notes: list[str] = field(default_factory=list)
 
 
-def export_training(net: TransferModel, *, feature_shape: tuple[int, ...], num_classes: int,
-                    label_smoothing: float = 0.0, native_kernels: bool | None = None) -> TrainingExport:
+def export_training(
+    net: TransferModel,
+    *,
+    feature_shape: tuple[int, ...],
+    num_classes: int,
+    label_smoothing: float = 0.0,
+    native_kernels: bool | None = None,
+) -> TrainingExport:
     """Export ``net``'s top (trained per its policy) with a cross-entropy loss as a training program.
 
     ``feature_shape`` is the bottom's output for one batch (N x C x H x W). ``native_kernels``:
@@ -141,17 +147,20 @@ def export_training(net: TransferModel, *, feature_shape: tuple[int, ...], num_c
     try:
         program = et.emit_training_program({"forward": joint, "predict": predict}, external=set(grads) | set(mutated))
     except et.MissingKernelError as exc:
-        raise UnsupportedModelError("; ".join(
-            f"operator {op} has no ExecuTorch out-variant, used in {locate_operator(op, graphs, part_of)}" for op in exc.ops
-        )) from None
+        raise UnsupportedModelError(
+            "; ".join(f"operator {op} has no ExecuTorch out-variant, used in {locate_operator(op, graphs, part_of)}" for op in exc.ops)
+        ) from None
     kernels = et.registered_operators()
     missing = sorted({op for ops in program.operators.values() for op in ops if op not in kernels})
     if missing:
-        raise UnsupportedModelError("; ".join(
-            f"operator {op} has no kernel in this ExecuTorch runtime, used in {locate_operator(op, graphs, part_of)}" for op in missing
-        ))
-    return TrainingExport(program, grads, mutated, tuple(feature_shape), num_classes, saved,
-                          time.perf_counter() - t0, label_smoothing, native_kernels)
+        raise UnsupportedModelError(
+            "; ".join(
+                f"operator {op} has no kernel in this ExecuTorch runtime, used in {locate_operator(op, graphs, part_of)}" for op in missing
+            )
+        )
+    return TrainingExport(
+        program, grads, mutated, tuple(feature_shape), num_classes, saved, time.perf_counter() - t0, label_smoothing, native_kernels
+    )
 
 
 def program_memory(model: nn.Module, policy, *, batch_size: int, image_size: int, num_classes: int):
@@ -191,8 +200,18 @@ def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(1.0, float(np.abs(b).max()))) if a.size else 0.0
 
 
-def verify_training(net: TransferModel, export: TrainingExport, pte: Path, ptd: Path, *, steps: int = 3, lr: float,
-                    momentum: float, weight_decay: float, seed: int = 0) -> TrainingCheck:
+def verify_training(
+    net: TransferModel,
+    export: TrainingExport,
+    pte: Path,
+    ptd: Path,
+    *,
+    steps: int = 3,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    seed: int = 0,
+) -> TrainingCheck:
     """Run ``steps`` SGD steps in the ExecuTorch program and in eager PyTorch from the same weights
     on the same batches; raise :class:`VerificationError` when they disagree beyond tolerance.
 
@@ -202,8 +221,10 @@ def verify_training(net: TransferModel, export: TrainingExport, pte: Path, ptd: 
     """
     gen = torch.Generator().manual_seed(seed)
     n = export.feature_shape[0]
-    batches = [(torch.randn(export.feature_shape, generator=gen).abs(),
-                torch.randint(0, export.num_classes, (n,), generator=gen)) for _ in range(steps)]
+    batches = [
+        (torch.randn(export.feature_shape, generator=gen).abs(), torch.randint(0, export.num_classes, (n,), generator=gen))
+        for _ in range(steps)
+    ]
     eager = without_dropout(net).train()
     params = [p for _, p in eager.trainable_parameters()]
     initial_params = {k: p.detach().clone().numpy() for k, p in eager.trainable_parameters()}
@@ -229,10 +250,13 @@ def verify_training(net: TransferModel, export: TrainingExport, pte: Path, ptd: 
     eager_state = {k: v.detach().numpy() for k, v in eager.state_dict().items()}
     weight_diff = max(_max_rel(state[k], eager_state[k]) for k in export.parameter_names)
     off_weights = [
-        k for k in export.parameter_names
+        k
+        for k in export.parameter_names
         if not float(np.abs(state[k].reshape(eager_state[k].shape) - eager_state[k]).max())
-        <= max(WEIGHT_TOLERANCE * max(1.0, float(np.abs(eager_state[k]).max())),
-               UPDATE_TOLERANCE * float(np.abs(eager_state[k] - initial_params[k]).max()))
+        <= max(
+            WEIGHT_TOLERANCE * max(1.0, float(np.abs(eager_state[k]).max())),
+            UPDATE_TOLERANCE * float(np.abs(eager_state[k] - initial_params[k]).max()),
+        )
     ]
     float_buffers = [k for k in export.buffer_names if state[k].dtype.kind == "f"]
     stats_diff = max((_max_rel(state[k], eager_state[k]) for k in float_buffers), default=0.0)
@@ -247,15 +271,24 @@ def verify_training(net: TransferModel, export: TrainingExport, pte: Path, ptd: 
     # with near-dead channels (running variance ~1e-8, so a shift-only norm scales by ~300)
     # amplifies from 1e-6 in the weights to 1e-3 in the logits
     readback = copy.deepcopy(eager)
-    readback.load_state_dict({k: torch.from_numpy(np.asarray(state[k]).copy()).reshape(v.shape).to(v.dtype) if k in state else v
-                              for k, v in eager.state_dict().items()})
+    readback.load_state_dict(
+        {
+            k: torch.from_numpy(np.asarray(state[k]).copy()).reshape(v.shape).to(v.dtype) if k in state else v
+            for k, v in eager.state_dict().items()
+        }
+    )
     with torch.no_grad():
         want = readback.eval().forward_top(batches[0][0]).numpy()
     predict_diff = _max_rel(got, want)
     check = TrainingCheck(
-        steps, losses_eager, losses_et,
+        steps,
+        losses_eager,
+        losses_et,
         max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(losses_et, losses_eager, strict=True)),
-        weight_diff, stats_diff, moved, predict_diff,
+        weight_diff,
+        stats_diff,
+        moved,
+        predict_diff,
         {"loss": LOSS_TOLERANCE, "weights": WEIGHT_TOLERANCE, "running_stats": WEIGHT_TOLERANCE, "predict": WEIGHT_TOLERANCE},
     )
     failures = [
@@ -268,8 +301,10 @@ def verify_training(net: TransferModel, export: TrainingExport, pte: Path, ptd: 
         if not value <= tol
     ]
     if off_weights:
-        failures.append(f"updated weights differ by {weight_diff:.3g} (tolerance {WEIGHT_TOLERANCE:g}, or {UPDATE_TOLERANCE:g} of the "
-                        f"update) in {', '.join(off_weights[:3])}")
+        failures.append(
+            f"updated weights differ by {weight_diff:.3g} (tolerance {WEIGHT_TOLERANCE:g}, or {UPDATE_TOLERANCE:g} of the "
+            f"update) in {', '.join(off_weights[:3])}"
+        )
     if float_buffers and not moved > 0:
         failures.append("the running statistics did not change on the ExecuTorch side")
     if failures:

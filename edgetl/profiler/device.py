@@ -76,8 +76,7 @@ def parse_size(value: Any, *, field: str = "size", where: str = "") -> int:
                 return int(nbytes)
             raise DeviceProfileError(f"{prefix}field {field!r} = {value!r} is not a whole number of bytes")
     raise DeviceProfileError(
-        f"{prefix}field {field!r} must be bytes (an integer) or a size like '1.5GiB' "
-        f"(units: {', '.join(UNITS)}), got {value!r}"
+        f"{prefix}field {field!r} must be bytes (an integer) or a size like '1.5GiB' (units: {', '.join(UNITS)}), got {value!r}"
     )
 
 
@@ -136,8 +135,7 @@ def device_from_dict(values: dict[str, Any], *, where: str = "device profile") -
     """Validate a parsed profile table and build the :class:`DeviceProfile`."""
     unknown = sorted(set(values) - set(_REQUIRED) - set(_OPTIONAL))
     if unknown:
-        raise DeviceProfileError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
-                                 f"expected {', '.join(_REQUIRED + _OPTIONAL)}")
+        raise DeviceProfileError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; expected {', '.join(_REQUIRED + _OPTIONAL)}")
     name = _require(values, "name", str, where).strip()
     if not name:
         raise DeviceProfileError(f"{where}: field 'name' must not be empty")

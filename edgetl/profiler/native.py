@@ -53,8 +53,9 @@ class NativePeakEstimate:
 
     def summary(self, size) -> str:
         """One line for the planner (``size`` formats bytes)."""
-        return (f"arena {size(self.arena)}, weights {size(self.weights_file)} + momentum {size(self.momentum)}, "
-                f"features {size(self.features)}")
+        return (
+            f"arena {size(self.arena)}, weights {size(self.weights_file)} + momentum {size(self.momentum)}, features {size(self.features)}"
+        )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
@@ -86,8 +87,14 @@ def predict_native_peak(
     )
 
 
-def native_peak_of_bundle(manifest: dict, *, images: int, momentum: bool | None = None, feature_budget: int = FEATURE_BUDGET_BYTES,
-                          runtime_bytes: int = NATIVE_RUNTIME_BYTES) -> NativePeakEstimate:
+def native_peak_of_bundle(
+    manifest: dict,
+    *,
+    images: int,
+    momentum: bool | None = None,
+    feature_budget: int = FEATURE_BUDGET_BYTES,
+    runtime_bytes: int = NATIVE_RUNTIME_BYTES,
+) -> NativePeakEstimate:
     """:func:`predict_native_peak` for an exported bundle's ``manifest.json`` (its memory plan,
     file sizes and optimizer)."""
     train = manifest["programs"]["training"]

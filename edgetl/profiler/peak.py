@@ -185,8 +185,10 @@ class StepPeakEstimate:
 
     def summary(self, size) -> str:
         """One line for the planner (``size`` formats bytes)."""
-        return (f"saved activations {size(self.saved_activations)}, weights+grads+{self.optimizer} state "
-                f"{size(self.weights + self.gradients + self.optimizer_state)}")
+        return (
+            f"saved activations {size(self.saved_activations)}, weights+grads+{self.optimizer} state "
+            f"{size(self.weights + self.gradients + self.optimizer_state)}"
+        )
 
 
 def predict_step_peak(
@@ -276,8 +278,10 @@ def trainable_shapes_problem(rows: Sequence[UnitPrediction]) -> str | None:
         if row.role in ("block", "stage") and len(row.out_shape) == 4:
             n, _, h, w = row.out_shape
             if n * h * w <= 1:
-                return (f"{row.name} trains a batch norm on a {n}x{h}x{w} map (batch x height x width), which has one value "
-                        "per channel; use a batch size of at least 2 or a larger image size")
+                return (
+                    f"{row.name} trains a batch norm on a {n}x{h}x{w} map (batch x height x width), which has one value "
+                    "per channel; use a batch size of at least 2 or a larger image size"
+                )
     return None
 
 
@@ -398,10 +402,12 @@ def calibrate_runtime(*, timeout: float = 600.0) -> int:
 
     c = CALIBRATION
     policy = TrainPolicy(c["blocks"], "mobiletl")
-    measured = measure_process_peak(c["model"], policy, batch_size=c["batch_size"], image_size=c["image_size"],
-                                    num_classes=c["num_classes"], timeout=timeout)
-    estimate = predict_step_peak(load_model(c["model"], num_classes=c["num_classes"]), policy,
-                                 batch_size=c["batch_size"], image_size=c["image_size"])
+    measured = measure_process_peak(
+        c["model"], policy, batch_size=c["batch_size"], image_size=c["image_size"], num_classes=c["num_classes"], timeout=timeout
+    )
+    estimate = predict_step_peak(
+        load_model(c["model"], num_classes=c["num_classes"]), policy, batch_size=c["batch_size"], image_size=c["image_size"]
+    )
     return measured.peak_rss - estimate.model_bytes
 
 

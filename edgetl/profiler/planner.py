@@ -60,8 +60,15 @@ class Candidate:
         return self.usable - self.peak
 
     def to_dict(self) -> dict:
-        return {"blocks": self.blocks, "batch_size": self.batch_size, "predicted_peak": self.peak,
-                "usable": self.usable, "headroom": self.headroom, "fits": self.fits, "estimate": self.estimate.to_dict()}
+        return {
+            "blocks": self.blocks,
+            "batch_size": self.batch_size,
+            "predicted_peak": self.peak,
+            "usable": self.usable,
+            "headroom": self.headroom,
+            "fits": self.fits,
+            "estimate": self.estimate.to_dict(),
+        }
 
 
 @dataclass(frozen=True)
@@ -107,8 +114,10 @@ class Plan:
 
         def line(c: Candidate) -> str:
             share = 100 * c.peak / c.usable if c.usable > 0 else float("inf")
-            return (f"K={c.blocks:<2d} batch {c.batch_size:<3d} predicted peak {format_size(c.peak):>10s} "
-                    f"({share:5.1f}% of usable; {c.estimate.summary(format_size)})")
+            return (
+                f"K={c.blocks:<2d} batch {c.batch_size:<3d} predicted peak {format_size(c.peak):>10s} "
+                f"({share:5.1f}% of usable; {c.estimate.summary(format_size)})"
+            )
 
         overhead = d.runtime_overhead if self.runtime == "eager" else self.chosen.estimate.runtime
 
@@ -124,11 +133,15 @@ class Plan:
         for i, c in enumerate(self.over_budget):
             out.append(f"  {'over budget:' if i == 0 else '':12s} {line(c)}, {format_size(-c.headroom)} too much")
         if self.runtime == "eager":
-            out.append("  Predicted peaks are estimates (edgetl.profiler.peak.predict_step_peak), not measurements; "
-                       "check on the device with `edgetl profile ... --process`.")
+            out.append(
+                "  Predicted peaks are estimates (edgetl.profiler.peak.predict_step_peak), not measurements; "
+                "check on the device with `edgetl profile ... --process`."
+            )
         else:
-            out.append("  Predicted peaks of edgetl-device finetune (edgetl.profiler.native): runtime + cached features + weights "
-                       "file + the program's planned arena + momentum; check on the device with `edgetl-device --verbose finetune`.")
+            out.append(
+                "  Predicted peaks of edgetl-device finetune (edgetl.profiler.native): runtime + cached features + weights "
+                "file + the program's planned arena + momentum; check on the device with `edgetl-device --verbose finetune`."
+            )
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -220,8 +233,14 @@ def plan(
             raise hi
         per_item = (hi.arena_bytes - lo.arena_bytes) / (NATIVE_ANCHORS[1] - NATIVE_ANCHORS[0])
         arena = max(0, round(lo.arena_bytes + (b - NATIVE_ANCHORS[0]) * per_item))
-        return predict_native_peak(arena_bytes=arena, weights_file_bytes=lo.weights_file_bytes, trainable_bytes=lo.trainable_bytes,
-                                   feature_bytes=lo.feature_bytes, images=images, momentum=optimizer == "sgd")
+        return predict_native_peak(
+            arena_bytes=arena,
+            weights_file_bytes=lo.weights_file_bytes,
+            trainable_bytes=lo.trainable_bytes,
+            feature_bytes=lo.feature_bytes,
+            images=images,
+            momentum=optimizer == "sgd",
+        )
 
     def score(k: int, b: int) -> Candidate | None:
         policy = TrainPolicy(k, method, activation_mask=activation_mask)
@@ -233,8 +252,9 @@ def plan(
                 return Candidate(k, b, native_estimate(k, b), profile.usable_bytes)
             except EdgetlError:
                 return None  # no training program for this K (e.g. the stem's full convolution at K = all)
-        est = predict_step_peak(net, policy, batch_size=b, image_size=image_size, optimizer=optimizer,
-                                runtime_bytes=profile.runtime_overhead, rows=rows)
+        est = predict_step_peak(
+            net, policy, batch_size=b, image_size=image_size, optimizer=optimizer, runtime_bytes=profile.runtime_overhead, rows=rows
+        )
         return Candidate(k, b, est, profile.usable_bytes)
 
     # best fitting batch per K, from the top K down; the peak grows with K and with the batch size

@@ -207,13 +207,27 @@ def _describe(name: str, unit: nn.Module | None) -> dict[str, Any]:
     if is_irb(unit):
         spec = block_spec(name, unit)
         act = next((layer.kind for layer in spec.layers if layer.op == "act"), None)
-        return dict(kind=spec.kind, expand_ratio=round(spec.expand_ratio, 4), kernel=spec.kernel, stride=spec.stride,
-                    se=spec.use_se, residual=spec.use_residual, activation=act)
+        return dict(
+            kind=spec.kind,
+            expand_ratio=round(spec.expand_ratio, 4),
+            kernel=spec.kernel,
+            stride=spec.stride,
+            se=spec.use_se,
+            residual=spec.use_residual,
+            activation=act,
+        )
     layers = layer_specs(unit)
     conv = next((layer for layer in layers if layer.op == "conv"), None)
     act = next((layer.kind for layer in layers if layer.op == "act"), None)
-    return dict(kind=type(unit).__name__, expand_ratio=None, kernel=conv.kernel if conv else None,
-                stride=conv.stride if conv else None, se=False, residual=False, activation=act)
+    return dict(
+        kind=type(unit).__name__,
+        expand_ratio=None,
+        kernel=conv.kernel if conv else None,
+        stride=conv.stride if conv else None,
+        se=False,
+        residual=False,
+        activation=act,
+    )
 
 
 def _paper_bytes(model: nn.Module, row: UnitPrediction, method: str) -> int:
@@ -339,26 +353,34 @@ def profile(
                 tp[method] = unit_param_bytes(model.classifier, trains=True, mobiletl=False)[1]
             else:
                 tp[method] = unit_param_bytes(unit, trains=role != "frozen", mobiletl=method == "mobiletl")[1]
-        rows_out.append(MemoryRow(
-            index=i,
-            name=base.name,
-            role=base.role,
-            block_index=block_index.get(base.name),
-            in_shape=tuple(base.in_shape),
-            out_shape=tuple(base.out_shape),
-            predicted={m: predicted[m][i].nbytes for m in METHODS},
-            measured={m: measured[m][base.name].nbytes for m in METHODS},
-            paper={m: _paper_bytes(model, predicted[m][i], m) for m in METHODS},
-            trainable_param_bytes=tp,
-            **_describe(base.name, unit),
-        ))
+        rows_out.append(
+            MemoryRow(
+                index=i,
+                name=base.name,
+                role=base.role,
+                block_index=block_index.get(base.name),
+                in_shape=tuple(base.in_shape),
+                out_shape=tuple(base.out_shape),
+                predicted={m: predicted[m][i].nbytes for m in METHODS},
+                measured={m: measured[m][base.name].nbytes for m in METHODS},
+                paper={m: _paper_bytes(model, predicted[m][i], m) for m in METHODS},
+                trainable_param_bytes=tp,
+                **_describe(base.name, unit),
+            )
+        )
 
     if measure_process:
         from edgetl.profiler.peak import measure_process_peak
 
         for method in METHODS:
-            peak = measure_process_peak(model_or_name, replace(policy, method=method), batch_size=batch_size,
-                                        image_size=image_size, num_classes=num_classes, optimizer=optimizer)
+            peak = measure_process_peak(
+                model_or_name,
+                replace(policy, method=method),
+                batch_size=batch_size,
+                image_size=image_size,
+                num_classes=num_classes,
+                optimizer=optimizer,
+            )
             totals[method] = replace(totals[method], process=peak)
 
     return MemoryReport(
@@ -408,8 +430,24 @@ def _unit_label(r: MemoryRow) -> str:
 
 
 def _render(report: MemoryReport, *, collapse_frozen: bool) -> str:
-    header = ["unit", "kind", "input NxCxHxW", "t", "k", "s", "SE", "act", "trains",
-              "vanilla pred", "vanilla meas", "mobiletl pred", "mobiletl meas", "reduction", "paper acct.", "trained params"]
+    header = [
+        "unit",
+        "kind",
+        "input NxCxHxW",
+        "t",
+        "k",
+        "s",
+        "SE",
+        "act",
+        "trains",
+        "vanilla pred",
+        "vanilla meas",
+        "mobiletl pred",
+        "mobiletl meas",
+        "reduction",
+        "paper acct.",
+        "trained params",
+    ]
     right = set(range(9, 16))
     table: list[list[str]] = []
     rows = list(report.rows)
@@ -417,28 +455,69 @@ def _render(report: MemoryReport, *, collapse_frozen: bool) -> str:
     if collapse_frozen and len(frozen) > 1:
         first, last = frozen[0], frozen[-1]
         nblocks = sum(r.block_index is not None for r in frozen)
-        table.append([f"{first.name}-{last.name.rsplit('.', 1)[-1]}", f"frozen: stem + {nblocks} IRBs",
-                      _shape(first.in_shape), "", "", "", "", "", "no", "0", "0", "0", "0", "-", "-", "0"])
+        table.append(
+            [
+                f"{first.name}-{last.name.rsplit('.', 1)[-1]}",
+                f"frozen: stem + {nblocks} IRBs",
+                _shape(first.in_shape),
+                "",
+                "",
+                "",
+                "",
+                "",
+                "no",
+                "0",
+                "0",
+                "0",
+                "0",
+                "-",
+                "-",
+                "0",
+            ]
+        )
         rows = [r for r in rows if r.role != "frozen"]
     for r in rows:
-        table.append([
-            _unit_label(r), r.kind, _shape(r.in_shape),
-            "" if r.expand_ratio is None else f"{r.expand_ratio:g}",
-            "" if r.kernel is None else str(r.kernel),
-            "" if r.stride is None else str(r.stride),
-            "" if r.se is None else ("yes" if r.se else "no"),
-            r.activation or "",
-            "yes" if r.trains else "no",
-            _kib(r.predicted["vanilla"]), _kib(r.measured["vanilla"]),
-            _kib(r.predicted["mobiletl"]), _kib(r.measured["mobiletl"]),
-            _pct(r.reduction_pct), _pct(r.paper_reduction_pct),
-            _kib(r.trainable_param_bytes["mobiletl"]) if r.trains else "0",
-        ])
+        table.append(
+            [
+                _unit_label(r),
+                r.kind,
+                _shape(r.in_shape),
+                "" if r.expand_ratio is None else f"{r.expand_ratio:g}",
+                "" if r.kernel is None else str(r.kernel),
+                "" if r.stride is None else str(r.stride),
+                "" if r.se is None else ("yes" if r.se else "no"),
+                r.activation or "",
+                "yes" if r.trains else "no",
+                _kib(r.predicted["vanilla"]),
+                _kib(r.measured["vanilla"]),
+                _kib(r.predicted["mobiletl"]),
+                _kib(r.measured["mobiletl"]),
+                _pct(r.reduction_pct),
+                _pct(r.paper_reduction_pct),
+                _kib(r.trainable_param_bytes["mobiletl"]) if r.trains else "0",
+            ]
+        )
     t = report.totals
-    table.append(["total", "", "", "", "", "", "", "", "",
-                  _kib(t["vanilla"].saved_predicted), _kib(t["vanilla"].saved_measured),
-                  _kib(t["mobiletl"].saved_predicted), _kib(t["mobiletl"].saved_measured),
-                  _pct(report.reduction_pct), _pct(report.paper_reduction_pct), _kib(t["mobiletl"].trainable_params)])
+    table.append(
+        [
+            "total",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            _kib(t["vanilla"].saved_predicted),
+            _kib(t["vanilla"].saved_measured),
+            _kib(t["mobiletl"].saved_predicted),
+            _kib(t["mobiletl"].saved_measured),
+            _pct(report.reduction_pct),
+            _pct(report.paper_reduction_pct),
+            _kib(t["mobiletl"].trainable_params),
+        ]
+    )
     widths = [max(len(header[c]), *(len(row[c]) for row in table)) for c in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -487,9 +566,12 @@ def _render(report: MemoryReport, *, collapse_frozen: bool) -> str:
     out.append("Notes: " + LABELS["estimate"] + ".")
     if all(t[m].process for m in METHODS):
         p = t["mobiletl"].process
-        out.append(f"       {LABELS['process']}: one fresh child process per method, {p.steps} training steps "
-                   f"(forward, backward, {report.optimizer} step), {p.platform}, torch {p.torch_version}"
-                   + ("" if p.hwm_reset else "; the peak could not be reset after loading, so it is the process's lifetime peak") + ".")
+        out.append(
+            f"       {LABELS['process']}: one fresh child process per method, {p.steps} training steps "
+            f"(forward, backward, {report.optimizer} step), {p.platform}, torch {p.torch_version}"
+            + ("" if p.hwm_reset else "; the peak could not be reset after loading, so it is the process's lifetime peak")
+            + "."
+        )
     else:
         out.append("       process peak RSS not measured (edgetl profile --process / profile(..., measure_process=True)).")
     return "\n".join(out)
@@ -527,8 +609,11 @@ def plot_report(report: MemoryReport, path: str | os.PathLike) -> None:
     ax.set_xticklabels(labels, fontsize=7 if len(rows) > 12 else 8)
     ax.set_ylabel("MiB saved for backward (autograd, measured)")
     red = report.reduction_pct
-    ax.set_title(f"{report.model}: top K={report.blocks} blocks, batch {report.batch_size}, {report.image_size} px"
-                 + (f"\nMobileTL {_pct(red)} bytes saved for backward (total)" if red is not None else ""), fontsize=10)
+    ax.set_title(
+        f"{report.model}: top K={report.blocks} blocks, batch {report.batch_size}, {report.image_size} px"
+        + (f"\nMobileTL {_pct(red)} bytes saved for backward (total)" if red is not None else ""),
+        fontsize=10,
+    )
     ax.legend(frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

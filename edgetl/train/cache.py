@@ -45,8 +45,9 @@ def cache_features(
     model.eval()
     for v in range(views):
         torch.manual_seed(seed * 7919 + v)  # each view's augmentation is reproducible
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                            generator=torch.Generator().manual_seed(seed * 7919 + v))
+        loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, num_workers=workers, generator=torch.Generator().manual_seed(seed * 7919 + v)
+        )
         chunks, ys = [], []
         for x, y in loader:
             chunks.append(model.forward_bottom(x))

@@ -277,10 +277,12 @@ def finetune(
     if config.cache_features:
         views = config.cache_views if config.augment else 1
         t0 = time.perf_counter()
-        cache = cache_features(model, train_source, views=views, seed=config.seed,
-                               batch_size=max(config.batch_size, 32), workers=config.workers)
-        val_source = cache_features(model, data.val, views=1, seed=config.seed, batch_size=max(config.batch_size, 32),
-                                    workers=config.workers).view(0)
+        cache = cache_features(
+            model, train_source, views=views, seed=config.seed, batch_size=max(config.batch_size, 32), workers=config.workers
+        )
+        val_source = cache_features(
+            model, data.val, views=1, seed=config.seed, batch_size=max(config.batch_size, 32), workers=config.workers
+        ).view(0)
         log(f"cached bottom features: {cache.nbytes / 2**20:.1f}MiB for {views} view(s) in {time.perf_counter() - t0:.1f}s")
     val_loader = DataLoader(val_source, batch_size=2 * config.batch_size, num_workers=0 if cache else config.workers)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -328,22 +330,27 @@ def finetune(
             "peak_rss_bytes": peak_rss_bytes(),
         }
         history.append(row)
-        save_torch(ckpt_path, {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch + 1,
-            "history": history,
-            "config": json.dumps(config.to_dict()),
-        })
+        save_torch(
+            ckpt_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+                "history": history,
+                "config": json.dumps(config.to_dict()),
+            },
+        )
         _write_metrics(out / METRICS, history)
         log(_epoch_line(row, config.epochs))
 
-    save_torch(out / FINAL_WEIGHTS, {
-        "model": model.state_dict(),
-        "model_name": config.model,
-        "classes": data.classes,
-        "policy": json.dumps(policy.to_dict()),
-    })
+    save_torch(
+        out / FINAL_WEIGHTS,
+        {
+            "model": model.state_dict(),
+            "model_name": config.model,
+            "classes": data.classes,
+            "policy": json.dumps(policy.to_dict()),
+        },
+    )
     return FinetuneResult(out, model, data.classes, history)
-
