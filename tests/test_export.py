@@ -24,7 +24,7 @@ from edgetl.exporter import _executorch as et
 from edgetl.exporter import bundle as bundle_mod
 from edgetl.exporter import inference, memory, nhwc, training
 from edgetl.exporter.cli import add_export_parser, read_checkpoint
-from edgetl.exporter.errors import ExecutorchMissingError, ExportError, UnsupportedModelError
+from edgetl.exporter.errors import ExecutorchMissingError, ExportError, UnsupportedModelError, VerificationError
 from edgetl.models.zoo import load_model, model_spec
 from edgetl.profiler.predict import predict_units
 from tests.conftest import CLASSES, calibrate, make_image_folder, pretrained_model
@@ -313,6 +313,63 @@ def test_depthwise_and_pointwise_custom_ops_match_convolution(stride, kernel):
     torch.testing.assert_close(out, x2 @ v[:, :, 0, 0].t())
     d = torch.randn_like(out)
     torch.testing.assert_close(torch.autograd.grad(out, (x2, v), d), torch.autograd.grad(x2 @ v[:, :, 0, 0].t(), (x2, v), d))
+
+
+class _DepthwiseOps(nn.Module):
+    """The three depthwise operators as the training program calls them."""
+
+    def __init__(self, stride: int, pad: int) -> None:
+        super().__init__()
+        self.stride, self.pad = stride, pad
+
+    def forward(self, x, w, dy):
+        h, wd, k = x.shape[1], x.shape[2], w.shape[-1]
+        return (
+            torch.ops.edgetl_export.depthwise_nhwc(x, w, self.stride, self.pad),
+            torch.ops.edgetl_export.depthwise_grad_input(dy, w, h, wd, self.stride, self.pad),
+            torch.ops.edgetl_export.depthwise_grad_weight(dy, x, k, self.stride, self.pad),
+        )
+
+
+@pytest.mark.parametrize(("stride", "kernel"), [(1, 3), (2, 3), (1, 5), (2, 5)])
+def test_native_depthwise_kernels_match_convolution_and_its_gradients(tmp_path, stride, kernel):
+    """deploy/native/kernels, run by ExecuTorch, against conv2d and autograd in float64."""
+    from executorch.exir import EdgeCompileConfig, to_edge
+
+    if et.load_native_kernels() is None:
+        pytest.skip("the native kernel library is not built (deploy/native/build.sh)")
+    torch.manual_seed(stride * 10 + kernel)
+    pad = kernel // 2
+    x = torch.randn(2, 9, 11, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 1, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    ref = nn.functional.conv2d(x.permute(0, 3, 1, 2), w, stride=stride, padding=pad, groups=6).permute(0, 2, 3, 1)
+    dy = torch.randn_like(ref)
+    gx, gw = torch.autograd.grad(ref, (x, w), dy)
+    args = (x.detach().float(), w.detach().float(), dy.float())
+    ep = torch.export.export(_DepthwiseOps(stride, pad), args)
+    pte = tmp_path / "dw.pte"
+    pte.write_bytes(to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch().buffer)
+    program = et.Program(pte)
+    got = program.run("forward", *(a.numpy() for a in args))
+    for value, want in zip(got, (ref, gx, gw), strict=True):
+        np.testing.assert_allclose(value, want.detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_verification_refuses_a_backward_that_differs_from_eager(tmp_path):
+    """The program's ReLU6 backward is MobileTL's sign rule; eager's is the exact one: three steps apart."""
+    model = load_model("mobilenet_v2", num_classes=3)
+    with torch.no_grad():  # push the top block's activations past 6, where the two rules differ
+        model.features[17].conv[0][0].weight.mul_(30)
+    sign = edgetl.prepare(model, edgetl.TrainPolicy(blocks=1))
+    exact = edgetl.prepare(model, edgetl.TrainPolicy(blocks=1, activation_grad="exact"))
+    shape = tuple(sign.forward_bottom(torch.zeros(4, 3, 64, 64)).shape)
+    ex = training.export_training(sign, feature_shape=shape, num_classes=3)
+    pte, ptd = tmp_path / "train.pte", tmp_path / "train.ptd"
+    pte.write_bytes(ex.program.pte)
+    ptd.write_bytes(ex.program.ptd)
+    training.verify_training(sign, ex, pte, ptd, lr=0.05, momentum=0.9, weight_decay=0.0)  # its own policy passes
+    with pytest.raises(VerificationError, match="training program does not match eager"):
+        training.verify_training(exact, ex, pte, ptd, lr=0.05, momentum=0.9, weight_decay=0.0)
 
 
 # --- errors -------------------------------------------------------------------------------------------

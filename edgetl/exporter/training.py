@@ -50,6 +50,8 @@ WEIGHT_TOLERANCE = 1e-4
 #: verification features) differs by more than 1e-4 in absolute terms while its updates agree to
 #: 0.1%; a wrong backward formula is off by the size of the update itself
 UPDATE_TOLERANCE = 1e-2
+#: ... for all but this fraction of a tensor's elements (see _weights_disagree)
+OUTLIER_FRACTION = 0.01
 
 
 def without_dropout(net: TransferModel) -> TransferModel:
@@ -196,6 +198,17 @@ class TrainingCheck:
         return dict(self.__dict__)
 
 
+def _weights_disagree(got: np.ndarray, want: np.ndarray, initial: np.ndarray) -> bool:
+    """More than OUTLIER_FRACTION of the elements differ beyond both tolerances (weights and update).
+
+    A few elements may: a clamp or ReLU6 whose input sits at 0 or 6 flips its mask between two
+    float summation orders, and the pixels it gates change the gradient of the few weights that
+    see them. A wrong backward formula moves most elements."""
+    allowed = max(WEIGHT_TOLERANCE * max(1.0, float(np.abs(want).max())), UPDATE_TOLERANCE * float(np.abs(want - initial).max()))
+    outliers = int((np.abs(got - want) > allowed).sum())
+    return outliers > OUTLIER_FRACTION * want.size
+
+
 def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(1.0, float(np.abs(b).max()))) if a.size else 0.0
 
@@ -250,13 +263,7 @@ def verify_training(
     eager_state = {k: v.detach().numpy() for k, v in eager.state_dict().items()}
     weight_diff = max(_max_rel(state[k], eager_state[k]) for k in export.parameter_names)
     off_weights = [
-        k
-        for k in export.parameter_names
-        if not float(np.abs(state[k].reshape(eager_state[k].shape) - eager_state[k]).max())
-        <= max(
-            WEIGHT_TOLERANCE * max(1.0, float(np.abs(eager_state[k]).max())),
-            UPDATE_TOLERANCE * float(np.abs(eager_state[k] - initial_params[k]).max()),
-        )
+        k for k in export.parameter_names if _weights_disagree(state[k].reshape(eager_state[k].shape), eager_state[k], initial_params[k])
     ]
     float_buffers = [k for k in export.buffer_names if state[k].dtype.kind == "f"]
     stats_diff = max((_max_rel(state[k], eager_state[k]) for k in float_buffers), default=0.0)
