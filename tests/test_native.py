@@ -143,7 +143,20 @@ def test_three_steps_equal_the_python_path_bit_for_bit_and_eager(runner, photos,
     data = tmp_path / "data"
     for cls in CLASSES:
         shutil.copytree(photos / cls, data / cls, ignore=lambda d, names: [n for n in sorted(names)[4:]])
-    r = run(runner, "finetune", str(bundle), str(data), "--state", str(tmp_path / "state"), "--epochs", "1", "--threads", "1")
+    r = run(
+        runner,
+        "finetune",
+        str(bundle),
+        str(data),
+        "--state",
+        str(tmp_path / "state"),
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+        "--val",
+        str(data),
+    )
     assert r.returncode == 0, r.stderr
     native = et.read_ptd((tmp_path / "state" / "trained.ptd").read_bytes())
     loss_native = json.loads((tmp_path / "state" / "state.json").read_text())["history"][0]["loss"]
@@ -201,6 +214,8 @@ def test_three_steps_equal_the_python_path_bit_for_bit_and_eager(runner, photos,
     for row, p, top1 in zip(rows, probs, eager_top1, strict=True):
         assert row["top"][0]["label"] == CLASSES[int(np.argmax(p))] == CLASSES[int(top1)]
         assert abs(row["top"][0]["prob"] - p.max()) < 1e-5
+    val_accuracy = json.loads((tmp_path / "state" / "state.json").read_text())["history"][0]["val_accuracy"]
+    assert val_accuracy == pytest.approx(float((probs.argmax(1) == labels).mean()))
 
 
 def _finetune_cmd(runner: Path, data: Path, state: Path, epochs: int) -> list[str]:

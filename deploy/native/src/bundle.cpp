@@ -18,7 +18,7 @@ auto field(const std::string& manifest_path, const char* what, F get) -> decltyp
 }
 }  // namespace
 
-Bundle::Bundle(const std::string& path, bool verify) : dir(path) {
+Bundle::Bundle(const std::string& path) : dir(path) {
   std::string mpath = join(dir, "manifest.json");
   if (!is_dir(dir)) throw DeviceError(dir + " is not a directory (expected an edgetl bundle)");
   if (!is_file(mpath)) throw DeviceError(dir + " is not an edgetl bundle (no manifest.json)");
@@ -29,14 +29,15 @@ Bundle::Bundle(const std::string& path, bool verify) : dir(path) {
   }
   if (manifest.value("format", "") != kFormat)
     throw DeviceError(mpath + " has format '" + manifest.value("format", "") + "', this runner reads '" + kFormat + "'");
-  if (verify) {
+  field(mpath, "files", [&] {
     for (const auto& [name, meta] : manifest.at("files").items()) {
       std::string p = join(dir, name);
       if (!is_file(p)) throw DeviceError("bundle file " + p + " is missing");
       if (sha256_file(p) != meta.at("sha256").get<std::string>())
         throw DeviceError("bundle file " + p + " is damaged (sha256 mismatch with manifest.json)");
     }
-  }
+    return 0;
+  });
   field(mpath, "model/input", [&] {
     classes = manifest.at("model").at("classes").get<std::vector<std::string>>();
     const auto& in = manifest.at("input");
@@ -52,7 +53,7 @@ Bundle::Bundle(const std::string& path, bool verify) : dir(path) {
     inference_pte = manifest.at("programs").at("inference").at("file").get<std::string>();
     return 0;
   });
-  const auto& programs = manifest.at("programs");
+  const auto& programs = manifest["programs"];
   has_training_ = programs.contains("training") && programs.contains("bottom");
   if (!has_training_) return;
   field(mpath, "programs/training", [&] {

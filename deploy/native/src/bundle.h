@@ -37,11 +37,10 @@ struct TrainingSpec {
 
 class Bundle {
  public:
-  // Reads `dir`/manifest.json and (with `verify`) checks every listed file's sha256.
-  explicit Bundle(const std::string& dir, bool verify = true);
+  // Reads `dir`/manifest.json and checks every listed file against its sha256.
+  explicit Bundle(const std::string& dir);
 
   std::string file(const std::string& name) const;  // path of a bundle file
-  bool has_training() const { return has_training_; }
   const TrainingSpec& training() const;  // DeviceError when the bundle has no training program
 
   std::string dir;

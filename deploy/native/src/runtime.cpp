@@ -105,19 +105,6 @@ std::vector<float> Program::run(const std::string& method, float* input, const s
   return std::vector<float>(p, p + t.numel());
 }
 
-std::vector<int64_t> Program::input_shape(const std::string& method, size_t index) {
-  auto meta = check(impl_->module->method_meta(method), "reading " + method + " of " + impl_->path);
-  auto info = check(meta.input_tensor_meta(index), "reading input of " + method);
-  return std::vector<int64_t>(info.sizes().begin(), info.sizes().end());
-}
-
-std::vector<int64_t> Program::planned_bytes(const std::string& method) {
-  auto meta = check(impl_->module->method_meta(method), "reading " + method + " of " + impl_->path);
-  std::vector<int64_t> out;
-  for (size_t i = 0; i < meta.num_memory_planned_buffers(); ++i) out.push_back(check(meta.memory_planned_buffer_size(i), "arena size"));
-  return out;
-}
-
 TrainingSession::TrainingSession(const std::string& pte, const std::string& ptd, const std::vector<std::string>& buffer_names,
                                  const std::string& method)
     : program_(pte, ptd), method_(method), buffer_names_(buffer_names) {

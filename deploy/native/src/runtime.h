@@ -39,9 +39,6 @@ class Program {
 
   // Runs `method` on one float32 input of `shape`; returns output 0 (copied).
   std::vector<float> run(const std::string& method, float* input, const std::vector<int64_t>& shape);
-  std::vector<int64_t> input_shape(const std::string& method, size_t index);
-  // Sizes of the method's memory-planned arenas, bytes.
-  std::vector<int64_t> planned_bytes(const std::string& method);
   // Loads `method` (done by run() otherwise): where a mismatched weights file is found.
   void load_method(const std::string& method);
 
@@ -65,7 +62,6 @@ class TrainingSession {
   const std::vector<TensorView>& gradients() const { return grads_; }
   const std::vector<TensorView>& buffers() const { return buffers_; }
   const std::vector<std::string>& parameter_names() const { return names_; }
-  std::vector<int64_t> planned_bytes() { return program_.planned_bytes(method_); }
 
  private:
   Program program_;

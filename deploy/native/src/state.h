@@ -33,7 +33,6 @@ class StateDir {
   void save_epoch(int epoch, const TrainingSession& session, const std::vector<std::vector<float>>& momentum, const nlohmann::json& row);
   // Adds `key` to the last history row (e.g. the validation accuracy measured with the saved weights).
   void annotate_last(const std::string& key, double value);
-  const nlohmann::json& history() const { return state_.at("history"); }
 
  private:
   std::string dir_;
