@@ -13,7 +13,7 @@ Each setting is exported twice (``edgetl export --training --method mobiletl|van
 processes, alternating between the rows ``--repeats`` times, it measures each process's peak RSS
 (VmHWM, as each process reports it) and wall time:
 
-* native ``classify`` of 10 photos with ``model.pte``;
+* native ``classify`` of 100 photos with ``model.pte``;
 * native ``finetune`` for one epoch (bottom features once, then 30 SGD steps), both methods;
 * eager ``edgetl finetune`` of the same top, same batch and optimizer, features cached
   (``--cache-features``, the eager counterpart of the device's feature cache), both methods.
@@ -75,7 +75,7 @@ def prepare(work: Path, name: str, s: dict, threads: int) -> dict[str, Path]:
     if not (data / "train").is_dir():
         test = FashionMNIST(split="test")
         write_image_folder(test, data / "train", indices=range(9000, 9240))
-        write_image_folder(test, data / "check", indices=range(9800, 9810))
+        write_image_folder(test, data / "check", indices=range(9800, 9900))
     weights = work / f"{name}.pt"
     if not weights.is_file():
         torch.manual_seed(0)
@@ -123,58 +123,24 @@ def prepare(work: Path, name: str, s: dict, threads: int) -> dict[str, Path]:
 
 def native_finetune(runner: Path, bundle: Path, data: Path, state: Path, threads: int) -> tuple[int, float, float]:
     shutil.rmtree(state, ignore_errors=True)
-    rss, seconds, _ = measure(
-        [str(runner), "--threads", str(threads), "finetune", str(bundle), str(data), "--state", str(state), "--epochs", "1"]
-    )
+    cmd = [str(runner), "--threads", str(threads), "--verbose", "finetune", str(bundle), str(data), "--state", str(state), "--epochs", "1"]
+    seconds, _, err = measure(cmd)
     row = json.loads((state / "state.json").read_text())["history"][0]
     batch = json.loads((bundle / "manifest.json").read_text())["programs"]["training"]["batch_size"]
     steps = round(row["images_per_s"] * row["seconds"]) // batch
-    return rss, seconds, row["seconds"] / steps
+    return reported_peak(err, r"peak ([\d.]+) MiB"), seconds, row["seconds"] / steps
 
 
 def eager_finetune(s: dict, method: str, weights: Path, data: Path, out: Path, threads: int) -> tuple[int, float, float]:
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    seconds, stdout, _ = measure(
-        [
-            *EDGETL,
-            "finetune",
-            "--model",
-            s["model"],
-            "--weights",
-            str(weights),
-            "--data",
-            str(data / "train"),
-            "--val-data",
-            str(data / "check"),
-            "--blocks",
-            str(s["blocks"]),
-            "--method",
-            method,
-            "--epochs",
-            "1",
-            "--batch-size",
-            str(s["batch"]),
-            "--image-size",
-            str(s["image_size"]),
-            "--optimizer",
-            "sgd",
-            "--lr",
-            "0.01",
-            "--momentum",
-            "0.9",
-            "--schedule",
-            "constant",
-            "--no-augment",
-            "--cache-features",
-            "--out",
-            str(out),
-        ],
-        env,
+    flags = (
+        f"--model {s['model']} --blocks {s['blocks']} --method {method} --epochs 1 --batch-size {s['batch']} "
+        f"--image-size {s['image_size']} --optimizer sgd --lr 0.01 --momentum 0.9 --schedule constant --no-augment --cache-features"
     )
+    cmd = [*EDGETL, "finetune", *flags.split(), "--weights", str(weights), "--data", str(data / "train"), "--val-data", str(data / "check")]
+    seconds, stdout, _ = measure([*cmd, "--out", str(out)], {**os.environ, "OMP_NUM_THREADS": str(threads)})
     images_per_s = float(re.search(r"images/s ([\d.]+)", stdout).group(1))
-    rss = reported_peak(stdout, r"peak_rss ([\d.]+)MiB")
-    return rss, seconds, s["batch"] / images_per_s
+    return reported_peak(stdout, r"peak_rss ([\d.]+)MiB"), seconds, s["batch"] / images_per_s
 
 
 def main() -> int:
@@ -214,7 +180,7 @@ def main() -> int:
                 [str(runner), "--threads", str(args.threads), "--verbose", "classify", str(bundles["mobiletl"]), str(data / "check")]
             )
             rss = reported_peak(err, r"peak ([\d.]+) MiB")
-            rows.setdefault("native classify (10 photos)", []).append((rss, secs, float("nan")))
+            rows.setdefault("native classify (100 photos)", []).append((rss, secs, float("nan")))
         med = {k: tuple(statistics.median(v[i] for v in vals) for i in range(3)) for k, vals in rows.items()}
         arenas = {m: json.loads((bundles[m] / "manifest.json").read_text())["memory"]["planned_arena_bytes"]["forward"] for m in METHODS}
         print(
