@@ -6,6 +6,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXTRAS="weights" source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
+# the device runner and edgetl's ExecuTorch kernels first: the export verifies the kernels the device runs
+DEVICE="$(PYTHON="$VENV/bin/python" bash deploy/native/build.sh deploy/native/build)"
 RUN="runs/demo-$(date +%Y%m%d-%H%M%S)"
 echo "== 1/5 fine-tune (MobileTL, top 4 blocks) -> $RUN"
 "$VENV/bin/edgetl" finetune --config examples/fashion_mnist_lite0.toml --out "$RUN" "$@"
@@ -15,7 +17,6 @@ echo "== 2/5 memory: what that training stores per block, vanilla against Mobile
 echo "== 3/5 export: XNNPACK classifier + trainable ExecuTorch program, each verified against eager"
 "$VENV/bin/edgetl" export --checkpoint "$RUN" --out "$RUN/bundle" --training --batch-size 8
 echo "== 4/5 on the device side (native runner: ExecuTorch's C++ runtime, no Python, no torch): classify test photos"
-DEVICE="$(PYTHON="$VENV/bin/python" bash deploy/native/build.sh deploy/native/build)"
 "$VENV/bin/python" - "$RUN/device-data" <<'PY'
 import sys
 from edgetl.data.fashion_mnist import FashionMNIST, write_image_folder

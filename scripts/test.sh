@@ -8,6 +8,8 @@ EXTRAS="weights,test,plot" source "$ROOT/scripts/setup.sh"
 "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('foolbox') is None)" 2>/dev/null \
   || pip_install --no-deps "foolbox==3.3.4"
 cd "$ROOT"
+# the native device runner and edgetl's ExecuTorch kernels: exports then run (and verify) them
+PYTHON="$VENV/bin/python" bash deploy/native/build.sh deploy/native/build >/dev/null
 # lint and formatting are part of the suite: a red ruff is a red CI
 "$VENV/bin/ruff" check edgetl tests benchmarks
 "$VENV/bin/ruff" format --check -q edgetl tests benchmarks

@@ -31,6 +31,15 @@ bool check(KernelRuntimeContext& ctx, bool ok) {
   return ok;
 }
 
+// The C x 1 x k x k weight, taps-major (w[tap][c]): contiguous over channels for each tap.
+std::vector<float> taps_major(const Tensor& weight, const Geometry& g) {
+  const float* wp = weight.const_data_ptr<float>();
+  std::vector<float> wt(g.k * g.k * g.c);
+  for (int64_t c = 0; c < g.c; ++c)
+    for (int64_t t = 0; t < g.k * g.k; ++t) wt[t * g.c + c] = wp[c * g.k * g.k + t];
+  return wt;
+}
+
 }  // namespace
 
 // y[n, oy, ox, c] = sum_ij x[n, oy*s + i - p, ox*s + j - p, c] * w[c, 0, i, j]
@@ -38,11 +47,8 @@ Tensor& depthwise_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
   if (!check(ctx, x.dim() == 4 && weight.dim() == 4 && out.dim() == 4)) return out;
   const Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), out.size(1), out.size(2), weight.size(3), stride, padding};
   const float* xp = x.const_data_ptr<float>();
-  const float* wp = weight.const_data_ptr<float>();
   float* yp = out.mutable_data_ptr<float>();
-  std::vector<float> wt(g.k * g.k * g.c);  // taps-major copy: w[tap][c], contiguous per tap
-  for (int64_t c = 0; c < g.c; ++c)
-    for (int64_t t = 0; t < g.k * g.k; ++t) wt[t * g.c + c] = wp[c * g.k * g.k + t];
+  const std::vector<float> wt = taps_major(weight, g);
   for (int64_t n = 0; n < g.n; ++n)
     for (int64_t oy = 0; oy < g.ho; ++oy)
       for (int64_t ox = 0; ox < g.wo; ++ox) {
@@ -69,11 +75,8 @@ Tensor& depthwise_grad_input_out(KernelRuntimeContext& ctx, const Tensor& dy, co
   if (!check(ctx, dy.dim() == 4 && out.dim() == 4 && out.size(1) == h && out.size(2) == w)) return out;
   const Geometry g{dy.size(0), h, w, dy.size(3), dy.size(1), dy.size(2), weight.size(3), stride, padding};
   const float* dyp = dy.const_data_ptr<float>();
-  const float* wp = weight.const_data_ptr<float>();
   float* dx = out.mutable_data_ptr<float>();
-  std::vector<float> wt(g.k * g.k * g.c);
-  for (int64_t c = 0; c < g.c; ++c)
-    for (int64_t t = 0; t < g.k * g.k; ++t) wt[t * g.c + c] = wp[c * g.k * g.k + t];
+  const std::vector<float> wt = taps_major(weight, g);
   for (int64_t n = 0; n < g.n; ++n)
     for (int64_t iy = 0; iy < g.h; ++iy)
       for (int64_t ix = 0; ix < g.w; ++ix) {
