@@ -31,6 +31,20 @@ bool check(KernelRuntimeContext& ctx, bool ok) {
   return ok;
 }
 
+// Calls f(tap, input pixel) for each kernel tap of output pixel (n, oy, ox) that falls inside the
+// image (zero padding contributes nothing): the window walk of the forward and of dL/dweight.
+template <typename F>
+inline void each_tap(const Geometry& g, int64_t n, int64_t oy, int64_t ox, F f) {
+  for (int64_t i = 0; i < g.k; ++i) {
+    const int64_t iy = oy * g.stride + i - g.pad;
+    if (iy < 0 || iy >= g.h) continue;
+    for (int64_t j = 0; j < g.k; ++j) {
+      const int64_t ix = ox * g.stride + j - g.pad;
+      if (ix >= 0 && ix < g.w) f(i * g.k + j, (n * g.h + iy) * g.w + ix);
+    }
+  }
+}
+
 // The C x 1 x k x k weight, taps-major (w[tap][c]): contiguous over channels for each tap.
 std::vector<float> taps_major(const Tensor& weight, const Geometry& g) {
   const float* wp = weight.const_data_ptr<float>();
@@ -54,17 +68,11 @@ Tensor& depthwise_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
       for (int64_t ox = 0; ox < g.wo; ++ox) {
         float* y = yp + ((n * g.ho + oy) * g.wo + ox) * g.c;
         std::memset(y, 0, sizeof(float) * g.c);
-        for (int64_t i = 0; i < g.k; ++i) {
-          const int64_t iy = oy * g.stride + i - g.pad;
-          if (iy < 0 || iy >= g.h) continue;
-          for (int64_t j = 0; j < g.k; ++j) {
-            const int64_t ix = ox * g.stride + j - g.pad;
-            if (ix < 0 || ix >= g.w) continue;
-            const float* xr = xp + ((n * g.h + iy) * g.w + ix) * g.c;
-            const float* wr = wt.data() + (i * g.k + j) * g.c;
-            for (int64_t c = 0; c < g.c; ++c) y[c] += xr[c] * wr[c];
-          }
-        }
+        each_tap(g, n, oy, ox, [&](int64_t tap, int64_t pixel) {
+          const float* xr = xp + pixel * g.c;
+          const float* wr = wt.data() + tap * g.c;
+          for (int64_t c = 0; c < g.c; ++c) y[c] += xr[c] * wr[c];
+        });
       }
   return out;
 }
@@ -113,17 +121,11 @@ Tensor& depthwise_grad_weight_out(KernelRuntimeContext& ctx, const Tensor& dy, c
     for (int64_t oy = 0; oy < g.ho; ++oy)
       for (int64_t ox = 0; ox < g.wo; ++ox) {
         const float* dr = dyp + ((n * g.ho + oy) * g.wo + ox) * g.c;
-        for (int64_t i = 0; i < g.k; ++i) {
-          const int64_t iy = oy * g.stride + i - g.pad;
-          if (iy < 0 || iy >= g.h) continue;
-          for (int64_t j = 0; j < g.k; ++j) {
-            const int64_t ix = ox * g.stride + j - g.pad;
-            if (ix < 0 || ix >= g.w) continue;
-            const float* xr = xp + ((n * g.h + iy) * g.w + ix) * g.c;
-            double* a = acc.data() + (i * g.k + j) * g.c;
-            for (int64_t c = 0; c < g.c; ++c) a[c] += static_cast<double>(dr[c] * xr[c]);
-          }
-        }
+        each_tap(g, n, oy, ox, [&](int64_t tap, int64_t pixel) {
+          const float* xr = xp + pixel * g.c;
+          double* a = acc.data() + tap * g.c;
+          for (int64_t c = 0; c < g.c; ++c) a[c] += static_cast<double>(dr[c] * xr[c]);
+        });
       }
   float* dw = out.mutable_data_ptr<float>();
   for (int64_t c = 0; c < g.c; ++c)

@@ -42,6 +42,7 @@ std::vector<size_t> bottom_features(Program& bottom, const std::vector<std::stri
 // Decodes and preprocesses one image into `out`; false (after one warning naming it) if unreadable.
 bool read_image(const std::string& path, const InputSpec& spec, float* out);
 size_t numel_per_item(const std::vector<int64_t>& shape);  // product of all dims but the first
+size_t image_floats(const InputSpec& spec);                 // 3 x S x S
 // With `on`: "memory after PHASE: rss X MiB, peak Y MiB" on stderr (Linux /proc/self/status).
 void log_memory(bool on, const char* phase);
 

@@ -182,7 +182,7 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   }
 
   const size_t batch = t.batch_size, per_feature = numel_per_item(t.feature_shape);
-  const size_t per_image = size_t{3} * bundle.input.image_size * bundle.input.image_size;
+  const size_t per_image = image_floats(bundle.input);
   log_memory(o.verbose, "start");
   auto bottom = std::make_unique<Program>(bundle.file(bundle.bottom_pte));
 
