@@ -215,9 +215,7 @@ def main() -> None:
         model,
         edgetl.TrainPolicy(blocks=BLOCKS),
         out / "bundle",
-        image_size=IMAGE,
-        batch_size=BATCH,
-        training=True,
+        edgetl.ExportConfig(image_size=IMAGE, batch_size=BATCH, training=True),
         log=lambda line: print("  " + line, flush=True),
     )
     print(f"  bundle exported and verified in {time.perf_counter() - t0:.1f}s", flush=True)

@@ -5,52 +5,66 @@ Public API:
 * :func:`load_model`, :func:`transforms_for` - architectures, weights and their input pipeline;
 * :class:`TrainPolicy`, :func:`prepare` - what trains, applied to a network;
 * :class:`FinetuneConfig`, :func:`finetune` - the training loop behind ``edgetl finetune``;
+* :func:`profile`, :func:`plan` - memory per block and the configuration that fits a device;
+* :class:`ExportConfig`, :func:`export` - a verified bundle of ExecuTorch programs for the device;
 * :class:`FashionMNIST` - the embedded default dataset.
+
+Importing ``edgetl`` loads nothing heavy and changes nothing: each name is imported from its module
+on first use (PEP 562), so ``edgetl.cli`` can set the OpenMP policy before torch loads.
 """
 
-# isort: off
-import os
-import sys
+from __future__ import annotations
 
-if "torch" not in sys.modules:
-    # OpenMP workers that spin while waiting make small CPU workloads 10-100x slower whenever
-    # another process holds a core (a phone or a Pi is never idle); sleeping workers cost little.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# torchvision's C++ ops cannot load beside a CPU-only torch from PyPI; this must run before any
-# edgetl module imports torchvision (it does nothing where the wheels match).
-from edgetl import _torchvision_compat  # noqa: F401
-# isort: on
-
-from edgetl.data.fashion_mnist import FashionMNIST
-from edgetl.errors import DataError, EdgetlError, WeightsError
-from edgetl.exporter import ExportBundle, export
-from edgetl.models.blocks import find_blocks
-from edgetl.models.zoo import MODELS, load_model, transforms_for
-from edgetl.profiler.device import DeviceProfile, load_device
-from edgetl.profiler.planner import plan
-from edgetl.profiler.report import MemoryReport, profile
-from edgetl.train.policy import TrainPolicy
-from edgetl.train.prepare import TransferModel, prepare
-from edgetl.train.trainer import FinetuneConfig, FinetuneResult, finetune
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+#: public name -> module that owns it
+_EXPORTS: dict[str, str] = {
+    "MODELS": "edgetl.models.zoo",
+    "load_model": "edgetl.models.zoo",
+    "transforms_for": "edgetl.models.zoo",
+    "find_blocks": "edgetl.models.blocks",
+    "FashionMNIST": "edgetl.data.fashion_mnist",
+    "DataError": "edgetl.errors",
+    "EdgetlError": "edgetl.errors",
+    "WeightsError": "edgetl.errors",
+    "TrainPolicy": "edgetl.train.policy",
+    "TransferModel": "edgetl.train.prepare",
+    "prepare": "edgetl.train.prepare",
+    "FinetuneConfig": "edgetl.train.trainer",
+    "FinetuneResult": "edgetl.train.trainer",
+    "finetune": "edgetl.train.trainer",
+    "Run": "edgetl.train.run",
+    "DeviceProfile": "edgetl.profiler.device",
+    "load_device": "edgetl.profiler.device",
+    "plan": "edgetl.profiler.planner",
+    "MemoryReport": "edgetl.profiler.report",
+    "profile": "edgetl.profiler.report",
+    "ExportBundle": "edgetl.exporter",
+    "ExportConfig": "edgetl.exporter",
+    "export": "edgetl.exporter",
+}
+
 __all__ = [
-    "MODELS",
     "DataError",
     "DeviceProfile",
     "EdgetlError",
     "ExportBundle",
+    "ExportConfig",
     "FashionMNIST",
     "FinetuneConfig",
     "FinetuneResult",
+    "MODELS",
     "MemoryReport",
+    "Run",
     "TrainPolicy",
     "TransferModel",
     "WeightsError",
     "export",
-    "finetune",
     "find_blocks",
+    "finetune",
     "load_device",
     "load_model",
     "plan",
@@ -58,3 +72,31 @@ __all__ = [
     "profile",
     "transforms_for",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edgetl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from edgetl.data.fashion_mnist import FashionMNIST
+    from edgetl.errors import DataError, EdgetlError, WeightsError
+    from edgetl.exporter import ExportBundle, ExportConfig, export
+    from edgetl.models.blocks import find_blocks
+    from edgetl.models.zoo import MODELS, load_model, transforms_for
+    from edgetl.profiler.device import DeviceProfile, load_device
+    from edgetl.profiler.planner import plan
+    from edgetl.profiler.report import MemoryReport, profile
+    from edgetl.train.policy import TrainPolicy
+    from edgetl.train.prepare import TransferModel, prepare
+    from edgetl.train.run import Run
+    from edgetl.train.trainer import FinetuneConfig, FinetuneResult, finetune

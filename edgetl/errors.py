@@ -1,8 +1,16 @@
-"""Errors edgetl reports to users as one clear line."""
+"""Errors edgetl reports to users as one clear line (``edgetl: error: ...``, exit 2).
+
+Only :class:`EdgetlError` and its subclasses become one-line CLI errors; anything else is a bug
+and keeps its traceback.
+"""
 
 
 class EdgetlError(Exception):
     """Base of errors caused by the user's input (data, weights, arguments); the CLI prints them."""
+
+
+class ConfigError(EdgetlError, ValueError):
+    """A setting is missing, of the wrong type or out of range."""
 
 
 class DataError(EdgetlError, ValueError):
@@ -11,3 +19,7 @@ class DataError(EdgetlError, ValueError):
 
 class WeightsError(EdgetlError, RuntimeError):
     """Weights could not be obtained, read, or do not fit the architecture."""
+
+
+class RunError(EdgetlError):
+    """A run directory or checkpoint is missing, damaged, or does not fit the request."""

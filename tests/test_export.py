@@ -6,7 +6,6 @@ and shared with tests/test_native.py (:func:`training_bundle`); lowering is the 
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import functools
 import json
@@ -20,13 +19,14 @@ import torch
 from torch import nn
 
 import edgetl
+from edgetl.cli import main
 from edgetl.exporter import _executorch as et
 from edgetl.exporter import bundle as bundle_mod
 from edgetl.exporter import inference, memory, nhwc, training
-from edgetl.exporter.cli import add_export_parser, read_checkpoint
 from edgetl.exporter.errors import ExecutorchMissingError, ExportError, UnsupportedModelError, VerificationError
 from edgetl.models.zoo import load_model, model_spec
 from edgetl.profiler.predict import predict_units
+from edgetl.train.run import read_weights
 from tests.conftest import CLASSES, calibrate, make_image_folder, pretrained_model
 
 IMAGE_SIZE, BATCH = 64, 4
@@ -67,10 +67,8 @@ def run_dir() -> Path:
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="edgetl")
-    add_export_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.handler(args)
+    """``edgetl`` itself, with tracebacks (``--debug``) so a failing test shows where."""
+    return main(["--debug", *argv])
 
 
 @functools.cache
@@ -388,7 +386,7 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "model": "mobilenet_v3_small"}))
     with pytest.raises(edgetl.EdgetlError, match="another model"):
-        read_checkpoint(run)
+        read_weights(run)
     with pytest.raises(edgetl.EdgetlError, match="another model"):
         cli(["export", "--checkpoint", str(run_dir() / "model.pt"), "--model", "mobilenet_v3_small", "--out", str(tmp_path / "x")])
     state = torch.load(run_dir() / "model.pt", weights_only=True)["model"]
@@ -405,14 +403,16 @@ def test_output_directory_with_other_content_is_refused(tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ExportError, match="already exists with other content"):
-        edgetl.export(load_model("mobilenet_v2", num_classes=3), POLICY, out, image_size=IMAGE_SIZE, batch_size=BATCH)
+        edgetl.export(load_model("mobilenet_v2", num_classes=3), POLICY, out, edgetl.ExportConfig(image_size=IMAGE_SIZE, batch_size=BATCH))
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 def test_missing_executorch_is_reported(monkeypatch, tmp_path):
     monkeypatch.setattr(et, "executorch_version", lambda: None)
     with pytest.raises(ExecutorchMissingError, match="pip install executorch"):
-        edgetl.export(load_model("mobilenet_v2", num_classes=3), POLICY, tmp_path / "d", image_size=IMAGE_SIZE, batch_size=BATCH)
+        edgetl.export(
+            load_model("mobilenet_v2", num_classes=3), POLICY, tmp_path / "d", edgetl.ExportConfig(image_size=IMAGE_SIZE, batch_size=BATCH)
+        )
 
 
 def test_layer_without_an_exportable_form_is_named_with_its_part():

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 import edgetl
+from edgetl.cli.export import apply_device_weights
 from edgetl.exporter import _executorch as et
-from edgetl.exporter.cli import apply_device_weights
 from tests.conftest import CLASSES, make_image_folder
 from tests.test_export import BATCH, IMAGE_SIZE, eager_net, run_dir, training_bundle
 

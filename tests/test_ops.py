@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from edgetl.train import ops
-from edgetl.train.layers import MaskedActivation, ShiftOnlyNorm
+from edgetl.nn import ops
+from edgetl.nn.layers import MaskedActivation, ShiftOnlyNorm
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (8,), (9,), (3, 5, 7), (2, 3, 4, 5), (1, 13, 3, 3)])

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetl import TrainPolicy, find_blocks, load_model, prepare
+from edgetl.errors import ConfigError
+from edgetl.nn.layers import MaskedActivation, ShiftOnlyNorm
 from edgetl.profiler.measure import measure_saved_bytes
-from edgetl.train.layers import MaskedActivation, ShiftOnlyNorm
 from tests.conftest import calibrate
 
 EXPECTED_BLOCKS = {"mobilenet_v2": 17, "mobilenet_v3_small": 11, "mobilenet_v3_large": 15, "efficientnet_b0": 16}
@@ -30,7 +31,7 @@ def test_policy_validation():
         TrainPolicy(blocks=1, method="tinytl")
     with pytest.raises(ValueError, match="activation_grad"):
         TrainPolicy(blocks=1, activation_grad="approx")
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError, match="integer"):
         TrainPolicy(blocks=1.5)
     with pytest.raises(ValueError, match="only 17"):
         prepare(load_model("mobilenet_v2", num_classes=3), TrainPolicy(blocks=18))

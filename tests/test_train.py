@@ -13,15 +13,15 @@ import pytest
 import torch
 
 from edgetl import FinetuneConfig, finetune
+from edgetl._files import load_torch
 from edgetl.cli import main
-from edgetl.train.checkpoint import load_torch
 
 SMALL = dict(image_size=32, batch_size=8, lr=3e-3, label_smoothing=0.0, val_fraction=0.25, workers=0)
 
 
 def _config(tmp_path, folder, weights, **kw) -> FinetuneConfig:
     values = {**SMALL, "data": str(folder), "weights": str(weights), "out": str(tmp_path / "run"), **kw}
-    return FinetuneConfig(**values)
+    return FinetuneConfig.from_dict(values)
 
 
 @pytest.mark.parametrize("model", ["mobilenet_v2", "mobilenet_v3_small"])
@@ -35,7 +35,7 @@ def test_training_reduces_loss_and_beats_chance(tmp_path, image_folder, pretrain
     run = Path(config.out)
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.csv", "checkpoint.pt", "model.pt"}
     assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + config.epochs
-    assert json.loads((run / "config.json").read_text())["method"] == method
+    assert json.loads((run / "config.json").read_text())["policy"]["method"] == method
     # the final weights load back into the plain torchvision architecture
     from edgetl import load_model
 
@@ -56,7 +56,7 @@ def test_resume_after_kill_9_ends_with_the_same_weights(tmp_path, image_folder, 
     script = textwrap.dedent(f"""
         import os, signal, json
         from edgetl import FinetuneConfig, finetune
-        config = FinetuneConfig(**json.loads({json.dumps(json.dumps(crashed.to_dict()))}))
+        config = FinetuneConfig.from_dict(json.loads({json.dumps(json.dumps(crashed.to_dict()))}))
         def on_step(epoch, step):
             if epoch == 1 and step == 2:  # mid-way through the second epoch
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -111,7 +111,7 @@ def test_cli_config_file_and_flags(tmp_path, image_folder, pretrained_file, caps
     printed = capsys.readouterr().out
     assert code == 0
     saved = json.loads((out / "config.json").read_text())
-    assert (saved["epochs"], saved["blocks"], saved["image_size"]) == (1, 1, 32)
+    assert (saved["epochs"], saved["policy"]["blocks"], saved["image_size"]) == (1, 1, 32)
     assert [line for line in printed.splitlines() if line.startswith("epoch ")][0].startswith("epoch 1/1 train_loss")
     assert "final val_acc" in printed
 

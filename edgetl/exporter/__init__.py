@@ -6,12 +6,14 @@
 Modules: ``pipeline`` (:func:`export`), ``inference`` (XNNPACK programs), ``nhwc`` (the trained
 top in the form the training program runs), ``training`` (training program and its
 verification), ``memory`` (what the exported backward keeps), ``bundle`` (atomic bundle and
-manifest), ``cli`` (``edgetl export``), ``errors``, and ``_executorch``, the only module touching
+manifest), ``config`` (:class:`ExportConfig`), ``errors``, and ``_executorch``, the only module touching
 ExecuTorch's experimental APIs (copied into every bundle for the device runner).
 """
 
+import edgetl._torchvision_compat  # noqa: F401  (before any torchvision import in this package)
 from edgetl.exporter.bundle import ExportBundle
+from edgetl.exporter.config import ExportConfig
 from edgetl.exporter.errors import ExecutorchMissingError, ExportError, UnsupportedModelError, VerificationError
 from edgetl.exporter.pipeline import export
 
-__all__ = ["ExecutorchMissingError", "ExportBundle", "ExportError", "UnsupportedModelError", "VerificationError", "export"]
+__all__ = ["ExecutorchMissingError", "ExportBundle", "ExportConfig", "ExportError", "UnsupportedModelError", "VerificationError", "export"]

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgetl._files import atomic_write, atomic_write_json
 from edgetl.exporter.errors import ExportError
-from edgetl.train.checkpoint import atomic_write, atomic_write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "edgetl-bundle/1"

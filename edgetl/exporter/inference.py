@@ -2,7 +2,7 @@
 both lowered to XNNPACK.
 
 They are exported from plain torchvision modules in eval mode under ``torch.no_grad()``: a
-:class:`~edgetl.train.layers.ShiftOnlyNorm` is a frozen batch norm with the same state-dict keys,
+:class:`~edgetl.nn.layers.ShiftOnlyNorm` is a frozen batch norm with the same state-dict keys,
 so the trained weights load straight into the original architecture, and an eval-mode batch norm
 under ``no_grad`` exports as ``_native_batch_norm_legit_no_training``, which XNNPACK fuses into
 the preceding convolution. (Exporting with autograd on yields

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from torchvision.ops import StochasticDepth
 
 from edgetl.exporter.errors import UnsupportedModelError
-from edgetl.train.layers import MaskedActivation, ShiftOnlyNorm, activation_kind
+from edgetl.nn.layers import MaskedActivation, ShiftOnlyNorm, activation_kind
 from edgetl.train.prepare import TransferModel
 
 DW_OP = "edgetl_export::depthwise_nhwc"
@@ -264,7 +264,7 @@ class DepthwiseConv(nn.Module):
 
 
 class ShiftOnlyNormNHWC(nn.Module):
-    """:class:`~edgetl.train.layers.ShiftOnlyNorm` on the channel-last axis (same ``bias``, ``scale``, ``offset``)."""
+    """:class:`~edgetl.nn.layers.ShiftOnlyNorm` on the channel-last axis (same ``bias``, ``scale``, ``offset``)."""
 
     def __init__(self, norm: ShiftOnlyNorm) -> None:
         super().__init__()
@@ -468,7 +468,7 @@ def trainable_top(net: TransferModel, *, label_smoothing: float = 0.0) -> Traina
 #: ``_export_forward_backward`` has recorded their custom backward formulas. With
 #: ``native_kernels`` the depthwise operators stay, for the device's kernels to run.
 def decompositions(native_kernels: bool = False) -> dict:
-    from edgetl.train import ops
+    from edgetl.nn import ops
 
     def masked_act(x: Tensor, kind: str, rule: str) -> Tensor:
         return ops.activation_forward(x, kind)

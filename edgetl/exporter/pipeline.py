@@ -15,6 +15,7 @@ from edgetl.exporter import _executorch as et
 from edgetl.exporter import bundle as bundle_mod
 from edgetl.exporter import inference, memory, training
 from edgetl.exporter.bundle import BOTTOM_PTE, MANIFEST, MODEL_PTE, TRAIN_PTD, TRAIN_PTE, BundleWriter, ExportBundle
+from edgetl.exporter.config import ExportConfig
 from edgetl.exporter.errors import ExecutorchMissingError, ExportError, VerificationError
 from edgetl.models.zoo import MODELS, classifier_linear, model_spec
 from edgetl.profiler.predict import predict_units
@@ -62,6 +63,24 @@ def load_weights(name: str, state: dict[str, torch.Tensor], num_classes: int, *,
         raise ExportError(f"{source} does not hold {name} weights ({detail}){hint}") from None
 
 
+def apply_device_weights(state: dict[str, Any], ptd: str | Path) -> dict[str, Any]:
+    """``state`` with the tensors of a device-written ``.ptd`` (trained parameters, running
+    statistics) put in place; names and shapes must match."""
+    path = Path(ptd)
+    try:
+        tensors = et.read_ptd(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot read device weights {path}: {exc}") from None
+    state = dict(state)
+    for name, value in tensors.items():
+        if name not in state:
+            raise ExportError(f"device weights {path} hold {name}, which the checkpoint does not have (another model?)")
+        if value.size != state[name].numel():
+            raise ExportError(f"device weights {path}: {name} has {value.size} values, the checkpoint {state[name].numel()}")
+        state[name] = torch.from_numpy(value.copy()).reshape(state[name].shape).to(state[name].dtype)
+    return state
+
+
 def _fits(name: str, state: dict[str, torch.Tensor], num_classes: int) -> bool:
     try:
         inference.plain_model(name, state, num_classes)
@@ -94,19 +113,10 @@ def export(
     model: nn.Module,
     policy: TrainPolicy,
     out_dir: str | Path,
+    config: ExportConfig | None = None,
     *,
-    image_size: int,
-    batch_size: int,
     model_name: str | None = None,
     classes: Sequence[str] | None = None,
-    training: bool = False,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    label_smoothing: float = 0.0,
-    verify_steps: int = 3,
-    overwrite: bool = False,
-    seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> ExportBundle:
     """Export ``model`` as ExecuTorch programs for a device, verify them, and write a bundle.
@@ -116,18 +126,11 @@ def export(
             :class:`~edgetl.TransferModel` (its state dict is used; the policy is ``policy``).
         policy: what the trainable program trains (:class:`~edgetl.TrainPolicy`).
         out_dir: bundle directory; must not exist with other content (an earlier bundle is
-            replaced with ``overwrite``).
-        image_size: input side in pixels.
-        batch_size: batch of the training program and of ``bottom.pte`` (``model.pte`` takes 1).
+            replaced with ``config.overwrite``).
+        config: sizes, the on-device optimizer and the checks (:class:`ExportConfig`; its
+            defaults when None).
         model_name: zoo architecture (normalisation, manifest); found from the weights if None.
         classes: class names (default ``"0"``, ``"1"``, ...).
-        training: also export ``bottom.pte`` + ``train.pte``/``train.ptd`` for on-device training.
-        lr, momentum, weight_decay: the on-device SGD's hyper-parameters (recorded in the manifest,
-            used by the verification).
-        label_smoothing: of the exported cross-entropy loss.
-        verify_steps: SGD steps compared against eager PyTorch before the bundle is accepted.
-        overwrite: replace an existing bundle at ``out_dir``.
-        seed: of the verification data.
         log: progress lines.
 
     Returns:
@@ -135,20 +138,16 @@ def export(
         :class:`~edgetl.EdgetlError`) for bad input, unsupported layers or operators, a missing
         ExecuTorch, or programs that do not reproduce eager PyTorch.
     """
+    config = config or ExportConfig()
+    image_size = config.image_size
     try:
         et_version = et.require_executorch()
     except et.ExecutorchUnavailable as exc:
         raise ExecutorchMissingError(str(exc)) from None
     if not isinstance(policy, TrainPolicy):
-        raise TypeError(f"policy must be a TrainPolicy, got {type(policy).__name__}")
-    if batch_size < 1:
-        raise ExportError(f"batch size must be >= 1, got {batch_size}")
-    if training and batch_size < 2:
-        raise ExportError(f"a training program needs batch size >= 2 (train-mode batch norm), got {batch_size}")
-    if image_size < 32:
-        raise ExportError(f"image size must be >= 32, got {image_size}")
+        raise ExportError(f"policy must be a TrainPolicy, got {type(policy).__name__}")
     out = Path(out_dir)
-    bundle_mod.check_output_dir(out.absolute(), overwrite=overwrite)
+    bundle_mod.check_output_dir(out.absolute(), overwrite=config.overwrite)
 
     state, num_classes = _state_and_classes(model)
     name = model_name or identify_model(state, num_classes)
@@ -160,7 +159,7 @@ def export(
         raise ExportError(f"{len(classes)} class names for a classifier with {num_classes} outputs")
     spec = model_spec(name)
     part_of = inference.part_namer(net)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(config.seed)
     manifest: dict[str, Any] = {
         "created": {
             "edgetl": _edgetl_version(),
@@ -186,7 +185,7 @@ def export(
         "verification": {},
     }
 
-    with BundleWriter(out, overwrite=overwrite) as writer:
+    with BundleWriter(out, overwrite=config.overwrite) as writer:
         log(f"edgetl export: {name} ({num_classes} classes) K={policy.blocks} {policy.method}, {image_size}px -> {out}")
 
         x1 = torch.randn(1, 3, image_size, image_size, generator=gen)
@@ -205,25 +204,8 @@ def export(
         }
         manifest["verification"]["inference_max_abs_diff"] = diff
 
-        if training:
-            _export_training_part(
-                writer,
-                manifest,
-                net,
-                plain,
-                policy,
-                batch_size=batch_size,
-                image_size=image_size,
-                num_classes=num_classes,
-                lr=lr,
-                momentum=momentum,
-                weight_decay=weight_decay,
-                label_smoothing=label_smoothing,
-                verify_steps=verify_steps,
-                gen=gen,
-                part_of=part_of,
-                log=log,
-            )
+        if config.training:
+            _export_training_part(writer, manifest, net, plain, policy, config, num_classes=num_classes, gen=gen, part_of=part_of, log=log)
         bundle = writer.commit(manifest)
     log(f"  verified and written: {', '.join(sorted(bundle.manifest['files']))}, {MANIFEST}")
     return bundle
@@ -253,19 +235,15 @@ def _export_training_part(
     net: TransferModel,
     plain: nn.Module,
     policy: TrainPolicy,
+    config: ExportConfig,
     *,
-    batch_size: int,
-    image_size: int,
     num_classes: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    label_smoothing: float,
-    verify_steps: int,
     gen: torch.Generator,
     part_of,
     log: Callable[[str], None],
 ) -> None:
+    batch_size, image_size = config.batch_size, config.image_size
+    lr, momentum, weight_decay, label_smoothing = config.lr, config.momentum, config.weight_decay, config.label_smoothing
     xb = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
     bottom = inference.Bottom(training.without_dropout(net))
     res, diff = _write_checked_inference(writer, BOTTOM_PTE, bottom, xb, part_of)
@@ -282,9 +260,9 @@ def _export_training_part(
         f"  {TRAIN_PTE} + {TRAIN_PTD}: top {len(net.top_names)} units + head, {len(ex.parameter_names)} trainable tensors, "
         f"{len(ex.buffer_names)} running statistics, exported in {ex.seconds:.1f}s"
     )
-    check = training.verify_training(net, ex, pte, ptd, steps=verify_steps, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    check = training.verify_training(net, ex, pte, ptd, steps=config.verify_steps, lr=lr, momentum=momentum, weight_decay=weight_decay)
     log(
-        f"  {verify_steps} SGD steps, ExecuTorch vs eager: loss max diff {check.loss_max_abs_diff:.3g}, "
+        f"  {config.verify_steps} SGD steps, ExecuTorch vs eager: loss max diff {check.loss_max_abs_diff:.3g}, "
         f"weights {check.weight_max_abs_diff:.3g}, "
         f"running stats {check.running_stats_max_abs_diff:.3g} (moved {check.running_stats_moved:.3g}), "
         f"predict with written weights {check.predict_max_abs_diff:.3g}; tolerance {training.WEIGHT_TOLERANCE:g}"

@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.models import efficientnet, mobilenetv2, mobilenetv3
 from torchvision.ops import SqueezeExcitation, StochasticDepth
 
-from edgetl.train.layers import ShiftOnlyNorm, activation_kind
+from edgetl.nn.layers import ShiftOnlyNorm, activation_kind
 
 IRB_TYPES: tuple[type[nn.Module], ...] = (
     mobilenetv2.InvertedResidual,

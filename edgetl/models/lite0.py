@@ -21,10 +21,6 @@ import os
 
 import torch
 from torch import Tensor, nn
-
-import edgetl._torchvision_compat  # noqa: F401  (must precede torchvision)
-
-# isort: split
 from torchvision.models.mobilenetv3 import InvertedResidual, InvertedResidualConfig
 from torchvision.ops import Conv2dNormActivation
 

@@ -155,6 +155,16 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, num_class
     return replace_classifier(model, num_classes)
 
 
+def num_blocks(name: str) -> int:
+    """How many inverted-residual blocks architecture ``name`` has (built on the meta device:
+    no weights are allocated)."""
+    from edgetl.models.blocks import find_blocks
+
+    spec = model_spec(name)
+    with torch.device("meta"):
+        return len(find_blocks(spec.builder(weights=None)))
+
+
 def identify_model(model: nn.Module) -> str:
     """The :data:`MODELS` name whose architecture ``model`` has (same state-dict keys and shapes).
 

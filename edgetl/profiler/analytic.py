@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgetl.models.blocks import LayerSpec
-from edgetl.train.ops import packed_numel
+from edgetl.nn.ops import packed_numel
 
 Shape = tuple[int, ...]
 FLOAT_BYTES = 4

@@ -29,6 +29,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from edgetl._format import format_size
 from edgetl.errors import EdgetlError
 
 UNITS: dict[str, int] = {
@@ -78,14 +79,6 @@ def parse_size(value: Any, *, field: str = "size", where: str = "") -> int:
     raise DeviceProfileError(
         f"{prefix}field {field!r} must be bytes (an integer) or a size like '1.5GiB' (units: {', '.join(UNITS)}), got {value!r}"
     )
-
-
-def format_size(nbytes: int) -> str:
-    """Human-readable binary size, for printing only."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(nbytes) >= scale:
-            return f"{nbytes / scale:.2f} {unit}" if unit == "GiB" else f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} B"
 
 
 @dataclass(frozen=True)

@@ -442,8 +442,8 @@ def _child(argv: list[str] | None = None) -> int:
     import torch
 
     import edgetl  # noqa: F401  (the runtime's baseline includes the package)
+    from edgetl._rss import current_rss_bytes, peak_rss_bytes
     from edgetl.models.zoo import classifier_linear, load_model
-    from edgetl.profiler.process import current_rss_bytes, peak_rss_bytes
     from edgetl.train.prepare import prepare
 
     runtime_rss = current_rss_bytes()

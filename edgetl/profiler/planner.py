@@ -23,9 +23,10 @@ from functools import cache
 import torch
 from torch import nn
 
+from edgetl._format import format_size
 from edgetl.errors import EdgetlError
 from edgetl.models.blocks import find_blocks
-from edgetl.profiler.device import DeviceProfile, format_size, load_device
+from edgetl.profiler.device import DeviceProfile, load_device
 from edgetl.profiler.native import NativePeakEstimate, ProgramMemory, predict_native_peak
 from edgetl.profiler.peak import StepPeakEstimate, check_optimizer, predict_step_peak, trainable_shapes_problem
 from edgetl.profiler.predict import predict_units

@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgetl._format import format_size
 from edgetl.errors import EdgetlError
 from edgetl.models.blocks import block_spec, feature_units, find_blocks, is_irb, layer_specs
 from edgetl.profiler.analytic import paper_saved_for_backward, total_bytes
-from edgetl.profiler.device import format_size
 from edgetl.profiler.measure import HEAD, measure_saved_bytes
 from edgetl.profiler.peak import (
     OPTIMIZER_STATE_FLOATS,

@@ -43,15 +43,16 @@ def cache_features(
     """Run ``model``'s frozen bottom over ``dataset`` ``views`` times and keep the outputs."""
     per_view, labels = [], None
     model.eval()
-    for v in range(views):
-        torch.manual_seed(seed * 7919 + v)  # each view's augmentation is reproducible
-        loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, num_workers=workers, generator=torch.Generator().manual_seed(seed * 7919 + v)
-        )
-        chunks, ys = [], []
-        for x, y in loader:
-            chunks.append(model.forward_bottom(x))
-            ys.append(torch.as_tensor(y))
-        per_view.append(torch.cat(chunks))
-        labels = torch.cat(ys)
+    with torch.random.fork_rng(devices=[]):  # augmentation draws from the global generator; the caller's state is kept
+        for v in range(views):
+            torch.manual_seed(seed * 7919 + v)  # each view's augmentation is reproducible
+            loader = DataLoader(
+                dataset, batch_size=batch_size, shuffle=False, num_workers=workers, generator=torch.Generator().manual_seed(seed * 7919 + v)
+            )
+            chunks, ys = [], []
+            for x, y in loader:
+                chunks.append(model.forward_bottom(x))
+                ys.append(torch.as_tensor(y))
+            per_view.append(torch.cat(chunks))
+            labels = torch.cat(ys)
     return FeatureCache(torch.stack(per_view), labels)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, TypeVar
+
+from torch import nn
+
+from edgetl.errors import ConfigError
+from edgetl.models.blocks import is_irb
 
 Method = Literal["mobiletl", "vanilla"]
 ActivationGrad = Literal["sign", "exact"]
@@ -42,21 +48,38 @@ class TrainPolicy:
 
     def __post_init__(self) -> None:
         if isinstance(self.blocks, bool) or not isinstance(self.blocks, int):
-            raise TypeError(f"TrainPolicy.blocks must be an int, got {self.blocks!r}")
+            raise ConfigError(f"TrainPolicy.blocks must be an integer, got {self.blocks!r}")
         if self.blocks < 0:
-            raise ValueError(f"TrainPolicy.blocks must be >= 0 (0 = classifier only), got {self.blocks}")
+            raise ConfigError(f"TrainPolicy.blocks must be >= 0 (0 = classifier only), got {self.blocks}")
         for field, value, allowed in (
             ("method", self.method, METHODS),
             ("activation_grad", self.activation_grad, ACTIVATION_GRADS),
             ("activation_mask", self.activation_mask, ACTIVATION_MASKS),
         ):
             if value not in allowed:
-                raise ValueError(f"unknown TrainPolicy.{field} {value!r}; expected one of {', '.join(allowed)}")
+                raise ConfigError(f"unknown TrainPolicy.{field} {value!r}; expected one of {', '.join(allowed)}")
 
     def check_blocks(self, num_blocks: int) -> None:
         """Raise if K exceeds the number of blocks of a model."""
         if self.blocks > num_blocks:
-            raise ValueError(f"TrainPolicy.blocks={self.blocks} but the model has only {num_blocks} inverted-residual blocks")
+            raise ConfigError(f"TrainPolicy.blocks={self.blocks} but the model has only {num_blocks} inverted-residual blocks")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# --- MobileTL's rules, stated once (prepare() applies them; the profiler predicts from them) ------
+
+T = TypeVar("T")
+
+
+def uses_mobiletl(policy: TrainPolicy, unit: nn.Module) -> bool:
+    """Whether ``unit`` (a trained unit of ``features``) is rewritten by MobileTL: inverted-residual
+    blocks only; the stem, the final conv stage and the head train with ordinary autograd."""
+    return policy.method == "mobiletl" and is_irb(unit)
+
+
+def shift_only_norms(norms: Sequence[T]) -> list[T]:
+    """The norms of a MobileTL block that train their shift only: every norm but the last. The
+    last (after the projection conv) trains fully, in train mode."""
+    return list(norms[:-1])

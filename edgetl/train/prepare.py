@@ -7,9 +7,10 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from edgetl.errors import ConfigError
 from edgetl.models.blocks import feature_units, find_blocks, first_trained_unit, is_irb
-from edgetl.train.layers import MaskedActivation, ShiftOnlyNorm, activation_kind
-from edgetl.train.policy import TrainPolicy
+from edgetl.nn.layers import MaskedActivation, ShiftOnlyNorm, activation_kind
+from edgetl.train.policy import TrainPolicy, shift_only_norms, uses_mobiletl
 
 
 class TransferModel(nn.Module):
@@ -91,7 +92,7 @@ def apply_mobiletl(block: nn.Module, policy: TrainPolicy) -> None:
     activation's output) for the gate's gradient: a full expanded map, which is the SE's price.
     """
     norms = [name for name, m in block.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    for name in norms[:-1]:
+    for name in shift_only_norms(norms):
         _set_child(block, name, ShiftOnlyNorm(block.get_submodule(name)))
     for name, module in list(block.named_modules()):
         kind = activation_kind(module)
@@ -109,15 +110,15 @@ def prepare(model: nn.Module, policy: TrainPolicy) -> TransferModel:
     the classifier train in full. ``model`` itself is left unchanged.
     """
     if not isinstance(policy, TrainPolicy):
-        raise TypeError(f"policy must be a TrainPolicy, got {type(policy).__name__}")
+        raise ConfigError(f"policy must be a TrainPolicy, got {type(policy).__name__}")
     if not find_blocks(model):
-        raise ValueError(f"{type(model).__name__} has no inverted-residual blocks")
+        raise ConfigError(f"{type(model).__name__} has no inverted-residual blocks")
     net = TransferModel(copy.deepcopy(model), policy)
     for p in net.parameters():
         p.requires_grad_(False)
     for name in net.top_names:
         unit = net.get_submodule(name)
-        if policy.method == "mobiletl" and is_irb(unit):
+        if uses_mobiletl(policy, unit):
             apply_mobiletl(unit, policy)
         for p in unit.parameters():
             p.requires_grad_(True)

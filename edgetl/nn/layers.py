@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from edgetl.train import ops
+from edgetl.nn import ops
 
 
 class ShiftOnlyNorm(nn.Module):

@@ -8,21 +8,12 @@ and raise :class:`edgetl.errors.EdgetlError` for user errors (the main CLI print
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from edgetl.errors import EdgetlError
-from edgetl.profiler.peak import OPTIMIZER_STATE_FLOATS
+from edgetl.cli.common import blocks_arg, non_negative_int, positive_int, write_text
+from edgetl.errors import ConfigError
 from edgetl.profiler.planner import DEFAULT_BATCH_SIZES
+from edgetl.train.optim import OPTIMIZERS
 from edgetl.train.policy import ACTIVATION_MASKS, METHODS
-
-
-def _blocks(value: str) -> int | str:
-    if value == "all":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'all', got {value!r}") from None
 
 
 def _batch_sizes(value: str) -> tuple[int, ...]:
@@ -35,11 +26,40 @@ def _batch_sizes(value: str) -> tuple[int, ...]:
     return sizes
 
 
-def _write(path: str, text: str) -> None:
-    try:
-        Path(path).write_text(text)
-    except OSError as exc:
-        raise EdgetlError(f"cannot write {path}: {exc.strerror}") from None
+def _add_source(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--run", metavar="DIR", help="take the model, K, batch, image size and classes from a run directory")
+    source.add_argument("--config", metavar="FILE", help="take them from a 'finetune' TOML/JSON config file")
+
+
+def _settings(args: argparse.Namespace, wanted: tuple[str, ...]) -> None:
+    """Fill ``wanted`` settings the user did not give from ``--run``/``--config`` (flags win)."""
+    if not (args.run or args.config):
+        missing = [k for k in ("model", *wanted) if getattr(args, k, None) is None and k in _REQUIRED]
+        if missing:
+            raise ConfigError(f"give --{missing[0].replace('_', '-')} (or --run DIR / --config FILE)")
+        return
+    from edgetl.train.config import config_from_file
+    from edgetl.train.run import Run
+
+    run = Run(args.run) if args.run else None
+    config = run.config() if run else config_from_file(args.config)
+    known = {
+        "model": config.model,
+        "blocks": config.policy.blocks,
+        "method": config.policy.method,
+        "activation_mask": config.policy.activation_mask,
+        "batch_size": config.batch_size,
+        "image_size": config.image_size,
+        "optimizer": config.optimizer,
+        "num_classes": len(run.classes()) if run else (10 if config.data == "fashion-mnist" else None),
+    }
+    for key in ("model", *wanted):
+        if getattr(args, key, None) is None and known.get(key) is not None:
+            setattr(args, key, known[key])
+
+
+_REQUIRED = ("model", "blocks", "batch_size", "image_size")
 
 
 def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -51,18 +71,18 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "vanilla fine-tuning and MobileTL, with parameter, gradient and optimizer-state bytes, a predicted "
         "step peak, and optionally the peak RSS of a real training step in a fresh process.",
     )
-    p.add_argument("--model", required=True, help="architecture (mobilenet_v2, mobilenet_v3_small, ...)")
-    p.add_argument("--blocks", "-K", required=True, type=_blocks, help="K: blocks trained from the top, or 'all'")
-    p.add_argument("--batch-size", type=int, required=True)
-    p.add_argument("--image-size", type=int, required=True)
-    p.add_argument("--num-classes", type=int, default=1000)
+    _add_source(p)
+    p.add_argument("--model", help="architecture (mobilenet_v2, mobilenet_v3_small, ...)")
+    p.add_argument("--blocks", "-K", type=blocks_arg, help="K: blocks trained from the top, or 'all'")
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--image-size", type=positive_int)
+    p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: the run's classes, else 1000)")
     p.add_argument(
         "--optimizer",
-        choices=list(OPTIMIZER_STATE_FLOATS),
-        default="adam",
-        help="whose state to count (adam/adamw: 2 floats per trained parameter, sgd with momentum: 1)",
+        choices=OPTIMIZERS,
+        help="whose state to count (adam/adamw: 2 floats per trained parameter, sgd with momentum: 1; default: the run's, else adam)",
     )
-    p.add_argument("--activation-mask", choices=list(ACTIVATION_MASKS), default="reuse", help="MobileTL's mask storage")
+    p.add_argument("--activation-mask", choices=ACTIVATION_MASKS, help="MobileTL's mask storage (default: the run's, else reuse)")
     p.add_argument("--json", metavar="F", help="also write the report as JSON to F")
     p.add_argument("--plot", metavar="F.png", help="write a per-block bar chart, vanilla against MobileTL (needs matplotlib)")
     p.add_argument("--process", action="store_true", help="also measure peak RSS of a real training step in a fresh process (slow)")
@@ -73,17 +93,15 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 def profile_command(args: argparse.Namespace) -> int:
     """Handler of ``edgetl profile``."""
-    from edgetl.models.blocks import find_blocks
-    from edgetl.models.zoo import load_model
+    from edgetl.models.zoo import num_blocks
     from edgetl.profiler.report import plot_report, profile
     from edgetl.train.policy import TrainPolicy
 
-    blocks = args.blocks
-    if blocks == "all":
-        blocks = len(find_blocks(load_model(args.model, num_classes=args.num_classes)))
-    if blocks < 0:
-        raise EdgetlError(f"--blocks must be >= 0 or 'all', got {blocks}")
-    policy = TrainPolicy(blocks, "mobiletl", activation_mask=args.activation_mask)
+    _settings(args, ("blocks", "batch_size", "image_size", "num_classes", "optimizer", "activation_mask"))
+    blocks = num_blocks(args.model) if args.blocks == "all" else args.blocks
+    policy = TrainPolicy(blocks, "mobiletl", activation_mask=args.activation_mask or "reuse")
+    args.num_classes = args.num_classes or 1000
+    args.optimizer = args.optimizer or "adam"
     report = profile(
         args.model,
         policy,
@@ -95,7 +113,7 @@ def profile_command(args: argparse.Namespace) -> int:
     )
     print(report.render(collapse_frozen=not args.all_rows))
     if args.json:
-        _write(args.json, report.to_json() + "\n")
+        write_text(args.json, report.to_json() + "\n")
         print(f"JSON report written to {args.json}")
     if args.plot:
         plot_report(report, args.plot)
@@ -112,28 +130,34 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "peak (runtime included) fits the device's memory budget minus its safety margin.",
     )
     p.add_argument("--device", required=True, metavar="device_profiles/NAME.toml", help="device profile (TOML)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--method", choices=list(METHODS), default="mobiletl")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument(
-        "--optimizer", choices=list(OPTIMIZER_STATE_FLOATS), help="optimizer (default: adam for eager, sgd with momentum for native)"
-    )
+    _add_source(p)
+    p.add_argument("--model", help="architecture (or take it from --run / --config)")
+    p.add_argument("--image-size", type=positive_int, help="input side in pixels (default: the run's, else 224)")
+    p.add_argument("--method", choices=METHODS, help="default: the run's, else mobiletl")
+    p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: the run's classes, else 1000)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (default: adam for eager, sgd with momentum for native)")
     p.add_argument(
         "--runtime",
         choices=("eager", "native"),
         default="eager",
         help="what trains on the device: PyTorch (eager) or deploy/native's edgetl-device (native; emits the training "
-        "program per K to read its memory plan, a minute each)",
+        "program per K to read its memory plan, a minute each; default: %(default)s)",
     )
-    p.add_argument("--images", type=int, default=1000, help="native runtime: training images on the device (their features are cached)")
+    p.add_argument(
+        "--images",
+        type=positive_int,
+        default=1000,
+        help="native runtime: training images on the device, features cached (default: %(default)s)",
+    )
     p.add_argument(
         "--batch-sizes",
         type=_batch_sizes,
         default=DEFAULT_BATCH_SIZES,
         help=f"candidate batch sizes (default {','.join(map(str, DEFAULT_BATCH_SIZES))})",
     )
-    p.add_argument("--runner-ups", type=int, default=4, help="how many next-best configurations to show")
+    p.add_argument(
+        "--runner-ups", type=non_negative_int, default=4, help="how many next-best configurations to show (default: %(default)s)"
+    )
     p.add_argument("--json", metavar="F", help="also write the plan as JSON to F")
     p.set_defaults(handler=plan_command)
     return p
@@ -145,6 +169,10 @@ def plan_command(args: argparse.Namespace) -> int:
 
     from edgetl.profiler.planner import plan
 
+    _settings(args, ("image_size", "method", "num_classes"))
+    args.image_size = args.image_size or 224
+    args.method = args.method or "mobiletl"
+    args.num_classes = args.num_classes or 1000
     program_memory = None
     if args.runtime == "native":
         from edgetl.exporter.training import program_memory as emit_memory
@@ -172,6 +200,6 @@ def plan_command(args: argparse.Namespace) -> int:
     )
     print(result.render())
     if args.json:
-        _write(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
+        write_text(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
         print(f"JSON plan written to {args.json}")
     return 0

@@ -1,0 +1,55 @@
+"""``edgetl`` command line: a thin layer over the Python API.
+
+Errors caused by the user's input (:class:`~edgetl.errors.EdgetlError`) are printed as one
+``edgetl: error: ...`` line with exit code 2; ``--debug`` shows the traceback instead. Any other
+exception is a bug and keeps its traceback.
+
+Thread policy: ``main`` sets ``OMP_WAIT_POLICY=PASSIVE`` (unless the user set it) before torch is
+imported. OpenMP workers that spin while waiting make small CPU workloads 10-100x slower whenever
+another process holds a core (a phone or a Pi is never idle); sleeping workers cost little. It is
+read once, when torch's OpenMP runtime loads, so it is the command's decision, not the library's:
+Python API users set it in their own environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``edgetl`` parser with every sub-command (each sets ``handler``)."""
+    from edgetl.cli.export import add_export_parser
+    from edgetl.cli.finetune import add_finetune_parser
+    from edgetl.cli.profile import add_plan_parser, add_profile_parser
+
+    parser = argparse.ArgumentParser(prog="edgetl", description="On-device transfer learning with inverted residual blocks (MobileTL)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_finetune_parser(sub)
+    add_profile_parser(sub)
+    add_plan_parser(sub)
+    add_export_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see the module docstring
+    from edgetl.errors import EdgetlError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except EdgetlError as exc:
+        if args.debug:
+            raise
+        print(f"edgetl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgetl: interrupted (the last completed epoch is saved; continue with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""``edgetl export``: a fine-tuning run (or weights file) to a bundle of ExecuTorch programs.
+
+Wired into ``edgetl``'s command line by :func:`add_export_parser`::
+
+    edgetl export --checkpoint runs/flowers --out dist/flowers --training --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from edgetl.cli.common import non_negative_int, positive_int
+from edgetl.exporter.config import ExportConfig
+from edgetl.train.policy import METHODS
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``edgetl export`` (handler in ``set_defaults(handler=...)``)."""
+    p = subparsers.add_parser(
+        "export",
+        help="export a fine-tuned model as ExecuTorch programs (XNNPACK classifier, optional on-device trainer)",
+        description="Write a bundle: model.pte (XNNPACK) and, with --training, bottom.pte + train.pte/.ptd for on-device "
+        "fine-tuning, plus manifest.json. Every program is checked against eager PyTorch first.",
+    )
+    p.add_argument("--checkpoint", required=True, help="run directory from 'edgetl finetune', or a weights file (model.pt)")
+    p.add_argument("--out", required=True, help="bundle directory to create (must be new or empty)")
+    p.add_argument("--training", action="store_true", help="also export the trainable program for on-device fine-tuning")
+    p.add_argument(
+        "--batch-size", type=positive_int, help=f"training batch size on the device (default: the run's, else {ExportConfig.batch_size})"
+    )
+    p.add_argument("--image-size", type=positive_int, help=f"input size in pixels (default: the run's, else {ExportConfig.image_size})")
+    p.add_argument("--model", help="architecture, for a weights file that does not name it")
+    p.add_argument("--blocks", type=non_negative_int, help="K, blocks trained on the device (default: the run's policy, else 2)")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        help="how the device trains those blocks (default: the run's policy); vanilla exports the paper's "
+        "FT-BLKs baseline of the same K, to measure MobileTL's saving on the device",
+    )
+    p.add_argument("--lr", type=float, default=ExportConfig.lr, help="on-device SGD learning rate (default: %(default)s)")
+    p.add_argument("--momentum", type=float, default=ExportConfig.momentum, help="on-device SGD momentum (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=ExportConfig.weight_decay, help="of the on-device SGD (default: %(default)s)")
+    p.add_argument(
+        "--label-smoothing", type=float, default=ExportConfig.label_smoothing, help="of the on-device loss (default: %(default)s)"
+    )
+    p.add_argument(
+        "--verify-steps",
+        type=positive_int,
+        default=ExportConfig.verify_steps,
+        help="SGD steps checked against eager (default: %(default)s)",
+    )
+    p.add_argument("--device-weights", help="a .ptd written by on-device fine-tuning (trained.ptd): export with those weights")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle in --out")
+    p.set_defaults(handler=run_export)
+    return p
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Handler of ``edgetl export``; returns the exit code, raises EdgetlError for user errors."""
+    from edgetl.exporter.pipeline import apply_device_weights, export, load_weights
+    from edgetl.train.policy import TrainPolicy
+    from edgetl.train.run import read_weights
+
+    trained = read_weights(args.checkpoint, model=args.model)
+    state = trained.state_dict
+    if args.device_weights:
+        state = apply_device_weights(state, args.device_weights)
+    model = load_weights(trained.model_name, state, trained.num_classes, source=trained.source)
+    policy = trained.policy or TrainPolicy(blocks=2)
+    if args.blocks is not None or args.method is not None:
+        policy = TrainPolicy(
+            args.blocks if args.blocks is not None else policy.blocks,
+            args.method or policy.method,
+            policy.activation_grad,
+            policy.activation_mask,
+        )
+    run = trained.config
+    config = ExportConfig(
+        image_size=args.image_size or (run.image_size if run else ExportConfig.image_size),
+        batch_size=args.batch_size or (run.batch_size if run else ExportConfig.batch_size),
+        training=args.training,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        verify_steps=args.verify_steps,
+        overwrite=args.force,
+    )
+    bundle = export(
+        model, policy, args.out, config, model_name=trained.model_name, classes=trained.classes, log=lambda line: print(line, flush=True)
+    )
+    print(f"bundle: {bundle.path}")
+    return 0

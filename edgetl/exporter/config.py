@@ -1,0 +1,58 @@
+"""The export stage's settings: :class:`ExportConfig`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from edgetl.exporter.errors import ExportError
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How :func:`edgetl.export` builds and checks a bundle.
+
+    Attributes:
+        image_size: input side in pixels.
+        batch_size: batch of the training program and of ``bottom.pte`` (``model.pte`` takes 1).
+        training: also export ``bottom.pte`` + ``train.pte``/``train.ptd`` for on-device training.
+        lr, momentum, weight_decay: the on-device SGD (recorded in the manifest, used by the
+            verification).
+        label_smoothing: of the exported cross-entropy loss.
+        verify_steps: SGD steps compared against eager PyTorch before the bundle is accepted.
+        overwrite: replace an existing bundle at the output directory.
+        seed: of the verification data.
+    """
+
+    image_size: int = 224
+    batch_size: int = 8
+    training: bool = False
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    verify_steps: int = 3
+    overwrite: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.image_size >= 32, f"image size must be >= 32, got {self.image_size}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (
+                not self.training or self.batch_size >= 2,
+                f"a training program needs batch size >= 2 (train-mode batch norm), got {self.batch_size}",
+            ),
+            (math.isfinite(self.lr) and self.lr > 0, f"learning rate must be a finite number > 0, got {self.lr}"),
+            (math.isfinite(self.momentum) and 0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.verify_steps >= 1, f"verify steps must be >= 1, got {self.verify_steps}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ExportError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
