@@ -12,8 +12,7 @@ RUN="runs/demo-$(date +%Y%m%d-%H%M%S)"
 echo "== 1/5 fine-tune (MobileTL, top 4 blocks) -> $RUN"
 "$VENV/bin/edgetl" finetune --config examples/fashion_mnist_lite0.toml --out "$RUN" "$@"
 echo "== 2/5 memory: what that training stores per block, vanilla against MobileTL"
-"$VENV/bin/edgetl" profile --model efficientnet_lite0 --blocks 4 --batch-size 32 --image-size 96 --num-classes 10 \
-  --json "$RUN/memory.json"
+"$VENV/bin/edgetl" profile --run "$RUN" --json "$RUN/memory.json"
 echo "== 3/5 export: XNNPACK classifier + trainable ExecuTorch program, each verified against eager"
 "$VENV/bin/edgetl" export --checkpoint "$RUN" --out "$RUN/bundle" --training --batch-size 8
 echo "== 4/5 on the device side (native runner: ExecuTorch's C++ runtime, no Python, no torch): classify test photos"
