@@ -1,16 +1,12 @@
 // File I/O the runner trusts its state to: sha256, atomic writes, image listing.
 #pragma once
+#include "errors.h"
+
 #include <functional>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
 namespace edgetl {
-
-// A user-facing failure: printed as one line, exit status 2.
-struct DeviceError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
 
 std::string sha256_file(const std::string& path);
 std::string read_file(const std::string& path);
