@@ -23,3 +23,7 @@ class WeightsError(EdgetlError, RuntimeError):
 
 class RunError(EdgetlError):
     """A run directory or checkpoint is missing, damaged, or does not fit the request."""
+
+
+class DivergedError(EdgetlError):
+    """Training produced a non-finite loss or weights; the last good checkpoint is kept."""

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from edgetl._rss import peak_rss_bytes
 from edgetl.data.folder import build_datasets
-from edgetl.errors import DataError
+from edgetl.errors import DataError, DivergedError
 from edgetl.models.zoo import load_model, transforms_for
 from edgetl.train.cache import FeatureCache, cache_features
 from edgetl.train.config import FinetuneConfig
@@ -81,6 +81,12 @@ def _schedule(config: FinetuneConfig, optimizer: torch.optim.Optimizer, steps_pe
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _diverged(what: str, epoch: int, run: Run) -> DivergedError:
+    """Nothing of a diverged epoch is saved: the checkpoint on disk is the last good one."""
+    kept = f"the checkpoint of epoch {epoch} in {run.path} is kept" if epoch > 0 else "nothing was saved"
+    return DivergedError(f"training diverged: {what}; {kept}. Start again with a lower --lr (or --warmup-epochs) and another --out")
 
 
 def evaluate(model: TransferModel, loader: DataLoader, *, from_features: bool = False) -> tuple[float, float]:
@@ -198,6 +204,8 @@ def _finetune(config: FinetuneConfig, *, resume: bool, on_step, log) -> Finetune
         for step, (x, y) in enumerate(loader):
             logits = model.forward_top(x) if cache else model(x)
             loss = loss_fn(logits, y)
+            if not torch.isfinite(loss):
+                raise _diverged(f"loss {loss.item()} at epoch {epoch + 1} step {step + 1}", epoch, run)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -222,6 +230,11 @@ def _finetune(config: FinetuneConfig, *, resume: bool, on_step, log) -> Finetune
             "epoch_seconds": seconds,
             "peak_rss_bytes": peak_rss_bytes(),
         }
+        bad = [name for name, p in model.trainable_parameters() if not bool(torch.isfinite(p).all())]
+        if bad or not math.isfinite(val_loss):
+            raise _diverged(
+                f"non-finite {'weights (' + bad[0] + ')' if bad else 'validation loss'} after epoch {epoch + 1}", start_epoch, epoch, run
+            )
         history.append(row)
         run.save_checkpoint(
             {
