@@ -13,22 +13,64 @@ from typing import IO, Any
 
 import torch
 
+from edgetl.errors import FileWriteError
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux); else the usual 0o022."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, and rename it to ``path``."""
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, and rename it to ``path``.
+
+    The file gets the permissions the user's umask gives a new file (``mkstemp`` alone would make
+    it 0600). A failure to write (full disk, read-only directory, file-size limit) raises
+    :class:`~edgetl.errors.FileWriteError` naming ``path``; the old file, if any, is untouched and
+    the temporary is removed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        # torch.save's zip writer reports a short write as "[enforce fail at inline_container.cc...]"
+        if isinstance(exc, RuntimeError) and "inline_container" not in str(exc):
+            raise
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "the disk is full or the file too large"
+        raise FileWriteError(f"cannot write {path}: {reason}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def temp_prefix(path: Path) -> str:
+    """Prefix of :func:`atomic_write`'s temporaries for ``path`` (hidden files beside it)."""
+    return f".{path.name}."
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove temporaries a killed writer left beside ``path``."""
+    for tmp in path.parent.glob(f"{temp_prefix(path)}*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -27,3 +27,8 @@ class RunError(EdgetlError):
 
 class DivergedError(EdgetlError):
     """Training produced a non-finite loss or weights; the last good checkpoint is kept."""
+
+
+class FileWriteError(EdgetlError, OSError):
+    """A file could not be written (full disk, read-only directory, file-size limit); whatever was
+    there before is left as it was."""

@@ -3,7 +3,13 @@ resumed run keeps its classes (issue 12's cases that live in the trainer and the
 
 from __future__ import annotations
 
+import os
+import resource
 import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +20,7 @@ from edgetl.train.config import FinetuneConfig
 from edgetl.train.run import CHECKPOINT, FINAL_WEIGHTS, Run
 from edgetl.train.trainer import finetune
 
+ROOT = str(Path(__file__).resolve().parents[1])
 SMALL = dict(model="mobilenet_v3_small", image_size=32, batch_size=8, val_fraction=0.25, label_smoothing=0.0, augment=False)
 
 
@@ -87,3 +94,45 @@ def test_resume_refuses_changed_classes(tmp_path, image_folder, pretrained_file)
     shutil.copytree(data / "red", data / "violet")  # a class added
     with pytest.raises(RunError, match=r"classes changed \(new: violet\)"):
         finetune(config, resume=True, log=lambda _: None)
+
+
+def _finetune_argv(out, folder, weights, *extra) -> list[str]:
+    argv = ["finetune", "--model", "mobilenet_v3_small", "--weights", str(weights), "--data", str(folder), "--image-size", "32"]
+    return argv + ["--epochs", "1", "--blocks", "1", "--out", str(out), *extra]
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporaries(tmp_path, image_folder, pretrained_file):
+    """RLIMIT_FSIZE stands in for a full disk: config.json fits, the checkpoint (megabytes) does not."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "edgetl", *_finetune_argv(out, image_folder, pretrained_file("mobilenet_v3_small"))]
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))  # noqa: E731
+    done = subprocess.run(argv, capture_output=True, text=True, preexec_fn=limit, env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"edgetl: error: cannot write {out / CHECKPOINT}:"), done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # no half-written hidden temporaries
+
+
+def test_files_honour_the_umask_and_stale_temporaries_are_removed(tmp_path, image_folder, pretrained_file):
+    out = tmp_path / "run"
+    stale = out / f".{CHECKPOINT}.abc123.tmp"
+    out.mkdir()
+    stale.write_bytes(b"x" * 1000)  # what a kill -9 during a save leaves
+    config = _config(tmp_path, image_folder, pretrained_file("mobilenet_v3_small"), blocks=1, epochs=1)
+    old = os.umask(0o027)
+    try:
+        finetune(config, resume=True, log=lambda _: None)
+    finally:
+        os.umask(old)
+    assert not stale.exists()
+    for name in (CHECKPOINT, FINAL_WEIGHTS, "config.json", "metrics.csv"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o640, name
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path, image_folder, pretrained_file, capsys):
+    out = tmp_path / "run"
+    out.write_text("mine")
+    code = main(_finetune_argv(out, image_folder, pretrained_file("mobilenet_v3_small")))
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"edgetl: error: --out {out} is a file, not a directory\n"
+    assert out.read_text() == "mine"

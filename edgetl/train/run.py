@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from edgetl._files import atomic_write_json, atomic_write_text, load_torch, save_torch
+from edgetl._files import atomic_write_json, atomic_write_text, load_torch, remove_stale_temporaries, save_torch
 from edgetl.errors import ConfigError, RunError
 from edgetl.train.config import FinetuneConfig
 from edgetl.train.policy import TrainPolicy
@@ -115,6 +115,8 @@ class Run:
         """Open the directory for ``config``: new (it must be empty) or, with ``resume``, the run
         it holds (same settings but :data:`RESUME_FREE`, same classes). Writes ``config.json``
         and returns the checkpoint to resume from (None: start at epoch 0)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"--out {self.path} is a file, not a directory")
         state = None
         if resume and self.is_run():
             saved = self.saved_values()
@@ -131,8 +133,9 @@ class Run:
             state = self.checkpoint()
         elif not resume and self.path.exists() and any(self.path.iterdir()):
             raise RunError(f"run directory {self.path} already holds files; pass --resume to continue it or choose another --out")
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path / CONFIG, {**config.to_dict(), "classes": list(classes)})
+        for name in (CONFIG, CHECKPOINT, FINAL_WEIGHTS, METRICS):  # what a killed run left half-written
+            remove_stale_temporaries(self.path / name)
+        atomic_write_json(self.path / CONFIG, {**config.to_dict(), "classes": list(classes)})  # also proves it is writable
         return state
 
     def save_checkpoint(self, state: dict[str, Any], config: FinetuneConfig) -> None:
