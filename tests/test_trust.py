@@ -136,3 +136,14 @@ def test_an_out_that_is_a_file_is_refused(tmp_path, image_folder, pretrained_fil
     err = capsys.readouterr().err
     assert code == 2 and err == f"edgetl: error: --out {out} is a file, not a directory\n"
     assert out.read_text() == "mine"
+
+
+def test_a_log_gets_progress_lines_within_an_epoch(tmp_path, image_folder, pretrained_file):
+    """Not a terminal (pytest captures stderr): a line at each quarter of the epoch, then the epoch line."""
+    lines: list[str] = []
+    config = _config(tmp_path, image_folder, pretrained_file("mobilenet_v3_small"), blocks=1, epochs=1, batch_size=4)
+    finetune(config, log=lines.append)
+    steps = (3 * 24 - 18) // 4  # 72 images, a quarter held out for validation, batch 4
+    every = steps // 4
+    assert [line.split(" loss")[0] for line in lines[:-1]] == [f"epoch 1/1 step {k}/{steps}" for k in range(every, steps, every)]
+    assert lines[-1].startswith("epoch 1/1 train_loss")

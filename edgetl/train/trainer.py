@@ -46,10 +46,14 @@ class FinetuneResult:
 
 
 class _Progress:
-    """A one-line progress bar on stderr, drawn only on a terminal (logs get the epoch line)."""
+    """Progress within an epoch: a bar redrawn on stderr when it is a terminal; otherwise (a log
+    file, a pipe) a ``log`` line at every quarter of the epoch, so a long epoch is never silent."""
 
-    def __init__(self, total: int, label: str) -> None:
-        self.total, self.label, self.on = total, label, sys.stderr.isatty()
+    QUARTERS = 4
+
+    def __init__(self, total: int, label: str, log: Callable[[str], None]) -> None:
+        self.total, self.label, self.log, self.on = total, label, log, sys.stderr.isatty()
+        self.every = max(1, total // self.QUARTERS)
 
     def update(self, done: int, loss: float) -> None:
         if self.on:
@@ -57,6 +61,8 @@ class _Progress:
             filled = int(width * done / max(self.total, 1))
             sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} loss {loss:.4f}")
             sys.stderr.flush()
+        elif done % self.every == 0 and done < self.total:  # the epoch line reports the end
+            self.log(f"{self.label} step {done}/{self.total} loss {loss:.4f}")
 
     def close(self) -> None:
         if self.on:
@@ -198,7 +204,7 @@ def _finetune(config: FinetuneConfig, *, resume: bool, on_step, log) -> Finetune
             num_workers=0 if cache else config.workers,
         )
         model.train()
-        progress = _Progress(len(loader), f"epoch {epoch + 1}/{config.epochs}")
+        progress = _Progress(len(loader), f"epoch {epoch + 1}/{config.epochs}", log)
         loss_sum, correct, seen = 0.0, 0, 0
         t0 = time.perf_counter()
         for step, (x, y) in enumerate(loader):
