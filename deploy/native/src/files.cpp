@@ -77,6 +77,16 @@ std::string read_file(const std::string& path) {
 }
 
 namespace {
+// The umask, read once: umask() can only be read by setting it, so set it straight back.
+mode_t process_umask() {
+  static const mode_t mask = [] {
+    mode_t m = ::umask(0);
+    ::umask(m);
+    return m;
+  }();
+  return mask;
+}
+
 // A temporary file beside `path`; renamed over it by commit(), removed if never committed.
 class TempFile {
  public:
@@ -88,6 +98,7 @@ class TempFile {
     name_.push_back('\0');
     fd_ = ::mkstemp(name_.data());
     if (fd_ < 0) throw DeviceError("cannot write in " + dir_ + ": " + std::strerror(errno));
+    ::fchmod(fd_, 0666 & ~process_umask());  // mkstemp makes 0600; a saved file gets the user's usual mode
   }
   ~TempFile() {
     if (fd_ >= 0) ::close(fd_);
@@ -168,6 +179,20 @@ void ensure_writable_dir(const std::string& dir) {
   if (fd < 0) throw DeviceError("state directory " + dir + " is not writable: " + std::strerror(errno));
   ::close(fd);
   ::unlink(name.data());
+}
+
+void remove_stale_temporaries(const std::string& dir, const std::vector<std::string>& prefixes) {
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    // TempFile's names: "." + target name + "." + six random characters
+    if (name.size() < 9 || name[0] != '.' || name[name.size() - 7] != '.') continue;
+    for (const auto& prefix : prefixes)
+      if (name.compare(1, prefix.size(), prefix) == 0) {
+        fs::remove(entry.path(), ec);
+        break;
+      }
+  }
 }
 
 std::vector<std::string> list_images(const std::string& dir) {

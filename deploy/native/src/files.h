@@ -24,6 +24,8 @@ void atomic_write(const std::string& path, const std::function<void(const ByteSi
 void atomic_link(const std::string& existing, const std::string& path);
 // Creates `dir` (and parents) and checks that files can be created in it.
 void ensure_writable_dir(const std::string& dir);
+// Removes the temporaries a killed writer left in `dir` for targets whose names start with one of `prefixes`.
+void remove_stale_temporaries(const std::string& dir, const std::vector<std::string>& prefixes);
 // Image files (by suffix, as the Python runner) under `dir`, recursively, sorted by path.
 std::vector<std::string> list_images(const std::string& dir);
 // Sorted names of the subdirectories of `dir`.

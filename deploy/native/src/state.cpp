@@ -63,6 +63,7 @@ void write_ptd(const std::string& path, const std::string& base, const std::map<
 }
 
 StateDir::StateDir(std::string dir, const Bundle& bundle) : dir_(std::move(dir)), bundle_(bundle) {
+  remove_stale_temporaries(dir_, {"weights-epoch", "momentum-epoch", kState, kTrained});
   std::string path = join(dir_, kState);
   if (is_file(path)) {
     state_ = read_state(path);
