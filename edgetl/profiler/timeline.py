@@ -1,0 +1,161 @@
+"""Where every MiB of a training step goes: live tensor bytes over one real step, by phase and by
+category, next to the OS's resident set size.
+
+:func:`measure_step_timeline` builds the model, prepares it under a policy, runs one warm-up step
+(so gradients and optimizer state exist: the steady state), then records one more step in phases —
+data (the batch), frozen-bottom forward, top forward (with the loss), backward, optimizer step,
+evaluation (a no-grad forward in eval mode) — from PyTorch's own allocation events
+(:mod:`edgetl.profiler._torch_memory`). Figures are bytes; the recording costs time, not accounting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgetl._rss import current_rss_bytes
+from edgetl.models.zoo import load_model
+from edgetl.profiler._torch_memory import CATEGORIES, Recorder, Recording
+from edgetl.train.optim import build_optimizer
+from edgetl.train.policy import TrainPolicy
+from edgetl.train.prepare import prepare
+
+PHASES: tuple[str, ...] = ("data", "bottom forward", "top forward", "backward", "optimizer step", "evaluation")
+
+
+@dataclass(frozen=True)
+class StepTimeline:
+    """One recorded training step (see the module docstring). Bytes; times in µs from the start."""
+
+    model: str
+    method: str
+    blocks: int
+    batch_size: int
+    image_size: int
+    optimizer: str
+    times_us: tuple[int, ...]
+    live: tuple[tuple[int, ...], ...]  # per time, bytes per CATEGORIES entry
+    phases: tuple[tuple[str, int, int], ...]  # (phase, start, end)
+    rss_after: dict[str, int]  # the process's RSS at the end of each phase
+    loaded_rss: int  # RSS with the model, optimizer state and gradients in place, before the step
+
+    def total(self, i: int) -> int:
+        return sum(self.live[i])
+
+    @property
+    def peak_index(self) -> int:
+        return max(range(len(self.live)), key=self.total)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The most live tensor bytes at any instant of the step."""
+        return self.total(self.peak_index)
+
+    @property
+    def peak_phase(self) -> str:
+        return self.phase_at(self.times_us[self.peak_index])
+
+    def phase_at(self, t: int) -> str:
+        for name, start, end in self.phases:
+            if start <= t <= end:
+                return name
+        return "between phases"
+
+    def breakdown_at_peak(self) -> dict[str, int]:
+        return dict(zip(CATEGORIES, self.live[self.peak_index], strict=True))
+
+    def phase_peaks(self) -> dict[str, int]:
+        """The most live bytes within each phase."""
+        out = {}
+        for name, start, end in self.phases:
+            inside = [self.total(i) for i, t in enumerate(self.times_us) if start <= t <= end]
+            out[name] = max(inside) if inside else 0
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(peak_bytes=self.peak_bytes, peak_phase=self.peak_phase, breakdown_at_peak=self.breakdown_at_peak())
+        d["phase_peaks"] = self.phase_peaks()
+        return d
+
+
+def measure_step_timeline(
+    model: str,
+    policy: TrainPolicy,
+    *,
+    batch_size: int,
+    image_size: int,
+    num_classes: int = 10,
+    optimizer: str = "adam",
+    weights: str | None = None,
+    seed: int = 0,
+) -> StepTimeline:
+    """Record one steady-state training step of ``model`` under ``policy`` (see the module docstring)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the new classifier's initialisation
+        net = prepare(load_model(model, weights=weights, num_classes=num_classes), policy)
+    opt = build_optimizer(optimizer, net.trainable_parameters(), lr=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
+        return x, torch.randint(0, num_classes, (batch_size,), generator=gen)
+
+    def step(rec: Recorder | None, rss: dict[str, int]) -> None:
+        def phase(name):
+            return rec.phase(name) if rec else _Null()
+
+        net.train()
+        with phase("data"):
+            x, y = batch()
+        rss["data"] = current_rss_bytes()
+        with phase("bottom forward"):
+            features = net.forward_bottom(x)
+        rss["bottom forward"] = current_rss_bytes()
+        with phase("top forward"):
+            loss = loss_fn(net.forward_top(features), y)
+        rss["top forward"] = current_rss_bytes()
+        with phase("backward"):  # the trainer's order: zero_grad just before backward
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        rss["backward"] = current_rss_bytes()
+        del loss, features
+        with phase("optimizer step"):
+            opt.step()
+        rss["optimizer step"] = current_rss_bytes()
+        with phase("evaluation"), torch.no_grad():
+            net.eval()
+            net(x)
+            net.train()
+        rss["evaluation"] = current_rss_bytes()
+
+    step(None, {})  # warm-up: gradients and optimizer state now exist
+    loaded = current_rss_bytes()
+    rss: dict[str, int] = {}
+    rec: Recording = Recorder().run(lambda r: step(r, rss))
+    t0 = rec.times_us[0] if rec.times_us else 0
+    return StepTimeline(
+        model=model,
+        method=policy.method,
+        blocks=policy.blocks,
+        batch_size=batch_size,
+        image_size=image_size,
+        optimizer=optimizer,
+        times_us=tuple(t - t0 for t in rec.times_us),
+        live=rec.live,
+        phases=tuple((name, start - t0, end - t0) for name, start, end in rec.phases),
+        rss_after=rss,
+        loaded_rss=loaded,
+    )
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
