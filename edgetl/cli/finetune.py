@@ -42,6 +42,7 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--method", choices=METHODS, help=_default("method"))
     p.add_argument("--activation-grad", choices=ACTIVATION_GRADS, help=_default("activation_grad"))
     p.add_argument("--activation-mask", choices=ACTIVATION_MASKS, help=_default("activation_mask"))
+    p.add_argument("--bottom-chunk", type=int, help="run the frozen bottom in micro-batches of this many images (default: the whole batch)")
     p.add_argument("--epochs", type=int, help=_default("epochs"))
     p.add_argument("--batch-size", type=int, help=_default("batch_size"))
     p.add_argument("--lr", type=float, help=_default("lr"))

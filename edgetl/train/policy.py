@@ -39,18 +39,29 @@ class TrainPolicy:
         activation_mask: where MobileTL's 1-bit mask lives. ``"reuse"`` (default) reads it off the
             activation output, which the next trainable conv stores anyway (zero extra bytes);
             ``"packed"`` stores a bit-packed uint8 mask per activation (numel / 8 bytes).
+        bottom_chunk: run the frozen bottom in micro-batches of this many images (None: the whole
+            batch at once). Beyond MobileTL: the bottom keeps nothing for backward, so only its
+            working set (one layer's input and output) scales with the batch, and at large batches
+            that working set, not what the trained blocks store, sets the step's peak. Outputs are
+            the same bit for bit for micro-batches of 2 or more (a micro-batch of 1 may take
+            another convolution kernel: differences of ~1e-13); only time is spent.
     """
 
     blocks: int
     method: Method = "mobiletl"
     activation_grad: ActivationGrad = "sign"
     activation_mask: ActivationMask = "reuse"
+    bottom_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.blocks, bool) or not isinstance(self.blocks, int):
             raise ConfigError(f"TrainPolicy.blocks must be an integer, got {self.blocks!r}")
         if self.blocks < 0:
             raise ConfigError(f"TrainPolicy.blocks must be >= 0 (0 = classifier only), got {self.blocks}")
+        if self.bottom_chunk is not None and (
+            isinstance(self.bottom_chunk, bool) or not isinstance(self.bottom_chunk, int) or self.bottom_chunk < 1
+        ):
+            raise ConfigError(f"TrainPolicy.bottom_chunk must be an integer >= 1 or None, got {self.bottom_chunk!r}")
         for field, value, allowed in (
             ("method", self.method, METHODS),
             ("activation_grad", self.activation_grad, ACTIVATION_GRADS),

@@ -54,10 +54,23 @@ class TransferModel(nn.Module):
         return self
 
     def forward_bottom(self, x: Tensor) -> Tensor:
-        """The frozen part: no autograd, eval mode."""
+        """The frozen part: no autograd, eval mode; in micro-batches of ``policy.bottom_chunk``."""
+        chunk = self.policy.bottom_chunk
         with torch.no_grad():
-            for unit in self.bottom_units():
-                x = unit(x)
+            if chunk is None or x.shape[0] <= chunk:
+                return self._run_bottom(x)
+            first = self._run_bottom(x[:chunk])
+            # one output tensor filled in place: the features are held once, beside one chunk's working set
+            out = first.new_empty((x.shape[0], *first.shape[1:]))
+            out[:chunk] = first
+            del first
+            for start in range(chunk, x.shape[0], chunk):
+                out[start : start + chunk] = self._run_bottom(x[start : start + chunk])
+            return out
+
+    def _run_bottom(self, x: Tensor) -> Tensor:
+        for unit in self.bottom_units():
+            x = unit(x)
         return x
 
     def forward_top(self, x: Tensor) -> Tensor:

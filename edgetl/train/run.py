@@ -119,8 +119,8 @@ class Run:
             raise RunError(f"--out {self.path} is a file, not a directory")
         state = None
         if resume and self.is_run():
-            saved = self.saved_values()
-            diff = [k for k, v in config.to_dict().items() if k not in RESUME_FREE and saved.get(k) != v]
+            saved = self.config()  # through the config type: settings added since the run default alike
+            diff = [f for f in config.to_dict() if f not in RESUME_FREE and getattr(saved, f) != getattr(config, f)]
             if diff:
                 raise RunError(f"cannot resume {self.path}: the run was made with different {', '.join(diff)}")
             before = self.classes()

@@ -189,7 +189,7 @@ def _finetune(config: FinetuneConfig, *, resume: bool, on_step, log) -> Finetune
             model, data.val, views=1, seed=config.seed, batch_size=max(config.batch_size, 32), workers=config.workers
         ).view(0)
         log(f"cached bottom features: {cache.nbytes / 2**20:.1f}MiB for {views} view(s) in {time.perf_counter() - t0:.1f}s")
-    val_loader = DataLoader(val_source, batch_size=2 * config.batch_size, num_workers=0 if cache else config.workers)
+    val_loader = DataLoader(val_source, batch_size=config.batch_size, num_workers=0 if cache else config.workers)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
     for epoch in range(start_epoch, config.epochs):
@@ -212,9 +212,11 @@ def _finetune(config: FinetuneConfig, *, resume: bool, on_step, log) -> Finetune
             loss = loss_fn(logits, y)
             if not torch.isfinite(loss):
                 raise _diverged(f"loss {loss.item()} at epoch {epoch + 1} step {step + 1}", epoch, run)
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            # free the gradients now, not before the next backward: otherwise they stay alive through
+            # the next forward (and the evaluation), adding their bytes to the step's peak
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             loss_sum += loss.item() * len(y)
             correct += int((logits.detach().argmax(1) == y).sum())
