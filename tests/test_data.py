@@ -291,3 +291,21 @@ def test_16_bit_grayscale_reaches_training_and_evaluation_scaled(tmp_path):
     for x, target in items:
         reference = transform(Image.fromarray(expected[target]).convert("RGB"))
         torch.testing.assert_close(x, reference, rtol=0, atol=0)
+
+
+def test_fashion_mnist_training_split_is_read_once_for_both_views(tiny_fashion, monkeypatch):
+    import edgetl.data.fashion_mnist as fm
+
+    read: list[str] = []
+    real = fm.read_idx
+    monkeypatch.setattr(fm, "read_idx", lambda path: read.append(Path(path).name) or real(path))
+    monkeypatch.setenv("EDGETL_FASHION_MNIST", str(tiny_fashion))
+    data = build_datasets("fashion-mnist", train_transform=_tagged("train"), eval_transform=_tagged("eval"), train_limit=12)
+    assert sorted(read) == sorted(f"{s}-{k}-idx{n}-ubyte.gz" for s in ("train", "t10k") for k, n in (("images", 3), ("labels", 1)))
+    assert data.classes == list(CLASSES) and (len(data.train), len(data.train_eval), len(data.val)) == (12, 12, 10)
+    for i in range(12):
+        (tag, image), target = data.train[i]
+        (eval_tag, eval_image), eval_target = data.train_eval[i]
+        assert (tag, eval_tag, target) == ("train", "eval", eval_target)
+        assert np.array_equal(image, eval_image)
+    assert data.val[3][0][0] == "eval" and data.val[3][1] == 3
