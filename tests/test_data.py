@@ -309,3 +309,15 @@ def test_fashion_mnist_training_split_is_read_once_for_both_views(tiny_fashion, 
         assert (tag, eval_tag, target) == ("train", "eval", eval_target)
         assert np.array_equal(image, eval_image)
     assert data.val[3][0][0] == "eval" and data.val[3][1] == 3
+
+
+def test_many_unreadable_images_are_one_line_naming_the_first_ten(folder_copy):
+    bad = [folder_copy / "blue" / f"bad{i:02d}.png" for i in range(12)]
+    for path in bad:
+        path.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    lines: list[str] = []
+    data = build_datasets(str(folder_copy), train_transform=None, eval_transform=None, log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith(f"warning: skipping 12 unreadable image(s) in {folder_copy}: ")
+    assert [str(p) in lines[0] for p in bad] == [True] * 10 + [False] * 2
+    assert lines[0].endswith(" and 2 more")
+    assert len(data.train) + len(data.val) == len(_image_files(folder_copy)) - len(bad)
