@@ -42,6 +42,17 @@ def make_image_folder(root: Path, per_class: int = 24, size: int = 24, seed: int
     return root
 
 
+def write_truncated_jpeg(path: Path, size: int = 48, seed: int = 0) -> Path:
+    """The first half of a quality-95 JPEG of noise: PIL's ``verify()`` accepts it, decoding fails."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, size=(size, size, 3)).astype(np.uint8)).save(buffer, "JPEG", quality=95)
+    data = buffer.getvalue()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data") / "train")

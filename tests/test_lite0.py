@@ -185,6 +185,11 @@ def test_converter_round_trip() -> None:
     model.load_state_dict(lite0.convert_efficientnet_pytorch_state_dict(state), strict=True)
     assert torch.equal(model.features[0][0][1].weight, state["_conv_stem.weight"])
     assert torch.equal(model.classifier[1].bias, state["_fc.bias"])
+    loaded = model.state_dict()
+    mapping = lite0._key_mapping()
+    assert set(mapping.values()) == set(loaded)  # every parameter and buffer comes from the source
+    for src, dst in mapping.items():
+        assert torch.equal(loaded[dst], state[src]), (src, dst)
 
 
 def test_converter_rejects_extra_key() -> None:
@@ -273,4 +278,4 @@ def test_prepare_and_memory_accounting(method: str) -> None:
     measured = measure_saved_bytes(net, {n: net.get_submodule(n) for n in net.top_names}, x)
     for name in net.top_names + [HEAD]:
         assert predicted[name] == measured[name].nbytes, name
-    assert all(predicted[n] == 0 for n in net.bottom_names)
+    assert net.bottom_names and all(predicted[n] == 0 for n in net.bottom_names)

@@ -83,10 +83,12 @@ def test_packed_activation_saves_only_a_bit_packed_mask():
     assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, 145)]
 
 
-def test_reuse_activation_saves_only_its_output():
+@pytest.mark.parametrize("kind", ["relu", "relu6", "hardswish", "silu", "hardsigmoid", "sigmoid"])
+def test_reuse_activation_saves_only_its_output(kind):
     x = torch.randn(3, 5, 7, 11, requires_grad=True)
-    saved, y = _saved(lambda: MaskedActivation("silu", mask="reuse")(x))
-    assert len(saved) == 1 and saved[0].untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+    saved, y = _saved(lambda: MaskedActivation(kind, mask="reuse")(x))
+    assert len(saved) == 1
+    assert saved[0].untyped_storage().data_ptr() == y.untyped_storage().data_ptr() and saved[0].shape == y.shape
 
 
 def _bn(c=6, eps=1e-3):
@@ -119,8 +121,10 @@ def test_shift_only_norm_stores_no_activation():
     constants = {b.untyped_storage().data_ptr() for b in norm.buffers()}
     x = torch.randn(4, 6, 5, 5, requires_grad=True)
     saved, _ = _saved(lambda: norm(x))
+    # exactly the per-channel scale, a view of its constant buffer: nothing of x's size
+    assert [tuple(t.shape) for t in saved] == [(1, 6, 1, 1)]
+    assert saved[0].untyped_storage().data_ptr() == norm.scale.untyped_storage().data_ptr()
     assert all(t.untyped_storage().data_ptr() in constants for t in saved)
-    assert sum(t.numel() for t in saved) <= 6  # at most the per-channel scale
 
 
 def test_shift_only_norm_state_dict_round_trips_to_batchnorm():
@@ -136,8 +140,10 @@ def test_shift_only_norm_state_dict_round_trips_to_batchnorm():
     torch.testing.assert_close(fresh(x), bn(x))
 
 
-def test_unknown_kind_and_rule_fail_clearly():
-    with pytest.raises(ValueError, match="unknown activation kind"):
+def test_unknown_kind_rule_and_mask_fail_clearly():
+    with pytest.raises(ValueError, match="unknown activation kind 'gelu'"):
         MaskedActivation("gelu")
     with pytest.raises(ValueError, match="unknown activation-gradient rule"):
         ops.masked_act(torch.randn(3), "relu", "approx")
+    with pytest.raises(ValueError, match="unknown activation mask storage 'dense'"):
+        MaskedActivation("relu", mask="dense")

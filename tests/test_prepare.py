@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,37 +12,65 @@ from torch import nn
 
 from edgetl import TrainPolicy, find_blocks, load_model, prepare
 from edgetl.errors import ConfigError
-from edgetl.nn.layers import MaskedActivation, ShiftOnlyNorm
+from edgetl.models.blocks import block_spec, feature_units
+from edgetl.models.zoo import MODELS, num_blocks
+from edgetl.nn.layers import MaskedActivation, ShiftOnlyNorm, activation_kind
 from edgetl.profiler.measure import measure_saved_bytes
 from tests.conftest import calibrate
 
-EXPECTED_BLOCKS = {"mobilenet_v2": 17, "mobilenet_v3_small": 11, "mobilenet_v3_large": 15, "efficientnet_b0": 16}
+#: the architectures' published block counts (a new registry entry must add its own)
+EXPECTED_BLOCKS = {"mobilenet_v2": 17, "mobilenet_v3_small": 11, "mobilenet_v3_large": 15, "efficientnet_b0": 16, "efficientnet_lite0": 16}
+ARCHITECTURES = sorted(MODELS)
 
 
-@pytest.mark.parametrize("name,count", EXPECTED_BLOCKS.items())
-def test_blocks_are_found_by_type(name, count):
+def test_every_registered_architecture_has_an_expected_block_count():
+    assert set(EXPECTED_BLOCKS) == set(MODELS)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_blocks_are_found_by_type(name):
     model = load_model(name, num_classes=5)
     blocks = find_blocks(model)
-    assert len(blocks) == count
-    assert all(hasattr(b, "use_res_connect") for _, b in blocks)
+    assert len(blocks) == EXPECTED_BLOCKS[name] == num_blocks(name)
+    specs = [block_spec(n, b) for n, b in blocks]
+    for (n, block), spec in zip(blocks, specs, strict=True):
+        # the skip connection exactly where shapes allow it
+        assert bool(block.use_res_connect) == (spec.stride == 1 and spec.in_channels == spec.out_channels), n
+    assert all(a.out_channels == b.in_channels for a, b in itertools.pairwise(specs))  # consecutive: one chain
+    names = [n for n, _ in feature_units(model)]
+    assert names[0] not in dict(blocks) and names[-1] not in dict(blocks)  # stem below, final conv stage above
 
 
 def test_policy_validation():
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ConfigError, match=r"blocks must be >= 0 \(0 = classifier only\), got -1"):
         TrainPolicy(blocks=-1)
-    with pytest.raises(ValueError, match="unknown TrainPolicy.method"):
+    with pytest.raises(ConfigError, match="unknown TrainPolicy.method 'tinytl'"):
         TrainPolicy(blocks=1, method="tinytl")
-    with pytest.raises(ValueError, match="activation_grad"):
+    with pytest.raises(ConfigError, match="unknown TrainPolicy.activation_grad 'approx'"):
         TrainPolicy(blocks=1, activation_grad="approx")
-    with pytest.raises(ConfigError, match="integer"):
+    with pytest.raises(ConfigError, match="unknown TrainPolicy.activation_mask 'dense'"):
+        TrainPolicy(blocks=1, activation_mask="dense")
+    with pytest.raises(ConfigError, match="blocks must be an integer, got 1.5"):
         TrainPolicy(blocks=1.5)
-    with pytest.raises(ValueError, match="only 17"):
-        prepare(load_model("mobilenet_v2", num_classes=3), TrainPolicy(blocks=18))
-    with pytest.raises(AttributeError):
-        TrainPolicy(blocks=1).blocks = 2  # frozen
+    with pytest.raises(ConfigError, match="blocks must be an integer, got True"):
+        TrainPolicy(blocks=True)
+    policy = TrainPolicy(blocks=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.blocks = 2  # frozen
+    assert policy.blocks == 1
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_more_blocks_than_the_model_has_is_refused(name):
+    n = num_blocks(name)
+    model = load_model(name, num_classes=3)
+    with pytest.raises(ConfigError, match=f"blocks={n + 1} but the model has only {n} inverted-residual blocks"):
+        prepare(model, TrainPolicy(blocks=n + 1))
+    net = prepare(model, TrainPolicy(blocks=n))  # all of them: full fine-tuning, stem included
+    assert net.bottom_names == [] and all(p.requires_grad for p in net.parameters())
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
 @pytest.mark.parametrize("method", ["vanilla", "mobiletl"])
 def test_prepared_model_computes_the_same_function_in_eval(name, method):
     torch.manual_seed(0)
@@ -55,8 +86,9 @@ def test_prepared_model_computes_the_same_function_in_eval(name, method):
     assert set(net.state_dict()) == set(model.state_dict())  # loads back into the torchvision model
 
 
-def test_mobiletl_rewrites_only_the_top_blocks():
-    model = load_model("mobilenet_v3_large", num_classes=4)
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_mobiletl_rewrites_only_the_top_blocks(name):
+    model = load_model(name, num_classes=4)
     net = prepare(model, TrainPolicy(blocks=3))
     blocks = find_blocks(net)
     for i, (_, block) in enumerate(blocks):
@@ -67,23 +99,31 @@ def test_mobiletl_rewrites_only_the_top_blocks():
             assert not any(p.requires_grad for p in block.parameters())
         else:
             assert all(isinstance(m, ShiftOnlyNorm) for m in norms[:-1]) and type(norms[-1]) is nn.BatchNorm2d
-            assert acts and not any(isinstance(m, (nn.ReLU, nn.Hardswish, nn.Hardsigmoid)) for m in block.modules())
+            plain = [m for m in block.modules() if activation_kind(m) is not None and not isinstance(m, MaskedActivation)]
+            assert acts and not plain  # every activation, squeeze-excitation's included, is masked
             trainable = {n for n, p in block.named_parameters() if p.requires_grad}
             for m in norms[:-1]:  # shift only: the scale is a frozen buffer
                 assert [n for n, _ in m.named_parameters()] == ["bias"] and "weight" in dict(m.named_buffers())
             assert trainable == {n for n, _ in block.named_parameters()}
     # the original is untouched
-    assert not any(isinstance(m, ShiftOnlyNorm) for m in model.modules())
+    assert not any(isinstance(m, (ShiftOnlyNorm, MaskedActivation)) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
 
 
-def test_head_only_policy_trains_the_classifier_alone():
-    net = prepare(load_model("mobilenet_v2", num_classes=4), TrainPolicy(blocks=0))
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_head_only_policy_trains_the_classifier_alone(name):
+    model = load_model(name, num_classes=4)
+    net = prepare(model, TrainPolicy(blocks=0))
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
-    assert trainable == {"classifier.1.weight", "classifier.1.bias"}
+    linears = [n for n, m in model.classifier.named_modules() if isinstance(m, nn.Linear)]
+    assert linears and trainable == {f"classifier.{n}.{p}" for n in linears for p in ("weight", "bias")}
+    assert net.top_names == [] and net.bottom_names == [n for n, _ in feature_units(model)]
 
 
-def test_frozen_bottom_runs_without_autograd_and_in_eval():
-    net = prepare(load_model("mobilenet_v2", num_classes=4), TrainPolicy(blocks=2)).train()
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_frozen_bottom_runs_without_autograd_and_in_eval(name):
+    net = prepare(load_model(name, num_classes=4), TrainPolicy(blocks=2)).train()
+    assert net.bottom_names and net.top_names
     assert all(not u.training for u in net.bottom_units())
     assert all(u.training for u in net.top_units())
     units = {n: net.get_submodule(n) for n in net.bottom_names + net.top_names}
@@ -97,10 +137,11 @@ def _snapshot(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def test_training_steps_change_exactly_what_mobiletl_trains():
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_training_steps_change_exactly_what_mobiletl_trains(name):
     torch.manual_seed(0)
     x = torch.randn(8, 3, 64, 64)
-    net = prepare(calibrate(load_model("mobilenet_v3_large", num_classes=4), x), TrainPolicy(blocks=2))
+    net = prepare(calibrate(load_model(name, num_classes=4), x), TrainPolicy(blocks=2))
     before = _snapshot(net)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
     for _ in range(3):
@@ -123,7 +164,9 @@ def test_training_steps_change_exactly_what_mobiletl_trains():
         assert {last + "weight", last + "bias", last + "running_mean", last + "running_var"} <= changed
         convs = [n for n, m in block.named_modules() if isinstance(m, nn.Conv2d)]
         assert all(f"{block_name}.{c}.weight" in changed for c in convs)
-    assert {"classifier.0.weight", "classifier.3.weight"} <= changed
+    above = [n for n in net.top_names if n not in net.trained_block_names]  # the final conv stage: trains in full
+    assert above and all(k in changed for k, p in net.named_parameters() if any(k.startswith(n + ".") for n in above))
+    assert {f"classifier.{k}" for k, _ in net.classifier.named_parameters()} <= changed
 
 
 def _ste(x, y, mask):

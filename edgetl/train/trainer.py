@@ -156,6 +156,7 @@ def _finetune(config: FinetuneConfig, *, resume: bool, on_step, log) -> Finetune
         train_limit=config.train_limit,
         val_limit=config.val_limit,
         seed=config.seed,
+        log=log,  # unreadable images: one warning line in the run's log
     )
     if len(data.train) < config.batch_size:
         raise DataError(f"{len(data.train)} training images is fewer than one batch of {config.batch_size}")
