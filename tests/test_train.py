@@ -178,7 +178,7 @@ def test_cli_config_file_nested_policy_table(tmp_path, image_folder, capsys):
     code = main(["finetune", "--config", str(cfg), "--out", str(tmp_path / "table")])
     assert code == 0
     saved = json.loads((tmp_path / "table" / "config.json").read_text())["policy"]
-    assert saved == {"blocks": 1, "method": "vanilla", "activation_grad": "exact", "activation_mask": "reuse"}
+    assert saved == {"blocks": 1, "method": "vanilla", "activation_grad": "exact", "activation_mask": "reuse", "bottom_chunk": None}
     assert "mobilenet_v2 K=1 vanilla" in capsys.readouterr().out
     # a flag overrides one field of the table and keeps the others
     code = main(["finetune", "--config", str(cfg), "--out", str(tmp_path / "flag"), "--blocks", "2"])

@@ -1,0 +1,36 @@
+"""Memory options beyond MobileTL (TrainPolicy fields that prepare() applies): exact where they say so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgetl.errors import ConfigError
+from edgetl.models.zoo import MODELS, load_model
+from edgetl.train.policy import TrainPolicy
+from edgetl.train.prepare import prepare
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_bottom_chunk_gives_the_same_features_and_gradients(model):
+    torch.manual_seed(0)
+    plain = load_model(model, num_classes=3)
+    whole = prepare(plain, TrainPolicy(blocks=2))
+    x, y = torch.randn(7, 3, 48, 48), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    for chunk in (2, 3, 5):  # 7 images: every chunking leaves a remainder
+        chunked = prepare(plain, TrainPolicy(blocks=2, bottom_chunk=chunk))
+        assert torch.equal(chunked.forward_bottom(x), whole.forward_bottom(x)), chunk
+        grads = []
+        for net in (whole, chunked):
+            net.zero_grad(set_to_none=True)
+            torch.manual_seed(1)  # the same dropout masks in the classifier
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            grads.append([p.grad for _, p in net.trainable_parameters()])
+        for a, b in zip(*grads, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
+def test_bottom_chunk_must_be_a_positive_integer(bad):
+    with pytest.raises(ConfigError, match="bottom_chunk must be an integer >= 1"):
+        TrainPolicy(blocks=1, bottom_chunk=bad)
