@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from edgetl import EdgetlError, MemoryReport, TrainPolicy, find_blocks, load_device, load_model, plan, prepare, profile
+from edgetl.cli import profile as cli
 from edgetl.models.blocks import feature_units
-from edgetl.profiler import cli
 from edgetl.profiler.device import DeviceProfileError, parse_size
-from edgetl.profiler.peak import calibrate_runtime, measure_process_peak, param_bytes, predict_step_peak
-from edgetl.profiler.report import plot_report
+from edgetl.profiler.estimate import param_bytes, predict_step_peak
+from edgetl.profiler.plot import plot_report
+from edgetl.profiler.process_peak import calibrate_runtime, measure_process_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-HEAD = "head"
+from edgetl.profiler.units import HEAD
 
 
 @dataclass
