@@ -11,7 +11,7 @@ import argparse
 
 from edgetl.cli.common import blocks_arg, non_negative_int, positive_int, write_text
 from edgetl.errors import ConfigError
-from edgetl.profiler.planner import DEFAULT_BATCH_SIZES
+from edgetl.profiler.planner import DEFAULT_BATCH_SIZES, RUNTIMES
 from edgetl.train.config import FASHION_MNIST
 from edgetl.train.optim import OPTIMIZERS
 from edgetl.train.policy import ACTIVATION_MASKS, METHODS
@@ -142,7 +142,7 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (default: adam for eager, sgd with momentum for native)")
     p.add_argument(
         "--runtime",
-        choices=("eager", "native"),
+        choices=RUNTIMES,
         default="eager",
         help="what trains on the device: PyTorch (eager) or deploy/native's edgetl-device (native; emits the training "
         "program per K to read its memory plan, a minute each; default: %(default)s)",

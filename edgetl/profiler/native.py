@@ -18,6 +18,7 @@ The terms are summed; nothing is measured here (``benchmarks/device_memory.py`` 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -102,9 +103,7 @@ def native_peak_of_bundle(
     file sizes and optimizer)."""
     train = manifest["programs"]["training"]
     shape = train["methods"]["forward"]["inputs"][0]["shape"]
-    per_image = 4
-    for s in shape[1:]:
-        per_image *= int(s)
+    per_image = 4 * math.prod(int(s) for s in shape[1:])  # one fp32 feature map
     if momentum is None:
         momentum = float(train["optimizer"].get("momentum", 0.0)) != 0.0
     return predict_native_peak(

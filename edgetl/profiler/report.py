@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from edgetl.errors import ConfigError
-from edgetl.models.blocks import block_spec, feature_units, find_blocks, is_irb, layer_specs
+from edgetl.models.blocks import block_spec, feature_units, find_blocks, is_irb
 from edgetl.profiler.analytic import paper_saved_for_backward, total_bytes
 from edgetl.profiler.estimate import (
     StepPeakEstimate,
@@ -156,12 +156,6 @@ class MemoryReport:
     def paper_reduction_pct(self) -> float | None:
         return _reduction({m: t.saved_paper for m, t in self.totals.items()})
 
-    def row(self, name: str) -> MemoryRow:
-        for r in self.rows:
-            if r.name == name:
-                return r
-        raise KeyError(name)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
@@ -214,7 +208,7 @@ def _describe(name: str, unit: nn.Module | None) -> dict[str, Any]:
             residual=spec.use_residual,
             activation=act,
         )
-    layers = layer_specs(unit)
+    layers = unit_layers(name, unit)
     conv = next((layer for layer in layers if layer.op == "conv"), None)
     act = next((layer.kind for layer in layers if layer.op == "act"), None)
     return dict(
