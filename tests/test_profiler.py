@@ -98,13 +98,22 @@ def _leaf_working_set(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Te
 def test_layer_working_set_matches_forward_hooks_for_every_unit(models, name):
     model = copy.deepcopy(models(name)).eval()  # a copy: the shared one stays in train mode for the report tests
     x = torch.randn(2, 3, 64, 64)
+    live: dict[str, int] = {}  # per unit: largest leaf input + output, plus a residual block's input held for the addition
     for unit_name, unit in feature_units(model):
         measured, y = _leaf_working_set(unit, x)
-        assert layer_working_set(unit_layers(unit_name, unit), tuple(x.shape)) == measured, unit_name
+        layers, residual = unit_layers(unit_name, unit), getattr(unit, "use_res_connect", False)
+        assert layer_working_set(layers, tuple(x.shape)) == measured, unit_name
+        live[unit_name] = measured + (_bytes([x]) if residual else 0)
+        assert layer_working_set(layers, tuple(x.shape), residual=residual) == live[unit_name], unit_name
         x = y
     measured, y = _leaf_working_set(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), model.classifier), x)
     assert layer_working_set(head_layers(model), tuple(x.shape)) == measured
     assert y.shape == (2, 7)
+    # the estimate's transient terms: the frozen bottom's largest, and twice the trained part's (head included)
+    est = predict_step_peak(models(name), TrainPolicy(3), batch_size=2, image_size=64)
+    names = list(live)
+    assert est.transient_frozen == max(live[n] for n in names[:-4])
+    assert est.transient_trained == 2 * max([live[n] for n in names[-4:]] + [measured])
 
 
 # --- the report: predicted == measured, every block, both methods ----------------------------------
