@@ -12,7 +12,7 @@ import argparse
 from edgetl.cli.common import blocks_arg, non_negative_int, positive_int, write_text
 from edgetl.errors import ConfigError
 from edgetl.profiler.planner import DEFAULT_BATCH_SIZES, RUNTIMES
-from edgetl.train.config import FASHION_MNIST
+from edgetl.train.config import FASHION_MNIST, config_from_file
 from edgetl.train.optim import OPTIMIZERS
 from edgetl.train.policy import ACTIVATION_MASKS, METHODS
 
@@ -37,7 +37,7 @@ def _settings(args: argparse.Namespace, wanted: tuple[str, ...], required: tuple
     """Fill the ``wanted`` settings the user did not give from ``--run``/``--config`` (flags win);
     then every one of ``required`` must be known."""
     if args.run or args.config:
-        from edgetl.train.config import config_from_file
+        from edgetl.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
         from edgetl.train.run import Run
 
         run = Run(args.run) if args.run else None
@@ -51,7 +51,7 @@ def _settings(args: argparse.Namespace, wanted: tuple[str, ...], required: tuple
             "image_size": config.image_size,
             "optimizer": config.optimizer,
             # a config file names its data, not its classes; only the embedded dataset's are known
-            "num_classes": len(run.classes()) if run else (10 if config.data == FASHION_MNIST else None),
+            "num_classes": len(run.classes()) if run else (len(FASHION_MNIST_CLASSES) if config.data == FASHION_MNIST else None),
         }
         for key in ("model", *wanted):
             if getattr(args, key, None) is None and known.get(key) is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -118,13 +119,16 @@ class StepPeakEstimate:
 
     @property
     def model_bytes(self) -> int:
+        """What the model and its training add to a process (everything but ``runtime``)."""
         return LOAD_FACTOR * self.weights + self.gradients + self.optimizer_state + self.input_batch + self.activations
 
     @property
     def total(self) -> int:
+        """The predicted peak of the process."""
         return self.runtime + self.model_bytes
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, the derived terms included."""
         return {**asdict(self), "activations": self.activations, "model_bytes": self.model_bytes, "total": self.total}
 
     def summary(self, size: Callable[[int], str]) -> str:
@@ -170,7 +174,8 @@ def predict_step_peak(
       still saved.
     * ``1.25`` (:data:`ALLOCATOR_SLACK`): heap fragmentation over the live trained-part bytes.
     * ``runtime``: the interpreter + framework baseline, which shapes cannot tell (pass it in: a
-      device profile's ``runtime_overhead``, or :func:`calibrate_runtime` on the device).
+      device profile's ``runtime_overhead``, or
+      :func:`edgetl.profiler.process_peak.calibrate_runtime` on the device).
 
     Why it is an estimate: ``2 W``, ``T_frozen`` and ``1.25`` stand for allocator behaviour
     (glibc malloc keeps freed memory and fragments), calibrated against child-process peak RSS on
@@ -178,6 +183,9 @@ def predict_step_peak(
     K 1-17, batch 2-64, 64-224 px): measured/predicted total was 0.85-1.12. Kernel scratch
     buffers (oneDNN) and autograd's graph nodes are not modelled. Summing ``G + O`` with the
     activations is conservative for the very first step (nothing of them exists yet).
+
+    ``rows``: :func:`~edgetl.profiler.predict.predict_units` for these very settings, when the
+    caller has them already (the planner and the report), to skip predicting them again.
     """
     check_optimizer(optimizer)
     if batch_size < 1 or image_size < 8:
