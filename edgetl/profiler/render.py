@@ -37,56 +37,25 @@ def _unit_label(r: MemoryRow) -> str:
     return r.name
 
 
-def render_report(report: MemoryReport, *, collapse_frozen: bool = True) -> str:
-    """``report`` as text: the per-unit table, then whole-step figures per method.
+#: the per-unit table's columns: the unit's description (left-aligned), then its figures (right-aligned)
+DESCRIPTION = ["unit", "kind", "input NxCxHxW", "t", "k", "s", "SE", "act", "trains"]
+FIGURES = [f"{m} {kind}" for m in METHOD_ORDER for kind in ("pred", "meas")] + ["reduction", "paper acct.", "trained params"]
 
-    ``collapse_frozen`` folds the frozen bottom into one line.
-    """
-    header = [
-        "unit",
-        "kind",
-        "input NxCxHxW",
-        "t",
-        "k",
-        "s",
-        "SE",
-        "act",
-        "trains",
-        "vanilla pred",
-        "vanilla meas",
-        "mobiletl pred",
-        "mobiletl meas",
-        "reduction",
-        "paper acct.",
-        "trained params",
-    ]
-    right = set(range(9, 16))
+
+def _saved(predicted: dict[str, int], measured: dict[str, int]) -> list[str]:
+    return [_kib(by_method[m]) for m in METHOD_ORDER for by_method in (predicted, measured)]
+
+
+def _unit_table(report: MemoryReport, collapse_frozen: bool) -> list[str]:
+    """Bytes stored for backward per unit (KiB), predicted and measured per method; a total line."""
     table: list[list[str]] = []
     rows = list(report.rows)
     frozen = [r for r in rows if r.role == "frozen"]
     if collapse_frozen and len(frozen) > 1:
         first, last = frozen[0], frozen[-1]
         nblocks = sum(r.block_index is not None for r in frozen)
-        table.append(
-            [
-                f"{first.name}-{last.name.rsplit('.', 1)[-1]}",
-                f"frozen: stem + {nblocks} IRBs",
-                _shape(first.in_shape),
-                "",
-                "",
-                "",
-                "",
-                "",
-                "no",
-                "0",
-                "0",
-                "0",
-                "0",
-                "-",
-                "-",
-                "0",
-            ]
-        )
+        label = [f"{first.name}-{last.name.rsplit('.', 1)[-1]}", f"frozen: stem + {nblocks} IRBs", _shape(first.in_shape)]
+        table.append(label + [""] * 5 + ["no"] + ["0"] * (2 * len(METHOD_ORDER)) + ["-", "-", "0"])
         rows = [r for r in rows if r.role != "frozen"]
     for r in rows:
         table.append(
@@ -100,10 +69,7 @@ def render_report(report: MemoryReport, *, collapse_frozen: bool = True) -> str:
                 "" if r.se is None else ("yes" if r.se else "no"),
                 r.activation or "",
                 "yes" if r.trains else "no",
-                _kib(r.predicted["vanilla"]),
-                _kib(r.measured["vanilla"]),
-                _kib(r.predicted["mobiletl"]),
-                _kib(r.measured["mobiletl"]),
+                *_saved(r.predicted, r.measured),
                 format_reduction(r.reduction_pct),
                 format_reduction(r.paper_reduction_pct),
                 _kib(r.trainable_param_bytes["mobiletl"]) if r.trains else "0",
@@ -111,47 +77,26 @@ def render_report(report: MemoryReport, *, collapse_frozen: bool = True) -> str:
         )
     t = report.totals
     table.append(
-        [
-            "total",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-            _kib(t["vanilla"].saved_predicted),
-            _kib(t["vanilla"].saved_measured),
-            _kib(t["mobiletl"].saved_predicted),
-            _kib(t["mobiletl"].saved_measured),
-            format_reduction(report.reduction_pct),
-            format_reduction(report.paper_reduction_pct),
-            _kib(t["mobiletl"].trainable_params),
-        ]
+        ["total"]
+        + [""] * (len(DESCRIPTION) - 1)
+        + _saved({m: t[m].saved_predicted for m in t}, {m: t[m].saved_measured for m in t})
+        + [format_reduction(report.reduction_pct), format_reduction(report.paper_reduction_pct), _kib(t["mobiletl"].trainable_params)]
     )
+    header = DESCRIPTION + FIGURES
     widths = [max(len(header[c]), *(len(row[c]) for row in table)) for c in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(cell.rjust(widths[c]) if c in right else cell.ljust(widths[c]) for c, cell in enumerate(cells)).rstrip()
+        return "  ".join(
+            cell.rjust(w) if c >= len(DESCRIPTION) else cell.ljust(w) for c, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
 
-    out = [
-        f"edgetl profile: {report.model}, K={report.blocks} of {report.num_blocks} blocks, batch {report.batch_size}, "
-        f"{report.image_size} px, {report.num_classes} classes, optimizer {report.optimizer} "
-        f"({state_floats(report.optimizer)} state floats per trained parameter), MobileTL masks: {report.activation_mask}",
-        "",
-        "Bytes stored for backward per unit, KiB. " + LABELS["saved"] + ".",
-        "reduction = MobileTL vs vanilla on the measured bytes; " + LABELS["paper"] + ".",
-        "trained params = bytes of the parameters MobileTL trains in the unit (vanilla also trains internal BN scales).",
-        "",
-        line(header),
-        line(["-" * w for w in widths]),
-    ]
-    out += [line(row) for row in table[:-1]]
-    out += [line(["-" * w for w in widths]), line(table[-1]), ""]
+    rule = line(["-" * w for w in widths])
+    return [line(header), rule, *(line(row) for row in table[:-1]), rule, line(table[-1])]
 
-    out.append("Whole step, per method:")
-    cols = ["", "vanilla", "mobiletl"]
+
+def _step_table(report: MemoryReport) -> list[str]:
+    """Whole-step figures per method (sizes), the process's RSS when it was measured."""
+    t = report.totals
     body: list[list[str]] = []
 
     def add(label: str, getter: Callable[[MethodTotals], int]) -> None:
@@ -164,20 +109,47 @@ def render_report(report: MemoryReport, *, collapse_frozen: bool = True) -> str:
     add("gradients", lambda x: x.gradients)
     add(f"optimizer state ({report.optimizer})", lambda x: x.optimizer_state)
     add("predicted step peak (estimate, excl. runtime)", lambda x: x.step_peak.model_bytes)
-    if all(t[m].process for m in METHOD_ORDER):
+    if _measured_process(report):
         add("process: runtime baseline RSS (after imports)", lambda x: x.process.runtime_rss)
         add("process: RSS after model load + prepare", lambda x: x.process.loaded_rss)
         add("process: peak RSS (lifetime)", lambda x: x.process.peak_rss)
         add("process: peak RSS - RSS after load (step delta)", lambda x: x.process.step_delta)
         add("process: peak RSS - runtime baseline (vs. estimate)", lambda x: x.process.model_delta)
-    w0 = max(len(r[0]) for r in body)
-    w = [max(len(cols[c]), *(len(r[c]) for r in body)) for c in (1, 2)]
-    out.append("  " + "".ljust(w0) + "  " + cols[1].rjust(w[0]) + "  " + cols[2].rjust(w[1]))
-    out += ["  " + r[0].ljust(w0) + "  " + r[1].rjust(w[0]) + "  " + r[2].rjust(w[1]) for r in body]
-    out.append("")
-    out.append("Notes: " + LABELS["estimate"] + ".")
-    if all(t[m].process for m in METHOD_ORDER):
-        p = t["mobiletl"].process
+    header = ["", *METHOD_ORDER]
+    widths = [max(len(header[c]), *(len(r[c]) for r in body)) for c in range(len(header))]
+    return [
+        "  " + "  ".join(cell.rjust(w) if c else cell.ljust(w) for c, (cell, w) in enumerate(zip(r, widths, strict=True)))
+        for r in [header, *body]
+    ]
+
+
+def _measured_process(report: MemoryReport) -> bool:
+    return all(report.totals[m].process for m in METHOD_ORDER)
+
+
+def render_report(report: MemoryReport, *, collapse_frozen: bool = True) -> str:
+    """``report`` as text: the per-unit table, then whole-step figures per method, then notes.
+
+    ``collapse_frozen`` folds the frozen bottom into one line.
+    """
+    out = [
+        f"edgetl profile: {report.model}, K={report.blocks} of {report.num_blocks} blocks, batch {report.batch_size}, "
+        f"{report.image_size} px, {report.num_classes} classes, optimizer {report.optimizer} "
+        f"({state_floats(report.optimizer)} state floats per trained parameter), MobileTL masks: {report.activation_mask}",
+        "",
+        "Bytes stored for backward per unit, KiB. " + LABELS["saved"] + ".",
+        "reduction = MobileTL vs vanilla on the measured bytes; " + LABELS["paper"] + ".",
+        "trained params = bytes of the parameters MobileTL trains in the unit (vanilla also trains internal BN scales).",
+        "",
+        *_unit_table(report, collapse_frozen),
+        "",
+        "Whole step, per method:",
+        *_step_table(report),
+        "",
+        "Notes: " + LABELS["estimate"] + ".",
+    ]
+    if _measured_process(report):
+        p = report.totals["mobiletl"].process
         out.append(
             f"       {LABELS['process']}: one fresh child process per method, {p.steps} training steps "
             f"(forward, backward, {report.optimizer} step), {p.platform}, torch {p.torch_version}"
