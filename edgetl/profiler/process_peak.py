@@ -102,8 +102,8 @@ def measure_process_peak(
     steady state, whose forward runs with them alive.
 
     Raises:
-        ConfigError: an unknown optimizer, ``steps < 1``, or a module edgetl cannot name.
-        EdgetlError: the child process failed or timed out.
+        ConfigError: an unknown optimizer, ``steps < 1``, or a module without a classifier.
+        EdgetlError: a module of none of the zoo's architectures; the child process failed or timed out.
     """
     check_optimizer(optimizer)
     if steps < 1:
