@@ -43,7 +43,7 @@ from edgetl.profiler.estimate import (
     trainable_shapes_problem,
     unit_param_bytes,
 )
-from edgetl.profiler.measure import measure_saved_bytes
+from edgetl.profiler.measure import UnitMeasurement, measure_saved_bytes
 from edgetl.profiler.predict import UnitPrediction, predict_units
 from edgetl.profiler.process_peak import ProcessPeak
 from edgetl.profiler.units import HEAD, head_layers, unit_layers
@@ -307,11 +307,11 @@ def profile(
     block_index = {n: i for i, (n, _) in enumerate(find_blocks(model))}
     x = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
 
+    policies = {m: replace(policy, method=m) for m in METHOD_ORDER}
     predicted: dict[str, list[UnitPrediction]] = {}
-    measured: dict[str, dict] = {}
+    measured: dict[str, dict[str, UnitMeasurement]] = {}
     totals: dict[str, MethodTotals] = {}
-    for method in METHOD_ORDER:
-        pol = replace(policy, method=method)
+    for method, pol in policies.items():
         rows = predict_units(model, pol, batch_size=batch_size, image_size=image_size)
         problem = trainable_shapes_problem(rows)
         if problem:
@@ -337,13 +337,13 @@ def profile(
     rows_out: list[MemoryRow] = []
     for i, base in enumerate(predicted["vanilla"]):
         unit = units.get(base.name)
-        tp = {}
-        for method in METHOD_ORDER:
-            if base.name == HEAD:
-                tp[method] = unit_param_bytes(model.classifier, trains=True, mobiletl=False).trainable
-            else:
-                trains = predicted[method][i].role != "frozen"
-                tp[method] = unit_param_bytes(unit, trains=trains, mobiletl=uses_mobiletl(replace(policy, method=method), unit)).trainable
+        if base.name == HEAD:
+            tp = {m: unit_param_bytes(model.classifier, trains=True, mobiletl=False).trainable for m in METHOD_ORDER}
+        else:
+            tp = {
+                m: unit_param_bytes(unit, trains=predicted[m][i].role != "frozen", mobiletl=uses_mobiletl(pol, unit)).trainable
+                for m, pol in policies.items()
+            }
         rows_out.append(
             MemoryRow(
                 index=i,
@@ -354,7 +354,7 @@ def profile(
                 out_shape=tuple(base.out_shape),
                 predicted={m: predicted[m][i].nbytes for m in METHOD_ORDER},
                 measured={m: measured[m][base.name].nbytes for m in METHOD_ORDER},
-                paper={m: _paper_bytes(model, predicted[m][i], replace(policy, method=m)) for m in METHOD_ORDER},
+                paper={m: _paper_bytes(model, predicted[m][i], pol) for m, pol in policies.items()},
                 trainable_param_bytes=tp,
                 **_describe(base.name, unit),
             )
@@ -363,10 +363,10 @@ def profile(
     if measure_process:
         from edgetl.profiler.process_peak import measure_process_peak
 
-        for method in METHOD_ORDER:
+        for method, pol in policies.items():
             peak = measure_process_peak(
                 model_or_name,
-                replace(policy, method=method),
+                pol,
                 batch_size=batch_size,
                 image_size=image_size,
                 num_classes=num_classes,
