@@ -65,8 +65,8 @@ def unit_param_bytes(unit: nn.Module, *, trains: bool, mobiletl: bool) -> ParamB
     if mobiletl:
         for bn in shift_only_norms([m for m in unit.modules() if isinstance(m, nn.BatchNorm2d)]):
             weights += 2 * bn.num_features * FLOAT_BYTES  # ShiftOnlyNorm.scale, .offset
-            if bn.weight is not None:
-                trainable -= bn.weight.numel() * bn.weight.element_size()
+            if bn.weight is not None:  # the scale stops training
+                trainable -= _tensor_bytes([bn.weight])
                 count -= bn.weight.numel()
     return ParamBytes(weights, trainable, count)
 
