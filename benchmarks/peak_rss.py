@@ -4,7 +4,7 @@
 
 Each measurement is a fresh child process (peak RSS only grows within a process) that imports
 PyTorch, loads and prepares the model, then runs training steps (forward, backward, Adam step);
-see :func:`edgetl.profiler.peak.measure_process_peak`. The methods alternate (vanilla, mobiletl,
+see :func:`edgetl.profiler.process_peak.measure_process_peak`. The methods alternate (vanilla, mobiletl,
 vanilla, ...) so that drift on the machine hits both, and the medians are reported. Figures are the
 operating system's (VmHWM on Linux): they include the interpreter, PyTorch's libraries and the
 allocator, unlike the exact saved-for-backward bytes printed alongside.
@@ -21,12 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import edgetl  # noqa: E402,F401  (first: the torchvision shim)
-from edgetl import TrainPolicy, load_model  # noqa: E402
-from edgetl.profiler.peak import measure_process_peak, predict_step_peak  # noqa: E402
+from edgetl._format import format_size  # noqa: E402
+from edgetl.models.zoo import load_model  # noqa: E402
+from edgetl.profiler.estimate import predict_step_peak  # noqa: E402
 from edgetl.profiler.predict import predict_units  # noqa: E402
+from edgetl.profiler.process_peak import measure_process_peak  # noqa: E402
+from edgetl.profiler.report import METHOD_ORDER  # noqa: E402
+from edgetl.train.policy import TrainPolicy  # noqa: E402
 
-METHODS = ("vanilla", "mobiletl")
 MIB = 2**20
 
 
@@ -40,9 +42,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
 
-    runs: dict[str, list] = {m: [] for m in METHODS}
+    runs: dict[str, list] = {m: [] for m in METHOD_ORDER}
     for i in range(args.repeats):
-        for m in METHODS:
+        for m in METHOD_ORDER:
             r = measure_process_peak(
                 args.model,
                 TrainPolicy(args.blocks, m),
@@ -52,19 +54,18 @@ def main() -> None:
             )
             runs[m].append(r)
             print(
-                f"  run {i + 1}/{args.repeats} {m:8s}: peak {r.peak_rss / MIB:7.1f} MiB, after load {r.loaded_rss / MIB:7.1f} MiB, "
-                f"step delta {r.step_delta / MIB:6.1f} MiB",
+                f"  run {i + 1}/{args.repeats} {m:8s}: peak {format_size(r.peak_rss)}, after load {format_size(r.loaded_rss)}, "
+                f"step delta {format_size(r.step_delta)}",
                 file=sys.stderr,
                 flush=True,
             )
 
     model = load_model(args.model, num_classes=args.num_classes)
-    saved = {
-        m: sum(u.nbytes for u in predict_units(model, TrainPolicy(args.blocks, m), batch_size=args.batch_size, image_size=args.image_size))
-        for m in METHODS
-    }
+    shape = {"batch_size": args.batch_size, "image_size": args.image_size}
+    saved = {m: sum(u.nbytes for u in predict_units(model, TrainPolicy(args.blocks, m), **shape)) for m in METHOD_ORDER}
     est = {
-        m: predict_step_peak(model, TrainPolicy(args.blocks, m), batch_size=args.batch_size, image_size=args.image_size) for m in METHODS
+        m: predict_step_peak(model, TrainPolicy(args.blocks, m), batch_size=args.batch_size, image_size=args.image_size)
+        for m in METHOD_ORDER
     }
 
     def med(method: str, attr: str) -> float:
@@ -91,8 +92,8 @@ def main() -> None:
     print(f"{'MiB':44}{'vanilla':>10}{'mobiletl':>10}{'mobiletl/vanilla':>18}")
     for label, v, m in rows:
         print(f"{label:44}{v:10.1f}{m:10.1f}{m / v:18.3f}")
-    spread = {m: (min(r.peak_rss for r in runs[m]) / MIB, max(r.peak_rss for r in runs[m]) / MIB) for m in METHODS}
-    print("\npeak RSS range over runs: " + ", ".join(f"{m} {lo:.1f}-{hi:.1f} MiB" for m, (lo, hi) in spread.items()))
+    spread = {m: (min(r.peak_rss for r in runs[m]), max(r.peak_rss for r in runs[m])) for m in METHOD_ORDER}
+    print("\npeak RSS range over runs: " + ", ".join(f"{m} {format_size(lo)}-{format_size(hi)}" for m, (lo, hi) in spread.items()))
 
 
 if __name__ == "__main__":

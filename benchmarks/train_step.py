@@ -16,11 +16,13 @@ import time
 
 import torch
 
-from edgetl import TrainPolicy, load_model, prepare
+from edgetl.models.zoo import load_model
 from edgetl.profiler.measure import measure_saved_bytes
-from edgetl.profiler.peak import measure_process_peak
-
-METHODS = ("vanilla", "mobiletl")
+from edgetl.profiler.process_peak import measure_process_peak
+from edgetl.profiler.report import METHOD_ORDER
+from edgetl.train.optim import build_optimizer
+from edgetl.train.policy import TrainPolicy
+from edgetl.train.prepare import prepare
 
 
 def main() -> None:
@@ -35,8 +37,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     base = load_model(args.model, num_classes=10)
-    nets = {m: prepare(base, TrainPolicy(args.blocks, m)).train() for m in METHODS}
-    opts = {m: torch.optim.Adam([q for q in nets[m].parameters() if q.requires_grad], lr=1e-4) for m in METHODS}
+    nets = {m: prepare(base, TrainPolicy(args.blocks, m)).train() for m in METHOD_ORDER}
+    opts = {m: build_optimizer("adam", nets[m].trainable_parameters(), lr=1e-4) for m in METHOD_ORDER}
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     y = torch.randint(0, 10, (args.batch_size,))
 
@@ -48,21 +50,21 @@ def main() -> None:
         opts[method].step()
         return time.perf_counter() - t0
 
-    for m in METHODS:  # warm-up: allocator, kernels, optimizer state
+    for m in METHOD_ORDER:  # warm-up: allocator, kernels, optimizer state
         step(m)
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in METHOD_ORDER}
     for _ in range(args.repeats):
-        for m in METHODS:
+        for m in METHOD_ORDER:
             times[m].append(step(m))
 
     saved = {}
-    for m in METHODS:
+    for m in METHOD_ORDER:
         units = {n: nets[m].get_submodule(n) for n in nets[m].top_names}
         saved[m] = sum(u.nbytes for u in measure_saved_bytes(nets[m], units, x).values())
 
-    peaks: dict[str, list] = {m: [] for m in METHODS}
+    peaks: dict[str, list] = {m: [] for m in METHOD_ORDER}
     for _ in range(args.runs):
-        for m in METHODS:
+        for m in METHOD_ORDER:
             peaks[m].append(
                 measure_process_peak(
                     args.model, TrainPolicy(args.blocks, m), batch_size=args.batch_size, image_size=args.image_size, num_classes=10

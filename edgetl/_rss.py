@@ -33,3 +33,17 @@ def peak_rss_bytes() -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     info = psutil.Process().memory_info()
     return int(getattr(info, "peak_wset", info.rss))
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's RSS high-water mark to the current RSS; False where that is impossible.
+
+    Linux >= 4.0 only (writing ``5`` to ``/proc/self/clear_refs``); after it, :func:`peak_rss_bytes`
+    is the peak since the reset, not since the process started.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

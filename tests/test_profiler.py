@@ -1,25 +1,40 @@
-"""The memory profiler and planner: report rows, paper figures, device profiles, planner, CLI handlers."""
+"""The memory profiler and planner: report rows, paper figures, estimates, device profiles, planner, CLI."""
 
 from __future__ import annotations
 
-import argparse
+import copy
 import json
+import re
 import sys
-from dataclasses import replace
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from edgetl import EdgetlError, MemoryReport, TrainPolicy, find_blocks, load_device, load_model, plan, prepare, profile
-from edgetl.models.blocks import feature_units
-from edgetl.profiler import cli
-from edgetl.profiler.device import DeviceProfileError, parse_size
-from edgetl.profiler.peak import calibrate_runtime, measure_process_peak, param_bytes, predict_step_peak
-from edgetl.profiler.report import plot_report
+from edgetl._rss import current_rss_bytes, peak_rss_bytes, reset_peak
+from edgetl.cli import main
+from edgetl.errors import ConfigError, EdgetlError
+from edgetl.models.blocks import LayerSpec, feature_units, find_blocks, layer_specs
+from edgetl.models.zoo import MODELS, load_model, num_blocks
+from edgetl.profiler.device import DeviceProfileError, load_device, parse_size
+from edgetl.profiler.estimate import layer_working_set, param_bytes, predict_step_peak
+from edgetl.profiler.native import predict_native_peak
+from edgetl.profiler.planner import plan
+from edgetl.profiler.plot import plot_report
+from edgetl.profiler.process_peak import calibrate_runtime, measure_process_peak
+from edgetl.profiler.report import METHOD_ORDER, MemoryReport, profile
+from edgetl.profiler.shapes import conv_output_shape, walk
+from edgetl.profiler.units import head_layers, unit_layers
+from edgetl.train.config import FinetuneConfig
+from edgetl.train.optim import OPTIMIZERS, build_optimizer
+from edgetl.train.policy import METHODS, TrainPolicy
+from edgetl.train.prepare import prepare
+from edgetl.train.run import Run
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"]
+ALL_MODELS = list(MODELS)
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +50,77 @@ def models():
     return get
 
 
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# --- shapes: the one walk -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,padding,dilation", [(1, 1, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1), (5, 2, 2, 1), (3, 1, 2, 2), (3, 2, 0, 1)]
+)
+@pytest.mark.parametrize("size", [7, 8, 13])
+def test_conv_output_shape_matches_torch(kernel, stride, padding, dilation, size):
+    conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation)
+    x = torch.zeros(2, 4, size, size)
+    assert conv_output_shape(layer_specs(conv)[0], tuple(x.shape)) == tuple(conv(x).shape)
+
+
+def test_walk_refuses_what_it_cannot_shape():
+    linear = layer_specs(nn.Linear(8, 3))
+    assert [out for *_, out in walk(linear, (2, 8))] == [(2, 3)]
+    with pytest.raises(ValueError, match="expects 8 features"):
+        list(walk(linear, (2, 9)))
+    with pytest.raises(ValueError, match="no shape rule"):
+        list(walk([LayerSpec("upsample")], (1, 2, 3, 3)))
+
+
+def _leaf_working_set(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Largest input + output bytes of any leaf module during ``module(x)``, from forward hooks."""
+    largest = 0
+
+    def hook(_m, args, out):
+        nonlocal largest
+        largest = max(largest, _bytes([args[0], out]))
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            y = module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return largest, y
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_layer_working_set_matches_forward_hooks_for_every_unit(models, name):
+    model = copy.deepcopy(models(name)).eval()  # a copy: the shared one stays in train mode for the report tests
+    x = torch.randn(2, 3, 64, 64)
+    live: dict[str, int] = {}  # per unit: largest leaf input + output, plus a residual block's input held for the addition
+    for unit_name, unit in feature_units(model):
+        measured, y = _leaf_working_set(unit, x)
+        layers, residual = unit_layers(unit_name, unit), getattr(unit, "use_res_connect", False)
+        assert layer_working_set(layers, tuple(x.shape)) == measured, unit_name
+        live[unit_name] = measured + (_bytes([x]) if residual else 0)
+        assert layer_working_set(layers, tuple(x.shape), residual=residual) == live[unit_name], unit_name
+        x = y
+    measured, y = _leaf_working_set(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), model.classifier), x)
+    assert layer_working_set(head_layers(model), tuple(x.shape)) == measured
+    assert y.shape == (2, 7)
+    # the estimate's transient terms: the frozen bottom's largest, and twice the trained part's (head included)
+    est = predict_step_peak(models(name), TrainPolicy(3), batch_size=2, image_size=64)
+    names = list(live)
+    assert est.transient_frozen == max(live[n] for n in names[:-4])
+    assert est.transient_trained == 2 * max([live[n] for n in names[-4:]] + [measured])
+
+
 # --- the report: predicted == measured, every block, both methods ----------------------------------
 
 
-@pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("batch_size", [2, 3])
-@pytest.mark.parametrize("image_size", [64, 96])
+@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("batch_size,image_size", [(2, 64), (3, 96)])
 def test_report_predicted_equals_measured_for_every_block(models, name, batch_size, image_size):
     model = models(name)
     k = len(find_blocks(model))
@@ -48,45 +128,63 @@ def test_report_predicted_equals_measured_for_every_block(models, name, batch_si
     assert [r.name for r in report.rows] == [n for n, _ in feature_units(model)] + ["head"]
     assert sorted(r.block_index for r in report.rows if r.block_index is not None) == list(range(k))
     for row in report.rows:
-        for method in ("vanilla", "mobiletl"):
+        for method in METHODS:
             assert row.predicted[method] == row.measured[method], (name, row.name, method)
-        if row.block_index is not None:
-            assert row.trains and row.measured["vanilla"] > row.measured["mobiletl"] > 0
+    blocks = [r for r in report.rows if r.block_index is not None]
+    assert len(blocks) == k and all(r.trains and r.measured["vanilla"] > r.measured["mobiletl"] > 0 for r in blocks)
     assert report.rows[0].in_shape == (batch_size, 3, image_size, image_size)
     for method, totals in report.totals.items():
         assert totals.saved_predicted == totals.saved_measured == sum(r.measured[method] for r in report.rows)
 
 
-def test_frozen_bottom_keeps_nothing_and_policy_method_is_ignored(models):
-    model = models("mobilenet_v3_large")
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_frozen_bottom_keeps_nothing_and_policy_method_is_ignored(models, name):
+    model = models(name)
     a = profile(model, TrainPolicy(3, "vanilla"), batch_size=2, image_size=64)
     b = profile(model, TrainPolicy(3, "mobiletl"), batch_size=2, image_size=64)
     assert a.to_dict()["rows"] == b.to_dict()["rows"]
     frozen = [r for r in a.rows if not r.trains]
     assert len(frozen) == len(feature_units(model)) - 4  # 3 blocks + the final conv stage train
     assert all(r.measured == r.predicted == {"vanilla": 0, "mobiletl": 0} for r in frozen)
-    assert sum(r.block_index is not None and r.trains for r in a.rows) == 3
+    assert [r.block_index for r in a.rows if r.block_index is not None and r.trains] == [len(find_blocks(model)) - i for i in (3, 2, 1)]
 
 
-def test_parameter_bytes_match_the_prepared_network(models):
-    model = models("mobilenet_v3_small")
-    for method in ("vanilla", "mobiletl"):
-        policy = TrainPolicy(4, method)
-        net = prepare(model, policy)
-        predicted = param_bytes(model, policy)
-        assert predicted.weights == sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
-        assert predicted.trainable == sum(p.numel() * p.element_size() for _, p in net.trainable_parameters())
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_parameter_bytes_match_the_prepared_network(models, name):
+    model = models(name)
+    for k in (0, 3, len(find_blocks(model))):
+        for method in METHODS:
+            policy = TrainPolicy(k, method)
+            net = prepare(model, policy)
+            predicted = param_bytes(model, policy)
+            assert predicted.weights == _bytes([*net.parameters(), *net.buffers()]), (k, method)
+            assert predicted.trainable == _bytes(p for _, p in net.trainable_parameters()), (k, method)
+            assert predicted.trainable_count == sum(p.numel() for _, p in net.trainable_parameters()), (k, method)
     report = profile(model, TrainPolicy(4), batch_size=2, image_size=64, optimizer="sgd")
     t = report.totals
     assert t["mobiletl"].trainable_params < t["vanilla"].trainable_params  # internal BN scales freeze
-    assert t["mobiletl"].optimizer_state == t["mobiletl"].trainable_params  # SGD momentum: 1 float
-    assert sum(r.trainable_param_bytes["mobiletl"] for r in report.rows) == t["mobiletl"].trainable_params
+    for method in METHODS:
+        assert sum(r.trainable_param_bytes[method] for r in report.rows) == t[method].trainable_params
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_and_optimizer_state_bytes_match_a_real_step(models, optimizer, method):
+    """The estimate's G and O against the tensors a real step leaves (Adam's step counters aside)."""
+    model, policy = models("mobilenet_v3_small"), TrainPolicy(4, method)
+    est = predict_step_peak(model, policy, batch_size=2, image_size=32, optimizer=optimizer)
+    net = prepare(model, policy).train()
+    opt = build_optimizer(optimizer, net.trainable_parameters(), lr=1e-3)
+    net(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    assert est.gradients == _bytes(p.grad for _, p in net.trainable_parameters())
+    assert est.optimizer_state == _bytes(t for s in opt.state.values() for key, t in s.items() if key != "step")
 
 
 def test_step_peak_estimate_components(models):
     model = models("mobilenet_v2")
     report = profile(model, TrainPolicy(6), batch_size=4, image_size=96, optimizer="adam")
-    for method in ("vanilla", "mobiletl"):
+    for method in METHODS:
         t = report.totals[method]
         est = predict_step_peak(model, TrainPolicy(6, method), batch_size=4, image_size=96)
         assert est == t.step_peak
@@ -143,26 +241,35 @@ def test_v3_block_reduction_pytorch_and_paper_accounting(models):
 # --- JSON, text, plot ---------------------------------------------------------------------------------
 
 
+def _kib(n: int) -> str:
+    return f"{n / 1024:,.1f}"
+
+
 def test_json_round_trip_and_text_table(models):
     model = models("mobilenet_v3_small")
     report = profile(model, TrainPolicy(5), batch_size=2, image_size=64, num_classes=7)
     data = json.loads(report.to_json())
-    assert data["units"] == "bytes" and data["optimizer"] == "adam"
+    assert data["units"] == "bytes" and data["optimizer"] == "adam" and data["optimizer_state_floats_per_param"] == 2
     assert len(data["rows"]) == len(report.rows)
     for got, row in zip(data["rows"], report.rows, strict=True):
         for key in ("predicted", "measured", "paper"):
-            assert got[key] == row.__getattribute__(key) and set(got[key]) == {"vanilla", "mobiletl"}
+            assert got[key] == getattr(row, key) and list(got[key]) == list(METHOD_ORDER)
             assert all(isinstance(v, int) for v in got[key].values())
         assert got["in_shape"] == list(row.in_shape)
     assert data["totals"]["mobiletl"]["saved_measured"] == report.totals["mobiletl"].saved_measured
     assert data["totals"]["vanilla"]["step_peak_estimate"]["total"] == report.totals["vanilla"].step_peak.total
-    full = report.render(collapse_frozen=False)
-    for name, _ in find_blocks(model):
-        assert name in full
-    short = str(report)
-    assert "frozen: stem + " in short and "head" in short and "saved for backward (autograd, exact)" in short
-    trained = [name for name, _ in find_blocks(model)][-5:]
-    assert all(name in short for name in trained)
+
+    full = report.render(collapse_frozen=False).splitlines()
+    for r in report.rows:  # every unit has its line, with its measured bytes per method
+        line = next(line for line in full if line.startswith((r.name if r.name != "head" else "head (pool") + " "))
+        assert f"  {_kib(r.measured['vanilla'])}  " in line and f"  {_kib(r.measured['mobiletl'])}  " in line
+    short = str(report).splitlines()
+    frozen = [r for r in report.rows if not r.trains]
+    assert sum("frozen: stem + " in line for line in short) == 1 and not any(line.startswith(f"{frozen[1].name} ") for line in short)
+    total = next(line for line in short if line.startswith("total "))
+    t = report.totals
+    assert total.split()[1:5] == [_kib(t[m].saved_predicted if i % 2 == 0 else t[m].saved_measured) for m in METHOD_ORDER for i in (0, 1)]
+    assert "saved for backward (autograd, exact)" in "\n".join(short)
 
 
 def test_plot_and_missing_matplotlib(models, tmp_path, monkeypatch):
@@ -176,6 +283,44 @@ def test_plot_and_missing_matplotlib(models, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
     with pytest.raises(EdgetlError, match=r"pip install 'edgetl\[plot\]'"):
         plot_report(report, tmp_path / "other.png")
+
+
+# --- user errors are ConfigErrors ----------------------------------------------------------------------
+
+PI5 = ROOT / "device_profiles" / "raspberry_pi_5_8gb.toml"
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: profile("mobilenet_v3_small", TrainPolicy(2), batch_size=0, image_size=64), "batch size"),
+        (lambda: profile("mobilenet_v3_small", "mobiletl", batch_size=2, image_size=64), "TrainPolicy"),
+        (lambda: profile(42, TrainPolicy(2), batch_size=2, image_size=64), "model name or an nn.Module"),
+        (lambda: profile("mobilenet_v3_small", TrainPolicy(12), batch_size=2, image_size=64), "only 11"),
+        (lambda: profile("mobilenet_v3_small", TrainPolicy(2), batch_size=2, image_size=64, optimizer="lion"), "unknown optimizer"),
+        (lambda: profile("mobilenet_v3_small", TrainPolicy(11), batch_size=1, image_size=32), "cannot train"),
+        (lambda: predict_step_peak(load_model("mobilenet_v2", num_classes=2), TrainPolicy(2), batch_size=0, image_size=64), "batch"),
+        (lambda: measure_process_peak("mobilenet_v3_small", TrainPolicy(1), batch_size=2, image_size=64, steps=0), "steps"),
+        (
+            lambda: measure_process_peak("mobilenet_v3_small", TrainPolicy(1), batch_size=2, image_size=64, optimizer="sgd_nomomentum"),
+            "optim",
+        ),
+        (lambda: plan(PI5, "mobilenet_v3_small", method="both"), "unknown method"),
+        (lambda: plan(PI5, "mobilenet_v3_small", runtime="gpu"), "unknown runtime"),
+        (lambda: plan(PI5, "mobilenet_v3_small", runtime="native", program_memory=lambda p, b: None), "trains with SGD"),
+        (lambda: plan(PI5, "mobilenet_v3_small", batch_sizes=[0, 2]), "batch sizes"),
+        (lambda: predict_native_peak(arena_bytes=-1, weights_file_bytes=0, trainable_bytes=0, feature_bytes=0, images=1), ">= 0"),
+    ],
+)
+def test_bad_settings_raise_config_errors(call, match):
+    with pytest.raises(ConfigError, match=match):
+        call()
+
+
+def test_prepared_model_is_rejected(models):
+    net = prepare(models("mobilenet_v3_small"), TrainPolicy(2))
+    with pytest.raises(ConfigError, match="original"):
+        profile(net, TrainPolicy(2), batch_size=2, image_size=64)
 
 
 # --- device profiles -----------------------------------------------------------------------------------
@@ -192,16 +337,18 @@ notes = "test"
 """
 
 
-def test_every_shipped_device_profile_loads():
+def test_every_shipped_device_profile_loads_and_explains_its_budget():
     paths = sorted((ROOT / "device_profiles").glob("*.toml"))
-    assert len(paths) >= 5
     names = set()
     for path in paths:
         d = load_device(path)
         names.add(d.name)
-        assert 0 < d.usable_bytes < d.memory_budget <= d.memory_total and len(d.notes) > 100
+        assert 0 < d.usable_bytes < d.memory_budget <= d.memory_total
+        # the notes say where the budget comes from: they name its figure ("3GiB" -> "3 GiB")
+        number, unit = re.fullmatch(r"([\d.]+)(\w+)", tomllib.loads(path.read_text())["memory_budget"]).groups()
+        assert re.search(rf"(?<![\d.]){re.escape(number)} ?{unit}", d.notes), path.name
     for wanted in ("Raspberry Pi 4", "Raspberry Pi 5", "Zero 2 W", "Jetson Nano", "Android"):
-        assert any(wanted in n for n in names), wanted
+        assert sum(wanted in n for n in names) == 1, wanted
 
 
 def test_sizes_are_parsed_strictly():
@@ -238,24 +385,11 @@ def test_bad_device_profile_names_the_field_and_file(tmp_path, edit, field):
 
 
 def test_missing_device_file(tmp_path):
-    with pytest.raises(EdgetlError, match="not found"):
+    with pytest.raises(DeviceProfileError, match="not found"):
         load_device(tmp_path / "nope.toml")
 
 
 # --- planner -------------------------------------------------------------------------------------------
-
-
-def test_plan_prefers_more_blocks_then_larger_batches():
-    pi4 = load_device(ROOT / "device_profiles" / "raspberry_pi_4_4gb.toml")
-    p = plan(pi4, "mobilenet_v3_large", image_size=224)
-    assert p.chosen.fits and p.runner_ups and all(c.fits for c in p.runner_ups)
-    assert all(not c.fits for c in p.over_budget) and p.over_budget
-    ks = [c.blocks for c in p.runner_ups]
-    assert all(k <= p.chosen.blocks for k in ks) and ks == sorted(ks, reverse=True)
-    if p.chosen.blocks < p.num_blocks:  # one more block does not fit at any batch size
-        assert any(c.blocks == p.chosen.blocks + 1 for c in p.over_budget)
-    vanilla = plan(pi4, "mobilenet_v3_large", image_size=224, method="vanilla")
-    assert (vanilla.chosen.blocks, vanilla.chosen.batch_size) <= (p.chosen.blocks, p.chosen.batch_size)
 
 
 def _device(tmp_path: Path, budget: int, runtime: int, margin: float = 0.2) -> Path:
@@ -265,6 +399,25 @@ def _device(tmp_path: Path, budget: int, runtime: int, margin: float = 0.2) -> P
         f'runtime_overhead = {runtime}\ncores = 2\narch = "x86_64"\nnotes = "budget calibrated by the test"\n'
     )
     return path
+
+
+def test_plan_is_the_largest_k_then_batch_whose_estimate_fits(models, tmp_path):
+    name, size, sizes, runtime = "mobilenet_v3_large", 160, (1, 2, 4, 8, 16, 32, 64), 100 * 2**20
+    model = load_model(name, num_classes=1000)
+    peak = {
+        (k, b): predict_step_peak(model, TrainPolicy(k), batch_size=b, image_size=size, runtime_bytes=runtime).total
+        for k in range(1, num_blocks(name) + 1)
+        for b in sizes
+    }
+    budget = (peak[8, 1] + peak[9, 1]) // 2  # K = 9 fits at no batch size, K = 8 at some
+    p = plan(_device(tmp_path, budget, runtime, margin=0.0), name, image_size=size)
+    fitting = [kb for kb, v in peak.items() if v <= budget]
+    assert (p.chosen.blocks, p.chosen.batch_size) == max(fitting) and p.chosen.blocks == 8
+    assert p.chosen.peak == peak[max(fitting)] and p.chosen.fits
+    assert all(c.fits for c in p.runner_ups) and [c.blocks for c in p.runner_ups] == sorted((c.blocks for c in p.runner_ups), reverse=True)
+    assert (9, 1) in [(c.blocks, c.batch_size) for c in p.over_budget] and not any(c.fits for c in p.over_budget)
+    vanilla = plan(_device(tmp_path, budget, runtime, margin=0.0), name, image_size=size, method="vanilla")
+    assert (vanilla.chosen.blocks, vanilla.chosen.batch_size) <= (p.chosen.blocks, p.chosen.batch_size)
 
 
 @pytest.mark.slow
@@ -283,89 +436,144 @@ def test_plan_choice_fits_when_measured_and_refuses_when_nothing_fits(tmp_path):
         plan(_device(tmp_path, runtime, runtime), model, image_size=size, num_classes=10)
 
 
+# --- the measured peak ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the high-water mark can only be reset on Linux")
+def test_reset_peak_forgets_a_freed_allocation():
+    before = current_rss_bytes()
+    block = torch.ones(64 * 2**20)  # 256 MiB, every page written
+    assert current_rss_bytes() >= before + 250 * 2**20
+    del block
+    before = peak_rss_bytes()
+    assert reset_peak()
+    assert peak_rss_bytes() < before - 128 * 2**20
+
+
 @pytest.mark.slow
-def test_profile_measures_process_peak_per_method(models):
+def test_profile_measures_process_peak_per_method():
     report = profile("mobilenet_v3_small", TrainPolicy(6), batch_size=8, image_size=96, num_classes=10, measure_process=True)
-    procs = {m: report.totals[m].process for m in ("vanilla", "mobiletl")}
-    for p in procs.values():
-        assert p is not None and p.steps == 2 and p.runtime_rss > 50 * 2**20
+    procs = {m: report.totals[m].process for m in METHODS}
+    for method, p in procs.items():
+        assert p.method == method and p.steps == 2 and p.optimizer == "adam" and p.runtime_rss > 50 * 2**20
         assert p.runtime_rss <= p.loaded_rss <= p.peak_rss and p.step_delta > 0
+        assert p.hwm_reset == sys.platform.startswith("linux")
     text = report.render()
     assert "process peak RSS (OS, includes" in text and "step delta" in text
     assert json.loads(report.to_json())["totals"]["mobiletl"]["process"]["peak_rss"] == procs["mobiletl"].peak_rss
 
 
-# --- CLI handlers ---------------------------------------------------------------------------------------
+# --- the command line: edgetl profile / edgetl plan ----------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgetl")
-    sub = parser.add_subparsers(dest="command", required=True)
-    cli.add_profile_parser(sub)
-    cli.add_plan_parser(sub)
-    return parser
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """``cli(*argv) -> (exit code, stdout, stderr)`` through ``edgetl.cli.main``."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # main sets it otherwise; keep the test process unchanged
+    monkeypatch.chdir(ROOT)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
 
 
-def _run(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    return args.handler(args)
-
-
-def test_cli_profile_prints_table_and_writes_json(tmp_path, capsys):
+def test_cli_profile_prints_table_and_writes_json(cli, tmp_path):
     out = tmp_path / "r.json"
-    assert (
-        _run(
-            [
-                "profile",
-                "--model",
-                "mobilenet_v3_small",
-                "--blocks",
-                "3",
-                "--batch-size",
-                "2",
-                "--image-size",
-                "64",
-                "--num-classes",
-                "5",
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    text = capsys.readouterr().out
-    assert "vanilla meas" in text and "mobiletl meas" in text and "features.12" in text
+    argv = ["--model", "mobilenet_v3_small", "--blocks", "3", "--batch-size", "2", "--image-size", "64", "--num-classes", "5"]
+    code, text, _ = cli("profile", *argv, "--json", str(out))
+    assert code == 0
+    report = profile("mobilenet_v3_small", TrainPolicy(3), batch_size=2, image_size=64, num_classes=5)
+    assert text.startswith(report.render() + "\n") and f"JSON report written to {out}" in text
     data = json.loads(out.read_text())
-    assert data["blocks"] == 3 and data["rows"][-1]["name"] == "head"
+    assert {k: v for k, v in data.items() if k != "torch_version"} == {k: v for k, v in report.to_dict().items() if k != "torch_version"}
 
 
-def test_cli_plan_prints_choice_and_runner_ups(capsys):
-    device = str(ROOT / "device_profiles" / "raspberry_pi_5_8gb.toml")
-    assert _run(["plan", "--device", device, "--model", "mobilenet_v2", "--image-size", "160"]) == 0
-    text = capsys.readouterr().out
-    assert "chosen:" in text and "runner-ups:" in text and "Raspberry Pi 5" in text
+def _report_settings(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    return {k: data[k] for k in ("model", "blocks", "batch_size", "image_size", "num_classes", "optimizer", "activation_mask")}
+
+
+def test_cli_profile_takes_settings_from_a_run_and_flags_override_them(cli, tmp_path):
+    run = tmp_path / "run"
+    config = FinetuneConfig(
+        model="mobilenet_v3_small",
+        policy=TrainPolicy(3, activation_mask="packed"),
+        batch_size=3,
+        image_size=48,
+        optimizer="sgd",
+        out=str(run),
+    )
+    Run(run).start(config, ["a", "b", "c", "d"], resume=False)
+    out = tmp_path / "r.json"
+    assert cli("profile", "--run", str(run), "--json", str(out))[0] == 0
+    assert _report_settings(out) == dict(
+        model="mobilenet_v3_small", blocks=3, batch_size=3, image_size=48, num_classes=4, optimizer="sgd", activation_mask="packed"
+    )
+    argv = ["--blocks", "2", "--batch-size", "2", "--image-size", "64", "--optimizer", "adamw", "--num-classes", "6"]
+    assert cli("profile", "--run", str(run), *argv, "--activation-mask", "reuse", "--json", str(out))[0] == 0
+    assert _report_settings(out) == dict(
+        model="mobilenet_v3_small", blocks=2, batch_size=2, image_size=64, num_classes=6, optimizer="adamw", activation_mask="reuse"
+    )
+    assert cli("plan", "--device", str(PI5), "--run", str(run), "--json", str(out))[0] == 0
+    planned = json.loads(out.read_text())
+    assert (planned["model"], planned["image_size"], planned["method"]) == ("mobilenet_v3_small", 48, "mobiletl")
+
+
+def test_cli_profile_takes_settings_from_a_config_file_and_flags_override_them(cli, tmp_path):
+    config = tmp_path / "finetune.toml"
+    config.write_text(
+        'model = "mobilenet_v2"\nbatch_size = 2\nimage_size = 40\noptimizer = "adamw"\n[policy]\nblocks = 4\nactivation_mask = "packed"\n'
+    )
+    out = tmp_path / "r.json"
+    assert cli("profile", "--config", str(config), "--json", str(out))[0] == 0
+    # the embedded Fashion-MNIST (the config's default data) has 10 classes
+    assert _report_settings(out) == dict(
+        model="mobilenet_v2", blocks=4, batch_size=2, image_size=40, num_classes=10, optimizer="adamw", activation_mask="packed"
+    )
+    assert cli("profile", "--config", str(config), "--model", "efficientnet_lite0", "--image-size", "32", "--json", str(out))[0] == 0
+    assert _report_settings(out) == dict(
+        model="efficientnet_lite0", blocks=4, batch_size=2, image_size=32, num_classes=10, optimizer="adamw", activation_mask="packed"
+    )
+
+
+def test_cli_plan_prints_choice_and_runner_ups(cli):
+    code, text, _ = cli("plan", "--device", str(PI5), "--model", "mobilenet_v2", "--image-size", "160")
+    assert code == 0
+    expected = plan(PI5, "mobilenet_v2", image_size=160)
+    assert text.strip() == expected.render() and "runner-ups:" in text
 
 
 @pytest.mark.parametrize(
     "argv,match",
     [
-        (["profile", "--model", "resnet50", "--blocks", "2", "--batch-size", "2", "--image-size", "64"], "unknown model"),
+        (["profile", "--model", "resnet50", "--blocks", "2", "--batch-size", "2", "--image-size", "64"], "unknown model 'resnet50'"),
         (["profile", "--model", "mobilenet_v3_small", "--blocks", "12", "--batch-size", "2", "--image-size", "64"], "only 11"),
         (["profile", "--model", "mobilenet_v3_small", "--blocks", "all", "--batch-size", "1", "--image-size", "32"], "batch size"),
-        (["profile", "--model", "mobilenet_v3_small", "--blocks", "1", "--batch-size", "0", "--image-size", "64"], "batch size"),
+        (["profile", "--model", "mobilenet_v3_small", "--batch-size", "2", "--image-size", "64"], "give --blocks"),
+        (["profile", "--run", "no/such/run", "--blocks", "1"], "not an edgetl run directory"),
         (["plan", "--device", "device_profiles/no_such_board.toml", "--model", "mobilenet_v2"], "not found"),
         (["plan", "--device", "device_profiles/raspberry_pi_zero_2w.toml", "--model", "mobilenet_v3_small"], "nothing fits"),
+        (["plan", "--device", str(PI5), "--model", "mobilenet_v2", "--runtime", "native", "--optimizer", "adam"], "SGD"),
     ],
 )
-def test_cli_bad_input_is_a_clear_error(argv, match, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    with pytest.raises((EdgetlError, ValueError), match=match):
-        _run(argv)
+def test_cli_bad_input_is_one_error_line(cli, argv, match):
+    code, out, err = cli(*argv)
+    assert code == 2 and out == ""
+    assert err.startswith("edgetl: error: ") and re.search(match, err) and "Traceback" not in err
 
 
-def test_prepared_model_is_rejected(models):
-    net = prepare(models("mobilenet_v3_small"), TrainPolicy(2))
-    with pytest.raises(EdgetlError, match="original"):
-        profile(net, TrainPolicy(2), batch_size=2, image_size=64)
-    with pytest.raises(EdgetlError, match="unknown optimizer"):
-        profile("mobilenet_v3_small", replace(TrainPolicy(2)), batch_size=2, image_size=64, optimizer="lion")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["profile", "--model", "mobilenet_v3_small", "--blocks", "1", "--batch-size", "0", "--image-size", "64"],
+        ["profile", "--model", "mobilenet_v3_small", "--blocks", "1", "--optimizer", "sgd_nomomentum"],
+        ["profile", "--run", "a", "--config", "b.toml"],
+    ],
+)
+def test_cli_rejects_bad_flags_before_running(cli, argv):
+    with pytest.raises(SystemExit) as info:
+        cli(*argv)
+    assert info.value.code == 2

@@ -11,7 +11,8 @@ import argparse
 
 from edgetl.cli.common import blocks_arg, non_negative_int, positive_int, write_text
 from edgetl.errors import ConfigError
-from edgetl.profiler.planner import DEFAULT_BATCH_SIZES
+from edgetl.profiler.planner import DEFAULT_BATCH_SIZES, RUNTIMES
+from edgetl.train.config import FASHION_MNIST, config_from_file
 from edgetl.train.optim import OPTIMIZERS
 from edgetl.train.policy import ACTIVATION_MASKS, METHODS
 
@@ -32,34 +33,32 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     source.add_argument("--config", metavar="FILE", help="take them from a 'finetune' TOML/JSON config file")
 
 
-def _settings(args: argparse.Namespace, wanted: tuple[str, ...]) -> None:
-    """Fill ``wanted`` settings the user did not give from ``--run``/``--config`` (flags win)."""
-    if not (args.run or args.config):
-        missing = [k for k in ("model", *wanted) if getattr(args, k, None) is None and k in _REQUIRED]
-        if missing:
-            raise ConfigError(f"give --{missing[0].replace('_', '-')} (or --run DIR / --config FILE)")
-        return
-    from edgetl.train.config import config_from_file
-    from edgetl.train.run import Run
+def _settings(args: argparse.Namespace, wanted: tuple[str, ...], required: tuple[str, ...]) -> None:
+    """Fill the ``wanted`` settings the user did not give from ``--run``/``--config`` (flags win);
+    then every one of ``required`` must be known."""
+    if args.run or args.config:
+        from edgetl.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
+        from edgetl.train.run import Run
 
-    run = Run(args.run) if args.run else None
-    config = run.config() if run else config_from_file(args.config)
-    known = {
-        "model": config.model,
-        "blocks": config.policy.blocks,
-        "method": config.policy.method,
-        "activation_mask": config.policy.activation_mask,
-        "batch_size": config.batch_size,
-        "image_size": config.image_size,
-        "optimizer": config.optimizer,
-        "num_classes": len(run.classes()) if run else (10 if config.data == "fashion-mnist" else None),
-    }
-    for key in ("model", *wanted):
-        if getattr(args, key, None) is None and known.get(key) is not None:
-            setattr(args, key, known[key])
-
-
-_REQUIRED = ("model", "blocks", "batch_size", "image_size")
+        run = Run(args.run) if args.run else None
+        config = run.config() if run else config_from_file(args.config)
+        known = {
+            "model": config.model,
+            "blocks": config.policy.blocks,
+            "method": config.policy.method,
+            "activation_mask": config.policy.activation_mask,
+            "batch_size": config.batch_size,
+            "image_size": config.image_size,
+            "optimizer": config.optimizer,
+            # a config file names its data, not its classes; only the embedded dataset's are known
+            "num_classes": len(run.classes()) if run else (len(FASHION_MNIST_CLASSES) if config.data == FASHION_MNIST else None),
+        }
+        for key in ("model", *wanted):
+            if getattr(args, key, None) is None and known.get(key) is not None:
+                setattr(args, key, known[key])
+    missing = [key for key in required if getattr(args, key, None) is None]
+    if missing:
+        raise ConfigError(f"give --{missing[0].replace('_', '-')} (or --run DIR / --config FILE)")
 
 
 def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -94,10 +93,15 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 def profile_command(args: argparse.Namespace) -> int:
     """Handler of ``edgetl profile``."""
     from edgetl.models.zoo import num_blocks
-    from edgetl.profiler.report import plot_report, profile
+    from edgetl.profiler.plot import plot_report
+    from edgetl.profiler.report import profile
     from edgetl.train.policy import TrainPolicy
 
-    _settings(args, ("blocks", "batch_size", "image_size", "num_classes", "optimizer", "activation_mask"))
+    _settings(
+        args,
+        ("blocks", "batch_size", "image_size", "num_classes", "optimizer", "activation_mask"),
+        required=("model", "blocks", "batch_size", "image_size"),
+    )
     blocks = num_blocks(args.model) if args.blocks == "all" else args.blocks
     policy = TrainPolicy(blocks, "mobiletl", activation_mask=args.activation_mask or "reuse")
     args.num_classes = args.num_classes or 1000
@@ -138,7 +142,7 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (default: adam for eager, sgd with momentum for native)")
     p.add_argument(
         "--runtime",
-        choices=("eager", "native"),
+        choices=RUNTIMES,
         default="eager",
         help="what trains on the device: PyTorch (eager) or deploy/native's edgetl-device (native; emits the training "
         "program per K to read its memory plan, a minute each; default: %(default)s)",
@@ -169,7 +173,7 @@ def plan_command(args: argparse.Namespace) -> int:
 
     from edgetl.profiler.planner import plan
 
-    _settings(args, ("image_size", "method", "num_classes"))
+    _settings(args, ("image_size", "method", "num_classes"), required=("model",))
     args.image_size = args.image_size or 224
     args.method = args.method or "mobiletl"
     args.num_classes = args.num_classes or 1000

@@ -24,14 +24,15 @@ convention, used to reproduce MobileTL's published per-block figures.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgetl.models.blocks import LayerSpec
 from edgetl.nn.ops import packed_numel
+from edgetl.profiler.shapes import Shape, float_bytes, unit_output_shape, walk
+from edgetl.train.policy import shift_only_norms
 
-Shape = tuple[int, ...]
-FLOAT_BYTES = 4
 #: activations whose autograd formula keeps the output (shared with the consumer)
 KEEPS_OUTPUT = frozenset({"relu", "sigmoid"})
 
@@ -46,22 +47,14 @@ class Saved:
     nbytes: int
 
 
-def _numel(shape: Shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+def total_bytes(items: Sequence[Saved]) -> int:
+    """Bytes of all ``items``."""
+    return sum(item.nbytes for item in items)
 
 
-def conv_output_shape(layer: LayerSpec, shape: Shape) -> Shape:
-    """Output shape of a 2-D conv ``layer`` applied to ``shape`` (N, C, H, W)."""
-    n, c, h, w = shape
-    if c != layer.in_channels:
-        raise ValueError(f"conv expects {layer.in_channels} input channels, got shape {shape}")
-    span = layer.dilation * (layer.kernel - 1) + 1
-    ho = (h + 2 * layer.padding - span) // layer.stride + 1
-    wo = (w + 2 * layer.padding - span) // layer.stride + 1
-    return (n, layer.out_channels, ho, wo)
+def _shift_only(layers: Sequence[LayerSpec], mobiletl: bool) -> set[int]:
+    """Indices of the norms MobileTL makes shift-only (none without MobileTL)."""
+    return set(shift_only_norms([i for i, layer in enumerate(layers) if layer.op == "norm"])) if mobiletl else set()
 
 
 class _Tape:
@@ -79,15 +72,16 @@ class _Tape:
         if tid in self.saved_ids:
             return
         self.saved_ids.add(tid)
-        self.items.append(Saved(layer, what, shape, _numel(shape) * FLOAT_BYTES if nbytes is None else nbytes))
+        self.items.append(Saved(layer, what, shape, float_bytes(shape) if nbytes is None else nbytes))
 
 
-def _activation(tape: _Tape, i: int, kind: str, x: int, shape: Shape, masked: bool, mask: str, what: str) -> int:
+def _activation(tape: _Tape, i: int, kind: str, shape: Shape, masked: bool, mask: str, what: str) -> int:
+    """Record what an activation keeps; returns its output's id."""
     out = tape.new()
     if masked and (mask == "reuse" or kind in ("hardsigmoid", "sigmoid")):
         tape.save(out, i, f"{what} output (mask read off it)", shape)
     elif masked:
-        tape.save(tape.new(), i, f"{what} bit-packed mask", shape, packed_numel(_numel(shape)))
+        tape.save(tape.new(), i, f"{what} bit-packed mask", shape, packed_numel(math.prod(shape)))
     elif kind in KEEPS_OUTPUT:
         tape.save(out, i, f"{what} output", shape)
     else:
@@ -106,10 +100,10 @@ def saved_for_backward(
     """What training one unit (a block, a conv stage, the head) stores for backward.
 
     Args:
-        layers: the unit's layers in forward order (:func:`edgetl.models.blocks.layer_specs`).
+        layers: the unit's layers in forward order (:func:`edgetl.profiler.units.unit_layers`).
         in_shape: the unit's input shape.
-        mobiletl: apply MobileTL to this unit (an inverted-residual block): every norm but the last
-            is shift-only and activations are masked. False: ordinary autograd.
+        mobiletl: apply MobileTL to this unit (:func:`edgetl.train.policy.uses_mobiletl`): its
+            shift-only norms keep nothing and activations are masked. False: ordinary autograd.
         activation_mask: ``"reuse"`` or ``"packed"`` (see :class:`edgetl.TrainPolicy`).
         training: train mode (dropout and stochastic depth active).
 
@@ -117,32 +111,26 @@ def saved_for_backward(
         The saved tensors and the unit's output shape.
     """
     tape = _Tape()
-    x, shape = tape.new(), tuple(in_shape)
-    norms = [i for i, layer in enumerate(layers) if layer.op == "norm"]
-    last_norm = norms[-1] if norms else -1
-    for i, layer in enumerate(layers):
-        if layer.op == "conv":
-            tape.save(x, i, "conv input", shape)
-            x, shape = tape.new(), conv_output_shape(layer, shape)
-        elif layer.op == "linear":
-            if shape[-1] != layer.in_channels:
-                raise ValueError(f"linear expects {layer.in_channels} features, got shape {shape}")
-            tape.save(x, i, "linear input", shape)
-            x, shape = tape.new(), shape[:-1] + (layer.out_channels,)
+    x = tape.new()
+    shift_only = _shift_only(layers, mobiletl)
+    for i, layer, shape, _ in walk(layers, in_shape):
+        if layer.op in ("conv", "linear"):
+            tape.save(x, i, f"{layer.op} input", shape)
+            x = tape.new()
         elif layer.op == "norm":
-            if not (mobiletl and i != last_norm):  # shift-only norms keep nothing
+            if i not in shift_only:
                 tape.save(x, i, "batch-norm input", shape)
                 tape.save(tape.new(), i, "batch-norm mean, inverse std", (2 * shape[1],))
             x = tape.new()
         elif layer.op == "act":
-            x = _activation(tape, i, layer.kind, x, shape, mobiletl, activation_mask, "activation")
+            x = _activation(tape, i, layer.kind, shape, mobiletl, activation_mask, "activation")
         elif layer.op == "se":
             n, c = shape[0], shape[1]
             pooled, squeezed = (n, c, 1, 1), (n, layer.se_squeeze, 1, 1)
             tape.save(tape.new(), i, "SE fc1 input (pooled)", pooled)
-            s = _activation(tape, i, layer.se_act, tape.new(), squeezed, mobiletl, activation_mask, "SE activation")
+            s = _activation(tape, i, layer.se_act, squeezed, mobiletl, activation_mask, "SE activation")
             tape.save(s, i, "SE fc2 input", squeezed)
-            gate = _activation(tape, i, layer.se_gate, tape.new(), pooled, mobiletl, activation_mask, "SE gate")
+            gate = _activation(tape, i, layer.se_gate, pooled, mobiletl, activation_mask, "SE gate")
             tape.save(x, i, "SE multiply input", shape)
             tape.save(gate, i, "SE multiply gate", pooled)
             x = tape.new()
@@ -151,20 +139,9 @@ def saved_for_backward(
                 noise = (shape[0],) + (1,) * (len(shape) - 1) if layer.op == "drop_path" else shape
                 tape.save(tape.new(), i, f"{layer.op} noise", noise)
                 x = tape.new()
-        elif layer.op == "pad":
-            left, right, top, bottom = layer.padding
-            x, shape = tape.new(), shape[:2] + (shape[2] + top + bottom, shape[3] + left + right)
-        elif layer.op == "pool":  # global average pool + flatten: a mean, keeps nothing
-            x, shape = tape.new(), shape[:2]
-        elif layer.op == "residual":
+        else:  # pad, pool (a mean), residual: keep nothing, produce a new tensor
             x = tape.new()
-        else:
-            raise ValueError(f"no memory rule for layer op {layer.op!r}")
-    return tape.items, shape
-
-
-def total_bytes(items: Sequence[Saved]) -> int:
-    return sum(item.nbytes for item in items)
+    return tape.items, unit_output_shape(layers, in_shape)
 
 
 # --- the paper's accounting ----------------------------------------------------------------------
@@ -198,29 +175,22 @@ def paper_saved_for_backward(layers: Sequence[LayerSpec], in_shape: Shape, *, mo
     edgetl (they are read off a tensor the next conv keeps anyway) but 1 bit here.
     """
     items: list[Saved] = []
-    shape = tuple(in_shape)
-    norms = [i for i, layer in enumerate(layers) if layer.op == "norm"]
-    last_norm = norms[-1] if norms else -1
+    shift_only = _shift_only(layers, mobiletl)
 
     def fp32(i: int, what: str, s: Shape) -> None:
-        items.append(Saved(i, what, s, _numel(s) * FLOAT_BYTES))
+        items.append(Saved(i, what, s, float_bytes(s)))
 
     def act(i: int, kind: str, s: Shape, what: str) -> None:
         if mobiletl or kind in PAPER_ONE_BIT:
-            items.append(Saved(i, f"{what} 1-bit mask", s, packed_numel(_numel(s))))
+            items.append(Saved(i, f"{what} 1-bit mask", s, packed_numel(math.prod(s))))
         else:
             fp32(i, f"{what} input", s)
 
-    for i, layer in enumerate(layers):
-        if layer.op == "conv":
-            fp32(i, "conv input", shape)
-            shape = conv_output_shape(layer, shape)
-        elif layer.op == "linear":
-            fp32(i, "linear input", shape)
-            shape = shape[:-1] + (layer.out_channels,)
-        elif layer.op == "norm":
-            if not (mobiletl and i != last_norm):
-                fp32(i, "batch-norm input", shape)
+    for i, layer, shape, _ in walk(layers, in_shape):
+        if layer.op in ("conv", "linear"):
+            fp32(i, f"{layer.op} input", shape)
+        elif layer.op == "norm" and i not in shift_only:
+            fp32(i, "batch-norm input", shape)
         elif layer.op == "act":
             act(i, layer.kind, shape, "activation")
         elif layer.op == "se":
@@ -230,11 +200,5 @@ def paper_saved_for_backward(layers: Sequence[LayerSpec], in_shape: Shape, *, mo
             act(i, layer.se_act, squeezed, "SE activation")
             fp32(i, "SE fc2 input", squeezed)
             fp32(i, "SE gate", pooled)
-        elif layer.op == "pad":
-            left, right, top, bottom = layer.padding
-            shape = shape[:2] + (shape[2] + top + bottom, shape[3] + left + right)
-        elif layer.op == "pool":
-            shape = shape[:2]
-        elif layer.op not in ("residual", "dropout", "drop_path"):
-            raise ValueError(f"no memory rule for layer op {layer.op!r}")
-    return items, shape
+        # padding, pooling, residual additions, dropout and stochastic depth: nothing
+    return items, unit_output_shape(layers, in_shape)

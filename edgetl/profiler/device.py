@@ -47,7 +47,7 @@ ARCHES: tuple[str, ...] = ("aarch64", "armv7l", "armv6l", "x86_64", "riscv64")
 #: Resident memory of a Python process training with PyTorch eager before any model is loaded:
 #: interpreter + torch/torchvision/edgetl imports (~304 MiB on x86-64 Linux, torch 2.13 CPU) plus
 #: what the first training step faults in (kernel code, thread pools; ~40 MiB). Recalibrate on a
-#: device with :func:`edgetl.profiler.peak.calibrate_runtime`.
+#: device with :func:`edgetl.profiler.process_peak.calibrate_runtime`.
 PYTORCH_RUNTIME_OVERHEAD = 344 * 2**20
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s?(" + "|".join(UNITS) + r")")

@@ -8,13 +8,14 @@ keeps its weight for dL/dx, the shift-only norm its frozen scale) and are skippe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-HEAD = "head"
+from edgetl.profiler.units import HEAD
 
 
 @dataclass
@@ -52,15 +53,15 @@ def measure_saved_bytes(model: nn.Module, units: dict[str, nn.Module], x: Tensor
             unit.tensors.append((tuple(t.shape), str(t.dtype).removeprefix("torch."), nbytes))
         return t
 
-    def enter(name):
-        def hook(_module, args):
+    def enter(name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(_module: nn.Module, args: tuple) -> None:
             running.append(name)
             if not result[name].in_shape and args and isinstance(args[0], Tensor):
                 result[name].in_shape = tuple(args[0].shape)
 
         return hook
 
-    def leave(_module, _args, _out):
+    def leave(_module: nn.Module, _args: tuple, _out: object) -> None:
         running.pop()
 
     with ExitStack() as stack:

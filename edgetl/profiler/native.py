@@ -18,7 +18,11 @@ The terms are summed; nothing is measured here (``benchmarks/device_memory.py`` 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+
+from edgetl.errors import ConfigError
 
 #: edgetl-device's resident set before it loads a program (binary + ExecuTorch's libraries),
 #: measured on x86-64 Linux (10.1 MiB); aarch64 builds of the same libraries are of the same size
@@ -51,7 +55,7 @@ class NativePeakEstimate:
     def total(self) -> int:
         return self.runtime + self.features + self.weights_file + self.arena + self.momentum
 
-    def summary(self, size) -> str:
+    def summary(self, size: Callable[[int], str]) -> str:
         """One line for the planner (``size`` formats bytes)."""
         return (
             f"arena {size(self.arena)}, weights {size(self.weights_file)} + momentum {size(self.momentum)}, features {size(self.features)}"
@@ -76,7 +80,7 @@ def predict_native_peak(
     memory plan (``arena_bytes``), its weights file, the trainable bytes and one image's feature
     bytes. Feature rows are rounded up to whole batches by the runner; that is below 1% here."""
     if min(arena_bytes, weights_file_bytes, trainable_bytes, feature_bytes, images) < 0:
-        raise ValueError("byte counts and the image count must be >= 0")
+        raise ConfigError("byte counts and the image count must be >= 0")
     features = images * feature_bytes
     return NativePeakEstimate(
         runtime=runtime_bytes,
@@ -99,9 +103,7 @@ def native_peak_of_bundle(
     file sizes and optimizer)."""
     train = manifest["programs"]["training"]
     shape = train["methods"]["forward"]["inputs"][0]["shape"]
-    per_image = 4
-    for s in shape[1:]:
-        per_image *= int(s)
+    per_image = 4 * math.prod(int(s) for s in shape[1:])  # one fp32 feature map
     if momentum is None:
         momentum = float(train["optimizer"].get("momentum", 0.0)) != 0.0
     return predict_native_peak(

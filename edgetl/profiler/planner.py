@@ -3,7 +3,7 @@
 Every candidate ``(K, batch size)`` is scored against the device's usable memory,
 ``memory_budget x (1 - safety_margin)``, for one of two runtimes:
 
-* ``eager`` (PyTorch on the device): :func:`edgetl.profiler.peak.predict_step_peak` (an estimate,
+* ``eager`` (PyTorch on the device): :func:`edgetl.profiler.estimate.predict_step_peak` (an estimate,
   pure functions of shapes) plus the device profile's runtime overhead. Nothing is run.
 * ``native`` (``deploy/native``'s ``edgetl-device``): :func:`edgetl.profiler.native.predict_native_peak`
   over the training program's memory plan, which only ExecuTorch's memory planner knows: the
@@ -24,12 +24,13 @@ import torch
 from torch import nn
 
 from edgetl._format import format_size
-from edgetl.errors import EdgetlError
+from edgetl.errors import ConfigError, EdgetlError
 from edgetl.models.blocks import find_blocks
 from edgetl.profiler.device import DeviceProfile, load_device
+from edgetl.profiler.estimate import StepPeakEstimate, predict_step_peak, trainable_shapes_problem
 from edgetl.profiler.native import NativePeakEstimate, ProgramMemory, predict_native_peak
-from edgetl.profiler.peak import StepPeakEstimate, check_optimizer, predict_step_peak, trainable_shapes_problem
 from edgetl.profiler.predict import predict_units
+from edgetl.train.optim import check_optimizer, state_floats
 from edgetl.train.policy import METHODS, TrainPolicy
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
@@ -135,7 +136,7 @@ class Plan:
             out.append(f"  {'over budget:' if i == 0 else '':12s} {line(c)}, {format_size(-c.headroom)} too much")
         if self.runtime == "eager":
             out.append(
-                "  Predicted peaks are estimates (edgetl.profiler.peak.predict_step_peak), not measurements; "
+                "  Predicted peaks are estimates (edgetl.profiler.estimate.predict_step_peak), not measurements; "
                 "check on the device with `edgetl profile ... --process`."
             )
         else:
@@ -175,7 +176,7 @@ def plan(
         method: ``"mobiletl"`` or ``"vanilla"``.
         batch_sizes: the candidate batch sizes.
         num_classes: classifier outputs (it sizes the head's parameters and optimizer state).
-        optimizer: ``"adam"``, ``"adamw"``, ``"sgd"`` (momentum) or ``"sgd_nomomentum"``.
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (with momentum; the native runtime's only one).
         runner_ups: how many next-best configurations to list.
         min_blocks: the smallest K considered (0 admits the classifier-only linear probe).
         runtime: ``"eager"`` (PyTorch) or ``"native"`` (``edgetl-device``, SGD).
@@ -184,27 +185,27 @@ def plan(
         images: for the native runtime, the device's training images (their features are cached).
 
     Raises:
-        EdgetlError: nothing fits (the message says what the smallest configuration needs), or bad
-            arguments.
+        ConfigError: bad arguments.
+        EdgetlError: nothing fits (the message says what the smallest configuration needs).
     """
     profile = device if isinstance(device, DeviceProfile) else load_device(device)
     if method not in METHODS:
-        raise EdgetlError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     check_optimizer(optimizer)
     if runtime not in RUNTIMES:
-        raise EdgetlError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+        raise ConfigError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
     if runtime == "native":
         if program_memory is None:
-            raise EdgetlError("the native runtime needs program_memory (the exporter's memory plan of the training program)")
-        if optimizer not in ("sgd", "sgd_nomomentum"):
-            raise EdgetlError("the native runtime trains with SGD: use optimizer 'sgd' or 'sgd_nomomentum'")
+            raise ConfigError("the native runtime needs program_memory (the exporter's memory plan of the training program)")
+        if optimizer != "sgd":
+            raise ConfigError("the native runtime trains with SGD: use optimizer 'sgd'")
         if images < 1:
-            raise EdgetlError(f"images must be >= 1, got {images}")
+            raise ConfigError(f"images must be >= 1, got {images}")
     sizes = sorted({int(b) for b in batch_sizes}, reverse=True)
     if not sizes or sizes[-1] < 1:
-        raise EdgetlError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+        raise ConfigError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
     if image_size < 8:
-        raise EdgetlError(f"image size must be >= 8, got {image_size}")
+        raise ConfigError(f"image size must be >= 8, got {image_size}")
     if isinstance(model, str):
         from edgetl.models.zoo import load_model
 
@@ -214,9 +215,9 @@ def plan(
         name, net = type(model).__name__, model
     num_blocks = len(find_blocks(net))
     if num_blocks == 0:
-        raise EdgetlError(f"{name} has no inverted-residual blocks")
+        raise ConfigError(f"{name} has no inverted-residual blocks")
     if not 0 <= min_blocks <= num_blocks:
-        raise EdgetlError(f"min_blocks must be in 0..{num_blocks}, got {min_blocks}")
+        raise ConfigError(f"min_blocks must be in 0..{num_blocks}, got {min_blocks}")
 
     @cache
     def memory_at(k: int, b: int) -> ProgramMemory | EdgetlError:
@@ -240,7 +241,7 @@ def plan(
             trainable_bytes=lo.trainable_bytes,
             feature_bytes=lo.feature_bytes,
             images=images,
-            momentum=optimizer == "sgd",
+            momentum=state_floats(optimizer) > 0,
         )
 
     def score(k: int, b: int) -> Candidate | None:

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from edgetl.models.blocks import block_spec, feature_units, first_trained_unit, is_irb, layer_specs
-from edgetl.profiler.analytic import Saved, Shape, saved_for_backward, total_bytes
-from edgetl.profiler.measure import HEAD
-from edgetl.train.policy import TrainPolicy
+from edgetl.models.blocks import feature_units, first_trained_unit, is_irb
+from edgetl.profiler.analytic import Saved, saved_for_backward, total_bytes
+from edgetl.profiler.shapes import Shape
+from edgetl.profiler.units import HEAD, head_layers, unit_layers
+from edgetl.train.policy import TrainPolicy, uses_mobiletl
 
 
 @dataclass(frozen=True)
@@ -35,21 +36,19 @@ def predict_units(model: nn.Module, policy: TrainPolicy, *, batch_size: int, ima
     nothing. The last row is the head (pooling and classifier).
     """
     units = feature_units(model)
-    blocks = [name for name, unit in units if is_irb(unit)]
-    policy.check_blocks(len(blocks))
+    policy.check_blocks(sum(is_irb(unit) for _, unit in units))
     trained_from = first_trained_unit(units, policy.blocks)
     shape: Shape = (batch_size, 3, image_size, image_size)
     rows: list[UnitPrediction] = []
     for i, (name, unit) in enumerate(units):
-        layers = block_spec(name, unit).layers if is_irb(unit) else layer_specs(unit)
-        mobiletl = policy.method == "mobiletl" and is_irb(unit)
-        saved, out = saved_for_backward(layers, shape, mobiletl=mobiletl, activation_mask=policy.activation_mask)
+        saved, out = saved_for_backward(
+            unit_layers(name, unit), shape, mobiletl=uses_mobiletl(policy, unit), activation_mask=policy.activation_mask
+        )
         if i < trained_from:
             rows.append(UnitPrediction(name, "frozen", shape, out, ()))
         else:
             rows.append(UnitPrediction(name, "block" if is_irb(unit) else "stage", shape, out, tuple(saved)))
         shape = out
-    head = layer_specs(nn.Sequential(nn.AdaptiveAvgPool2d(1), model.classifier))
-    saved, out = saved_for_backward(head, shape)
+    saved, out = saved_for_backward(head_layers(model), shape)
     rows.append(UnitPrediction(HEAD, "head", shape, out, tuple(saved)))
     return rows

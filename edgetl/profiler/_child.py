@@ -1,0 +1,91 @@
+"""The child process of :func:`edgetl.profiler.process_peak.measure_process_peak`.
+
+    python -m edgetl.profiler._child --model NAME --blocks K --batch-size N --image-size S [...]
+
+Loads and prepares the model, runs real training steps in the trainer's order and prints one JSON
+object on stdout (the fields of :class:`~edgetl.profiler.process_peak.ProcessPeak`). Everything is
+imported before the runtime baseline is read, so the baseline includes the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from edgetl._rss import current_rss_bytes, peak_rss_bytes, reset_peak
+from edgetl.models.zoo import classifier_linear, load_model
+from edgetl.profiler.process_peak import ProcessPeak
+from edgetl.train.optim import OPTIMIZERS, build_optimizer
+from edgetl.train.policy import ACTIVATION_GRADS, ACTIVATION_MASKS, METHODS, TrainPolicy
+from edgetl.train.prepare import prepare
+
+#: learning rate of the measured steps; memory does not depend on it
+LR = 1e-4
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The child's arguments (the parent builds them; see the module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m edgetl.profiler._child", description="training steps, RSS as JSON")
+    p.add_argument("--model", required=True, help="model name for edgetl.load_model")
+    p.add_argument("--weights", help="state-dict file (default: random weights; memory does not depend on them)")
+    p.add_argument("--blocks", type=int, required=True)
+    p.add_argument("--method", choices=METHODS, default="mobiletl")
+    p.add_argument("--activation-grad", choices=ACTIVATION_GRADS, default="sign")
+    p.add_argument("--activation-mask", choices=ACTIVATION_MASKS, default="reuse")
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--image-size", type=int, required=True)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    p.add_argument("--steps", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the steps and print the RSS figures as JSON; returns the exit code."""
+    runtime_rss = current_rss_bytes()
+    args = parse_args(argv)
+    policy = TrainPolicy(args.blocks, args.method, args.activation_grad, args.activation_mask)
+    torch.manual_seed(0)
+    original = load_model(args.model, weights=args.weights, num_classes=args.num_classes)
+    net = prepare(original, policy)
+    del original  # prepare deep-copies; the device would not keep the unprepared model
+    opt = build_optimizer(args.optimizer, net.trainable_parameters(), lr=LR)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    classes = classifier_linear(net)[2].out_features  # a saved module keeps its own head
+    y = torch.randint(0, classes, (args.batch_size,))
+    loss_fn = nn.CrossEntropyLoss()
+    net.train()
+    gc.collect()
+    loaded_rss, loaded_peak = current_rss_bytes(), peak_rss_bytes()
+    reset = reset_peak()
+    for _ in range(args.steps):  # the trainer's order: forward, zero_grad, backward, step
+        loss = loss_fn(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        del loss
+    result = ProcessPeak(
+        method=args.method,
+        runtime_rss=runtime_rss,
+        loaded_rss=loaded_rss,
+        loaded_peak_rss=loaded_peak,
+        step_peak_rss=peak_rss_bytes(),
+        hwm_reset=reset,
+        steps=args.steps,
+        optimizer=args.optimizer,
+        torch_version=torch.__version__,
+        platform=f"{platform.system()} {platform.machine()}",
+    )
+    print(json.dumps(asdict(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
