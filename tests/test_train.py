@@ -184,7 +184,7 @@ def test_cli_config_file_nested_policy_table(tmp_path, image_folder, capsys):
     code = main(["finetune", "--config", str(cfg), "--out", str(tmp_path / "flag"), "--blocks", "2"])
     assert code == 0
     saved = json.loads((tmp_path / "flag" / "config.json").read_text())["policy"]
-    assert saved == {"blocks": 2, "method": "vanilla", "activation_grad": "exact", "activation_mask": "reuse"}
+    assert saved == {"blocks": 2, "method": "vanilla", "activation_grad": "exact", "activation_mask": "reuse", "bottom_chunk": None}
 
 
 def test_cli_config_file_and_flags(tmp_path, image_folder, pretrained_file, capsys):
