@@ -1,4 +1,4 @@
-"""Memory options beyond MobileTL (TrainPolicy fields that prepare() applies): exact where they say so."""
+"""Memory options beyond MobileTL (TrainPolicy fields that prepare() applies): the same training, less memory."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ def test_bottom_chunk_gives_the_same_features_and_gradients(model):
     x, y = torch.randn(7, 3, 48, 48), torch.tensor([0, 1, 2, 0, 1, 2, 0])
     for chunk in (2, 3, 5):  # 7 images: every chunking leaves a remainder
         chunked = prepare(plain, TrainPolicy(blocks=2, bottom_chunk=chunk))
-        assert torch.equal(chunked.forward_bottom(x), whole.forward_bottom(x)), chunk
+        # oneDNN picks convolution kernels by batch size: equal up to float rounding, not always bit for bit
+        want = whole.forward_bottom(x)
+        torch.testing.assert_close(chunked.forward_bottom(x), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
         grads = []
         for net in (whole, chunked):
             net.zero_grad(set_to_none=True)
@@ -27,7 +29,7 @@ def test_bottom_chunk_gives_the_same_features_and_gradients(model):
             torch.nn.functional.cross_entropy(net(x), y).backward()
             grads.append([p.grad for _, p in net.trainable_parameters()])
         for a, b in zip(*grads, strict=True):
-            assert torch.equal(a, b)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])

@@ -43,8 +43,8 @@ class TrainPolicy:
             batch at once). Beyond MobileTL: the bottom keeps nothing for backward, so only its
             working set (one layer's input and output) scales with the batch, and at large batches
             that working set, not what the trained blocks store, sets the step's peak. Outputs are
-            the same bit for bit for micro-batches of 2 or more (a micro-batch of 1 may take
-            another convolution kernel: differences of ~1e-13); only time is spent.
+            the same up to float rounding (oneDNN picks convolution kernels by batch size:
+            relative differences ~1e-7 at most, usually none); only time is spent.
     """
 
     blocks: int
