@@ -25,6 +25,7 @@ from edgetl.profiler.process_peak import ProcessPeak
 from edgetl.train.optim import OPTIMIZERS, build_optimizer
 from edgetl.train.policy import ACTIVATION_GRADS, ACTIVATION_MASKS, METHODS, TrainPolicy
 from edgetl.train.prepare import prepare
+from edgetl.train.step import train_step
 
 #: learning rate of the measured steps; memory does not depend on it
 LR = 1e-4
@@ -65,12 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     loaded_rss, loaded_peak = current_rss_bytes(), peak_rss_bytes()
     reset = reset_peak()
-    for _ in range(args.steps):  # the trainer's order: forward, zero_grad, backward, step
-        loss = loss_fn(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        del loss
+    for _ in range(args.steps):
+        train_step(net, x, y, loss_fn, opt)
     result = ProcessPeak(
         method=args.method,
         runtime_rss=runtime_rss,

@@ -10,6 +10,7 @@ evaluation (a no-grad forward in eval mode) — from PyTorch's own allocation ev
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from edgetl.profiler._torch_memory import CATEGORIES, Recorder, Recording
 from edgetl.train.optim import build_optimizer
 from edgetl.train.policy import TrainPolicy
 from edgetl.train.prepare import prepare
+from edgetl.train.step import train_step
 
 PHASES: tuple[str, ...] = ("data", "bottom forward", "top forward", "backward", "optimizer step", "evaluation")
 
@@ -106,34 +108,19 @@ def measure_step_timeline(
         return x, torch.randint(0, num_classes, (batch_size,), generator=gen)
 
     def step(rec: Recorder | None, rss: dict[str, int]) -> None:
-        def phase(name):
-            return rec.phase(name) if rec else _Null()
+        def phase(name: str):
+            return _Marked(rec.phase(name) if rec else nullcontext(), lambda: rss.__setitem__(name, current_rss_bytes()))
 
         net.train()
         with phase("data"):
             x, y = batch()
-        rss["data"] = current_rss_bytes()
-        with phase("bottom forward"):
-            features = net.forward_bottom(x)
-        rss["bottom forward"] = current_rss_bytes()
-        with phase("top forward"):
-            loss = loss_fn(net.forward_top(features), y)
-        rss["top forward"] = current_rss_bytes()
-        with phase("backward"):  # the trainer's order: zero_grad just before backward
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        rss["backward"] = current_rss_bytes()
-        del loss, features
-        with phase("optimizer step"):
-            opt.step()
-        rss["optimizer step"] = current_rss_bytes()
-        with phase("evaluation"), torch.no_grad():
+        train_step(net, x, y, loss_fn, opt, phase=phase)
+        with phase("evaluation"), torch.no_grad():  # the trainer's end-of-epoch evaluation, one batch of it
             net.eval()
             net(x)
             net.train()
-        rss["evaluation"] = current_rss_bytes()
 
-    step(None, {})  # warm-up: gradients and optimizer state now exist
+    step(None, {})  # warm-up: the optimizer state now exists (the steady state)
     loaded = current_rss_bytes()
     rss: dict[str, int] = {}
     rec: Recording = Recorder().run(lambda r: step(r, rss))
@@ -153,9 +140,15 @@ def measure_step_timeline(
     )
 
 
-class _Null:
+class _Marked:
+    """A phase's context, then ``after()`` (the RSS reading) once it ends."""
+
+    def __init__(self, inner, after) -> None:
+        self.inner, self.after = inner, after
+
     def __enter__(self) -> None:
-        return None
+        self.inner.__enter__()
 
     def __exit__(self, *exc) -> None:
-        return None
+        self.inner.__exit__(*exc)
+        self.after()

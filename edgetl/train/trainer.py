@@ -29,6 +29,7 @@ from edgetl.train.config import FinetuneConfig
 from edgetl.train.optim import build_optimizer
 from edgetl.train.prepare import TransferModel, prepare
 from edgetl.train.run import Run
+from edgetl.train.step import train_step
 
 
 @dataclass
@@ -209,18 +210,12 @@ def _finetune(config: FinetuneConfig, *, resume: bool, on_step, log) -> Finetune
         loss_sum, correct, seen = 0.0, 0, 0
         t0 = time.perf_counter()
         for step, (x, y) in enumerate(loader):
-            logits = model.forward_top(x) if cache else model(x)
-            loss = loss_fn(logits, y)
+            loss, logits = train_step(model, x, y, loss_fn, optimizer, from_features=cache is not None)
             if not torch.isfinite(loss):
                 raise _diverged(f"loss {loss.item()} at epoch {epoch + 1} step {step + 1}", epoch, run)
-            loss.backward()
-            optimizer.step()
-            # free the gradients now, not before the next backward: otherwise they stay alive through
-            # the next forward (and the evaluation), adding their bytes to the step's peak
-            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             loss_sum += loss.item() * len(y)
-            correct += int((logits.detach().argmax(1) == y).sum())
+            correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             progress.update(step + 1, loss_sum / seen)
             if on_step is not None:
