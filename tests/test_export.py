@@ -408,7 +408,7 @@ def test_output_directory_with_other_content_is_refused(tmp_path):
 
 
 def test_missing_executorch_is_reported(monkeypatch, tmp_path):
-    monkeypatch.setattr(et, "executorch_version", lambda: None)
+    monkeypatch.setattr(et.runtime, "executorch_version", lambda: None)
     with pytest.raises(ExecutorchMissingError, match="pip install executorch"):
         edgetl.export(
             load_model("mobilenet_v2", num_classes=3), POLICY, tmp_path / "d", edgetl.ExportConfig(image_size=IMAGE_SIZE, batch_size=BATCH)
