@@ -14,6 +14,7 @@ every file written atomically, so an interrupted export leaves no half-written b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,13 +22,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from edgetl._files import atomic_write, atomic_write_json
 from edgetl.exporter.errors import ExportError
+from edgetl.exporter.manifest import FORMAT, FileEntry, Manifest
 
 MANIFEST = "manifest.json"
-FORMAT = "edgetl-bundle/1"
 MODEL_PTE = "model.pte"
 BOTTOM_PTE = "bottom.pte"
 TRAIN_PTE = "train.pte"
@@ -51,44 +51,44 @@ class ExportBundle:
     """An export on disk: its directory and manifest."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, check: bool = True) -> ExportBundle:
         """Read the bundle at ``path``; with ``check``, verify every file against its sha256."""
         path = Path(path)
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
+            data = json.loads((path / MANIFEST).read_text())
         except FileNotFoundError:
             raise ExportError(f"{path} is not an edgetl export bundle (no {MANIFEST})") from None
-        if manifest.get("format") != FORMAT:
-            raise ExportError(f"{path / MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT!r}")
-        bundle = cls(path, manifest)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ExportError(f"cannot read {path / MANIFEST}: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else None
+            raise ExportError(f"{path / MANIFEST} has format {found!r}, expected {FORMAT!r}")
+        bundle = cls(path, Manifest.from_json(data, source=str(path / MANIFEST)))
         if check:
             bundle.check_files()
         return bundle
 
     def file(self, name: str) -> Path:
-        if name not in self.manifest["files"]:
+        """The path of bundle file ``name``; :class:`ExportError` when the bundle has no such file."""
+        if name not in self.manifest.files:
             hint = " (export with --training)" if name in (TRAIN_PTE, TRAIN_PTD, BOTTOM_PTE) else ""
             raise ExportError(f"the bundle in {self.path} has no {name}{hint}")
         return self.path / name
 
     @property
-    def has_training(self) -> bool:
-        return "training" in self.manifest["programs"]
-
-    @property
     def classes(self) -> list[str]:
-        return list(self.manifest["model"]["classes"])
+        return list(self.manifest.model.classes)
 
     def check_files(self) -> None:
         """Raise :class:`ExportError` if a listed file is missing or its bytes changed."""
-        for name, meta in self.manifest["files"].items():
+        for name, entry in self.manifest.files.items():
             p = self.path / name
             if not p.is_file():
                 raise ExportError(f"bundle file {p} is missing")
-            if sha256_file(p) != meta["sha256"]:
+            if sha256_file(p) != entry.sha256:
                 raise ExportError(f"bundle file {p} does not match the sha256 in {MANIFEST}")
 
 
@@ -111,7 +111,7 @@ class BundleWriter:
         check_output_dir(self.out, overwrite=overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
-        self.files: dict[str, dict[str, Any]] = {}
+        self.files: dict[str, FileEntry] = {}
 
     def __enter__(self) -> BundleWriter:
         return self
@@ -122,13 +122,13 @@ class BundleWriter:
 
     def write(self, name: str, data: bytes) -> Path:
         path = atomic_write(self.dir / name, lambda f: f.write(data))
-        self.files[name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
+        self.files[name] = FileEntry(sha256_bytes(data), len(data))
         return path
 
-    def commit(self, manifest: dict[str, Any]) -> ExportBundle:
-        """Write the manifest (with file hashes) and move the bundle to its target."""
-        manifest = {**manifest, "format": FORMAT, "files": dict(sorted(self.files.items()))}
-        atomic_write_json(self.dir / MANIFEST, manifest)
+    def commit(self, manifest: Manifest) -> ExportBundle:
+        """Write the manifest (with the written files' hashes) and move the bundle to its target."""
+        manifest = dataclasses.replace(manifest, files=dict(sorted(self.files.items())))
+        atomic_write_json(self.dir / MANIFEST, manifest.to_json())
         _fsync_dir(self.dir)
         old = None
         if self.out.is_dir():
