@@ -33,7 +33,8 @@ from edgetl.exporter.manifest import (
     Verification,
     XnnpackProgram,
 )
-from edgetl.models.zoo import load_model, model_spec
+from edgetl.exporter.weights import load_weights
+from edgetl.models.zoo import architecture_mismatch, identify_model, load_model, model_spec
 from edgetl.profiler.predict import predict_units
 from edgetl.train.run import read_weights
 from tests.conftest import CLASSES, EXPORT_BATCH, EXPORT_IMAGE_SIZE, calibrate, export_eager_net, export_policy
@@ -140,6 +141,55 @@ def test_xnnpack_export_of_mobilenet_v3_small_regression(tmp_path):
     diff = inference.max_abs_diff(path, model, x)
     print(f"MobileNetV3-Small model.pte max |ExecuTorch - eager| = {diff:.3g}")
     assert diff < 1e-4
+
+
+@pytest.mark.parametrize(("name", "prepared"), [("efficientnet_b0", False), ("efficientnet_lite0", True)])
+def test_efficientnet_exports_verified_against_eager(tmp_path, name, prepared):
+    """K=5 trains the last two stages, the lower one opening with a stride-2 block: SiLU's
+    decomposed backward and squeeze-excitation (B0), TF "SAME" zero padding as PadNHWC (Lite0).
+    B0 is given as the plain network, Lite0 as a prepared TransferModel; both are identified from
+    their weights and left as they were."""
+    torch.manual_seed(0)
+    model = calibrate(load_model(name, num_classes=3), torch.randn(8, 3, 64, 64))
+    policy = edgetl.TrainPolicy(blocks=5)
+    net = edgetl.prepare(model, policy)
+    if name == "efficientnet_lite0":
+        assert sum(isinstance(m, nhwc.PadNHWC) for m in nhwc.trainable_top(net).modules()) == 1
+    given = net if prepared else model
+    before = {k: v.clone() for k, v in given.state_dict().items()}
+    modes = [m.training for m in given.modules()]
+    config = edgetl.ExportConfig(image_size=64, batch_size=2, training=True, verify_steps=2)
+    m = edgetl.export(given, policy, tmp_path / "dist", config, log=lambda line: None).manifest
+
+    assert m.model == ModelInfo(name, 3, ["0", "1", "2"], policy.to_dict())
+    assert m.programs.inference.backend == m.programs.bottom.backend == ["XnnpackBackend"]
+    assert m.programs.inference.undelegated_ops == m.programs.bottom.undelegated_ops == []
+    verified = m.verification
+    assert verified.inference_max_abs_diff <= 1e-3 and verified.bottom_max_abs_diff <= 1e-3
+    check = verified.training
+    assert check.steps == 2 and len(check.losses_eager) == len(check.losses_executorch) == 2
+    assert check.loss_max_abs_diff <= check.tolerance["loss"] and check.predict_max_abs_diff <= check.tolerance["predict"]
+    assert check.weight_max_abs_diff <= 10 * check.tolerance["weights"]  # the rest within the update tolerance
+    assert check.running_stats_max_abs_diff <= check.tolerance["running_stats"] and check.running_stats_moved > 0
+    train = m.programs.training
+    assert sorted(train.trainable_parameters) == sorted(n for n, _ in net.trainable_parameters())
+    # train-mode norms: each of the five blocks' last (after the projection) and the final conv stage's
+    last = "block.3.1" if name == "efficientnet_b0" else "block.2.1"
+    norms = [f"features.6.{i}.{last}" for i in range(4)] + [f"features.7.0.{last}", "features.8.1"]
+    assert sorted(train.buffers) == sorted(f"{n}.{s}" for n in norms for s in ("running_mean", "running_var", "num_batches_tracked"))
+    assert [m.training for m in given.modules()] == modes
+    assert all(torch.equal(v, before[k]) for k, v in given.state_dict().items())
+
+
+@pytest.mark.parametrize("padding", [(0, 1, 0, 1), (1, 2, 0, 1), (2, 2, 2, 2)])
+def test_channels_last_zero_padding_and_its_gradient_match_zeropad2d(padding):
+    pad = nn.ZeroPad2d(padding)
+    x = torch.randn(2, 5, 6, 3, dtype=torch.float64, requires_grad=True)
+    ref = pad(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    got = nhwc.PadNHWC(pad)(x)
+    torch.testing.assert_close(got, ref)
+    dy = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(got, x, dy), torch.autograd.grad(ref, x, dy))
 
 
 # --- the training program -------------------------------------------------------------------------
@@ -358,6 +408,40 @@ def test_checkpoint_from_another_model_is_refused(tmp_path, export_run):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_lite0"])
+def test_identify_model_matches_keys_and_shapes_with_any_classifier_size(name):
+    state = load_model(name, num_classes=7).state_dict()
+    assert identify_model(state) == name
+    assert [n for n in edgetl.MODELS if architecture_mismatch(n, state) is None] == [name]
+    state = dict(state)
+    key = next(k for k, v in reversed(state.items()) if v.dim() == 2)  # the classifier's weight
+    state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 1)
+    assert (
+        architecture_mismatch(name, state) == f"other shapes: {key} {tuple(state[key].shape)} (expected ('*', {state[key].shape[1] - 1}))"
+    )
+    with pytest.raises(edgetl.WeightsError, match="fit none of edgetl's architectures"):
+        identify_model(state)
+
+
+def test_weights_and_models_of_another_architecture_are_refused(tmp_path):
+    state = load_model("mobilenet_v2", num_classes=3).state_dict()
+    with pytest.raises(
+        ExportError, match=r"the run does not hold mobilenet_v3_small weights \(missing keys: .*; it looks like mobilenet_v2$"
+    ):
+        load_weights("mobilenet_v3_small", state, 3, source="the run")
+    with pytest.raises(ExportError, match=r"unknown model 'resnet'"):
+        load_weights("resnet", state, 3)
+    config = edgetl.ExportConfig(image_size=IMAGE_SIZE, batch_size=BATCH)
+    model = load_model("mobilenet_v2", num_classes=3)
+    with pytest.raises(ExportError, match=r"does not hold mobilenet_v3_small weights.*it looks like mobilenet_v2$"):
+        edgetl.export(model, POLICY, tmp_path / "a", config, model_name="mobilenet_v3_small")
+    with pytest.raises(ExportError, match=r"cannot export Sequential: Sequential has no 'classifier' module"):
+        edgetl.export(nn.Sequential(nn.Conv2d(3, 3, 1)), POLICY, tmp_path / "b", config)
+    with pytest.raises(ExportError, match=r"TrainPolicy.blocks=30 but the model has only 17 inverted-residual blocks"):
+        edgetl.export(model, edgetl.TrainPolicy(blocks=30), tmp_path / "c", config)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_output_directory_with_other_content_is_refused(tmp_path):
     out = tmp_path / "dist"
     out.mkdir()
@@ -439,3 +523,6 @@ def test_bundle_writer_is_all_or_nothing(tmp_path):
     (out / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ExportError, match=r"input\.mean is missing"):
         edgetl.ExportBundle.load(out)
+    # /proc/self is a directory nobody, root included, can create files in
+    with pytest.raises(ExportError, match=r"cannot create the bundle directory beside /proc/self/dist"):
+        bundle_mod.BundleWriter("/proc/self/dist")

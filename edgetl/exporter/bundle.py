@@ -14,12 +14,14 @@ every file written atomically, so an interrupted export leaves no half-written b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,10 +80,6 @@ class ExportBundle:
             raise ExportError(f"the bundle in {self.path} has no {name}{hint}")
         return self.path / name
 
-    @property
-    def classes(self) -> list[str]:
-        return list(self.manifest.model.classes)
-
     def check_files(self) -> None:
         """Raise :class:`ExportError` if a listed file is missing or its bytes changed."""
         for name, entry in self.manifest.files.items():
@@ -109,8 +107,9 @@ class BundleWriter:
     def __init__(self, out: str | os.PathLike, *, overwrite: bool = False) -> None:
         self.out = Path(out).absolute()
         check_output_dir(self.out, overwrite=overwrite)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
+        with _disk_errors(f"cannot create the bundle directory beside {self.out}"):
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
         self.files: dict[str, FileEntry] = {}
 
     def __enter__(self) -> BundleWriter:
@@ -121,27 +120,38 @@ class BundleWriter:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def write(self, name: str, data: bytes) -> Path:
-        path = atomic_write(self.dir / name, lambda f: f.write(data))
+        with _disk_errors(f"cannot write {name} of the bundle {self.out}"):
+            path = atomic_write(self.dir / name, lambda f: f.write(data))
         self.files[name] = FileEntry(sha256_bytes(data), len(data))
         return path
 
     def commit(self, manifest: Manifest) -> ExportBundle:
         """Write the manifest (with the written files' hashes) and move the bundle to its target."""
         manifest = dataclasses.replace(manifest, files=dict(sorted(self.files.items())))
-        atomic_write_json(self.dir / MANIFEST, manifest.to_json())
-        _fsync_dir(self.dir)
-        old = None
-        if self.out.is_dir():
-            if any(self.out.iterdir()):
-                old = self.out.with_name(f".{self.out.name}.{os.getpid()}.old")
-                os.rename(self.out, old)
-            else:
-                self.out.rmdir()
-        os.rename(self.dir, self.out)
+        with _disk_errors(f"cannot put the bundle in place at {self.out}"):
+            atomic_write_json(self.dir / MANIFEST, manifest.to_json())
+            _fsync_dir(self.dir)
+            old = None
+            if self.out.is_dir():
+                if any(self.out.iterdir()):
+                    old = self.out.with_name(f".{self.out.name}.{os.getpid()}.old")
+                    os.rename(self.out, old)
+                else:
+                    self.out.rmdir()
+            os.rename(self.dir, self.out)
         _fsync_dir(self.out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return ExportBundle(self.out, manifest)
+
+
+@contextlib.contextmanager
+def _disk_errors(what: str) -> Iterator[None]:
+    """A full disk or a directory without write permission as one :class:`ExportError` line."""
+    try:
+        yield
+    except OSError as exc:
+        raise ExportError(f"{what}: {exc.strerror or exc}") from None
 
 
 def _fsync_dir(path: Path) -> None:

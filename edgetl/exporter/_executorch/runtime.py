@@ -160,7 +160,6 @@ class TrainingSession:
         self, pte: str | os.PathLike, ptd: str | os.PathLike, *, method: str = "forward", buffer_names: Sequence[str] = ()
     ) -> None:
         self.program = Program(pte, ptd)
-        self.method_name = method
         self._method = self.program.method(method)
         self.layout = self._layout(method)
         self.buffer_names = list(buffer_names)
@@ -244,7 +243,6 @@ class SGD:
         except ImportError as exc:
             raise ExecutorchUnavailable(f"ExecuTorch's training extension is not importable: {exc}") from None
         self.session = session
-        self.lr = lr
         self._opt = get_sgd_optimizer(session.named_parameters(), lr, momentum, dampening, weight_decay, nesterov)
 
     def step(self) -> None:
