@@ -220,13 +220,11 @@ def main() -> None:
     )
     print(f"  bundle exported and verified in {time.perf_counter() - t0:.1f}s", flush=True)
     # the frozen bottom without XNNPACK, to justify delegating it
-    from executorch.exir import to_edge
-
     net = edgetl.prepare(model, edgetl.TrainPolicy(blocks=BLOCKS))
     bottom = inference.Bottom(net)
     xb = torch.randn(BATCH, 3, IMAGE, IMAGE)
     with torch.no_grad():
-        (bundle.path / "bottom_portable.pte").write_bytes(to_edge(torch.export.export(bottom, (xb,))).to_executorch().buffer)
+        (bundle.path / "bottom_portable.pte").write_bytes(et.portable_program(torch.export.export(bottom, (xb,))))
     results = {
         k: run_child(k, bundle.path, args.threads, args.steps)
         for k in ("eager-train", "et-train", "eager-bottom", "et-bottom", "et-bottom-portable")

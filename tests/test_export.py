@@ -340,8 +340,6 @@ class _DepthwiseOps(nn.Module):
 @pytest.mark.parametrize(("stride", "kernel"), [(1, 3), (2, 3), (1, 5), (2, 5)])
 def test_native_depthwise_kernels_match_convolution_and_its_gradients(tmp_path, stride, kernel):
     """deploy/native/kernels, run by ExecuTorch, against conv2d and autograd in float64."""
-    from executorch.exir import EdgeCompileConfig, to_edge
-
     if et.load_native_kernels() is None:
         pytest.skip("the native kernel library is not built (deploy/native/build.sh)")
     torch.manual_seed(stride * 10 + kernel)
@@ -354,7 +352,7 @@ def test_native_depthwise_kernels_match_convolution_and_its_gradients(tmp_path, 
     args = (x.detach().float(), w.detach().float(), dy.float())
     ep = torch.export.export(_DepthwiseOps(stride, pad), args)
     pte = tmp_path / "dw.pte"
-    pte.write_bytes(to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch().buffer)
+    pte.write_bytes(et.portable_program(ep))
     program = et.Program(pte)
     got = program.run("forward", *(a.numpy() for a in args))
     for value, want in zip(got, (ref, gx, gw), strict=True):

@@ -111,6 +111,15 @@ def lower_to_xnnpack(ep) -> LoweredProgram:
     return LoweredProgram(bytes(program.buffer), undelegated, _plan_operators(plan), sorted({d.id for d in plan.delegates}), graph)
 
 
+def portable_program(ep) -> bytes:
+    """``ep`` emitted as is, no delegate: every operator runs ExecuTorch's (or edgetl's) kernels.
+    The IR check is off so edgetl's custom operators (outside core ATen) pass."""
+    from executorch.exir import EdgeCompileConfig, to_edge
+
+    with _naming_missing_kernels():
+        return bytes(to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch().buffer)
+
+
 @dataclass
 class TrainingProgram:
     """An emitted training program: the ``.pte``, its ``.ptd`` and where each tensor is in it."""
