@@ -94,24 +94,25 @@ def _networks(model: nn.Module, policy: TrainPolicy, name: str, num_classes: int
     return model, prepare(model, policy)
 
 
-def _saved_comparison(
-    plain: nn.Module, policy: TrainPolicy, saved: list[memory.SavedTensor], batch_size: int, image_size: int
-) -> dict[str, object]:
+def _memory_figures(plain: nn.Module, policy: TrainPolicy, ex: training.TrainingExport, batch_size: int, image_size: int) -> MemoryFigures:
+    """The training program's memory against :func:`~edgetl.profiler.predict.predict_units`."""
     rows = predict_units(plain, policy, batch_size=batch_size, image_size=image_size)
     # the program runs without dropout / stochastic depth, whose noise the profiler counts
     noise = sum(s.nbytes for r in rows for s in r.saved if "noise" in s.what)
     predicted = sum(r.nbytes for r in rows) - noise
-    exported = memory.total_bytes(saved)
-    return {
-        "saved_for_backward_bytes_exported": exported,
-        "saved_for_backward_bytes_predicted": predicted,
-        "saved_for_backward_ratio": exported / predicted if predicted else None,
-        "saved_uint8_masks": sum(1 for s in saved if s.dtype == "uint8"),
-        "saved_uint8_bytes": sum(s.nbytes for s in saved if s.dtype == "uint8"),
-        "predicted_per_unit": {r.name: r.nbytes for r in rows if r.nbytes},
-        "note": "saved = tensors the exported joint graph keeps from forward to backward (weights excluded); "
+    exported = memory.total_bytes(ex.saved)
+    return MemoryFigures(
+        saved_for_backward_bytes_exported=exported,
+        saved_for_backward_bytes_predicted=predicted,
+        saved_for_backward_ratio=exported / predicted if predicted else None,
+        saved_uint8_masks=sum(1 for s in ex.saved if s.dtype == "uint8"),
+        saved_uint8_bytes=sum(s.nbytes for s in ex.saved if s.dtype == "uint8"),
+        predicted_per_unit={r.name: r.nbytes for r in rows if r.nbytes},
+        note="saved = tensors the exported joint graph keeps from forward to backward (weights excluded); "
         "predicted = edgetl.profiler.predict.predict_units without dropout noise",
-    }
+        planned_arena_bytes={m: sum(v) for m, v in ex.program.planned_bytes.items()},
+        trainable_parameter_bytes=sum(s.nbytes for k, s in ex.program.layout.items() if k in ex.parameter_names),
+    )
 
 
 def export(
@@ -283,11 +284,7 @@ def _export_training_part(
         f"running stats {check.running_stats_max_abs_diff:.3g} (moved {check.running_stats_moved:.3g}), "
         f"predict with written weights {check.predict_max_abs_diff:.3g}; tolerance {training.WEIGHT_TOLERANCE:g}"
     )
-    mem = MemoryFigures(
-        **_saved_comparison(plain, policy, ex.saved, batch_size, image_size),
-        planned_arena_bytes={m: sum(v) for m, v in ex.program.planned_bytes.items()},
-        trainable_parameter_bytes=sum(s.nbytes for k, s in ex.program.layout.items() if k in ex.parameter_names),
-    )
+    mem = _memory_figures(plain, policy, ex, batch_size, image_size)
     log(
         f"  memory: saved for backward {mem.saved_for_backward_bytes_exported / 2**20:.2f} MiB exported vs "
         f"{mem.saved_for_backward_bytes_predicted / 2**20:.2f} MiB predicted by the eager profiler "
