@@ -33,7 +33,7 @@ from edgetl.exporter.manifest import (
     Verification,
     XnnpackProgram,
 )
-from edgetl.exporter.weights import load_weights
+from edgetl.exporter.weights import apply_device_weights, load_weights
 from edgetl.models.zoo import architecture_mismatch, identify_model, load_model, model_spec
 from edgetl.profiler.predict import predict_units
 from edgetl.train.run import read_weights
@@ -438,6 +438,21 @@ def test_weights_and_models_of_another_architecture_are_refused(tmp_path):
     with pytest.raises(ExportError, match=r"TrainPolicy.blocks=30 but the model has only 17 inverted-residual blocks"):
         edgetl.export(model, edgetl.TrainPolicy(blocks=30), tmp_path / "c", config)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_device_weights_are_applied_by_name_and_other_files_refused(training_bundle, export_run, tmp_path):
+    ptd = training_bundle / "train.ptd"
+    state = load_model("mobilenet_v2", num_classes=3).state_dict()
+    merged = apply_device_weights(state, ptd)
+    stored = et.read_ptd(ptd.read_bytes())
+    assert set(stored) < set(merged) == set(state)
+    assert all(np.array_equal(merged[k].numpy().reshape(-1), v.reshape(-1)) for k, v in stored.items())
+    with pytest.raises(ExportError, match=r"which the checkpoint does not have \(another model\?\)"):
+        apply_device_weights(load_model("mobilenet_v3_small", num_classes=3).state_dict(), ptd)
+    (tmp_path / "bad.ptd").write_bytes(b"not a weights file")
+    with pytest.raises(ExportError, match="cannot read device weights"):
+        cli(["export", "--checkpoint", str(export_run), "--device-weights", str(tmp_path / "bad.ptd"), "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
 
 
 def test_output_directory_with_other_content_is_refused(tmp_path):
