@@ -220,13 +220,11 @@ def main() -> None:
     )
     print(f"  bundle exported and verified in {time.perf_counter() - t0:.1f}s", flush=True)
     # the frozen bottom without XNNPACK, to justify delegating it
-    from executorch.exir import to_edge
-
     net = edgetl.prepare(model, edgetl.TrainPolicy(blocks=BLOCKS))
     bottom = inference.Bottom(net)
     xb = torch.randn(BATCH, 3, IMAGE, IMAGE)
     with torch.no_grad():
-        (bundle.path / "bottom_portable.pte").write_bytes(to_edge(torch.export.export(bottom, (xb,))).to_executorch().buffer)
+        (bundle.path / "bottom_portable.pte").write_bytes(et.portable_program(torch.export.export(bottom, (xb,))))
     results = {
         k: run_child(k, bundle.path, args.threads, args.steps)
         for k in ("eager-train", "et-train", "eager-bottom", "et-bottom", "et-bottom-portable")
@@ -264,11 +262,9 @@ def main() -> None:
         bundle.path / "train.ptd",
         "forward",
         [
-            np.abs(
-                np.random.default_rng(0).standard_normal(
-                    bundle.manifest["programs"]["training"]["methods"]["forward"]["inputs"][0]["shape"]
-                )
-            ).astype(np.float32),
+            np.abs(np.random.default_rng(0).standard_normal(bundle.manifest.programs.training.methods["forward"].inputs[0].shape)).astype(
+                np.float32
+            ),
             np.arange(BATCH, dtype=np.int64) % 10,
         ],
     )
@@ -279,22 +275,22 @@ def main() -> None:
     )
 
     # 3. memory
-    mem = bundle.manifest["memory"]
+    mem = bundle.manifest.memory
     print("\n== What the training program keeps for backward (batch 8, 224 px) ==")
     print(
-        f"exported joint graph: {mem['saved_for_backward_bytes_exported'] / 2**20:.3f} MiB; eager profiler "
-        f"(predict_units, no dropout): {mem['saved_for_backward_bytes_predicted'] / 2**20:.3f} MiB "
-        f"(ratio {mem['saved_for_backward_ratio']:.3f}); uint8 masks: {mem['saved_uint8_masks']}"
+        f"exported joint graph: {mem.saved_for_backward_bytes_exported / 2**20:.3f} MiB; eager profiler "
+        f"(predict_units, no dropout): {mem.saved_for_backward_bytes_predicted / 2**20:.3f} MiB "
+        f"(ratio {mem.saved_for_backward_ratio:.3f}); uint8 masks: {mem.saved_uint8_masks}"
     )
     print(
         "planned arenas: "
-        + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in mem["planned_arena_bytes"].items())
-        + f"; trainable parameters {mem['trainable_parameter_bytes'] / 2**20:.2f} MiB (in the arena twice: weights and gradients)"
+        + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in mem.planned_arena_bytes.items())
+        + f"; trainable parameters {mem.trainable_parameter_bytes / 2**20:.2f} MiB (in the arena twice: weights and gradients)"
     )
-    v = bundle.manifest["verification"]
+    v = bundle.manifest.verification
     print(
-        f"verification: model.pte {v['inference_max_abs_diff']:.2e}, bottom.pte {v['bottom_max_abs_diff']:.2e}, "
-        f"3 SGD steps loss {v['training']['loss_max_abs_diff']:.2e} weights {v['training']['weight_max_abs_diff']:.2e}"
+        f"verification: model.pte {v.inference_max_abs_diff:.2e}, bottom.pte {v.bottom_max_abs_diff:.2e}, "
+        f"3 SGD steps loss {v.training.loss_max_abs_diff:.2e} weights {v.training.weight_max_abs_diff:.2e}"
     )
 
 

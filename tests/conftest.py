@@ -115,3 +115,73 @@ def pretrained_file(tmp_path_factory, source_folder):
         return cache[name]
 
     return get
+
+
+# =================================================================================================
+# Shared export bundle (owned by the exporter's tests; used by tests/test_export.py and
+# tests/test_native.py). One finished run and its 'edgetl export --training' bundle per session:
+# lowering is the slow part.
+# =================================================================================================
+
+EXPORT_IMAGE_SIZE, EXPORT_BATCH = 64, 4
+EXPORT_LR, EXPORT_MOMENTUM = 0.005, 0.9
+
+
+def export_policy():
+    """The shared run's policy: MobileTL, K=2."""
+    from edgetl.train.policy import TrainPolicy
+
+    return TrainPolicy(blocks=2)
+
+
+@pytest.fixture(scope="session")
+def export_run(tmp_path_factory) -> Path:
+    """A finished 'edgetl finetune' run: config.json + model.pt (stand-in pretrained MobileNetV2, 3-class head)."""
+    import json
+
+    work = tmp_path_factory.mktemp("export-run")
+    source = make_image_folder(work / "source", per_class=20, seed=1)
+    pretrained = pretrained_model("mobilenet_v2", source, image_size=32, steps=30)
+    torch.manual_seed(0)
+    model = load_model("mobilenet_v2", num_classes=len(CLASSES))
+    model.load_state_dict({k: v for k, v in pretrained.state_dict().items() if not k.startswith("classifier")}, strict=False)
+    policy = export_policy().to_dict()
+    run = work / "run"
+    run.mkdir()
+    torch.save(
+        {"model": model.state_dict(), "model_name": "mobilenet_v2", "classes": list(CLASSES), "policy": json.dumps(policy)},
+        run / "model.pt",
+    )
+    config = {
+        "model": "mobilenet_v2",
+        "blocks": 2,
+        "method": "mobiletl",
+        "image_size": EXPORT_IMAGE_SIZE,
+        "batch_size": EXPORT_BATCH,
+        "classes": list(CLASSES),
+        "policy": policy,
+    }
+    (run / "config.json").write_text(json.dumps(config))
+    return run
+
+
+@pytest.fixture(scope="session")
+def training_bundle(export_run, tmp_path_factory) -> Path:
+    """``edgetl export --training`` of :func:`export_run` (batch 4, SGD lr 0.005 momentum 0.9)."""
+    from edgetl.cli import main
+
+    out = tmp_path_factory.mktemp("export-bundle") / "dist"
+    argv = ["--debug", "export", "--checkpoint", str(export_run), "--out", str(out), "--training"]
+    argv += ["--batch-size", str(EXPORT_BATCH), "--lr", str(EXPORT_LR), "--momentum", str(EXPORT_MOMENTUM)]
+    assert main(argv) == 0
+    return out
+
+
+def export_eager_net(run: Path):
+    """The run's model, prepared as the bundle's training program trains it (dropout off)."""
+    from edgetl.exporter.training import without_dropout
+    from edgetl.train.prepare import prepare
+
+    model = load_model("mobilenet_v2", num_classes=len(CLASSES))
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True)["model"])
+    return without_dropout(prepare(model, export_policy()))

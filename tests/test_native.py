@@ -1,7 +1,7 @@
 """The native device runner (deploy/native): built by the suite, run in child processes as on a device.
 
-It shares the MobileNetV2 training bundle of tests/test_export.py (K=2, 64 px, batch 4, SGD lr
-0.005 momentum 0.9). References: the Python transforms (preprocessing), ExecuTorch's Python
+It shares the MobileNetV2 training bundle of tests/test_export.py (the ``training_bundle`` fixture of
+tests/conftest.py: K=2, 64 px, batch 4, SGD lr 0.005 momentum 0.9). References: the Python transforms (preprocessing), ExecuTorch's Python
 bindings over the same programs (bit for bit) and eager PyTorch (within float tolerance).
 """
 
@@ -24,10 +24,11 @@ import pytest
 import torch
 
 import edgetl
-from edgetl.cli.export import apply_device_weights
 from edgetl.exporter import _executorch as et
-from tests.conftest import CLASSES, make_image_folder
-from tests.test_export import BATCH, IMAGE_SIZE, eager_net, run_dir, training_bundle
+from edgetl.exporter.weights import apply_device_weights
+from tests.conftest import CLASSES, EXPORT_BATCH, EXPORT_IMAGE_SIZE, export_eager_net, make_image_folder
+
+BATCH, IMAGE_SIZE = EXPORT_BATCH, EXPORT_IMAGE_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "deploy" / "native" / "build"
@@ -110,8 +111,8 @@ def test_preprocessing_equals_the_python_transforms(runner):
     assert "worst max abs diff: 0 " in r.stdout or "0 failing case(s)" in r.stdout, r.stdout[-500:]
 
 
-def test_classify_equals_the_python_bindings_and_eager(runner, photos):
-    bundle = training_bundle()
+def test_classify_equals_the_python_bindings_and_eager(runner, photos, training_bundle, export_run):
+    bundle = training_bundle
     paths = images_of(photos)
     out = run(runner, "classify", str(bundle), str(photos), "--top-k", "3", "--json")
     assert out.returncode == 0, out.stderr
@@ -122,7 +123,7 @@ def test_classify_equals_the_python_bindings_and_eager(runner, photos):
     logits = np.concatenate([program.run("forward", x[i : i + 1])[0] for i in range(len(x))])
     probs = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
     net = edgetl.load_model("mobilenet_v2", num_classes=len(CLASSES))
-    net.load_state_dict(torch.load(run_dir() / "model.pt", weights_only=True)["model"])
+    net.load_state_dict(torch.load(export_run / "model.pt", weights_only=True)["model"])
     with torch.no_grad():
         eager_top1 = net.eval()(torch.from_numpy(x)).argmax(1).numpy()
     for row, p, top1 in zip(rows, probs, eager_top1, strict=True):
@@ -134,10 +135,10 @@ def test_classify_equals_the_python_bindings_and_eager(runner, photos):
     assert plain.returncode == 0 and name == rows[0]["top"][0]["label"] and abs(float(prob) - rows[0]["top"][0]["prob"]) < 5e-4
 
 
-def test_three_steps_equal_the_python_path_bit_for_bit_and_eager(runner, photos, tmp_path):
+def test_three_steps_equal_the_python_path_bit_for_bit_and_eager(runner, photos, tmp_path, training_bundle, export_run):
     """One epoch of 12 images = 3 SGD steps (momentum 0.9): against ExecuTorch's Python bindings
     (same programs, same SGD rule: identical bytes) and against eager MobileTL in PyTorch."""
-    bundle = training_bundle()
+    bundle = training_bundle
     manifest = json.loads((bundle / "manifest.json").read_text())
     train = manifest["programs"]["training"]
     data = tmp_path / "data"
@@ -183,7 +184,7 @@ def test_three_steps_equal_the_python_path_bit_for_bit_and_eager(runner, photos,
         assert np.array_equal(native[name].reshape(-1), np.asarray(value).reshape(-1)), name
     assert loss_native == pytest.approx(np.mean(losses), abs=1e-6)
 
-    net = eager_net().train()
+    net = export_eager_net(export_run).train()
     sgd_eager = torch.optim.SGD([p for _, p in net.trainable_parameters()], lr=opt["lr"], momentum=opt["momentum"])
     eager_losses = []
     for idx in batches:
@@ -207,7 +208,7 @@ def test_three_steps_equal_the_python_path_bit_for_bit_and_eager(runner, photos,
     top = et.Program(bundle / "train.pte", tmp_path / "state" / "trained.ptd")
     logits = np.concatenate([top.run("predict", feats[i : i + BATCH])[0] for i in range(0, len(feats), BATCH)])
     probs = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
-    device = eager_net()
+    device = export_eager_net(export_run)
     device.load_state_dict(apply_device_weights(device.state_dict(), tmp_path / "state" / "trained.ptd"))
     with torch.no_grad():
         eager_top1 = device.eval().forward_top(torch.from_numpy(feats)).argmax(1).numpy()
@@ -218,11 +219,11 @@ def test_three_steps_equal_the_python_path_bit_for_bit_and_eager(runner, photos,
     assert val_accuracy == pytest.approx(float((probs.argmax(1) == labels).mean()))
 
 
-def _finetune_cmd(runner: Path, data: Path, state: Path, epochs: int) -> list[str]:
+def _finetune_cmd(runner: Path, bundle: Path, data: Path, state: Path, epochs: int) -> list[str]:
     return [
         str(runner),
         "finetune",
-        str(training_bundle()),
+        str(bundle),
         str(data),
         "--state",
         str(state),
@@ -242,13 +243,15 @@ def many_photos(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("native-many") / "photos", per_class=60, size=40, seed=11)
 
 
-def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(runner, many_photos, tmp_path):
+def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(runner, many_photos, tmp_path, training_bundle):
     epochs = 6
-    whole = subprocess.run(_finetune_cmd(runner, many_photos, tmp_path / "whole", epochs), capture_output=True, text=True)
+    whole = subprocess.run(_finetune_cmd(runner, training_bundle, many_photos, tmp_path / "whole", epochs), capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
 
     state = tmp_path / "cut"
-    proc = subprocess.Popen(_finetune_cmd(runner, many_photos, state, epochs), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _finetune_cmd(runner, training_bundle, many_photos, state, epochs), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     while not (state / "state.json").is_file() and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -260,7 +263,7 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(runner, many_p
     saved = json.loads((state / "state.json").read_text())
     assert 1 <= saved["epoch"] < epochs, "the kill came too late to interrupt training"
 
-    resumed = subprocess.run(_finetune_cmd(runner, many_photos, state, epochs), capture_output=True, text=True)
+    resumed = subprocess.run(_finetune_cmd(runner, training_bundle, many_photos, state, epochs), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming after epoch {saved['epoch']}" in resumed.stdout
     a, b = json.loads((tmp_path / "whole" / "state.json").read_text()), json.loads((state / "state.json").read_text())
@@ -280,22 +283,22 @@ def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 @pytest.mark.parametrize("name", ["train.ptd", "train.pte", "bottom.pte"])
-def test_a_corrupted_program_or_weights_file_fails_with_one_line(runner, tmp_path, name):
+def test_a_corrupted_program_or_weights_file_fails_with_one_line(runner, tmp_path, name, training_bundle):
     damaged = tmp_path / "bundle"
-    shutil.copytree(training_bundle(), damaged)
+    shutil.copytree(training_bundle, damaged)
     data = bytearray((damaged / name).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (damaged / name).write_bytes(bytes(data))
     _one_line_error(run(runner, "info", str(damaged)), name, "damaged")
 
 
-def test_a_bundle_whose_weights_belong_to_another_model_fails_with_one_line(runner, tmp_path, photos):
+def test_a_bundle_whose_weights_belong_to_another_model_fails_with_one_line(runner, tmp_path, photos, training_bundle):
     """Hashes made consistent, so only the runtime can tell: the weights file names another network's tensors."""
     from executorch.exir._serialize.data_serializer import DataPayload
     from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
 
     other = tmp_path / "bundle"
-    shutil.copytree(training_bundle(), other)
+    shutil.copytree(training_bundle, other)
     serializer = FlatTensorSerializer()
     payload = serializer.deserialize((other / "train.ptd").read_bytes())
     renamed = DataPayload(buffers=payload.buffers, named_data={f"other.{k}": v for k, v in payload.named_data.items()})
@@ -308,8 +311,8 @@ def test_a_bundle_whose_weights_belong_to_another_model_fails_with_one_line(runn
     assert not (tmp_path / "s" / "state.json").exists()
 
 
-def test_state_of_another_bundle_unknown_classes_and_bad_values_fail_with_one_line(runner, tmp_path, photos):
-    bundle = training_bundle()
+def test_state_of_another_bundle_unknown_classes_and_bad_values_fail_with_one_line(runner, tmp_path, photos, training_bundle):
+    bundle = training_bundle
     state = tmp_path / "state"
     state.mkdir()
     (state / "state.json").write_text(json.dumps({"epoch": 1, "history": [], "bundle_ptd_sha256": "0" * 64, "weights": None}))
@@ -331,26 +334,26 @@ def test_state_of_another_bundle_unknown_classes_and_bad_values_fail_with_one_li
     _one_line_error(run(runner, "classify", str(bundle), str(photos), "--top-k", "0"), "--top-k")
 
 
-def test_unreadable_images_are_skipped_with_one_warning_each(runner, tmp_path, photos):
+def test_unreadable_images_are_skipped_with_one_warning_each(runner, tmp_path, photos, training_bundle):
     data = tmp_path / "data"
     shutil.copytree(photos, data)
     jpg = next(data.rglob("*.jpg"))
     jpg.write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) // 2])  # a truncated JPEG
     (data / "red" / "notes.png").write_text("not an image")
-    r = run(runner, "finetune", str(training_bundle()), str(data), "--state", str(tmp_path / "s"), "--epochs", "1")
+    r = run(runner, "finetune", str(training_bundle), str(data), "--state", str(tmp_path / "s"), "--epochs", "1")
     assert r.returncode == 0, r.stderr
     warnings = [line for line in r.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 2 and any(str(jpg) in w for w in warnings) and any("notes.png" in w for w in warnings), warnings
 
 
-def test_a_state_directory_that_cannot_be_written_fails_before_training(runner, photos):
+def test_a_state_directory_that_cannot_be_written_fails_before_training(runner, photos, training_bundle):
     # /proc/self is a directory nobody, root included, can create files in
-    _one_line_error(run(runner, "finetune", str(training_bundle()), str(photos), "--state", "/proc/self"), "not writable")
+    _one_line_error(run(runner, "finetune", str(training_bundle), str(photos), "--state", "/proc/self"), "not writable")
 
 
-def test_a_full_disk_keeps_the_previous_epoch(runner, tmp_path, photos):
+def test_a_full_disk_keeps_the_previous_epoch(runner, tmp_path, photos, training_bundle):
     """RLIMIT_FSIZE makes writes fail with EFBIG past a size, as a full disk fails them with ENOSPC."""
-    bundle = training_bundle()
+    bundle = training_bundle
     state = tmp_path / "state"
     ok = run(runner, "finetune", str(bundle), str(photos), "--state", str(state), "--epochs", "1")
     assert ok.returncode == 0, ok.stderr
@@ -368,16 +371,18 @@ def test_a_full_disk_keeps_the_previous_epoch(runner, tmp_path, photos):
     assert json.loads(after["state.json"])["epoch"] == 1
 
 
-def test_the_native_peak_prediction_holds_against_the_measured_process(runner, many_photos, tmp_path):
+def test_the_native_peak_prediction_holds_against_the_measured_process(runner, many_photos, tmp_path, training_bundle):
     """edgetl.profiler.native's sum (runtime, features, weights file, planned arena, momentum) against VmHWM."""
     from edgetl.profiler.native import native_peak_of_bundle
 
-    bundle = training_bundle()
+    bundle = training_bundle
     images = len(images_of(many_photos))
     predicted = native_peak_of_bundle(json.loads((bundle / "manifest.json").read_text()), images=images)
     # the runner's own VmHWM (--verbose): a child's ru_maxrss would include this big process, whose
     # memory a vforked child holds until it execs
-    r = subprocess.run([*_finetune_cmd(runner, many_photos, tmp_path / "s", 1), "--verbose"], capture_output=True, text=True)
+    r = subprocess.run(
+        [*_finetune_cmd(runner, training_bundle, many_photos, tmp_path / "s", 1), "--verbose"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     measured = float(re.findall(r"peak ([\d.]+) MiB", r.stderr)[-1]) * 2**20
     print(f"native peak: predicted {predicted.total / 2**20:.1f} MiB {predicted.to_dict()}, measured {measured / 2**20:.1f} MiB")

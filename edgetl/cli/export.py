@@ -57,7 +57,8 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def run_export(args: argparse.Namespace) -> int:
     """Handler of ``edgetl export``; returns the exit code, raises EdgetlError for user errors."""
-    from edgetl.exporter.pipeline import apply_device_weights, export, load_weights
+    from edgetl.exporter.pipeline import export
+    from edgetl.exporter.weights import apply_device_weights, load_weights
     from edgetl.train.policy import TrainPolicy
     from edgetl.train.run import read_weights
 

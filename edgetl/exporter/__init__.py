@@ -3,11 +3,13 @@
 * :func:`export` - a model and policy to a verified bundle (``edgetl export`` on the command line);
 * :class:`ExportBundle` - a bundle on disk (``manifest.json`` and the programs it lists).
 
-Modules: ``pipeline`` (:func:`export`), ``inference`` (XNNPACK programs), ``nhwc`` (the trained
-top in the form the training program runs), ``training`` (training program and its
-verification), ``memory`` (what the exported backward keeps), ``bundle`` (atomic bundle and
-manifest), ``config`` (:class:`ExportConfig`), ``errors``, and ``_executorch``, the only module touching
-ExecuTorch's experimental APIs (copied into every bundle for the device runner).
+Modules: ``pipeline`` (:func:`export`), ``weights`` (checkpoints and device-trained weights into
+an architecture), ``inference`` (XNNPACK programs), ``nhwc`` (the trained top in the form the
+training program runs), ``training`` (training program and its verification), ``memory`` (what
+the exported backward keeps), ``manifest`` (:class:`~edgetl.exporter.manifest.Manifest`, the
+typed ``manifest.json``), ``bundle`` (atomic bundle on disk), ``config`` (:class:`ExportConfig`),
+``errors``, and ``_executorch``, the only package touching ExecuTorch's experimental and private
+APIs (bundles ship no Python: the device runs them with ``deploy/native``).
 """
 
 import edgetl._torchvision_compat  # noqa: F401  (before any torchvision import in this package)

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from edgetl.exporter import _executorch as et
 from edgetl.exporter.errors import UnsupportedModelError
 from edgetl.exporter.nhwc import describe_part, hold_units
-from edgetl.models.zoo import load_model
 from edgetl.train.prepare import TransferModel
 
 
@@ -37,13 +36,6 @@ class Bottom(nn.Module):
         for path in self.unit_paths:
             x = self.features.get_submodule(path)(x)
         return x
-
-
-def plain_model(name: str, state_dict: dict[str, Tensor], num_classes: int) -> nn.Module:
-    """Torchvision architecture ``name`` in eval mode holding ``state_dict`` (all keys must fit)."""
-    model = load_model(name, num_classes=num_classes)
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
 
 
 @dataclass

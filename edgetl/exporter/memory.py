@@ -49,13 +49,13 @@ def _ancestors(roots: list[torch.fx.Node]) -> set[torch.fx.Node]:
     return seen
 
 
-def saved_for_backward(joint: ExportedProgram, *, include_weight_copies: bool = False) -> list[SavedTensor]:
+def saved_for_backward(joint: ExportedProgram) -> list[SavedTensor]:
     """The activations ``joint`` (from ``_export_forward_backward``) keeps for its backward.
 
     The graph is in execution order, forward first: the memory planner keeps a tensor alive from
     its producer to its last reader, so what is made at or before the loss and read by a gradient
     computation after it is what the program holds between the two passes. Copies derived from
-    weights alone (e.g. a transposed weight) are left out unless ``include_weight_copies``.
+    weights alone (e.g. a transposed weight) are left out: they are weights, not activations.
     """
     sig = joint.graph_signature
     nodes = list(joint.graph.nodes)
@@ -81,7 +81,7 @@ def saved_for_backward(joint: ExportedProgram, *, include_weight_copies: bool = 
             base = _base(arg)
             if base.op == "placeholder" and base.name in weights:
                 continue
-            if base not in activation_derived and not include_weight_copies:
+            if base not in activation_derived:
                 continue
             val = base.meta.get("val")
             if not isinstance(val, torch.Tensor) or base.name in saved:
@@ -93,4 +93,5 @@ def saved_for_backward(joint: ExportedProgram, *, include_weight_copies: bool = 
 
 
 def total_bytes(saved: list[SavedTensor]) -> int:
+    """Bytes of ``saved``, together."""
     return sum(s.nbytes for s in saved)

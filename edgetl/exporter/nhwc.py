@@ -326,8 +326,14 @@ class PadNHWC(nn.Module):
         self.padding = tuple(pad.padding)  # left, right, top, bottom
 
     def forward(self, x: Tensor) -> Tensor:
+        # zero blocks concatenated, not F.pad: F.pad's backward is constant_pad_nd with negative
+        # padding (a crop), which ExecuTorch's portable kernel refuses; cat's backward is slicing
         left, right, top, bottom = self.padding
-        return F.pad(x, (0, 0, left, right, top, bottom))
+        n, h, w, c = x.shape
+        row = [x.new_zeros(n, h, left, c), x, x.new_zeros(n, h, right, c)]
+        x = torch.cat([t for t in row if t.shape[2]], dim=2)
+        column = [x.new_zeros(n, top, w + left + right, c), x, x.new_zeros(n, bottom, w + left + right, c)]
+        return torch.cat([t for t in column if t.shape[1]], dim=1)
 
 
 # --- conversion ------------------------------------------------------------------------------

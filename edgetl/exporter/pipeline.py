@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-from collections.abc import Callable, Sequence
+import importlib.metadata
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from edgetl.errors import WeightsError
+from edgetl.errors import EdgetlError
 from edgetl.exporter import _executorch as et
 from edgetl.exporter import bundle as bundle_mod
 from edgetl.exporter import inference, memory, training
 from edgetl.exporter.bundle import BOTTOM_PTE, MANIFEST, MODEL_PTE, TRAIN_PTD, TRAIN_PTE, BundleWriter, ExportBundle
 from edgetl.exporter.config import ExportConfig
 from edgetl.exporter.errors import ExecutorchMissingError, ExportError, VerificationError
-from edgetl.models.zoo import MODELS, classifier_linear, model_spec
+from edgetl.exporter.manifest import (
+    Created,
+    InputInfo,
+    Loss,
+    Manifest,
+    MemoryFigures,
+    Method,
+    ModelInfo,
+    Optimizer,
+    Programs,
+    RuntimeInfo,
+    TensorSpec,
+    TrainingProgram,
+    Verification,
+    XnnpackProgram,
+)
+from edgetl.exporter.weights import check_architecture, load_weights
+from edgetl.models.zoo import classifier_linear, identify_model, model_spec
 from edgetl.profiler.predict import predict_units
 from edgetl.train.policy import TrainPolicy
 from edgetl.train.prepare import TransferModel, prepare
@@ -26,87 +44,75 @@ from edgetl.train.prepare import TransferModel, prepare
 INFERENCE_TOLERANCE = 1e-3
 DIFFERENCES = (
     "dropout and stochastic depth are off in the training program (deterministic steps, verified against eager)",
-    "ExecuTorch's SGD keeps its momentum buffers in memory: they restart at zero when training resumes",
+    "SGD momentum buffers are the runtime's: edgetl-device saves them with each epoch's weights (momentum-epochNNNN.bin) "
+    "and resumes from them; ExecuTorch's Python SGD keeps them in memory only",
 )
 
 
-def _state_and_classes(model: nn.Module) -> tuple[dict[str, torch.Tensor], int]:
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    _, _, linear = classifier_linear(model)
-    return state, linear.out_features
-
-
-def identify_model(state: dict[str, torch.Tensor], num_classes: int) -> str:
-    """The zoo architecture whose state-dict keys and shapes ``state`` fits."""
-    fits = []
-    for name in MODELS:
-        try:
-            inference.plain_model(name, state, num_classes)
-        except (RuntimeError, WeightsError):
-            continue
-        fits.append(name)
-    if not fits:
-        raise ExportError(f"the weights fit none of edgetl's architectures ({', '.join(MODELS)})")
-    return fits[0]
-
-
-def load_weights(name: str, state: dict[str, torch.Tensor], num_classes: int, *, source: str = "the model") -> nn.Module:
-    """Architecture ``name`` holding ``state``; a clear error when ``state`` is from another model."""
-    model_spec(name)  # unknown names: one clear line
+def _edgetl_version() -> str:
+    # the installed distribution's version, read without importing the package face ``edgetl``
+    # (nothing inside the package imports it); a source tree that is not installed has none
     try:
-        return inference.plain_model(name, state, num_classes)
-    except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        detail = " ".join(lines[1:3])[:300]
-        others = [n for n in MODELS if n != name and _fits(n, state, num_classes)]
-        hint = f"; it looks like {others[0]}" if others else ""
-        raise ExportError(f"{source} does not hold {name} weights ({detail}){hint}") from None
+        return importlib.metadata.version("edgetl")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
-def apply_device_weights(state: dict[str, Any], ptd: str | Path) -> dict[str, Any]:
-    """``state`` with the tensors of a device-written ``.ptd`` (trained parameters, running
-    statistics) put in place; names and shapes must match."""
-    path = Path(ptd)
+@contextlib.contextmanager
+def _as_export_error() -> Iterator[None]:
+    """Input errors from the stages below (an unknown architecture, a policy that does not fit) as
+    :class:`ExportError`, the one error family :func:`export` raises for its input."""
     try:
-        tensors = et.read_ptd(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"cannot read device weights {path}: {exc}") from None
-    state = dict(state)
-    for name, value in tensors.items():
-        if name not in state:
-            raise ExportError(f"device weights {path} hold {name}, which the checkpoint does not have (another model?)")
-        if value.size != state[name].numel():
-            raise ExportError(f"device weights {path}: {name} has {value.size} values, the checkpoint {state[name].numel()}")
-        state[name] = torch.from_numpy(value.copy()).reshape(state[name].shape).to(state[name].dtype)
-    return state
+        yield
+    except ExportError:
+        raise
+    except EdgetlError as exc:
+        raise ExportError(str(exc)) from None
 
 
-def _fits(name: str, state: dict[str, torch.Tensor], num_classes: int) -> bool:
+@contextlib.contextmanager
+def _in_eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode, every submodule's training flag restored after: the caller's
+    network is exported as it is (not copied) and left as it was."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
     try:
-        inference.plain_model(name, state, num_classes)
-    except (RuntimeError, WeightsError):
-        return False
-    return True
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
-def _saved_comparison(
-    plain: nn.Module, policy: TrainPolicy, saved: list[memory.SavedTensor], batch_size: int, image_size: int
-) -> dict[str, Any]:
+def _networks(model: nn.Module, policy: TrainPolicy, name: str, num_classes: int) -> tuple[nn.Module, TransferModel]:
+    """The plain network the inference programs are lowered from, and the prepared one the
+    training program trains: ``model`` itself where it is one of them."""
+    if isinstance(model, TransferModel):
+        # MobileTL's layers (masked activations, shift-only norms) are training forms with no
+        # XNNPACK lowering: the inference programs run the architecture itself with these weights
+        plain = load_weights(name, model.state_dict(), num_classes, source="the prepared model")
+        return plain, model if model.policy == policy else prepare(plain, policy)
+    return model, prepare(model, policy)
+
+
+def _memory_figures(plain: nn.Module, policy: TrainPolicy, ex: training.TrainingExport, batch_size: int, image_size: int) -> MemoryFigures:
+    """The training program's memory against :func:`~edgetl.profiler.predict.predict_units`."""
     rows = predict_units(plain, policy, batch_size=batch_size, image_size=image_size)
     # the program runs without dropout / stochastic depth, whose noise the profiler counts
     noise = sum(s.nbytes for r in rows for s in r.saved if "noise" in s.what)
     predicted = sum(r.nbytes for r in rows) - noise
-    exported = memory.total_bytes(saved)
-    return {
-        "saved_for_backward_bytes_exported": exported,
-        "saved_for_backward_bytes_predicted": predicted,
-        "saved_for_backward_ratio": exported / predicted if predicted else None,
-        "saved_uint8_masks": sum(1 for s in saved if s.dtype == "uint8"),
-        "saved_uint8_bytes": sum(s.nbytes for s in saved if s.dtype == "uint8"),
-        "predicted_per_unit": {r.name: r.nbytes for r in rows if r.nbytes},
-        "note": "saved = tensors the exported joint graph keeps from forward to backward (weights excluded); "
+    exported = memory.total_bytes(ex.saved)
+    return MemoryFigures(
+        saved_for_backward_bytes_exported=exported,
+        saved_for_backward_bytes_predicted=predicted,
+        saved_for_backward_ratio=exported / predicted if predicted else None,
+        saved_uint8_masks=sum(1 for s in ex.saved if s.dtype == "uint8"),
+        saved_uint8_bytes=sum(s.nbytes for s in ex.saved if s.dtype == "uint8"),
+        predicted_per_unit={r.name: r.nbytes for r in rows if r.nbytes},
+        note="saved = tensors the exported joint graph keeps from forward to backward (weights excluded); "
         "predicted = edgetl.profiler.predict.predict_units without dropout noise",
-    }
+        planned_arena_bytes={m: sum(v) for m, v in ex.program.planned_bytes.items()},
+        trainable_parameter_bytes=sum(s.nbytes for k, s in ex.program.layout.items() if k in ex.parameter_names),
+    )
 
 
 def export(
@@ -122,14 +128,16 @@ def export(
     """Export ``model`` as ExecuTorch programs for a device, verify them, and write a bundle.
 
     Args:
-        model: the torchvision network (its weights are exported) or a prepared
-            :class:`~edgetl.TransferModel` (its state dict is used; the policy is ``policy``).
+        model: a zoo architecture holding the weights to export (used as it is, left unchanged),
+            or a prepared :class:`~edgetl.TransferModel` (trained by ``policy``: itself when its
+            policy is ``policy``).
         policy: what the trainable program trains (:class:`~edgetl.TrainPolicy`).
         out_dir: bundle directory; must not exist with other content (an earlier bundle is
             replaced with ``config.overwrite``).
         config: sizes, the on-device optimizer and the checks (:class:`ExportConfig`; its
             defaults when None).
-        model_name: zoo architecture (normalisation, manifest); found from the weights if None.
+        model_name: zoo architecture (normalisation, manifest); found from the weights if None,
+            checked against them otherwise.
         classes: class names (default ``"0"``, ``"1"``, ...).
         log: progress lines.
 
@@ -146,47 +154,54 @@ def export(
         raise ExecutorchMissingError(str(exc)) from None
     if not isinstance(policy, TrainPolicy):
         raise ExportError(f"policy must be a TrainPolicy, got {type(policy).__name__}")
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     out = Path(out_dir)
     bundle_mod.check_output_dir(out.absolute(), overwrite=config.overwrite)
 
-    state, num_classes = _state_and_classes(model)
-    name = model_name or identify_model(state, num_classes)
-    plain = load_weights(name, state, num_classes)
-    net = prepare(plain, policy)
+    with _as_export_error():
+        try:
+            num_classes = classifier_linear(model)[2].out_features
+        except ValueError as exc:  # no classifier head: not one of the zoo's networks
+            raise ExportError(f"cannot export {type(model).__name__}: {exc}") from None
+        state = model.state_dict()
+        if model_name is None:
+            model_name = identify_model(state)
+        else:
+            check_architecture(model_name, state)
+        plain, net = _networks(model, policy, model_name, num_classes)
     if classes is None:
         classes = [str(i) for i in range(num_classes)]
     if len(classes) != num_classes:
         raise ExportError(f"{len(classes)} class names for a classifier with {num_classes} outputs")
-    spec = model_spec(name)
+    spec = model_spec(model_name)
     part_of = inference.part_namer(net)
     gen = torch.Generator().manual_seed(config.seed)
-    manifest: dict[str, Any] = {
-        "created": {
-            "edgetl": _edgetl_version(),
-            "executorch": et_version,
-            "torch": torch.__version__,
-            "utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        },
-        "model": {"name": name, "num_classes": num_classes, "classes": list(classes), "policy": policy.to_dict()},
-        "input": {
-            "image_size": image_size,
-            "layout": "NCHW",
-            "dtype": "float32",
-            "channels": "RGB",
-            "pixel_scale": "0..1",
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-            "resize_short_side": round(image_size / spec.crop_ratio),
-            "crop": "center",
-            "interpolation": spec.interpolation.value,
-        },
-        "runtime": {"executorch_series": et.SUPPORTED_SERIES},
-        "programs": {},
-        "verification": {},
+    head = {
+        "created": Created(
+            edgetl=_edgetl_version(),
+            executorch=et_version,
+            torch=torch.__version__,
+            utc=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        ),
+        "model": ModelInfo(name=model_name, num_classes=num_classes, classes=list(classes), policy=policy.to_dict()),
+        "input": InputInfo(
+            image_size=image_size,
+            layout="NCHW",
+            dtype="float32",
+            channels="RGB",
+            pixel_scale="0..1",
+            mean=list(spec.mean),
+            std=list(spec.std),
+            resize_short_side=round(image_size / spec.crop_ratio),
+            crop="center",
+            interpolation=spec.interpolation.value,
+        ),
+        "runtime": RuntimeInfo(executorch_series=et.SUPPORTED_SERIES),
     }
 
-    with BundleWriter(out, overwrite=config.overwrite) as writer:
-        log(f"edgetl export: {name} ({num_classes} classes) K={policy.blocks} {policy.method}, {image_size}px -> {out}")
+    with BundleWriter(out, overwrite=config.overwrite) as writer, _in_eval_mode(plain):
+        log(f"edgetl export: {model_name} ({num_classes} classes) K={policy.blocks} {policy.method}, {image_size}px -> {out}")
 
         x1 = torch.randn(1, 3, image_size, image_size, generator=gen)
         res, diff = _write_checked_inference(writer, MODEL_PTE, plain, x1, part_of)
@@ -194,27 +209,27 @@ def export(
             f"  {MODEL_PTE}: XNNPACK ({', '.join(res.program.delegates) or 'no delegate'}), lowered in {res.seconds:.1f}s, "
             f"max |ExecuTorch - eager| = {diff:.3g}"
         )
-        manifest["programs"]["inference"] = {
-            "file": MODEL_PTE,
-            "method": "forward",
-            "backend": res.program.delegates,
-            "undelegated_ops": res.program.undelegated,
-            "inputs": [{"name": "image", "shape": list(res.input_shape), "dtype": "float32"}],
-            "outputs": [{"name": "logits", "shape": list(res.output_shape), "dtype": "float32"}],
-        }
-        manifest["verification"]["inference_max_abs_diff"] = diff
-
+        programs = Programs(inference=_xnnpack_program(MODEL_PTE, res, "logits"))
+        verification = Verification(inference_max_abs_diff=diff)
+        mem = None
         if config.training:
-            _export_training_part(writer, manifest, net, plain, policy, config, num_classes=num_classes, gen=gen, part_of=part_of, log=log)
-        bundle = writer.commit(manifest)
-    log(f"  verified and written: {', '.join(sorted(bundle.manifest['files']))}, {MANIFEST}")
+            programs, verification, mem = _export_training_part(
+                writer, programs, verification, net, plain, policy, config, num_classes=num_classes, gen=gen, part_of=part_of, log=log
+            )
+        bundle = writer.commit(Manifest(**head, programs=programs, verification=verification, memory=mem))
+    log(f"  verified and written: {', '.join(sorted(bundle.manifest.files))}, {MANIFEST}")
     return bundle
 
 
-def _edgetl_version() -> str:
-    import edgetl
-
-    return str(getattr(edgetl, "__version__", "unknown"))
+def _xnnpack_program(file: str, res: inference.InferenceExport, output: str) -> XnnpackProgram:
+    return XnnpackProgram(
+        file=file,
+        method="forward",
+        backend=res.program.delegates,
+        undelegated_ops=res.program.undelegated,
+        inputs=[TensorSpec("image", list(res.input_shape), "float32")],
+        outputs=[TensorSpec(output, list(res.output_shape), "float32")],
+    )
 
 
 def _write_checked_inference(writer: BundleWriter, name: str, module: nn.Module, x: torch.Tensor, part_of):
@@ -231,7 +246,8 @@ def _write_checked_inference(writer: BundleWriter, name: str, module: nn.Module,
 
 def _export_training_part(
     writer: BundleWriter,
-    manifest: dict[str, Any],
+    programs: Programs,
+    verification: Verification,
     net: TransferModel,
     plain: nn.Module,
     policy: TrainPolicy,
@@ -241,7 +257,8 @@ def _export_training_part(
     gen: torch.Generator,
     part_of,
     log: Callable[[str], None],
-) -> None:
+) -> tuple[Programs, Verification, MemoryFigures]:
+    """Export, write and verify ``bottom.pte`` and ``train.pte``/``.ptd``; the manifest sections they add."""
     batch_size, image_size = config.batch_size, config.image_size
     lr, momentum, weight_decay, label_smoothing = config.lr, config.momentum, config.weight_decay, config.label_smoothing
     xb = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
@@ -267,50 +284,37 @@ def _export_training_part(
         f"running stats {check.running_stats_max_abs_diff:.3g} (moved {check.running_stats_moved:.3g}), "
         f"predict with written weights {check.predict_max_abs_diff:.3g}; tolerance {training.WEIGHT_TOLERANCE:g}"
     )
-    mem = _saved_comparison(plain, policy, ex.saved, batch_size, image_size)
-    mem["planned_arena_bytes"] = {m: sum(v) for m, v in ex.program.planned_bytes.items()}
-    mem["trainable_parameter_bytes"] = sum(s.nbytes for k, s in ex.program.layout.items() if k in ex.parameter_names)
+    mem = _memory_figures(plain, policy, ex, batch_size, image_size)
     log(
-        f"  memory: saved for backward {mem['saved_for_backward_bytes_exported'] / 2**20:.2f} MiB exported vs "
-        f"{mem['saved_for_backward_bytes_predicted'] / 2**20:.2f} MiB predicted by the eager profiler "
-        f"({mem['saved_uint8_masks']} uint8 masks); planned arena {mem['planned_arena_bytes']['forward'] / 2**20:.2f} MiB"
+        f"  memory: saved for backward {mem.saved_for_backward_bytes_exported / 2**20:.2f} MiB exported vs "
+        f"{mem.saved_for_backward_bytes_predicted / 2**20:.2f} MiB predicted by the eager profiler "
+        f"({mem.saved_uint8_masks} uint8 masks); planned arena {mem.planned_arena_bytes['forward'] / 2**20:.2f} MiB"
     )
-    manifest["programs"]["bottom"] = {
-        "file": BOTTOM_PTE,
-        "method": "forward",
-        "backend": res.program.delegates,
-        "undelegated_ops": res.program.undelegated,
-        "inputs": [{"name": "image", "shape": list(res.input_shape), "dtype": "float32"}],
-        "outputs": [{"name": "features", "shape": list(feature_shape), "dtype": "float32"}],
-    }
-    features = {"name": "features", "shape": list(feature_shape), "dtype": "float32", "layout": "NCHW"}
-    manifest["programs"]["training"] = {
-        "file": TRAIN_PTE,
-        "data": TRAIN_PTD,
-        "batch_size": batch_size,
-        "methods": {
-            "forward": {
-                "inputs": [features, {"name": "labels", "shape": [batch_size], "dtype": "int64"}],
-                "outputs": [
-                    {"name": "loss", "shape": [], "dtype": "float32"},
-                    {"name": "logits", "shape": [batch_size, num_classes], "dtype": "float32"},
-                ]
-                + [{"name": n, "shape": list(ex.program.layout[n].shape), "dtype": ex.program.layout[n].dtype} for n in ex.buffer_names],
-                "then": "one gradient per trainable parameter, then the parameters (ExecuTorch training layout; "
+    features = TensorSpec("features", list(feature_shape), "float32", layout="NCHW")
+    logits = TensorSpec("logits", [batch_size, num_classes], "float32")
+    train = TrainingProgram(
+        file=TRAIN_PTE,
+        data=TRAIN_PTD,
+        batch_size=batch_size,
+        methods={
+            "forward": Method(
+                inputs=[features, TensorSpec("labels", [batch_size], "int64")],
+                outputs=[TensorSpec("loss", [], "float32"), logits]
+                + [TensorSpec(n, list(ex.program.layout[n].shape), ex.program.layout[n].dtype) for n in ex.buffer_names],
+                then="one gradient per trainable parameter, then the parameters (ExecuTorch training layout; "
                 "__et_training_gradients_index_forward says where the gradients start)",
-            },
-            "predict": {"inputs": [features], "outputs": [{"name": "logits", "shape": [batch_size, num_classes], "dtype": "float32"}]},
+            ),
+            "predict": Method(inputs=[features], outputs=[logits]),
         },
-        "trainable_parameters": ex.parameter_names,
-        "buffers": ex.buffer_names,
-        "weights_layout": {k: v.to_dict() for k, v in sorted(ex.program.layout.items())},
-        "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum, "dampening": 0.0, "weight_decay": weight_decay, "nesterov": False},
-        "loss": {"name": "cross_entropy", "label_smoothing": label_smoothing},
-        # operators only deploy/native's kernel library implements (edgetl-device links it)
-        "custom_operators": sorted({op for ops in ex.program.operators.values() for op in ops if op.startswith("edgetl_export::")}),
-        "operators": ex.program.operators,
-        "differences_from_eager": list(DIFFERENCES),
-    }
-    manifest["verification"]["bottom_max_abs_diff"] = diff
-    manifest["verification"]["training"] = check.to_dict()
-    manifest["memory"] = mem
+        trainable_parameters=ex.parameter_names,
+        buffers=ex.buffer_names,
+        weights_layout=dict(sorted(ex.program.layout.items())),
+        optimizer=Optimizer(name="sgd", lr=lr, momentum=momentum, dampening=0.0, weight_decay=weight_decay, nesterov=False),
+        loss=Loss(name="cross_entropy", label_smoothing=label_smoothing),
+        custom_operators=sorted({op for ops in ex.program.operators.values() for op in ops if op.startswith("edgetl_export::")}),
+        operators=ex.program.operators,
+        differences_from_eager=list(DIFFERENCES),
+    )
+    programs = Programs(inference=programs.inference, bottom=_xnnpack_program(BOTTOM_PTE, res, "features"), training=train)
+    verification = Verification(inference_max_abs_diff=verification.inference_max_abs_diff, bottom_max_abs_diff=diff, training=check)
+    return programs, verification, mem

@@ -24,9 +24,8 @@ import copy
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ from edgetl.exporter import _executorch as et
 from edgetl.exporter import inference, memory, nhwc
 from edgetl.exporter.errors import UnsupportedModelError, VerificationError
 from edgetl.exporter.inference import locate_operator
+from edgetl.exporter.manifest import TrainingCheck
 from edgetl.train.prepare import TransferModel
 
 #: verification tolerances: |loss_et - loss_eager| per step and |w_et - w_eager| per element after
@@ -96,8 +96,6 @@ class TrainingExport:
     saved: list[memory.SavedTensor]
     seconds: float
     label_smoothing: float = 0.0
-    native_kernels: bool = False  # depthwise convolutions run edgetl's kernels (deploy/native/kernels)
-    notes: list[str] = field(default_factory=list)
 
 
 def export_training(
@@ -160,9 +158,7 @@ def export_training(
                 f"operator {op} has no kernel in this ExecuTorch runtime, used in {locate_operator(op, graphs, part_of)}" for op in missing
             )
         )
-    return TrainingExport(
-        program, grads, mutated, tuple(feature_shape), num_classes, saved, time.perf_counter() - t0, label_smoothing, native_kernels
-    )
+    return TrainingExport(program, grads, mutated, tuple(feature_shape), num_classes, saved, time.perf_counter() - t0, label_smoothing)
 
 
 def program_memory(model: nn.Module, policy, *, batch_size: int, image_size: int, num_classes: int):
@@ -178,24 +174,6 @@ def program_memory(model: nn.Module, policy, *, batch_size: int, image_size: int
     ex = export_training(net, feature_shape=feature_shape, num_classes=num_classes)
     trainable = sum(ex.program.layout[name].nbytes for name in ex.parameter_names)
     return ProgramMemory(sum(ex.program.planned_bytes["forward"]), len(ex.program.ptd), trainable, 4 * math.prod(feature_shape[1:]))
-
-
-@dataclass
-class TrainingCheck:
-    """How a few ExecuTorch training steps compare with the same steps in eager PyTorch."""
-
-    steps: int
-    losses_eager: list[float]
-    losses_executorch: list[float]
-    loss_max_abs_diff: float
-    weight_max_abs_diff: float
-    running_stats_max_abs_diff: float
-    running_stats_moved: float  # largest change of a running statistic over the steps, ExecuTorch side
-    predict_max_abs_diff: float  # predict method over a .ptd written from the session vs eager eval with those weights
-    tolerance: dict[str, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def _weights_disagree(got: np.ndarray, want: np.ndarray, initial: np.ndarray) -> bool:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,18 +166,50 @@ def num_blocks(name: str) -> int:
         return len(find_blocks(spec.builder(weights=None)))
 
 
-def identify_model(model: nn.Module) -> str:
-    """The :data:`MODELS` name whose architecture ``model`` has (same state-dict keys and shapes).
-
-    Lets a process be given a name and a state dict, never a pickled module.
-    """
+@functools.cache
+def _architecture(name: str) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
+    """State-dict shapes of architecture ``name`` (built on the meta device: no weights are
+    allocated) and the keys of its classifier's last linear layer, whose output size is free."""
+    spec = model_spec(name)
+    with torch.device("meta"):
+        model = spec.builder(weights=None)
     _, _, linear = classifier_linear(model)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for name, spec in MODELS.items():
-        candidate = replace_classifier(spec.builder(weights=None), linear.out_features)
-        if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == shapes:
+    head = {id(t) for t in (linear.weight, linear.bias) if t is not None}
+    classifier = frozenset(k for k, v in model.state_dict(keep_vars=True).items() if id(v) in head)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}, classifier
+
+
+def architecture_mismatch(name: str, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``state_dict`` does not fit architecture ``name`` (missing or unexpected keys, other
+    shapes), or None when its keys and shapes are ``name``'s; the classifier may have any size."""
+    shapes, classifier = _architecture(name)
+    missing = [k for k in shapes if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in shapes]
+    # the classifier's output size (dim 0) is free; its input size is the architecture's
+    first = {k: 1 if k in classifier else 0 for k in shapes}
+    resized = [
+        f"{k} {tuple(state_dict[k].shape)} (expected {('*', *shape[1:]) if first[k] else shape})"
+        for k, shape in shapes.items()
+        if k in state_dict and tuple(state_dict[k].shape)[first[k] :] != shape[first[k] :]
+    ]
+    problems = [
+        f"{what}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
+        for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("other shapes", resized))
+        if items
+    ]
+    return "; ".join(problems) or None
+
+
+def identify_model(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The :data:`MODELS` name whose state-dict keys and shapes ``state_dict`` has (the classifier's
+    size is free), so a process can be handed a name and a state dict, never a pickled module.
+
+    Raises :class:`WeightsError` when it fits none of them.
+    """
+    for name in MODELS:
+        if architecture_mismatch(name, state_dict) is None:
             return name
-    raise EdgetlError(f"{type(model).__name__} matches none of edgetl's architectures ({', '.join(MODELS)})")
+    raise WeightsError(f"the weights fit none of edgetl's architectures ({', '.join(MODELS)})")
 
 
 def transforms_for(name: str, *, image_size: int, train: bool) -> v2.Compose:

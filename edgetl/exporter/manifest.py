@@ -1,0 +1,289 @@
+"""``manifest.json`` as types: what a bundle's files are, how to feed them, how they were checked.
+
+The exporter builds a :class:`Manifest` and writes it as JSON (:meth:`Manifest.to_json`);
+:class:`~edgetl.exporter.bundle.ExportBundle` reads it back into the type
+(:meth:`Manifest.from_json`). The device runner reads the same JSON in C++
+(``deploy/native/src/bundle.cpp``): ``format``, ``files``, ``model.classes``, ``input``,
+``programs.inference.file``, ``programs.bottom.file`` and ``programs.training`` (``file``,
+``data``, ``batch_size``, ``methods.forward.inputs[0].shape``, ``trainable_parameters``,
+``buffers``, ``weights_layout``, ``optimizer``); renaming one of those is a format change.
+
+Sizes are in bytes. Optional sections (``programs.bottom``, ``programs.training``, the training
+figures, ``memory``) exist only in bundles exported with ``training`` and are left out of the JSON
+otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgetl.exporter._executorch import TensorSlot
+from edgetl.exporter.errors import ExportError
+
+#: the bundle format this exporter writes and the runner reads
+FORMAT = "edgetl-bundle/1"
+
+
+def _optional() -> Any:
+    """A section that may be absent: None in the type, no key in the JSON."""
+    return field(default=None, metadata={"optional": True})
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a program method."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    layout: str | None = _optional()
+
+
+@dataclass(frozen=True)
+class Created:
+    """Versions and time of the export."""
+
+    edgetl: str
+    executorch: str
+    torch: str
+    utc: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The network: zoo architecture, classes and the policy its training program trains by."""
+
+    name: str
+    num_classes: int
+    classes: list[str]
+    policy: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """How an image becomes the programs' input tensor (the device's preprocessing)."""
+
+    image_size: int
+    layout: str
+    dtype: str
+    channels: str
+    pixel_scale: str
+    mean: list[float]
+    std: list[float]
+    resize_short_side: int
+    crop: str
+    interpolation: str
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """The ExecuTorch release series the programs are made for."""
+
+    executorch_series: str
+
+
+@dataclass(frozen=True)
+class XnnpackProgram:
+    """An inference program lowered to XNNPACK (``model.pte``, ``bottom.pte``)."""
+
+    file: str
+    method: str
+    backend: list[str]
+    undelegated_ops: list[str]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training program method's inputs and outputs; ``then`` describes outputs not listed."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    then: str | None = _optional()
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """The on-device SGD (``torch.optim.SGD``'s rule)."""
+
+    name: str
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+
+
+@dataclass(frozen=True)
+class Loss:
+    """The training program's loss."""
+
+    name: str
+    label_smoothing: float
+
+
+@dataclass(frozen=True)
+class TrainingProgram:
+    """``train.pte`` (methods ``forward``: a training step, ``predict``) and its weights ``train.ptd``."""
+
+    file: str
+    data: str
+    batch_size: int
+    methods: dict[str, Method]
+    trainable_parameters: list[str]
+    buffers: list[str]
+    #: where each tensor of ``data`` is (what the device overwrites when it saves trained weights)
+    weights_layout: dict[str, TensorSlot]
+    optimizer: Optimizer
+    loss: Loss
+    #: operators only ``deploy/native``'s kernel library implements (edgetl-device links it)
+    custom_operators: list[str]
+    operators: dict[str, list[str]]
+    differences_from_eager: list[str]
+
+
+@dataclass(frozen=True)
+class Programs:
+    """The bundle's programs; ``bottom`` and ``training`` come with a training export."""
+
+    inference: XnnpackProgram
+    bottom: XnnpackProgram | None = _optional()
+    training: TrainingProgram | None = _optional()
+
+
+@dataclass(frozen=True)
+class TrainingCheck:
+    """How a few ExecuTorch training steps compared with the same steps in eager PyTorch."""
+
+    steps: int
+    losses_eager: list[float]
+    losses_executorch: list[float]
+    loss_max_abs_diff: float
+    weight_max_abs_diff: float
+    running_stats_max_abs_diff: float
+    #: largest change of a running statistic over the steps, ExecuTorch side
+    running_stats_moved: float
+    #: predict method over a .ptd written from the session vs eager eval with those weights
+    predict_max_abs_diff: float
+    tolerance: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What the export checked against eager PyTorch before accepting the programs."""
+
+    inference_max_abs_diff: float
+    bottom_max_abs_diff: float | None = _optional()
+    training: TrainingCheck | None = _optional()
+
+
+@dataclass(frozen=True)
+class MemoryFigures:
+    """The training program's memory: what its backward keeps, against the eager profiler's prediction."""
+
+    saved_for_backward_bytes_exported: int
+    saved_for_backward_bytes_predicted: int
+    saved_for_backward_ratio: float | None
+    saved_uint8_masks: int
+    saved_uint8_bytes: int
+    predicted_per_unit: dict[str, int]
+    note: str
+    #: planned (non-constant) arena per method
+    planned_arena_bytes: dict[str, int]
+    trainable_parameter_bytes: int
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A bundle file's checksum and size."""
+
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A bundle's ``manifest.json``."""
+
+    created: Created
+    model: ModelInfo
+    input: InputInfo
+    runtime: RuntimeInfo
+    programs: Programs
+    verification: Verification
+    memory: MemoryFigures | None = _optional()
+    format: str = FORMAT
+    #: every file of the bundle but the manifest, by name (filled in when the bundle is committed)
+    files: dict[str, FileEntry] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object ``manifest.json`` holds."""
+        return _dump(self)
+
+    @classmethod
+    def from_json(cls, data: Any, *, source: str = "manifest.json") -> Manifest:
+        """Read the JSON object of ``manifest.json``; :class:`ExportError` when it does not fit."""
+        try:
+            return _load(cls, data, "")
+        except _Misfit as exc:
+            raise ExportError(f"{source} is damaged or from another edgetl: {exc}") from None
+
+
+class _Misfit(Exception):
+    """Where the JSON does not fit the type."""
+
+
+def _dump(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {
+            f.name: _dump(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if not (f.metadata.get("optional") and getattr(value, f.name) is None)
+        }
+    if isinstance(value, dict):
+        return {k: _dump(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_dump(v) for v in value]
+    return value
+
+
+def _load(tp: Any, data: Any, where: str) -> Any:
+    """``data`` (parsed JSON) as type ``tp``: dataclasses, list/tuple/dict of them, optionals, scalars."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(data, dict):
+            raise _Misfit(f"{where or 'the top level'} is not an object")
+        hints = typing.get_type_hints(tp)
+        values = {}
+        for f in dataclasses.fields(tp):
+            path = f"{where}.{f.name}" if where else f.name
+            if f.name in data:
+                values[f.name] = _load(hints[f.name], data[f.name], path)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise _Misfit(f"{path} is missing")
+        return tp(**values)
+    if origin is types.UnionType:  # X | None
+        if data is None:
+            return None
+        return _load(next(a for a in args if a is not type(None)), data, where)
+    if origin is list or origin is tuple:
+        if not isinstance(data, list):
+            raise _Misfit(f"{where} is not a list")
+        items = [_load(args[0], v, f"{where}[{i}]") for i, v in enumerate(data)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(data, dict):
+            raise _Misfit(f"{where} is not an object")
+        return {str(k): _load(args[1], v, f"{where}.{k}") for k, v in data.items()}
+    if tp is Any:
+        return data
+    if tp is float and isinstance(data, int | float) and not isinstance(data, bool):
+        return float(data)
+    if tp in (int, str, bool) and type(data) is tp:
+        return data
+    raise _Misfit(f"{where} is {data!r}, not {getattr(tp, '__name__', tp)}")
