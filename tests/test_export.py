@@ -385,10 +385,6 @@ def test_verification_refuses_a_backward_that_differs_from_eager(tmp_path):
 # --- errors -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train.run.read_weights takes model.pt's model_name and ignores config.json's model (owned by train/run.py)",
-)
 def test_a_run_whose_config_names_another_model_is_refused(tmp_path, export_run):
     run = tmp_path / "run"
     shutil.copytree(export_run, run)

@@ -207,6 +207,8 @@ def read_weights(path: str | Path, *, model: str | None = None) -> TrainedWeight
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RunError(f"{weights} does not hold a state dict of tensors")
     stored = data.get("model_name") or (config.model if config else None)
+    if config is not None and stored != config.model:
+        raise RunError(f"checkpoint from another model: {weights} holds {stored} weights but {CONFIG} says {config.model}")
     names = [n for n in (model, stored) if n]
     if not names:
         raise RunError(f"{weights} does not say which architecture it is; pass --model")
