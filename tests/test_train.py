@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgetl import FinetuneConfig, finetune
+from edgetl import FinetuneConfig, TrainPolicy, finetune
 from edgetl._files import load_torch
 from edgetl.cli import main
 from edgetl.errors import RunError
@@ -68,7 +68,7 @@ def test_resume_after_kill_9_ends_with_the_same_weights(tmp_path, image_folder, 
     crashed = _config(tmp_path / "b", image_folder, pretrained_file("mobilenet_v2"), **kw)
     script = textwrap.dedent(f"""
         import os, signal, json
-        from edgetl import FinetuneConfig, finetune
+        from edgetl import FinetuneConfig, TrainPolicy, finetune
         config = FinetuneConfig.from_dict(json.loads({json.dumps(json.dumps(crashed.to_dict()))}))
         def on_step(epoch, step):
             if epoch == 1 and step == 2:  # mid-way through the second epoch
@@ -178,13 +178,13 @@ def test_cli_config_file_nested_policy_table(tmp_path, image_folder, capsys):
     code = main(["finetune", "--config", str(cfg), "--out", str(tmp_path / "table")])
     assert code == 0
     saved = json.loads((tmp_path / "table" / "config.json").read_text())["policy"]
-    assert saved == {"blocks": 1, "method": "vanilla", "activation_grad": "exact", "activation_mask": "reuse", "bottom_chunk": None}
+    assert saved == TrainPolicy(1, "vanilla", "exact", "reuse").to_dict()
     assert "mobilenet_v2 K=1 vanilla" in capsys.readouterr().out
     # a flag overrides one field of the table and keeps the others
     code = main(["finetune", "--config", str(cfg), "--out", str(tmp_path / "flag"), "--blocks", "2"])
     assert code == 0
     saved = json.loads((tmp_path / "flag" / "config.json").read_text())["policy"]
-    assert saved == {"blocks": 2, "method": "vanilla", "activation_grad": "exact", "activation_mask": "reuse", "bottom_chunk": None}
+    assert saved == TrainPolicy(2, "vanilla", "exact", "reuse").to_dict()
 
 
 def test_cli_config_file_and_flags(tmp_path, image_folder, pretrained_file, capsys):

@@ -15,7 +15,7 @@ from edgetl.cli.common import blocks_arg
 from edgetl.models.zoo import MODELS
 from edgetl.train.config import SCHEDULES, FinetuneConfig
 from edgetl.train.optim import OPTIMIZERS
-from edgetl.train.policy import ACTIVATION_GRADS, ACTIVATION_MASKS, METHODS, TrainPolicy
+from edgetl.train.policy import ACTIVATION_GRADS, ACTIVATION_MASKS, METHODS, SAVED_PRECISIONS, TrainPolicy
 
 MODEL_NAMES = sorted(MODELS)
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.default is not dataclasses.MISSING}
@@ -43,6 +43,10 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--activation-grad", choices=ACTIVATION_GRADS, help=_default("activation_grad"))
     p.add_argument("--activation-mask", choices=ACTIVATION_MASKS, help=_default("activation_mask"))
     p.add_argument("--bottom-chunk", type=int, help="run the frozen bottom in micro-batches of this many images (default: the whole batch)")
+    p.add_argument("--saved-precision", choices=SAVED_PRECISIONS, help=_default("saved_precision", "conv inputs kept for backward"))
+    p.add_argument(
+        "--recompute", action="store_true", help="keep only each trained block's input, recompute the block in backward (default: off)"
+    )
     p.add_argument("--epochs", type=int, help=_default("epochs"))
     p.add_argument("--batch-size", type=int, help=_default("batch_size"))
     p.add_argument("--lr", type=float, help=_default("lr"))

@@ -14,10 +14,12 @@ from edgetl.models.blocks import is_irb
 Method = Literal["mobiletl", "vanilla"]
 ActivationGrad = Literal["sign", "exact"]
 ActivationMask = Literal["reuse", "packed"]
+SavedPrecision = Literal["fp32", "bf16", "int8"]
 
 METHODS: tuple[str, ...] = ("mobiletl", "vanilla")
 ACTIVATION_GRADS: tuple[str, ...] = ("sign", "exact")
 ACTIVATION_MASKS: tuple[str, ...] = ("reuse", "packed")
+SAVED_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,13 @@ class TrainPolicy:
             that working set, not what the trained blocks store, sets the step's peak. Outputs are
             the same up to float rounding (oneDNN picks convolution kernels by batch size:
             relative differences ~1e-7 at most, usually none); only time is spent.
+        saved_precision: how the conv inputs a MobileTL block stores for backward are kept:
+            ``"fp32"`` (as computed), ``"bf16"`` (truncated to bfloat16, half the bytes) or
+            ``"int8"`` (per-channel scale, a quarter), decompressed in backward to compute the
+            weight gradient (activation-compressed training, as ActNN/GACT). The forward is
+            unchanged; weight gradients are approximate.
+        recompute: keep only each trained block's input and recompute the block during backward
+            (exact gradients and statistics; costs one more forward of the trained blocks).
     """
 
     blocks: int
@@ -52,6 +61,8 @@ class TrainPolicy:
     activation_grad: ActivationGrad = "sign"
     activation_mask: ActivationMask = "reuse"
     bottom_chunk: int | None = None
+    saved_precision: SavedPrecision = "fp32"
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.blocks, bool) or not isinstance(self.blocks, int):
@@ -62,10 +73,13 @@ class TrainPolicy:
             isinstance(self.bottom_chunk, bool) or not isinstance(self.bottom_chunk, int) or self.bottom_chunk < 1
         ):
             raise ConfigError(f"TrainPolicy.bottom_chunk must be an integer >= 1 or None, got {self.bottom_chunk!r}")
+        if not isinstance(self.recompute, bool):
+            raise ConfigError(f"TrainPolicy.recompute must be true or false, got {self.recompute!r}")
         for field, value, allowed in (
             ("method", self.method, METHODS),
             ("activation_grad", self.activation_grad, ACTIVATION_GRADS),
             ("activation_mask", self.activation_mask, ACTIVATION_MASKS),
+            ("saved_precision", self.saved_precision, SAVED_PRECISIONS),
         ):
             if value not in allowed:
                 raise ConfigError(f"unknown TrainPolicy.{field} {value!r}; expected one of {', '.join(allowed)}")
