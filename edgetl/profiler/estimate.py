@@ -21,15 +21,11 @@ from edgetl.profiler.units import HEAD, head_layers, unit_layers
 from edgetl.train.optim import check_optimizer, state_floats
 from edgetl.train.policy import TrainPolicy, shift_only_norms, uses_mobiletl
 
-#: the backward of a layer holds about as much again as its forward (dy, dx, kernel temporaries)
-BACKWARD_FACTOR = 2
 #: weights are resident twice after loading: prepare() deep-copies the loaded network, and the
 #: allocator keeps most of the freed original (measured: RSS after load - baseline ~ 2.5-3 x W)
 LOAD_FACTOR = 2
-#: heap fragmentation over live activation bytes; measured up to +29% for MobileTL under glibc's
-#: dynamic mmap threshold (its shift-only norms and masked activations free full-size
-#: temporaries between tensors that stay saved), a few % for vanilla
-ALLOCATOR_SLACK = 1.25
+#: a convolution's kernel scratch, in units of the larger of its input and output (oneDNN's reorder)
+CONV_SCRATCH = 1
 #: int64 class labels
 LABEL_BYTES = 8
 
@@ -84,22 +80,46 @@ def param_bytes(model: nn.Module, policy: TrainPolicy) -> ParamBytes:
 # --- working sets -------------------------------------------------------------------------------------
 
 
-def layer_working_set(layers: Sequence[LayerSpec], in_shape: Shape, *, residual: bool = False) -> int:
+def layer_working_set(layers: Sequence[LayerSpec], in_shape: Shape, *, residual: bool = False, kernel_scratch: bool = False) -> int:
     """Largest ``input + output`` bytes of any one layer of a unit (fp32).
 
-    With ``residual`` the unit's input stays live until the addition, so it is added on top.
+    With ``residual`` the unit's input stays live until the addition, so it is added on top. With
+    ``kernel_scratch`` a convolution also counts :data:`CONV_SCRATCH` x the larger of its input and
+    output: oneDNN reorders one of them into its blocked layout (measured with the allocator's own
+    events: a 1x1 conv 16->96 of 2 + 12 MiB peaks at 26 MiB, a depthwise 3x3 of 12 + 12 at 36).
     """
-    largest = max((float_bytes(x) + float_bytes(y) for _, _, x, y in walk(layers, in_shape)), default=0)
+    largest = held = 0
+    for _, layer, x, y in walk(layers, in_shape):
+        scratch = CONV_SCRATCH * max(float_bytes(x), float_bytes(y)) if kernel_scratch and layer.op == "conv" else 0
+        largest = max(largest, held + float_bytes(x) + float_bytes(y) + scratch)
+        # a zero padding and the conv it pads form one module (TF "same"), whose caller holds the
+        # unpadded input until the conv returns
+        held = float_bytes(x) if kernel_scratch and layer.op == "pad" else 0
     return largest + (float_bytes(in_shape) if residual else 0)
+
+
+def _unit_working_set(model: nn.Module, units: dict[str, nn.Module], name: str, in_shape: Shape) -> int:
+    if name == HEAD:
+        return layer_working_set(head_layers(model), in_shape, kernel_scratch=True)
+    unit = units[name]
+    residual = bool(getattr(unit, "use_res_connect", False))
+    return layer_working_set(unit_layers(name, unit), in_shape, residual=residual, kernel_scratch=True)
+
+
+def _with_batch(shape: Shape, batch: int) -> Shape:
+    return (batch, *shape[1:])
 
 
 @dataclass(frozen=True)
 class StepPeakEstimate:
-    """Predicted peak bytes of one steady-state training step, by component. An estimate.
+    """Predicted live tensor bytes of one steady-state training step, phase by phase. An estimate.
 
-    See :func:`predict_step_peak` for the formula. ``model_bytes`` is what the model and its
-    training add to a process; ``total`` adds ``runtime`` (the interpreter and framework baseline,
-    supplied by the caller: it is a property of the runtime and platform, not of shapes).
+    The phases are those of :func:`edgetl.train.step.train_step` and the trainer's evaluation
+    (measured by :func:`edgetl.profiler.timeline.measure_step_timeline`); each is the bytes alive
+    on top of ``base`` = weights + optimizer state + input batch. See :func:`predict_step_peak`.
+    ``model_bytes`` is what the model and its training add to a process (the live peak plus what
+    the allocator keeps of the loaded copy of the weights); ``total`` adds ``runtime`` (the
+    interpreter and framework, supplied by the caller).
     """
 
     weights: int
@@ -107,20 +127,44 @@ class StepPeakEstimate:
     optimizer_state: int
     input_batch: int
     saved_activations: int
-    transient_frozen: int
-    transient_trained: int
+    bottom_working_set: int  # the frozen bottom's largest layer (at bottom_chunk), and the features buffer
+    forward_peak: int  # stored so far + the running layer's working set, at its largest
+    backward_peak: int  # still stored + gradients so far + the running layer's temporaries, at its largest
+    optimizer_temporaries: int
+    evaluation_working_set: int  # a no-grad forward of a batch (the trainer's evaluation)
     runtime: int = 0
     optimizer: str = "adam"
 
     @property
-    def activations(self) -> int:
-        """The activation term: ``T_frozen + ALLOCATOR_SLACK * (S + T_trained)``."""
-        return self.transient_frozen + int(ALLOCATOR_SLACK * (self.saved_activations + self.transient_trained))
+    def base(self) -> int:
+        """Alive through the whole step: weights, optimizer state, the input batch."""
+        return self.weights + self.optimizer_state + self.input_batch
+
+    def phases(self) -> dict[str, int]:
+        """Predicted live bytes at the peak of each phase."""
+        return {
+            "bottom forward": self.base + self.bottom_working_set,
+            "top forward": self.base + self.forward_peak,
+            "backward": self.base + self.backward_peak,
+            "optimizer step": self.base + self.gradients + self.optimizer_temporaries,
+            "evaluation": self.base + self.evaluation_working_set,
+        }
+
+    @property
+    def live_peak(self) -> int:
+        """The most live tensor bytes at any instant of the step."""
+        return max(self.phases().values())
+
+    @property
+    def peak_phase(self) -> str:
+        phases = self.phases()
+        return max(phases, key=phases.__getitem__)
 
     @property
     def model_bytes(self) -> int:
-        """What the model and its training add to a process (everything but ``runtime``)."""
-        return LOAD_FACTOR * self.weights + self.gradients + self.optimizer_state + self.input_batch + self.activations
+        """What the model and its training add to a process: the live peak, and the loaded copy of
+        the weights that ``prepare`` copied from (freed, but kept by the allocator)."""
+        return self.live_peak + (LOAD_FACTOR - 1) * self.weights
 
     @property
     def total(self) -> int:
@@ -129,12 +173,19 @@ class StepPeakEstimate:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, the derived terms included."""
-        return {**asdict(self), "activations": self.activations, "model_bytes": self.model_bytes, "total": self.total}
+        return {
+            **asdict(self),
+            "phases": self.phases(),
+            "live_peak": self.live_peak,
+            "peak_phase": self.peak_phase,
+            "model_bytes": self.model_bytes,
+            "total": self.total,
+        }
 
     def summary(self, size: Callable[[int], str]) -> str:
         """One line for the planner (``size`` formats bytes)."""
         return (
-            f"saved activations {size(self.saved_activations)}, weights+grads+{self.optimizer} state "
+            f"peak in {self.peak_phase}; saved activations {size(self.saved_activations)}, weights+grads+{self.optimizer} state "
             f"{size(self.weights + self.gradients + self.optimizer_state)}"
         )
 
@@ -149,40 +200,30 @@ def predict_step_peak(
     runtime_bytes: int = 0,
     rows: Sequence[UnitPrediction] | None = None,
 ) -> StepPeakEstimate:
-    """Estimate the peak resident memory of a steady-state training step of ``model`` under ``policy``.
+    """Estimate the live bytes of a steady-state training step of ``model`` under ``policy``.
 
     A pure function of the structure (shapes, which parameters train) and the policy; nothing
-    runs. The formula, all tensors fp32::
+    runs. All tensors fp32; ``base`` = ``W + O + X`` is alive throughout:
 
-        peak = runtime + 2 W + G + O + X + T_frozen + 1.25 (S + 2 T_trained)
+    * ``W``: every parameter and buffer of the prepared network; ``O``: optimizer state,
+      :func:`edgetl.train.optim.state_floats` per trained parameter; ``X``: the input batch and
+      its labels.
+    * bottom forward: the frozen bottom's largest layer working set (:func:`layer_working_set`
+      with kernel scratch, a residual block's input included) at ``policy.bottom_chunk`` images,
+      plus the full features buffer when chunked.
+    * top forward: over the trained units in order, what the units so far store for backward
+      (``S``, :func:`edgetl.profiler.predict.predict_units`, exact) plus the unit's working set.
+    * backward: over the trained units from the top, what is still stored (the units below and
+      this one) + the gradients of the units above + the unit's working set (its incoming and
+      outgoing gradients, kernel scratch).
+    * optimizer step: the gradients ``G`` + the update's temporaries (Adam: two of the largest
+      trained tensor, ``sqrt`` and the division; SGD: one, with weight decay's sum).
+    * evaluation: a no-grad forward of one batch: the largest working set of any unit.
 
-    * ``W``: every parameter and buffer of the prepared network (frozen ones are resident too),
-      counted :data:`LOAD_FACTOR` = 2 times: ``prepare`` deep-copies the loaded network and the
-      allocator keeps most of the freed original.
-    * ``G``: gradients of the trained parameters (as many bytes as those parameters). They are
-      alive during the next step's forward (the trainer zeroes them just before backward).
-    * ``O``: optimizer state, :func:`edgetl.train.optim.state_floats` per trained parameter (Adam:
-      2, SGD with momentum: 1); Adam's per-tensor step counters are ignored (a few bytes each).
-    * ``X``: the input batch (N x 3 x S x S floats) and its int64 labels.
-    * ``S``: bytes saved for backward (:func:`edgetl.profiler.predict.predict_units`, exact
-      against autograd). All of it is alive at the end of the forward pass.
-    * ``T_frozen``: the frozen bottom's working set, the largest input + output of one layer
-      (plus a residual block's input). Added, not maxed with the rest: the allocator keeps those
-      freed pages and they are not all reused by the trained part.
-    * ``T_trained``: the same for the trained part, doubled (:data:`BACKWARD_FACTOR`): a layer's
-      backward holds the incoming gradient, the outgoing one and kernel temporaries next to what is
-      still saved.
-    * ``1.25`` (:data:`ALLOCATOR_SLACK`): heap fragmentation over the live trained-part bytes.
-    * ``runtime``: the interpreter + framework baseline, which shapes cannot tell (pass it in: a
-      device profile's ``runtime_overhead``, or
-      :func:`edgetl.profiler.process_peak.calibrate_runtime` on the device).
-
-    Why it is an estimate: ``2 W``, ``T_frozen`` and ``1.25`` stand for allocator behaviour
-    (glibc malloc keeps freed memory and fragments), calibrated against child-process peak RSS on
-    x86-64 Linux (glibc, torch 2.13 CPU; 20 configurations of MobileNetV2/V3 and EfficientNet-B0,
-    K 1-17, batch 2-64, 64-224 px): measured/predicted total was 0.85-1.12. Kernel scratch
-    buffers (oneDNN) and autograd's graph nodes are not modelled. Summing ``G + O`` with the
-    activations is conservative for the very first step (nothing of them exists yet).
+    Gradients are freed right after the optimizer step (:func:`edgetl.train.step.train_step`), so
+    they are not alive in the forward phases. Held within 10% of the live bytes measured by
+    :func:`edgetl.profiler.timeline.measure_step_timeline` for every model of the registry (tests).
+    Not modelled: autograd's graph nodes, per-op bookkeeping (a few hundred KiB).
 
     ``rows``: :func:`~edgetl.profiler.predict.predict_units` for these very settings, when the
     caller has them already (the planner and the report), to skip predicting them again.
@@ -193,28 +234,59 @@ def predict_step_peak(
     rows = list(rows) if rows is not None else predict_units(model, policy, batch_size=batch_size, image_size=image_size)
     params = param_bytes(model, policy)
     units = dict(feature_units(model))
-    frozen = trained = 0
-    for row in rows:
-        if row.name == HEAD:
-            ws = layer_working_set(head_layers(model), row.in_shape)
-        else:
-            unit = units[row.name]
-            ws = layer_working_set(unit_layers(row.name, unit), row.in_shape, residual=bool(getattr(unit, "use_res_connect", False)))
-        if row.role == "frozen":
-            frozen = max(frozen, ws)
-        else:
-            trained = max(trained, ws)
+    chunk = min(policy.bottom_chunk or batch_size, batch_size)
+    frozen = [r for r in rows if r.role == "frozen"]
+    trained = [r for r in rows if r.role != "frozen"]
+
+    bottom = max((_unit_working_set(model, units, r.name, _with_batch(r.in_shape, chunk)) for r in frozen), default=0)
+    if frozen and chunk < batch_size:
+        bottom += float_bytes(frozen[-1].out_shape)  # the features buffer the chunks are written into
+    evaluation = max([bottom] + [_unit_working_set(model, units, r.name, r.in_shape) for r in trained])
+
+    forward = backward = stored = 0
+    ws = [_unit_working_set(model, units, r.name, r.in_shape) for r in trained]
+    grads = _trained_param_bytes(model, policy, [r.name for r in trained])
+    for r, w in zip(trained, ws, strict=True):
+        stored += r.nbytes
+        forward = max(forward, stored + w)
+    still, above = stored, 0
+    for r, w, g in reversed(list(zip(trained, ws, grads, strict=True))):
+        backward = max(backward, still + above + w)
+        still -= r.nbytes
+        above += g
+    largest = max((t.numel() * t.element_size() for _, t in _trained_tensors(model, policy)), default=0)
     return StepPeakEstimate(
         weights=params.weights,
         gradients=params.trainable,
         optimizer_state=state_floats(optimizer) * params.trainable,
         input_batch=float_bytes((batch_size, 3, image_size, image_size)) + batch_size * LABEL_BYTES,
-        saved_activations=sum(r.nbytes for r in rows),
-        transient_frozen=frozen,
-        transient_trained=BACKWARD_FACTOR * trained,
+        saved_activations=stored,
+        bottom_working_set=bottom,
+        forward_peak=forward,
+        backward_peak=backward,
+        optimizer_temporaries=(2 if optimizer in ("adam", "adamw") else 1) * largest,
+        evaluation_working_set=evaluation,
         runtime=runtime_bytes,
         optimizer=optimizer,
     )
+
+
+def _trained_param_bytes(model: nn.Module, policy: TrainPolicy, names: Sequence[str]) -> list[int]:
+    """Bytes of the trained parameters of each named unit (the head: the classifier)."""
+    units = dict(feature_units(model))
+    out = []
+    for name in names:
+        unit = model.classifier if name == HEAD else units[name]
+        out.append(unit_param_bytes(unit, trains=True, mobiletl=name != HEAD and uses_mobiletl(policy, unit)).trainable)
+    return out
+
+
+def _trained_tensors(model: nn.Module, policy: TrainPolicy) -> list[tuple[str, Tensor]]:
+    """The parameters that train under ``policy`` (as in ``prepare``), without preparing a copy."""
+    units = feature_units(model)
+    trained_from = first_trained_unit(units, policy.blocks)
+    out = [(f"{name}.{n}", p) for name, unit in units[trained_from:] for n, p in unit.named_parameters()]
+    return out + [(f"classifier.{n}", p) for n, p in model.classifier.named_parameters()]
 
 
 def trainable_shapes_problem(rows: Sequence[UnitPrediction]) -> str | None:
