@@ -85,6 +85,12 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--json", metavar="F", help="also write the report as JSON to F")
     p.add_argument("--plot", metavar="F.png", help="write a per-block bar chart, vanilla against MobileTL (needs matplotlib)")
     p.add_argument("--process", action="store_true", help="also measure peak RSS of a real training step in a fresh process (slow)")
+    p.add_argument(
+        "--timeline",
+        metavar="F.png",
+        help="also record one real training step per method (live bytes by phase, torch's allocation events, a child process each) "
+        "and plot it",
+    )
     p.add_argument("--all-rows", action="store_true", help="print every frozen unit instead of one line for the frozen bottom")
     p.set_defaults(handler=profile_command)
     return p
@@ -122,7 +128,34 @@ def profile_command(args: argparse.Namespace) -> int:
     if args.plot:
         plot_report(report, args.plot)
         print(f"plot written to {args.plot}")
+    if args.timeline:
+        _timeline(args, policy)
     return 0
+
+
+def _timeline(args: argparse.Namespace, policy) -> None:
+    from edgetl.models.zoo import load_model
+    from edgetl.profiler.estimate import predict_step_peak
+    from edgetl.profiler.plot import plot_timelines
+    from edgetl.profiler.render import render_timelines
+    from edgetl.profiler.timeline import measure_step_timelines
+    from edgetl.train.policy import TrainPolicy
+
+    print("recording one training step per method (a child process each) ...", flush=True)
+    timelines = measure_step_timelines(
+        args.model, policy, batch_size=args.batch_size, image_size=args.image_size, num_classes=args.num_classes, optimizer=args.optimizer
+    )
+    model = load_model(args.model, num_classes=args.num_classes)
+    estimates = {
+        m: predict_step_peak(
+            model, TrainPolicy(**{**policy.to_dict(), "method": m}), batch_size=args.batch_size, image_size=args.image_size,
+            optimizer=args.optimizer,
+        )
+        for m in timelines
+    }  # fmt: skip
+    print(render_timelines(timelines, estimates))
+    plot_timelines(timelines, estimates, args.timeline)
+    print(f"timeline written to {args.timeline}")
 
 
 def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -1,9 +1,10 @@
 """The child process of :func:`edgetl.profiler.process_peak.measure_process_peak`.
 
-    python -m edgetl.profiler._child --model NAME --blocks K --batch-size N --image-size S [...]
+    python -m edgetl.profiler._child --model NAME --policy JSON --batch-size N --image-size S [--timeline] [...]
 
 Loads and prepares the model, runs real training steps in the trainer's order and prints one JSON
-object on stdout (the fields of :class:`~edgetl.profiler.process_peak.ProcessPeak`). Everything is
+object on stdout (the fields of :class:`~edgetl.profiler.process_peak.ProcessPeak`; with
+``--timeline``, a :class:`~edgetl.profiler.timeline.StepTimeline` instead). Everything is
 imported before the runtime baseline is read, so the baseline includes the package.
 """
 
@@ -23,7 +24,7 @@ from edgetl._rss import current_rss_bytes, peak_rss_bytes, reset_peak
 from edgetl.models.zoo import classifier_linear, load_model
 from edgetl.profiler.process_peak import ProcessPeak
 from edgetl.train.optim import OPTIMIZERS, build_optimizer
-from edgetl.train.policy import ACTIVATION_GRADS, ACTIVATION_MASKS, METHODS, TrainPolicy
+from edgetl.train.policy import TrainPolicy
 from edgetl.train.prepare import prepare
 from edgetl.train.step import train_step
 
@@ -36,15 +37,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m edgetl.profiler._child", description="training steps, RSS as JSON")
     p.add_argument("--model", required=True, help="model name for edgetl.load_model")
     p.add_argument("--weights", help="state-dict file (default: random weights; memory does not depend on them)")
-    p.add_argument("--blocks", type=int, required=True)
-    p.add_argument("--method", choices=METHODS, default="mobiletl")
-    p.add_argument("--activation-grad", choices=ACTIVATION_GRADS, default="sign")
-    p.add_argument("--activation-mask", choices=ACTIVATION_MASKS, default="reuse")
+    p.add_argument("--policy", required=True, help="the TrainPolicy as JSON (TrainPolicy.to_dict())")
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--image-size", type=int, required=True)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--timeline", action="store_true", help="record one step's live bytes instead (StepTimeline as JSON)")
     return p.parse_args(argv)
 
 
@@ -52,7 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run the steps and print the RSS figures as JSON; returns the exit code."""
     runtime_rss = current_rss_bytes()
     args = parse_args(argv)
-    policy = TrainPolicy(args.blocks, args.method, args.activation_grad, args.activation_mask)
+    policy = TrainPolicy(**json.loads(args.policy))
+    if args.timeline:
+        from edgetl.profiler.timeline import measure_step_timeline
+
+        timeline = measure_step_timeline(
+            args.model, policy, batch_size=args.batch_size, image_size=args.image_size, num_classes=args.num_classes,
+            optimizer=args.optimizer, weights=args.weights, runtime_rss=runtime_rss,
+        )  # fmt: skip
+        print(json.dumps(timeline.to_dict()))
+        return 0
     torch.manual_seed(0)
     original = load_model(args.model, weights=args.weights, num_classes=args.num_classes)
     net = prepare(original, policy)
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.steps):
         train_step(net, x, y, loss_fn, opt)
     result = ProcessPeak(
-        method=args.method,
+        method=policy.method,
         runtime_rss=runtime_rss,
         loaded_rss=loaded_rss,
         loaded_peak_rss=loaded_peak,

@@ -28,6 +28,8 @@ LOAD_FACTOR = 2
 CONV_SCRATCH = 1
 #: int64 class labels
 LABEL_BYTES = 8
+#: the phases of a step, as :func:`edgetl.train.step.train_step` and the trainer's evaluation run them
+PHASES: tuple[str, ...] = ("bottom forward", "top forward", "backward", "optimizer step", "evaluation")
 
 
 # --- parameters, as a function of structure and policy ---------------------------------------------
@@ -128,8 +130,11 @@ class StepPeakEstimate:
     input_batch: int
     saved_activations: int
     bottom_working_set: int  # the frozen bottom's largest layer (at bottom_chunk), and the features buffer
-    forward_peak: int  # stored so far + the running layer's working set, at its largest
-    backward_peak: int  # still stored + gradients so far + the running layer's temporaries, at its largest
+    forward_stored: int  # at the top forward's peak: what the units so far store for backward
+    forward_working_set: int  # ... and the running unit's working set
+    backward_stored: int  # at the backward's peak: what is still stored
+    backward_gradients: int  # ... the gradients of the units above
+    backward_temporaries: int  # ... and the running unit's gradients and kernel scratch
     optimizer_temporaries: int
     evaluation_working_set: int  # a no-grad forward of a batch (the trainer's evaluation)
     runtime: int = 0
@@ -140,15 +145,25 @@ class StepPeakEstimate:
         """Alive through the whole step: weights, optimizer state, the input batch."""
         return self.weights + self.optimizer_state + self.input_batch
 
+    def breakdown(self, phase: str) -> dict[str, int]:
+        """What is alive at the peak of ``phase``, by component (they sum to the phase's peak)."""
+        base = {"weights": self.weights, "optimizer state": self.optimizer_state, "input batch": self.input_batch}
+        extra = {
+            "bottom forward": {"frozen-bottom working set": self.bottom_working_set},
+            "top forward": {"stored for backward": self.forward_stored, "forward working set": self.forward_working_set},
+            "backward": {
+                "stored for backward": self.backward_stored,
+                "gradients": self.backward_gradients,
+                "backward temporaries": self.backward_temporaries,
+            },
+            "optimizer step": {"gradients": self.gradients, "optimizer temporaries": self.optimizer_temporaries},
+            "evaluation": {"evaluation working set": self.evaluation_working_set},
+        }[phase]
+        return {**base, **extra}
+
     def phases(self) -> dict[str, int]:
         """Predicted live bytes at the peak of each phase."""
-        return {
-            "bottom forward": self.base + self.bottom_working_set,
-            "top forward": self.base + self.forward_peak,
-            "backward": self.base + self.backward_peak,
-            "optimizer step": self.base + self.gradients + self.optimizer_temporaries,
-            "evaluation": self.base + self.evaluation_working_set,
-        }
+        return {phase: sum(self.breakdown(phase).values()) for phase in PHASES}
 
     @property
     def live_peak(self) -> int:
@@ -243,15 +258,15 @@ def predict_step_peak(
         bottom += float_bytes(frozen[-1].out_shape)  # the features buffer the chunks are written into
     evaluation = max([bottom] + [_unit_working_set(model, units, r.name, r.in_shape) for r in trained])
 
-    forward = backward = stored = 0
+    forward, backward, stored = (0, 0), (0, 0, 0), 0
     ws = [_unit_working_set(model, units, r.name, r.in_shape) for r in trained]
     grads = _trained_param_bytes(model, policy, [r.name for r in trained])
     for r, w in zip(trained, ws, strict=True):
         stored += r.nbytes
-        forward = max(forward, stored + w)
+        forward = max(forward, (stored, w), key=sum)
     still, above = stored, 0
     for r, w, g in reversed(list(zip(trained, ws, grads, strict=True))):
-        backward = max(backward, still + above + w)
+        backward = max(backward, (still, above, w), key=sum)
         still -= r.nbytes
         above += g
     largest = max((t.numel() * t.element_size() for _, t in _trained_tensors(model, policy)), default=0)
@@ -262,8 +277,11 @@ def predict_step_peak(
         input_batch=float_bytes((batch_size, 3, image_size, image_size)) + batch_size * LABEL_BYTES,
         saved_activations=stored,
         bottom_working_set=bottom,
-        forward_peak=forward,
-        backward_peak=backward,
+        forward_stored=forward[0],
+        forward_working_set=forward[1],
+        backward_stored=backward[0],
+        backward_gradients=backward[1],
+        backward_temporaries=backward[2],
         optimizer_temporaries=(2 if optimizer in ("adam", "adamw") else 1) * largest,
         evaluation_working_set=evaluation,
         runtime=runtime_bytes,

@@ -121,21 +121,25 @@ def measure_process_peak(
             source = ["--model", identify_model(model.state_dict()), "--weights", path]
         else:
             source = ["--model", model]
-        cmd = [
-            sys.executable, "-m", "edgetl.profiler._child",
-            *source, "--blocks", str(policy.blocks), "--method", policy.method,
-            "--activation-grad", policy.activation_grad, "--activation-mask", policy.activation_mask,
-            "--batch-size", str(batch_size), "--image-size", str(image_size), "--num-classes", str(num_classes),
-            "--optimizer", optimizer, "--steps", str(steps),
-        ]  # fmt: skip
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise EdgetlError(f"the training-step child process did not finish within {timeout:.0f}s") from None
+        values = run_child(
+            [*source, "--policy", json.dumps(policy.to_dict()), "--batch-size", str(batch_size), "--image-size", str(image_size),
+             "--num-classes", str(num_classes), "--optimizer", optimizer, "--steps", str(steps)],
+            timeout=timeout,
+        )  # fmt: skip
+    return ProcessPeak(**values)
+
+
+def run_child(args: list[str], *, timeout: float) -> dict[str, Any]:
+    """Run ``python -m edgetl.profiler._child ARGS`` and return the JSON object it prints last."""
+    cmd = [sys.executable, "-m", "edgetl.profiler._child", *args]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise EdgetlError(f"the training-step child process did not finish within {timeout:.0f}s") from None
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
         raise EdgetlError(f"the training-step child process failed (exit {done.returncode}):\n{tail}")
-    return ProcessPeak(**json.loads(done.stdout.strip().splitlines()[-1]))
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def calibrate_runtime(*, timeout: float = 600.0) -> int:

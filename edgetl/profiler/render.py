@@ -1,4 +1,4 @@
-"""The memory report as text: a per-unit table (KiB) and the whole step per method.
+"""The memory report as text: a per-unit table (KiB), the whole step per method, and the step timeline.
 
 Bytes stay integers in :class:`~edgetl.profiler.report.MemoryReport`; they become KiB / MiB here.
 """
@@ -8,7 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from edgetl._format import format_size
+from edgetl.profiler.estimate import StepPeakEstimate
 from edgetl.profiler.report import LABELS, METHOD_ORDER, MemoryReport, MemoryRow, MethodTotals
+from edgetl.profiler.timeline import PHASES, StepTimeline
 from edgetl.train.optim import state_floats
 
 
@@ -159,3 +161,44 @@ def render_report(report: MemoryReport, *, collapse_frozen: bool = True) -> str:
     else:
         out.append("       process peak RSS not measured (edgetl profile --process / profile(..., measure_process=True)).")
     return "\n".join(out)
+
+
+def render_timelines(timelines: dict[str, StepTimeline], estimates: dict[str, StepPeakEstimate]) -> str:
+    """The whole step, phase by phase: measured live bytes against the prediction, per method."""
+    first = next(iter(timelines.values()))
+    lines = [
+        f"whole step: {first.model}, K={first.blocks}, batch {first.batch_size}, {first.image_size} px, {first.optimizer}",
+        "  live tensor bytes: measured = torch's allocation events over one real step; predicted = predict_step_peak (pure)",
+        f"  {'phase':18s}" + "".join(f"{m + ' measured':>20s}{'predicted':>11s}" for m in timelines),
+    ]
+    measured = {m: t.phase_peaks() for m, t in timelines.items()}
+    for phase in PHASES:
+        row = f"  {phase:18s}"
+        for m in timelines:
+            predicted = estimates[m].phases().get(phase)
+            row += f"{format_size(measured[m].get(phase, 0)):>20s}{format_size(predicted) if predicted is not None else '':>11s}"
+        lines.append(row)
+    lines.append(
+        f"  {'step peak':18s}"
+        + "".join(f"{format_size(t.peak_bytes):>20s}{format_size(estimates[m].live_peak):>11s}" for m, t in timelines.items())
+    )
+    if {"vanilla", "mobiletl"} <= set(timelines):
+        v, b = timelines["vanilla"], timelines["mobiletl"]
+        lines.append(
+            f"  MobileTL / vanilla: step peak {b.peak_bytes / v.peak_bytes:.3f}, "
+            f"peak over the loaded model {(b.peak_bytes - _resident(b)) / max(v.peak_bytes - _resident(v), 1):.3f}"
+        )
+    for m, t in timelines.items():
+        parts = ", ".join(f"{k} {format_size(v)}" for k, v in estimates[m].breakdown(t.peak_phase).items() if v)
+        lines.append(f"  {m} peak in {t.peak_phase}: {parts}")
+        if t.runtime_rss:
+            lines.append(
+                f"    process (OS): runtime baseline {format_size(t.runtime_rss)}, peak RSS {format_size(t.peak_rss)}, "
+                f"allocator slack {format_size(t.allocator_slack)}"
+            )
+    return "\n".join(lines)
+
+
+def _resident(t: StepTimeline) -> int:
+    """Live bytes before the step's batch: the loaded model and its optimizer state."""
+    return t.total(0)

@@ -10,8 +10,9 @@ evaluation (a no-grad forward in eval mode) — from PyTorch's own allocation ev
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -20,12 +21,13 @@ from torch import nn
 from edgetl._rss import current_rss_bytes
 from edgetl.models.zoo import load_model
 from edgetl.profiler._torch_memory import CATEGORIES, Recorder, Recording
+from edgetl.profiler.estimate import PHASES as STEP_PHASES
 from edgetl.train.optim import build_optimizer
 from edgetl.train.policy import TrainPolicy
 from edgetl.train.prepare import prepare
 from edgetl.train.step import train_step
 
-PHASES: tuple[str, ...] = ("data", "bottom forward", "top forward", "backward", "optimizer step", "evaluation")
+PHASES: tuple[str, ...] = ("data", *STEP_PHASES)
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,30 @@ class StepTimeline:
     live: tuple[tuple[int, ...], ...]  # per time, bytes per CATEGORIES entry
     phases: tuple[tuple[str, int, int], ...]  # (phase, start, end)
     rss_after: dict[str, int]  # the process's RSS at the end of each phase
-    loaded_rss: int  # RSS with the model, optimizer state and gradients in place, before the step
+    loaded_rss: int  # RSS with the model and optimizer state in place, before the recorded step
+    runtime_rss: int = 0  # RSS of the process before the model loaded (interpreter, torch, edgetl)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> StepTimeline:
+        """Inverse of :meth:`to_dict` (derived fields ignored)."""
+        names = {f.name for f in fields(cls)}
+        v = {k: values[k] for k in names if k in values}
+        v["times_us"] = tuple(v["times_us"])
+        v["live"] = tuple(tuple(row) for row in v["live"])
+        v["phases"] = tuple(tuple(p) for p in v["phases"])
+        return cls(**v)
+
+    @property
+    def peak_rss(self) -> int:
+        """The largest RSS read at a phase's end."""
+        return max(self.rss_after.values(), default=self.loaded_rss)
+
+    @property
+    def allocator_slack(self) -> int:
+        """RSS over what the runtime, and the live tensors at their peak, account for: memory the
+        allocator holds that no tensor uses (freed chunks, fragmentation), and the loaded copy of
+        the weights ``prepare`` copied from."""
+        return self.peak_rss - self.runtime_rss - self.peak_bytes if self.runtime_rss else 0
 
     def total(self, i: int) -> int:
         return sum(self.live[i])
@@ -59,6 +84,24 @@ class StepTimeline:
     @property
     def peak_phase(self) -> str:
         return self.phase_at(self.times_us[self.peak_index])
+
+    def phase_progress(self) -> list[float]:
+        """Each event's position on a phase-aligned axis: phase i spans [i, i + 1) in :data:`PHASES`
+        order, so steps of different speeds line up on one plot."""
+        spans = {name: (start, end) for name, start, end in self.phases}
+        out = []
+        for t in self.times_us:
+            x = float(len(PHASES))
+            for i, name in enumerate(PHASES):
+                start, end = spans.get(name, (0, -1))
+                if start <= t <= end:
+                    x = i + (t - start) / max(end - start, 1)
+                    break
+                if t < start:
+                    x = float(i)
+                    break
+            out.append(x)
+        return out
 
     def phase_at(self, t: int) -> str:
         for name, start, end in self.phases:
@@ -94,8 +137,11 @@ def measure_step_timeline(
     optimizer: str = "adam",
     weights: str | None = None,
     seed: int = 0,
+    runtime_rss: int = 0,
 ) -> StepTimeline:
-    """Record one steady-state training step of ``model`` under ``policy`` (see the module docstring)."""
+    """Record one steady-state training step of ``model`` under ``policy`` in this process (see the
+    module docstring). ``runtime_rss``: this process's RSS before anything loaded, when the caller
+    read it (the child process does)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the new classifier's initialisation
@@ -123,7 +169,8 @@ def measure_step_timeline(
     step(None, {})  # warm-up: the optimizer state now exists (the steady state)
     loaded = current_rss_bytes()
     rss: dict[str, int] = {}
-    rec: Recording = Recorder().run(lambda r: step(r, rss))
+    step(None, rss)  # the RSS is read in a step of its own: the recording's event buffers would count
+    rec: Recording = Recorder().run(lambda r: step(r, {}))
     t0 = rec.times_us[0] if rec.times_us else 0
     return StepTimeline(
         model=model,
@@ -137,7 +184,34 @@ def measure_step_timeline(
         phases=tuple((name, start - t0, end - t0) for name, start, end in rec.phases),
         rss_after=rss,
         loaded_rss=loaded,
+        runtime_rss=runtime_rss,
     )
+
+
+def measure_step_timelines(
+    model: str,
+    policy: TrainPolicy,
+    *,
+    batch_size: int,
+    image_size: int,
+    num_classes: int = 10,
+    optimizer: str = "adam",
+    timeout: float = 900.0,
+) -> dict[str, StepTimeline]:
+    """:func:`measure_step_timeline` for vanilla and MobileTL (``policy`` with each method), each in a
+    fresh child process so the RSS figures are each method's own."""
+    from edgetl.profiler.process_peak import run_child
+
+    out = {}
+    for method in ("vanilla", "mobiletl"):
+        p = TrainPolicy(**{**policy.to_dict(), "method": method})
+        values = run_child(
+            ["--model", model, "--policy", json.dumps(p.to_dict()), "--batch-size", str(batch_size), "--image-size", str(image_size),
+             "--num-classes", str(num_classes), "--optimizer", optimizer, "--timeline"],
+            timeout=timeout,
+        )  # fmt: skip
+        out[method] = StepTimeline.from_dict(values)
+    return out
 
 
 class _Marked:
