@@ -50,7 +50,9 @@ def predict_units(model: nn.Module, policy: TrainPolicy, *, batch_size: int, ima
     ``recomputed`` lists what it stores again during its recomputation in backward
     (:func:`recompute_transient`). Each input is its own storage, counted once: the unit before a
     recomputed unit is frozen (keeps nothing) or recomputed (keeps only its own input), never one
-    whose saved tensors include its output.
+    whose saved tensors include its output. Beside what autograd stores, a recomputed unit that draws random
+    numbers (EfficientNet's stochastic depth) keeps the CPU generator's state from forward to
+    backward: 5056 bytes (``torch.get_rng_state()``), counted nowhere here.
     """
     units = feature_units(model)
     policy.check_blocks(sum(is_irb(unit) for _, unit in units))

@@ -9,6 +9,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from torchvision.ops import StochasticDepth
 
 from edgetl.errors import ConfigError
 from edgetl.models.blocks import feature_units, find_blocks, first_trained_unit, is_irb
@@ -155,7 +156,20 @@ class Recomputed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and torch.is_grad_enabled()):
             return super().forward(x)
-        return checkpoint(super().forward, x, use_reentrant=False, context_fn=lambda: (nullcontext(), _scratch_running_stats(self)))
+        return checkpoint(
+            super().forward,
+            x,
+            use_reentrant=False,
+            preserve_rng_state=_draws_random_numbers(self),
+            context_fn=lambda: (nullcontext(), _scratch_running_stats(self)),
+        )
+
+
+def _draws_random_numbers(unit: nn.Module) -> bool:
+    """Whether ``unit`` (in train mode) draws random numbers: dropout or stochastic depth with p > 0.
+    Only then does the checkpoint keep the CPU generator's state (5056 bytes, beside what autograd
+    stores) to replay the same draws in the recomputation."""
+    return any(isinstance(m, (nn.Dropout, StochasticDepth)) and m.p > 0 for m in unit.modules())
 
 
 _RECOMPUTED: dict[type, type] = {}
