@@ -156,3 +156,31 @@ def test_the_exporter_refuses_a_recomputed_training_program(tmp_path):
     with pytest.raises(ExportError, match=r"^TrainPolicy.recompute cannot be exported: the training program stores what it stores"):
         edgetl.export(model, TrainPolicy(2, recompute=True), tmp_path / "dist", config, log=lambda _: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def _backward_start_and_peak(timeline) -> tuple[int, int]:
+    start = next(t0 for name, t0, _ in timeline.phases if name == "backward")
+    before = max(i for i, t in enumerate(timeline.times_us) if t <= start)
+    return timeline.total(before), timeline.phase_peaks()["backward"]
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_large", "efficientnet_b0"])
+def test_step_timeline_with_recompute(name):
+    """Live bytes entering backward drop by exactly the predicted stored bytes (EfficientNet's
+    stochastically-deep blocks also keep the generator state), and backward then holds at least the
+    predicted recomputation transient on top of them."""
+    from edgetl.profiler.timeline import measure_step_timeline
+
+    base, k, batch, size = load_model(name, num_classes=10), 4, 2, 64
+    figures = {}
+    for recompute in (False, True):
+        policy = TrainPolicy(k, "mobiletl", recompute=recompute)
+        rows = predict_units(base, policy, batch_size=batch, image_size=size)
+        start, peak = _backward_start_and_peak(measure_step_timeline(name, policy, batch_size=batch, image_size=size))
+        figures[recompute] = (start, peak, sum(r.nbytes for r in rows), recompute_transient(rows))
+    (start0, _, stored0, _), (start1, peak1, stored1, transient) = figures[False], figures[True]
+    net = prepare(base, TrainPolicy(k, recompute=True))
+    rng_states = sum(prepare_mod._draws_random_numbers(u) for u in net.top_units())
+    assert rng_states == (k if name == "efficientnet_b0" else 0)
+    assert start0 - start1 == stored0 - stored1 - rng_states * torch.get_rng_state().numel()
+    assert peak1 - start1 >= transient > 0
