@@ -111,6 +111,18 @@ def test_without_scratch_statistics_the_recomputation_would_update_them_twice(mo
     assert int(dict(rc.named_buffers())[key.replace("running_var", "num_batches_tracked")]) == 2
 
 
+def test_without_the_generator_state_stochastic_depth_would_draw_other_masks(models, monkeypatch):
+    """EfficientNet's top blocks drop paths at random: the recomputation must replay the forward's draws."""
+    base = models("efficientnet_b0")
+    _, want = _run_steps(base, TrainPolicy(3, "mobiletl"), steps=1)
+    _, got = _run_steps(base, TrainPolicy(3, "mobiletl", recompute=True), steps=1)
+    assert all(torch.equal(want[0][1][n], got[0][1][n]) for n in want[0][1])
+    monkeypatch.setattr(prepare_mod, "_draws_random_numbers", lambda _unit: False)
+    _, wrong = _run_steps(base, TrainPolicy(3, "mobiletl", recompute=True), steps=1)
+    assert torch.equal(want[0][0], wrong[0][0])  # the forward is the same; its backward is not
+    assert not all(torch.equal(want[0][1][n], wrong[0][1][n]) for n in want[0][1])
+
+
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_recompute_keeps_the_architecture_state_dict_and_eval_forward(models, name):
     base = models(name)
