@@ -1,11 +1,13 @@
 """MobileTL against vanilla fine-tuning on the same K, model and batch: one training step's time,
 bytes stored for backward, and process peak memory, measured side by side in one run.
 
-    .venv/bin/python benchmarks/train_step.py [--model mobilenet_v3_large] [--blocks 5] [--batch-size 8] [--image-size 224]
+    .venv/bin/python benchmarks/train_step.py [--model mobilenet_v3_large] [--blocks 5] [--batch-size 8] [--image-size 224] [--recompute]
 
 Step time: both methods in one process, interleaved (A B A B ...) so machine noise hits both, median
 of --repeats steps after a warm-up. Stored for backward: autograd's saved-tensor hooks. Peak RSS:
 a fresh child process per method (peaks only grow within a process), interleaved, median of --runs.
+--recompute: also time each method with TrainPolicy.recompute (interleaved with the others) and
+report its step time and stored bytes beside the plain policy's (the RSS children run the plain policy).
 """
 
 from __future__ import annotations
@@ -33,12 +35,15 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--recompute", action="store_true", help="also time TrainPolicy.recompute against the plain policy")
     args = p.parse_args()
 
     torch.manual_seed(0)
     base = load_model(args.model, num_classes=10)
-    nets = {m: prepare(base, TrainPolicy(args.blocks, m)).train() for m in METHOD_ORDER}
-    opts = {m: build_optimizer("adam", nets[m].trainable_parameters(), lr=1e-4) for m in METHOD_ORDER}
+    variants = list(METHOD_ORDER) + ([f"{m}+recompute" for m in METHOD_ORDER] if args.recompute else [])
+    policies = {v: TrainPolicy(args.blocks, v.split("+")[0], recompute=v.endswith("+recompute")) for v in variants}
+    nets = {v: prepare(base, policies[v]).train() for v in variants}
+    opts = {v: build_optimizer("adam", nets[v].trainable_parameters(), lr=1e-4) for v in variants}
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     y = torch.randint(0, 10, (args.batch_size,))
 
@@ -50,17 +55,17 @@ def main() -> None:
         opts[method].step()
         return time.perf_counter() - t0
 
-    for m in METHOD_ORDER:  # warm-up: allocator, kernels, optimizer state
-        step(m)
-    times: dict[str, list[float]] = {m: [] for m in METHOD_ORDER}
+    for v in variants:  # warm-up: allocator, kernels, optimizer state
+        step(v)
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.repeats):
-        for m in METHOD_ORDER:
-            times[m].append(step(m))
+        for v in variants:
+            times[v].append(step(v))
 
     saved = {}
-    for m in METHOD_ORDER:
-        units = {n: nets[m].get_submodule(n) for n in nets[m].top_names}
-        saved[m] = sum(u.nbytes for u in measure_saved_bytes(nets[m], units, x).values())
+    for v in variants:
+        units = {n: nets[v].get_submodule(n) for n in nets[v].top_names}
+        saved[v] = sum(u.nbytes for u in measure_saved_bytes(nets[v], units, x).values())
 
     peaks: dict[str, list] = {m: [] for m in METHOD_ORDER}
     for _ in range(args.runs):
@@ -92,6 +97,16 @@ def main() -> None:
     ]
     for label, v, m in rows:
         print(f"{label:34}{v:12.1f}{m:12.1f}{m / v:18.3f}")
+    if args.recompute:
+        print(f"\nwith TrainPolicy.recompute (same interleaved steps)\n{'':34}{'vanilla':>12}{'mobiletl':>12}")
+        rc = {m: f"{m}+recompute" for m in METHOD_ORDER}
+        for label, value in (
+            ("step time (ms)", lambda m: med(times[rc[m]]) * 1e3),
+            ("step time / without recompute", lambda m: med(times[rc[m]]) / med(times[m])),
+            ("stored for backward (MiB, exact)", lambda m: saved[rc[m]] / mib),
+            ("stored / without recompute", lambda m: saved[rc[m]] / saved[m]),
+        ):
+            print(f"{label:34}{value('vanilla'):12.3f}{value('mobiletl'):12.3f}")
 
 
 if __name__ == "__main__":

@@ -154,6 +154,12 @@ def export(
         raise ExecutorchMissingError(str(exc)) from None
     if not isinstance(policy, TrainPolicy):
         raise ExportError(f"policy must be a TrainPolicy, got {type(policy).__name__}")
+    if policy.recompute and config.training:
+        # the program's memory plan keeps what its joint graph saves; recomputation is an eager-PyTorch option
+        raise ExportError(
+            "TrainPolicy.recompute cannot be exported: the training program stores what it stores "
+            "(recompute is an eager-PyTorch option; export with recompute=False)"
+        )
     if not isinstance(model, nn.Module):
         raise ExportError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     out = Path(out_dir)

@@ -53,7 +53,8 @@ class TrainPolicy:
             weight gradient (activation-compressed training, as ActNN/GACT). The forward is
             unchanged; weight gradients are approximate.
         recompute: keep only each trained block's input and recompute the block during backward
-            (exact gradients and statistics; costs one more forward of the trained blocks).
+            (exact gradients and statistics; costs one more forward of the trained blocks). The
+            final conv stage (and the stem under full fine-tuning) is recomputed the same way.
     """
 
     blocks: int

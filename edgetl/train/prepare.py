@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from torchvision.ops import StochasticDepth
 
 from edgetl.errors import ConfigError
 from edgetl.models.blocks import feature_units, find_blocks, first_trained_unit, is_irb
@@ -113,6 +117,73 @@ def apply_mobiletl(block: nn.Module, policy: TrainPolicy) -> None:
             _set_child(block, name, MaskedActivation(kind, policy.activation_grad, policy.activation_mask))
 
 
+# --- policy.recompute: activation checkpointing of the trained units ---------------------------
+
+
+@contextmanager
+def _scratch_running_stats(unit: nn.Module) -> Iterator[None]:
+    """While ``unit`` is recomputed in backward, its train-mode batch norms update scratch copies of
+    their running statistics: the forward already applied the momentum update once. The outputs
+    (and every tensor saved for backward) are the same, as train mode normalises with the batch's
+    own statistics; only the buffers the update writes to differ, and those are thrown away."""
+    swapped = []
+    for bn in unit.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training and bn.track_running_stats:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                kept = getattr(bn, name)
+                if kept is not None:
+                    swapped.append((bn, name, kept))
+                    setattr(bn, name, kept.clone())
+    try:
+        yield
+    finally:
+        for bn, name, kept in swapped:
+            setattr(bn, name, kept)
+
+
+class Recomputed(nn.Module):
+    """Mixin for a unit of ``features`` trained under ``policy.recompute``: in train mode with
+    autograd on, the unit runs under non-reentrant activation checkpointing. Autograd then stores
+    only the unit's input; backward runs the unit's forward again (same RNG state, so the same
+    dropout / stochastic-depth draws; running statistics not updated twice) to get what the unit
+    would have stored. Gradients are bit for bit those of the plain unit.
+
+    :func:`prepare` swaps a unit's class for a subclass of it with this mixin first
+    (:func:`recomputed_class`): the module, its children, parameter names and state-dict keys stay
+    those of the architecture; ``type(unit).__name__`` too.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(x)
+        return checkpoint(
+            super().forward,
+            x,
+            use_reentrant=False,
+            preserve_rng_state=_draws_random_numbers(self),
+            context_fn=lambda: (nullcontext(), _scratch_running_stats(self)),
+        )
+
+
+def _draws_random_numbers(unit: nn.Module) -> bool:
+    """Whether ``unit`` (in train mode) draws random numbers: dropout or stochastic depth with p > 0.
+    Only then does the checkpoint keep the CPU generator's state (5056 bytes, beside what autograd
+    stores) to replay the same draws in the recomputation."""
+    return any(isinstance(m, (nn.Dropout, StochasticDepth)) and m.p > 0 for m in unit.modules())
+
+
+_RECOMPUTED: dict[type, type] = {}
+
+
+def recomputed_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` with :class:`Recomputed` in front (one class per ``cls``, same ``__name__``)."""
+    if issubclass(cls, Recomputed):
+        return cls
+    if cls not in _RECOMPUTED:
+        _RECOMPUTED[cls] = type(cls.__name__, (Recomputed, cls), {"__qualname__": f"Recomputed[{cls.__qualname__}]"})
+    return _RECOMPUTED[cls]
+
+
 def prepare(model: nn.Module, policy: TrainPolicy) -> TransferModel:
     """Return a copy of ``model`` ready to train under ``policy``.
 
@@ -121,6 +192,12 @@ def prepare(model: nn.Module, policy: TrainPolicy) -> TransferModel:
     ``method="mobiletl"`` the top K blocks are rewritten by :func:`apply_mobiletl`; for
     ``"vanilla"`` they train with ordinary autograd. The final 1x1 conv stage (for K >= 1) and
     the classifier train in full. ``model`` itself is left unchanged.
+
+    ``policy.recompute``: every trained unit of ``features`` (each trained block, the final conv
+    stage, and the stem under full fine-tuning) becomes :class:`Recomputed`. The final conv stage is
+    included because it is the widest map of the top (e.g. 960 channels over MobileNetV3-Large's 160
+    input channels: without recompute it stores its conv output and activation input, ~12x its input)
+    and its recomputation is one 1x1 conv; the head (pooled vectors) is not worth it.
     """
     if not isinstance(policy, TrainPolicy):
         raise ConfigError(f"policy must be a TrainPolicy, got {type(policy).__name__}")
@@ -135,6 +212,8 @@ def prepare(model: nn.Module, policy: TrainPolicy) -> TransferModel:
             apply_mobiletl(unit, policy)
         for p in unit.parameters():
             p.requires_grad_(True)
+        if policy.recompute:
+            unit.__class__ = recomputed_class(type(unit))
     for p in net.classifier.parameters():
         p.requires_grad_(True)
     return net.train()
