@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from edgetl.errors import ConfigError
 from edgetl.models.blocks import LayerSpec, feature_units, first_trained_unit, is_irb
+from edgetl.profiler.analytic import total_bytes
 from edgetl.profiler.predict import UnitPrediction, predict_units
 from edgetl.profiler.shapes import FLOAT_BYTES, Shape, float_bytes, walk
 from edgetl.profiler.units import HEAD, head_layers, unit_layers
@@ -229,8 +230,9 @@ def predict_step_peak(
     * top forward: over the trained units in order, what the units so far store for backward
       (``S``, :func:`edgetl.profiler.predict.predict_units`, exact) plus the unit's working set.
     * backward: over the trained units from the top, what is still stored (the units below and
-      this one) + the gradients of the units above + the unit's working set (its incoming and
-      outgoing gradients, kernel scratch).
+      this one; with ``policy.recompute``, what the unit stores again while it is recomputed) +
+      the gradients of the units above + the unit's working set (its incoming and outgoing
+      gradients, kernel scratch).
     * optimizer step: the gradients ``G`` + the update's temporaries (Adam: two of the largest
       trained tensor, ``sqrt`` and the division; SGD: one, with weight decay's sum).
     * evaluation: a no-grad forward of one batch: the largest working set of any unit.
@@ -266,7 +268,8 @@ def predict_step_peak(
         forward = max(forward, (stored, w), key=sum)
     still, above = stored, 0
     for r, w, g in reversed(list(zip(trained, ws, grads, strict=True))):
-        backward = max(backward, (still, above, w), key=sum)
+        # a recomputed unit (policy.recompute) stores its tensors again while its backward runs
+        backward = max(backward, (still + total_bytes(r.recomputed), above, w), key=sum)
         still -= r.nbytes
         above += g
     largest = max((t.numel() * t.element_size() for _, t in _trained_tensors(model, policy)), default=0)
