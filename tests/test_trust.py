@@ -154,3 +154,19 @@ def test_torchvision_imported_before_edgetl_works():
     code = "import torchvision, torchvision.models; import edgetl.models.zoo; print(torchvision.models.mobilenet_v2().__class__.__name__)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     assert done.returncode == 0 and done.stdout.strip() == "MobileNetV2", done.stderr[-500:]
+
+
+@pytest.mark.slow
+def test_mobiletl_finetune_never_peaks_above_vanilla(tmp_path, image_folder):
+    """The user's figure: the whole `edgetl finetune` process, OS peak RSS, vanilla and MobileTL side by side."""
+    peaks = {}
+    for method in ("vanilla", "mobiletl"):
+        out = tmp_path / method
+        argv = [sys.executable, "-m", "edgetl", "finetune", "--model", "efficientnet_lite0", "--blocks", "8", "--method", method]
+        argv += ["--data", str(image_folder), "--image-size", "64", "--batch-size", "32", "--epochs", "1", "--out", str(out)]
+        argv += ["--val-fraction", "0.1"]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": ROOT})
+        _, status, usage = os.wait4(proc.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read().decode()[-800:]
+        peaks[method] = usage.ru_maxrss * 1024  # KiB on Linux
+    assert peaks["mobiletl"] <= peaks["vanilla"], {m: round(p / 2**20, 1) for m, p in peaks.items()}  # 439 vs 467 MiB here
