@@ -1,10 +1,14 @@
-"""The planner: the largest K, then the largest batch size, whose predicted peak fits a device.
+"""The planner: the largest K, then the largest batch size, then the fastest memory options, whose
+predicted peak fits a device.
 
 Every candidate ``(K, batch size)`` is scored against the device's usable memory,
 ``memory_budget x (1 - safety_margin)``, for one of two runtimes:
 
 * ``eager`` (PyTorch on the device): :func:`edgetl.profiler.estimate.predict_step_peak` (an estimate,
-  pure functions of shapes) plus the device profile's runtime overhead. Nothing is run.
+  pure functions of shapes) plus the device profile's runtime overhead. Nothing is run. Each
+  ``(K, batch)`` is tried with the policy's memory options beyond MobileTL (``bottom_chunk``,
+  ``saved_precision``, ``recompute``), cheapest first by :data:`TIME_COST`; the first that fits is
+  that candidate's answer.
 * ``native`` (``deploy/native``'s ``edgetl-device``): :func:`edgetl.profiler.native.predict_native_peak`
   over the training program's memory plan, which only ExecuTorch's memory planner knows: the
   caller passes ``program_memory(policy, batch_size)`` (the CLI passes the exporter's, which emits
@@ -37,6 +41,13 @@ DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 RUNTIMES = ("eager", "native")
 #: the batch sizes at which the native runtime's program memory is emitted (then extrapolated)
 NATIVE_ANCHORS = (2, 4)
+#: step time of each memory option relative to the step without it (multiplied when combined),
+#: measured side by side with benchmarks/train_step.py (MobileNetV3-Large K=5, batch 8, 224 px,
+#: x86-64, 1 thread): recompute runs the trained blocks' forward twice; the bottom in micro-batches
+#: of BOTTOM_CHUNK images pays per-call overhead; compressing saved inputs costs a cast each way
+TIME_COST: dict[str, float] = {"recompute": 1.23, "bottom_chunk": 1.03, "bf16": 1.02, "int8": 1.05}
+#: the micro-batch the planner tries for the frozen bottom
+BOTTOM_CHUNK = 2
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,23 @@ class Candidate:
     batch_size: int
     estimate: StepPeakEstimate | NativePeakEstimate
     usable: int
+    policy: TrainPolicy | None = None  # with the memory options chosen (eager runtime)
+
+    @property
+    def time_cost(self) -> float:
+        """Predicted step time relative to the same K and batch without memory options."""
+        return option_time_cost(self.policy) if self.policy is not None else 1.0
+
+    @property
+    def options(self) -> str:
+        """The memory options in use, for people."""
+        p = self.policy
+        if p is None:
+            return ""
+        parts = [f"bottom_chunk={p.bottom_chunk}"] if p.bottom_chunk else []
+        parts += [f"saved_precision={p.saved_precision}"] if p.saved_precision != "fp32" else []
+        parts += ["recompute"] if p.recompute else []
+        return ", ".join(parts) or "no options"
 
     @property
     def peak(self) -> int:
@@ -69,8 +97,29 @@ class Candidate:
             "usable": self.usable,
             "headroom": self.headroom,
             "fits": self.fits,
+            "policy": self.policy.to_dict() if self.policy else None,
+            "time_cost": self.time_cost,
             "estimate": self.estimate.to_dict(),
         }
+
+
+def option_time_cost(policy: TrainPolicy) -> float:
+    """Predicted step time of ``policy``'s memory options relative to none (:data:`TIME_COST`)."""
+    cost = TIME_COST["recompute"] if policy.recompute else 1.0
+    cost *= TIME_COST["bottom_chunk"] if policy.bottom_chunk else 1.0
+    return cost * TIME_COST.get(policy.saved_precision, 1.0)
+
+
+def option_policies(blocks: int, method: str, activation_mask: str, batch_size: int, precisions: Sequence[str]) -> list[TrainPolicy]:
+    """Every combination of the memory options for one ``(K, batch)``, cheapest first."""
+    chunks = [None, BOTTOM_CHUNK] if batch_size > BOTTOM_CHUNK else [None]
+    combos = [
+        TrainPolicy(blocks, method, activation_mask=activation_mask, bottom_chunk=c, saved_precision=p, recompute=r)
+        for c in chunks
+        for p in precisions
+        for r in (False, True)
+    ]
+    return sorted(combos, key=option_time_cost)
 
 
 @dataclass(frozen=True)
@@ -94,7 +143,8 @@ class Plan:
     runtime: str = "eager"
 
     def policy(self) -> TrainPolicy:
-        return TrainPolicy(self.chosen.blocks, self.method)
+        """The chosen configuration's policy, memory options included."""
+        return self.chosen.policy or TrainPolicy(self.chosen.blocks, self.method)
 
     def to_dict(self) -> dict:
         return {
@@ -116,9 +166,10 @@ class Plan:
 
         def line(c: Candidate) -> str:
             share = 100 * c.peak / c.usable if c.usable > 0 else float("inf")
+            options = f"; {c.options}, time x{c.time_cost:.2f}" if c.policy is not None else ""
             return (
                 f"K={c.blocks:<2d} batch {c.batch_size:<3d} predicted peak {format_size(c.peak):>10s} "
-                f"({share:5.1f}% of usable; {c.estimate.summary(format_size)})"
+                f"({share:5.1f}% of usable; {c.estimate.summary(format_size)}{options})"
             )
 
         overhead = d.runtime_overhead if self.runtime == "eager" else self.chosen.estimate.runtime
@@ -165,6 +216,8 @@ def plan(
     runtime: str = "eager",
     program_memory: Callable[[TrainPolicy, int], ProgramMemory] | None = None,
     images: int = 1000,
+    precisions: Sequence[str] = ("fp32",),
+    memory_options: bool = True,
 ) -> Plan:
     """Choose the largest K, then the largest batch size, whose predicted peak fits ``device``.
 
@@ -183,6 +236,9 @@ def plan(
         program_memory: for the native runtime, ``(policy, batch_size) -> ProgramMemory`` of the
             exported training program (e.g. :func:`edgetl.exporter.training.program_memory`).
         images: for the native runtime, the device's training images (their features are cached).
+        precisions: the ``saved_precision`` values the eager planner may choose.
+        memory_options: let the eager planner use ``bottom_chunk``, ``saved_precision`` and
+            ``recompute`` (cheapest that fits); False plans plain policies only.
 
     Raises:
         ConfigError: bad arguments.
@@ -254,10 +310,19 @@ def plan(
                 return Candidate(k, b, native_estimate(k, b), profile.usable_bytes)
             except EdgetlError:
                 return None  # no training program for this K (e.g. the stem's full convolution at K = all)
-        est = predict_step_peak(
-            net, policy, batch_size=b, image_size=image_size, optimizer=optimizer, runtime_bytes=profile.runtime_overhead, rows=rows
-        )
-        return Candidate(k, b, est, profile.usable_bytes)
+        tried = option_policies(k, method, activation_mask, b, precisions) if memory_options else [policy]
+        first = None
+        for option in tried:  # cheapest first: the first that fits is the answer for (K, b)
+            option_rows = rows if option == policy else predict_units(net, option, batch_size=b, image_size=image_size)
+            est = predict_step_peak(
+                net, option, batch_size=b, image_size=image_size, optimizer=optimizer, runtime_bytes=profile.runtime_overhead,
+                rows=option_rows,
+            )  # fmt: skip
+            c = Candidate(k, b, est, profile.usable_bytes, option)
+            if c.fits:
+                return c
+            first = first or c
+        return first
 
     # best fitting batch per K, from the top K down; the peak grows with K and with the batch size
     best: dict[int, list[Candidate]] = {}
