@@ -100,7 +100,7 @@ def test_binary_maps_no_torch_and_no_python(runner):
 
 
 def test_preprocessing_equals_the_python_transforms(runner):
-    """JPEG/PNG decoding, resize (bilinear and bicubic), crop and normalisation, bit for bit, 84 images x 7 specs."""
+    """JPEG/PNG decoding, resize (bilinear and bicubic), crop and normalisation, bit for bit, 85 images x 7 specs."""
     r = subprocess.run(
         [sys.executable, str(ROOT / "tests/native_preprocess_compare.py"), "--binary", str(BUILD / "edgetl-preprocess")],
         capture_output=True,
