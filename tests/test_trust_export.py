@@ -319,3 +319,36 @@ def test_a_training_export_prints_edgetls_lines_only(cli_export):
     order += ["train.pte + train.ptd:", "verifying 3 SGD steps", "3 SGD steps, ExecuTorch vs eager", "verified and written", "bundle: "]
     at = [next((i for i, line in enumerate(lines) if stage in line), None) for stage in order]
     assert None not in at and at == sorted(at), list(zip(order, at, strict=True))
+
+
+_NOISY_CHILD = """
+import logging, os, sys, warnings
+from edgetl.cli.export import third_party_output
+from edgetl.errors import EdgetlError
+verbose, fail = sys.argv[1] == "1", sys.argv[2]
+with third_party_output(verbose=verbose):
+    warnings.warn("a FutureWarning of some library", FutureWarning)
+    logging.getLogger("torchao").warning("Failed to load a library")
+    os.write(2, b"[cpuinfo_utils.cpp:87] Failed to open midr file\\n")
+    print("edgetl's own line", flush=True)
+    if fail == "bug":
+        raise RuntimeError("a bug")
+    if fail == "user":
+        raise EdgetlError("a user error")
+"""
+
+
+@pytest.mark.parametrize(
+    ("verbose", "fail", "shown"),
+    [("0", "no", False), ("1", "no", True), ("0", "bug", True), ("0", "user", False)],
+)
+def test_third_party_output_is_hidden_unless_verbose_or_a_bug(verbose, fail, shown):
+    done = subprocess.run([sys.executable, "-c", _NOISY_CHILD, verbose, fail], capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.stdout == "edgetl's own line\n"
+    assert ("Failed to open midr file" in done.stderr) == shown, done.stderr
+    if verbose == "1":
+        assert "FutureWarning" in done.stderr and "Failed to load" in done.stderr
+    elif fail != "no":
+        assert ("Traceback" in done.stderr) and ("FutureWarning" not in done.stderr)
+    else:
+        assert done.stderr == ""
