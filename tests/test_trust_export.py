@@ -352,3 +352,18 @@ def test_third_party_output_is_hidden_unless_verbose_or_a_bug(verbose, fail, sho
         assert ("Traceback" in done.stderr) and ("FutureWarning" not in done.stderr)
     else:
         assert done.stderr == ""
+
+
+def test_replace_dir_without_an_atomic_exchange_still_replaces(tmp_path, monkeypatch):
+    """Where renameat2(RENAME_EXCHANGE) is missing, two renames (documented: the target is briefly absent)."""
+    target, new = tmp_path / "dist", tmp_path / ".dist.1.x.partial"
+    for d, text in ((target, "old"), (new, "new")):
+        d.mkdir()
+        (d / "manifest.json").write_text(text)
+    monkeypatch.setattr(bundle_mod, "_exchange", lambda a, b: False)
+    bundle_mod.replace_dir(new, target)
+    assert (target / "manifest.json").read_text() == "new" and (new / "manifest.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".dist.1.x.partial", "dist"]
+    monkeypatch.undo()
+    bundle_mod.replace_dir(new, target)  # the atomic exchange swaps them back
+    assert (target / "manifest.json").read_text() == "old" and (new / "manifest.json").read_text() == "new"
