@@ -154,9 +154,13 @@ def third_party_output(*, verbose: bool) -> Iterator[None]:
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(None if name == "root" else name).setLevel(logging.ERROR)
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (a daemon): nothing native can print anyway
+        saved = None
     captured = tempfile.TemporaryFile()
-    os.dup2(captured.fileno(), 2)
+    if saved is not None:
+        os.dup2(captured.fileno(), 2)
     failed = False
     try:
         with warnings.catch_warnings():
@@ -169,8 +173,9 @@ def third_party_output(*, verbose: bool) -> Iterator[None]:
         raise
     finally:
         sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
         for name, level in levels.items():
             logging.getLogger(None if name == "root" else name).setLevel(level)
         if failed:
