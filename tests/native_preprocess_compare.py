@@ -7,7 +7,8 @@ of many sizes and pixel formats with PIL (plus hand-written PNGs for formats PIL
     edgetl-preprocess IMAGE SIZE SHORT INTERP mean std OUT.bin
 
 equals, to max abs diff <= 1e-6, the eval transform applied the way the Python loaders do it:
-``transform(Image.open(path).convert("RGB"))`` (torchvision's ImageFolder loader converts to RGB).
+``transform(load_image(path))`` (edgetl.data.folder's loader: ``Image.open(path).convert("RGB")`` as
+torchvision's, except 16-bit grey, which it scales to 8 bits by ``value >> 8`` first).
 Where ``transform(Image.open(path))`` works too (RGB and greyscale files) it is checked as well.
 Corrupt inputs (half a JPEG/PNG, a text file, an empty file, a GIF, a missing file) must exit 1 with one error line on stderr.
 
@@ -35,6 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
+
+from edgetl.data.folder import load_image
 
 TOL = 1e-6
 
@@ -245,6 +248,10 @@ def make_images(d: Path):
         name = f"mode_{mode.replace(';', '')}.png"
         conv.save(d / name)
         cases.append((name, d / name, mode == "L"))  # "1": ToImage gives a bool tensor
+    # 16-bit grey over the whole range (a scanner's or a medical image's): the loader scales it by >> 8
+    g16 = (np.asarray(im.convert("L")).astype(np.uint32) * 257 + np.arange(451, dtype=np.uint32)[None, :] * 3) % 65536
+    Image.fromarray(g16.astype(np.uint16)).save(d / "mode_I16_full.png")
+    cases.append(("mode_I16_full.png", d / "mode_I16_full.png", False))
     im.quantize(colors=256).save(d / "palette256.png")
     cases.append(("palette256.png", d / "palette256.png", False))
     im.quantize(colors=16).save(d / "palette16.png", bits=4)
@@ -356,8 +363,8 @@ def main() -> int:
         with Image.open(path) as im:
             size = f"{im.width}x{im.height}"
             mode = im.mode
-            rgb = im.convert("RGB")
             raw = im.copy() if open_ok else None
+        rgb = load_image(str(path))  # what the Python loaders feed the model (16-bit grey scaled by >> 8)
         w, h = rgb.size
         identity = custom_spec(max(w, h), min(w, h), "bilinear", ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
         diffs = []

@@ -537,5 +537,5 @@ def test_bundle_writer_is_all_or_nothing(tmp_path):
     with pytest.raises(ExportError, match=r"input\.mean is missing"):
         edgetl.ExportBundle.load(out)
     # /proc/self is a directory nobody, root included, can create files in
-    with pytest.raises(ExportError, match=r"cannot create the bundle directory beside /proc/self/dist"):
+    with pytest.raises(ExportError, match=r"cannot create (the bundle directory beside|output) /proc/self/dist"):
         bundle_mod.BundleWriter("/proc/self/dist")

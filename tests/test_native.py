@@ -25,6 +25,7 @@ import torch
 
 import edgetl
 from edgetl.exporter import _executorch as et
+from edgetl.exporter.bundle import manifest_bytes
 from edgetl.exporter.weights import apply_device_weights
 from tests.conftest import CLASSES, EXPORT_BATCH, EXPORT_IMAGE_SIZE, export_eager_net, make_image_folder
 
@@ -100,7 +101,7 @@ def test_binary_maps_no_torch_and_no_python(runner):
 
 
 def test_preprocessing_equals_the_python_transforms(runner):
-    """JPEG/PNG decoding, resize (bilinear and bicubic), crop and normalisation, bit for bit, 84 images x 7 specs."""
+    """JPEG/PNG decoding, resize (bilinear and bicubic), crop and normalisation, bit for bit, 85 images x 7 specs."""
     r = subprocess.run(
         [sys.executable, str(ROOT / "tests/native_preprocess_compare.py"), "--binary", str(BUILD / "edgetl-preprocess")],
         capture_output=True,
@@ -306,7 +307,7 @@ def test_a_bundle_whose_weights_belong_to_another_model_fails_with_one_line(runn
     (other / "train.ptd").write_bytes(blob)
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["files"]["train.ptd"]["sha256"] = hashlib.sha256(blob).hexdigest()
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    (other / "manifest.json").write_bytes(manifest_bytes(manifest))  # sealed as the exporter seals it
     _one_line_error(run(runner, "finetune", str(other), str(photos), "--state", str(tmp_path / "s"), "--epochs", "1"), "train.pte")
     assert not (tmp_path / "s" / "state.json").exists()
 

@@ -8,6 +8,13 @@ Wired into ``edgetl``'s command line by :func:`add_export_parser`::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
 
 from edgetl.cli.common import non_negative_int, positive_int
 from edgetl.exporter.config import ExportConfig
@@ -23,7 +30,11 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "fine-tuning, plus manifest.json. Every program is checked against eager PyTorch first.",
     )
     p.add_argument("--checkpoint", required=True, help="run directory from 'edgetl finetune', or a weights file (model.pt)")
-    p.add_argument("--out", required=True, help="bundle directory to create (must be new or empty)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="bundle directory to create (must be new or empty, or an earlier bundle with --force); checked before any work",
+    )
     p.add_argument("--training", action="store_true", help="also export the trainable program for on-device fine-tuning")
     p.add_argument(
         "--batch-size", type=positive_int, help=f"training batch size on the device (default: the run's, else {ExportConfig.batch_size})"
@@ -49,23 +60,52 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         default=ExportConfig.verify_steps,
         help="SGD steps checked against eager (default: %(default)s)",
     )
-    p.add_argument("--device-weights", help="a .ptd written by on-device fine-tuning (trained.ptd): export with those weights")
-    p.add_argument("--force", action="store_true", help="replace an existing bundle in --out")
+    p.add_argument(
+        "--device-weights",
+        metavar="STATE_DIR|PTD",
+        help="export with weights trained on the device: an 'edgetl-device finetune --state' directory (its last epoch) or "
+        "a .ptd in one; its state.json must name the checkpoint's model and exactly its classes (a device trained from a "
+        "bundle with other classes is refused). A bare .ptd with no state.json beside it is checked only for tensor names "
+        "and sizes, which cannot tell a class order apart",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the bundle in --out: refused when --out holds anything else than that bundle's files "
+        "(manifest.json and the files it lists), which are never deleted; the old bundle stays in place until the "
+        "new one is complete, and the two are exchanged atomically",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show third-party warnings and log lines (PyTorch, ExecuTorch, torchao), which are hidden by default",
+    )
     p.set_defaults(handler=run_export)
     return p
 
 
 def run_export(args: argparse.Namespace) -> int:
     """Handler of ``edgetl export``; returns the exit code, raises EdgetlError for user errors."""
+    from pathlib import Path
+
+    from edgetl.exporter.bundle import check_output_dir
+
+    check_output_dir(Path(args.out), overwrite=args.force)  # before any work: a bad --out costs nothing
+    with third_party_output(verbose=args.verbose):
+        return _run_export(args)
+
+
+def _run_export(args: argparse.Namespace) -> int:
     from edgetl.exporter.pipeline import export
-    from edgetl.exporter.weights import apply_device_weights, load_weights
+    from edgetl.exporter.weights import apply_device_weights, device_weights_file, load_weights
     from edgetl.train.policy import TrainPolicy
     from edgetl.train.run import read_weights
 
     trained = read_weights(args.checkpoint, model=args.model)
     state = trained.state_dict
     if args.device_weights:
-        state = apply_device_weights(state, args.device_weights)
+        ptd = device_weights_file(args.device_weights, model_name=trained.model_name, classes=trained.classes)
+        state = apply_device_weights(state, ptd)
     model = load_weights(trained.model_name, state, trained.num_classes, source=trained.source)
     policy = trained.policy or TrainPolicy(blocks=2)
     if args.blocks is not None or args.method is not None:
@@ -92,3 +132,54 @@ def run_export(args: argparse.Namespace) -> int:
     )
     print(f"bundle: {bundle.path}")
     return 0
+
+
+#: loggers of the libraries an export drives; their INFO/WARNING lines are hidden without --verbose
+THIRD_PARTY_LOGGERS = ("torch", "executorch", "torchao", "torch._export", "torch.export", "torch._dynamo", "root")
+
+
+@contextlib.contextmanager
+def third_party_output(*, verbose: bool) -> Iterator[None]:
+    """Hide what the libraries under the export print (Python warnings, their loggers below ERROR,
+    and what native code writes to file descriptor 2: cpuinfo, ExecuTorch's C++ logging); edgetl's
+    own lines go to stdout and stay. With ``verbose`` nothing is hidden. The hidden native stderr is
+    shown after all if the export fails with something else than an edgetl error (a bug or crash
+    report needs it)."""
+    if verbose:
+        yield
+        return
+    from edgetl.errors import EdgetlError
+
+    levels = {name: logging.getLogger(None if name == "root" else name).level for name in THIRD_PARTY_LOGGERS}
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(None if name == "root" else name).setLevel(logging.ERROR)
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (a daemon): nothing native can print anyway
+        saved = None
+    captured = tempfile.TemporaryFile()
+    if saved is not None:
+        os.dup2(captured.fileno(), 2)
+    failed = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except EdgetlError:
+        raise
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+        for name, level in levels.items():
+            logging.getLogger(None if name == "root" else name).setLevel(level)
+        if failed:
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            sys.stderr.flush()
+        captured.close()

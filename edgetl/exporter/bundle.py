@@ -8,24 +8,32 @@ Layout (``--training`` adds the last three)::
     train.pte       training program over features: methods ``forward`` (train step), ``predict``
     train.ptd       its external weights: trainable parameters and running statistics
 
-The bundle is built in a hidden directory beside the target and renamed into place at the end,
-every file written atomically, so an interrupted export leaves no half-written bundle behind.
+The bundle is built in a hidden directory beside the target (``.NAME.PID.*.partial``) and put in
+place at the end, every file written atomically, so an interrupted export leaves no half-written
+bundle behind. Replacing an earlier bundle (``overwrite``, ``--force``) exchanges the two
+directories in one ``renameat2(RENAME_EXCHANGE)``: the target holds the old bundle or the new one
+at every instant (where the file system cannot exchange, two renames leave it briefly absent). Only
+a directory holding nothing but a bundle's own files is replaced: the user's other files are never
+deleted. Hidden leftovers of an interrupted export to the same target are removed by the next one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgetl._files import atomic_write, atomic_write_json
+from edgetl._files import atomic_write
 from edgetl.exporter.errors import ExportError
 from edgetl.exporter.manifest import FORMAT, FileEntry, Manifest
 
@@ -34,6 +42,31 @@ MODEL_PTE = "model.pte"
 BOTTOM_PTE = "bottom.pte"
 TRAIN_PTE = "train.pte"
 TRAIN_PTD = "train.ptd"
+
+
+#: the line of ``manifest.json`` holding its own checksum (a top-level key, never the last one)
+_SEAL = re.compile(rb'^  "manifest_sha256": "([0-9a-f]{64})",\n', re.MULTILINE)
+
+
+def manifest_bytes(data: dict) -> bytes:
+    """``manifest.json``'s bytes for ``data``, sealed: ``manifest_sha256`` is the sha256 of these
+    bytes without that line (``json.dumps(indent=2, sort_keys=True)``), which is what
+    :meth:`ExportBundle.load` and the device runner (``deploy/native/src/bundle.cpp``) check."""
+    data = {k: v for k, v in data.items() if k != "manifest_sha256"}
+    unsealed = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    data["manifest_sha256"] = sha256_bytes(unsealed)
+    sealed = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    assert unseal(sealed) == (data["manifest_sha256"], data["manifest_sha256"])
+    return sealed
+
+
+def unseal(text: bytes) -> tuple[str | None, str | None]:
+    """``(recorded, actual)`` checksum of ``manifest.json``'s bytes; ``(None, None)`` without one."""
+    found = list(_SEAL.finditer(text))
+    if len(found) != 1:
+        return None, None
+    m = found[0]
+    return m.group(1).decode(), sha256_bytes(text[: m.start()] + text[m.end() :])
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -60,7 +93,8 @@ class ExportBundle:
         """Read the bundle at ``path``; with ``check``, verify every file against its sha256."""
         path = Path(path)
         try:
-            data = json.loads((path / MANIFEST).read_text())
+            text = (path / MANIFEST).read_bytes()
+            data = json.loads(text)
         except FileNotFoundError:
             raise ExportError(f"{path} is not an edgetl export bundle (no {MANIFEST})") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -70,6 +104,11 @@ class ExportBundle:
             raise ExportError(f"{path / MANIFEST} has format {found!r}, expected {FORMAT!r}")
         bundle = cls(path, Manifest.from_json(data, source=str(path / MANIFEST)))
         if check:
+            recorded, actual = unseal(text)
+            if recorded is None:
+                raise ExportError(f"{path / MANIFEST} has no manifest_sha256 (exported by an older edgetl, or edited): export it again")
+            if recorded != actual:
+                raise ExportError(f"{path / MANIFEST} was modified after export (it does not match its manifest_sha256): export it again")
             bundle.check_files()
         return bundle
 
@@ -91,25 +130,84 @@ class ExportBundle:
 
 
 def check_output_dir(out: Path, *, overwrite: bool) -> None:
-    """Refuse a target that exists with other content (an earlier bundle only with ``overwrite``)."""
+    """Refuse a target that cannot be written or exists with other content than an earlier bundle
+    (which is replaced only with ``overwrite``); cheap, so callers run it before any export work."""
+    out = Path(out).absolute()
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor != out and not ancestor.is_dir():
+        raise ExportError(f"cannot create output {out}: {ancestor} is a file, not a directory")
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if overwrite and (out / MANIFEST).is_file():
-            return
-        hint = "; pass --force to replace it" if (out / MANIFEST).is_file() else "; choose an empty or new directory"
-        raise ExportError(f"output directory {out} already exists with other content{hint}")
+    writable = ancestor if ancestor != out else out.parent
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot create output {out}: {writable} is not writable")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / MANIFEST).is_file():
+        raise ExportError(f"output directory {out} already exists with other content; choose an empty or new directory")
+    if not overwrite:
+        raise ExportError(f"output directory {out} already exists with other content; pass --force to replace it")
+    others = sorted(p.name for p in out.iterdir() if p.name not in _bundle_names(out))
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise ExportError(
+            f"output directory {out} holds files that are not part of its bundle ({shown}); "
+            "--force replaces a bundle only, so move them elsewhere or choose another --out"
+        )
+
+
+def _bundle_names(out: Path) -> set[str]:
+    """The names an earlier bundle in ``out`` owns: its manifest, the files it lists, their temporaries."""
+    try:
+        files = json.loads((out / MANIFEST).read_text()).get("files", {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        files = {}
+    names = {MANIFEST, *(files if isinstance(files, dict) else {})}
+    return names | {p.name for p in out.glob(".*.tmp") if any(p.name.startswith(f".{n}.") for n in names)}
+
+
+def remove_stale_bundle_temporaries(out: Path) -> None:
+    """Remove what an interrupted export to ``out`` left beside it: ``.NAME.PID.*.partial`` and
+    ``.NAME.PID.old`` directories of processes that are gone, ``.NAME.*.tmp`` files."""
+    prefix = f".{out.name}."
+    try:
+        entries = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    for p in entries:
+        rest = p.name[len(prefix) :]
+        if p.is_dir() and (rest.endswith(".partial") or rest.endswith(".old")):
+            pid = rest.split(".", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue  # another export to the same target is running
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file() and rest.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 class BundleWriter:
-    """Builds a bundle in a hidden sibling directory; :meth:`commit` renames it into place."""
+    """Builds a bundle in a hidden sibling directory; :meth:`commit` puts it in place."""
 
     def __init__(self, out: str | os.PathLike, *, overwrite: bool = False) -> None:
         self.out = Path(out).absolute()
         check_output_dir(self.out, overwrite=overwrite)
         with _disk_errors(f"cannot create the bundle directory beside {self.out}"):
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
+            remove_stale_bundle_temporaries(self.out)
+            self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}.", suffix=".partial", dir=self.out.parent))
+        self.overwrite = overwrite
         self.files: dict[str, FileEntry] = {}
 
     def __enter__(self) -> BundleWriter:
@@ -126,23 +224,59 @@ class BundleWriter:
         return path
 
     def commit(self, manifest: Manifest) -> ExportBundle:
-        """Write the manifest (with the written files' hashes) and move the bundle to its target."""
-        manifest = dataclasses.replace(manifest, files=dict(sorted(self.files.items())))
+        """Write the manifest (with the written files' hashes) and put the bundle at its target."""
+        manifest = dataclasses.replace(manifest, files=dict(sorted(self.files.items())), manifest_sha256=None)
+        text = manifest_bytes(manifest.to_json())
+        manifest = dataclasses.replace(manifest, manifest_sha256=json.loads(text)["manifest_sha256"])
         with _disk_errors(f"cannot put the bundle in place at {self.out}"):
-            atomic_write_json(self.dir / MANIFEST, manifest.to_json())
+            atomic_write(self.dir / MANIFEST, lambda f: f.write(text))
             _fsync_dir(self.dir)
-            old = None
-            if self.out.is_dir():
-                if any(self.out.iterdir()):
-                    old = self.out.with_name(f".{self.out.name}.{os.getpid()}.old")
-                    os.rename(self.out, old)
-                else:
-                    self.out.rmdir()
-            os.rename(self.dir, self.out)
+            # the target may have changed since the check (another process): check again, then swap
+            check_output_dir(self.out, overwrite=self.overwrite)
+            replace_dir(self.dir, self.out)
         _fsync_dir(self.out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.dir.exists():  # now the old bundle
+            shutil.rmtree(self.dir, ignore_errors=True)
         return ExportBundle(self.out, manifest)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put directory ``new`` at ``target``. A missing or empty ``target`` is replaced by one rename;
+    a non-empty one is exchanged with ``new`` atomically (``new`` then holds the old content, for
+    the caller to remove), so ``target`` is never absent."""
+    try:
+        os.rename(new, target)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    if _exchange(new, target):
+        return
+    # no atomic exchange on this system or file system: two renames (target briefly absent)
+    old = target.with_name(f".{target.name}.{os.getpid()}.old")
+    os.rename(target, old)
+    os.rename(new, target)
+    os.rename(old, new)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange ``a`` and ``b`` (Linux ``renameat2``); False where that is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@
 The exporter builds a :class:`Manifest` and writes it as JSON (:meth:`Manifest.to_json`);
 :class:`~edgetl.exporter.bundle.ExportBundle` reads it back into the type
 (:meth:`Manifest.from_json`). The device runner reads the same JSON in C++
-(``deploy/native/src/bundle.cpp``): ``format``, ``files``, ``model.classes``, ``input``,
+(``deploy/native/src/bundle.cpp``): ``format``, ``manifest_sha256``, ``files``, ``model.name``,
+``model.classes``, ``input``,
 ``programs.inference.file``, ``programs.bottom.file`` and ``programs.training`` (``file``,
 ``data``, ``batch_size``, ``methods.forward.inputs[0].shape``, ``trainable_parameters``,
 ``buffers``, ``weights_layout``, ``optimizer``); renaming one of those is a format change.
@@ -220,6 +221,10 @@ class Manifest:
     format: str = FORMAT
     #: every file of the bundle but the manifest, by name (filled in when the bundle is committed)
     files: dict[str, FileEntry] = field(default_factory=dict)
+    #: sha256 of ``manifest.json``'s bytes without this field's line (filled in when the bundle is
+    #: committed, see :func:`edgetl.exporter.bundle.manifest_bytes`): a hand-edited manifest is
+    #: detected, and the value names the bundle (the device binds its training state to it)
+    manifest_sha256: str | None = _optional()
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object ``manifest.json`` holds."""

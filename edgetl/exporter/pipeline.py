@@ -210,6 +210,7 @@ def export(
         log(f"edgetl export: {model_name} ({num_classes} classes) K={policy.blocks} {policy.method}, {image_size}px -> {out}")
 
         x1 = torch.randn(1, 3, image_size, image_size, generator=gen)
+        log(f"  lowering {MODEL_PTE} to XNNPACK and checking it against eager PyTorch ...")
         res, diff = _write_checked_inference(writer, MODEL_PTE, plain, x1, part_of)
         log(
             f"  {MODEL_PTE}: XNNPACK ({', '.join(res.program.delegates) or 'no delegate'}), lowered in {res.seconds:.1f}s, "
@@ -269,6 +270,7 @@ def _export_training_part(
     lr, momentum, weight_decay, label_smoothing = config.lr, config.momentum, config.weight_decay, config.label_smoothing
     xb = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
     bottom = inference.Bottom(training.without_dropout(net))
+    log(f"  lowering {BOTTOM_PTE} (the frozen bottom, batch {batch_size}) to XNNPACK and checking it ...")
     res, diff = _write_checked_inference(writer, BOTTOM_PTE, bottom, xb, part_of)
     log(
         f"  {BOTTOM_PTE}: frozen bottom ({len(net.bottom_names)} units), XNNPACK, lowered in {res.seconds:.1f}s, "
@@ -276,6 +278,7 @@ def _export_training_part(
     )
     feature_shape = res.output_shape
 
+    log(f"  exporting the training program ({TRAIN_PTE} + {TRAIN_PTD}) ...")
     ex = training.export_training(net, feature_shape=feature_shape, num_classes=num_classes, label_smoothing=label_smoothing)
     pte = writer.write(TRAIN_PTE, ex.program.pte)
     ptd = writer.write(TRAIN_PTD, ex.program.ptd)
@@ -283,6 +286,7 @@ def _export_training_part(
         f"  {TRAIN_PTE} + {TRAIN_PTD}: top {len(net.top_names)} units + head, {len(ex.parameter_names)} trainable tensors, "
         f"{len(ex.buffer_names)} running statistics, exported in {ex.seconds:.1f}s"
     )
+    log(f"  verifying {config.verify_steps} SGD steps of ExecuTorch against eager PyTorch ...")
     check = training.verify_training(net, ex, pte, ptd, steps=config.verify_steps, lr=lr, momentum=momentum, weight_decay=weight_decay)
     log(
         f"  {config.verify_steps} SGD steps, ExecuTorch vs eager: loss max diff {check.loss_max_abs_diff:.3g}, "
@@ -290,6 +294,7 @@ def _export_training_part(
         f"running stats {check.running_stats_max_abs_diff:.3g} (moved {check.running_stats_moved:.3g}), "
         f"predict with written weights {check.predict_max_abs_diff:.3g}; tolerance {training.WEIGHT_TOLERANCE:g}"
     )
+    log("  measuring the training program's memory against the profiler's prediction ...")
     mem = _memory_figures(plain, policy, ex, batch_size, image_size)
     log(
         f"  memory: saved for backward {mem.saved_for_backward_bytes_exported / 2**20:.2f} MiB exported vs "

@@ -3,7 +3,8 @@ weights a device trained (a ``.ptd``) over a state dict."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -56,3 +57,48 @@ def apply_device_weights(state: Mapping[str, torch.Tensor], ptd: str | Path) -> 
             raise ExportError(f"device weights {path}: {name} has {value.size} values, the checkpoint {state[name].numel()}")
         state[name] = torch.from_numpy(value.copy()).reshape(state[name].shape).to(state[name].dtype)
     return state
+
+
+def device_weights_file(path: str | Path, *, model_name: str, classes: Sequence[str] | None) -> Path:
+    """The ``.ptd`` that ``edgetl export --device-weights PATH`` means, checked against the checkpoint.
+
+    ``PATH`` is a state directory of ``edgetl-device finetune --state`` (its last saved weights) or
+    a ``.ptd`` file. Where a ``state.json`` is there (the directory's, or beside the file), the
+    model and the class list it records (those of the bundle the device trained from) must be the
+    checkpoint's: a device trained on other classes, or another network, is refused. A bare
+    ``.ptd`` records neither; :func:`apply_device_weights` then checks only that its tensors'
+    names and sizes fit the checkpoint.
+    """
+    path = Path(path)
+    state_dir = path if path.is_dir() else path.parent
+    state_file = state_dir / "state.json"
+    if path.is_dir() and not state_file.is_file():
+        raise ExportError(f"device weights {path} is a directory without state.json (not an edgetl-device --state directory)")
+    if not path.exists():
+        raise ExportError(f"device weights {path} do not exist")
+    if not state_file.is_file():
+        return path
+    try:
+        state = json.loads(state_file.read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ExportError(f"cannot read {state_file}: {exc}") from None
+    what = f"device weights {path} (per {state_file})"
+    if "classes" not in state or "model" not in state:
+        raise ExportError(
+            f"{state_file} records no model and classes (written by an older edgetl-device), so they cannot be checked; "
+            "fine-tune again with this edgetl-device"
+        )
+    if state["model"] != model_name:
+        raise ExportError(f"{what} were trained for {state['model']}, the checkpoint is {model_name}")
+    if classes is not None and list(state["classes"]) != list(classes):
+        raise ExportError(f"{what} were trained for the classes {state['classes']}, the checkpoint has {list(classes)}")
+    if path.is_dir():
+        name = state.get("weights")
+        if not isinstance(name, str):
+            raise ExportError(f"{path} holds no trained weights yet (state.json names none): run edgetl-device finetune first")
+        path = path / name
+        if not path.is_file():
+            raise ExportError(f"{state_file} names {path}, which is missing")
+    return path

@@ -1,11 +1,26 @@
 #include "bundle.h"
 
+#include <cctype>
+#include <utility>
+
 #include "files.h"
 
 namespace edgetl {
 
 namespace {
 constexpr const char* kFormat = "edgetl-bundle/1";
+const std::string kSealKey = "  \"manifest_sha256\": \"";
+
+// [begin, end) of the line `  "manifest_sha256": "<64 hex>",\n` at the top level of `text`; npos when absent.
+std::pair<size_t, size_t> manifest_field(const std::string& text) {
+  const size_t at = text.find("\n" + kSealKey);
+  if (at == std::string::npos) return {std::string::npos, 0};
+  const size_t begin = at + 1, end = begin + kSealKey.size() + 64;
+  if (text.compare(end, 3, "\",\n") != 0) return {std::string::npos, 0};
+  for (size_t i = begin + kSealKey.size(); i < end; ++i)
+    if (!std::isxdigit(static_cast<unsigned char>(text[i]))) return {std::string::npos, 0};
+  return {begin, end + 3};
+}
 
 // nlohmann's exceptions name a JSON pointer, not the file: say which manifest is malformed.
 template <typename F>
@@ -16,19 +31,33 @@ auto field(const std::string& manifest_path, const char* what, F get) -> decltyp
     throw DeviceError(manifest_path + " is not a valid edgetl manifest (" + what + ": " + e.what() + ")");
   }
 }
+// The exporter seals manifest.json: its "manifest_sha256" is the sha256 of the file's bytes without
+// that line (edgetl/exporter/bundle.py manifest_bytes). A hand edit (two classes swapped) breaks it.
+void check_seal(const std::string& mpath, const std::string& text) {
+  const auto it = manifest_field(text);
+  if (it.first == std::string::npos)
+    throw DeviceError(mpath + " has no manifest_sha256 (exported by an older edgetl, or edited): export the bundle again");
+  const std::string recorded = text.substr(it.first + kSealKey.size(), 64);
+  const std::string unsealed = text.substr(0, it.first) + text.substr(it.second);
+  if (sha256_bytes(unsealed) != recorded)
+    throw DeviceError(mpath + " was modified after export (it does not match its manifest_sha256): export the bundle again");
+}
 }  // namespace
 
 Bundle::Bundle(const std::string& path) : dir(path) {
   std::string mpath = join(dir, "manifest.json");
   if (!is_dir(dir)) throw DeviceError(dir + " is not a directory (expected an edgetl bundle)");
   if (!is_file(mpath)) throw DeviceError(dir + " is not an edgetl bundle (no manifest.json)");
+  const std::string text = read_file(mpath);
   try {
-    manifest = nlohmann::json::parse(read_file(mpath));
+    manifest = nlohmann::json::parse(text);
   } catch (const nlohmann::json::exception& e) {
     throw DeviceError(mpath + " is not valid JSON: " + e.what());
   }
-  if (manifest.value("format", "") != kFormat)
-    throw DeviceError(mpath + " has format '" + manifest.value("format", "") + "', this runner reads '" + kFormat + "'");
+  if (!manifest.is_object() || manifest.value("format", "") != kFormat)
+    throw DeviceError(mpath + " has format '" + (manifest.is_object() ? manifest.value("format", "") : "") + "', this runner reads '" +
+                      kFormat + "'");
+  check_seal(mpath, text);
   field(mpath, "files", [&] {
     for (const auto& [name, meta] : manifest.at("files").items()) {
       std::string p = join(dir, name);
@@ -40,6 +69,8 @@ Bundle::Bundle(const std::string& path) : dir(path) {
   });
   field(mpath, "model/input", [&] {
     classes = manifest.at("model").at("classes").get<std::vector<std::string>>();
+    model_name = manifest.at("model").at("name").get<std::string>();
+    manifest_sha256 = manifest.at("manifest_sha256").get<std::string>();
     const auto& in = manifest.at("input");
     input.image_size = in.at("image_size").get<int>();
     input.resize_short_side = in.at("resize_short_side").get<int>();

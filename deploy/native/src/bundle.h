@@ -37,7 +37,8 @@ struct TrainingSpec {
 
 class Bundle {
  public:
-  // Reads `dir`/manifest.json and checks every listed file against its sha256.
+  // Reads `dir`/manifest.json, checks it against its own manifest_sha256 (written by the exporter:
+  // the sha256 of the file without its "manifest_sha256" line) and every listed file against its sha256.
   explicit Bundle(const std::string& dir);
 
   std::string file(const std::string& name) const;  // path of a bundle file
@@ -48,7 +49,11 @@ class Bundle {
   std::vector<std::string> classes;
   InputSpec input{};
   std::string inference_pte, bottom_pte;
-  std::string ptd_sha256;  // of train.ptd: names the weights a state directory belongs to
+  std::string ptd_sha256;  // of train.ptd
+  // The bundle's identity: manifest.json's own checksum, which covers every file's sha256, the
+  // classes, the model and the optimizer. A state directory is bound to it.
+  std::string manifest_sha256;
+  std::string model_name;
 
  private:
   bool has_training_ = false;

@@ -9,6 +9,7 @@
 namespace edgetl {
 
 std::string sha256_file(const std::string& path);
+std::string sha256_bytes(const std::string& data);
 std::string read_file(const std::string& path);
 bool is_file(const std::string& path);
 bool is_dir(const std::string& path);

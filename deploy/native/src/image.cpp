@@ -255,16 +255,17 @@ bool decode_jpeg(const std::vector<unsigned char>& data, RgbImage* out, std::str
 // Pillow (PngImagePlugin._MODES) + convert("RGB"), and what we do to get the same bytes:
 //   grey 1/2/4 bit  -> "1"/"L" scaled (0/255, x*85, x*17)      png_set_expand_gray_1_2_4_to_8
 //   grey 8          -> "L", replicated                            as is
-//   grey 16         -> "I;16"; convert("RGB") CLIPS: min(v, 255)  read 16 bit, clip (see below)
+//   grey 16         -> "I;16"; edgetl's loader scales: v >> 8     png_set_strip_16 (see below)
 //   grey+alpha 8/16 -> "LA"/"RGBA" from the high byte, alpha dropped   png_set_strip_16, drop alpha
 //   RGB 8/16        -> "RGB", high byte of 16-bit samples          png_set_strip_16
 //   RGBA 8/16       -> "RGBA", alpha dropped (no compositing)       png_set_strip_16, drop alpha
 //   palette 1..8    -> "P"; convert("RGB") looks up the palette    png_set_palette_to_rgb
 // tRNS, gAMA, cHRM, sRGB, iCCP and sBIT are ignored by Pillow's convert("RGB") and here.
 //
-// 16-bit greyscale: Pillow's I;16 -> RGB conversion saturates at 255 instead of scaling, so such
-// an image is nearly white. That is what the Python training/eval loaders feed the model, so we
-// reproduce it (a device image must be transformed exactly as the training images were).
+// 16-bit greyscale: Pillow's own I;16 -> RGB conversion saturates at 255 (a nearly white image), so
+// edgetl's Python loader (edgetl/data/folder.py load_image) scales such an image to 8 bits by
+// value >> 8 before replicating it to RGB; the high byte of each big-endian sample is exactly that,
+// and a device image must be transformed exactly as the training images were.
 
 struct PngState {
   const std::vector<unsigned char>* data;
@@ -361,7 +362,7 @@ bool decode_png_protected(PngJob* job) {
   if (grey16) {
     for (size_t i = 0; i < n; ++i, o += 3, in += 2) {
       const int v = (in[0] << 8) | in[1];  // PNG samples are big-endian
-      o[0] = o[1] = o[2] = static_cast<unsigned char>(v > 255 ? 255 : v);  // Pillow I;16 -> RGB clips
+      o[0] = o[1] = o[2] = static_cast<unsigned char>(v >> 8);  // edgetl's loader: I;16 -> 8 bit by >> 8
     }
   } else if (channels == 1 || channels == 2) {  // grey, grey + alpha
     for (size_t i = 0; i < n; ++i, o += 3, in += channels) o[0] = o[1] = o[2] = in[0];

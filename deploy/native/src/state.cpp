@@ -26,6 +26,19 @@ nlohmann::json read_state(const std::string& path) {
     throw DeviceError(path + " is damaged (" + e.what() + "); remove the state directory to start over");
   }
 }
+// A state directory belongs to the bundle whose manifest (classes, model, optimizer, every file's
+// sha256) it was trained from: another export of the same network (other classes, another --lr)
+// has another manifest_sha256 even when its train.ptd is the same.
+void check_bound(const nlohmann::json& s, const Bundle& bundle, const std::string& what, const std::string& hint) {
+  const std::string id = s.is_object() ? s.value("bundle_manifest_sha256", "") : "";
+  if (id == bundle.manifest_sha256) return;
+  std::string why;
+  if (id.empty())
+    why = " (its state.json names no bundle_manifest_sha256: written by an older edgetl-device)";
+  else if (s.contains("classes") && s["classes"] != nlohmann::json(bundle.classes))
+    why = " (classes " + s["classes"].dump() + ", the bundle's " + nlohmann::json(bundle.classes).dump() + ")";
+  throw DeviceError(what + why + hint);
+}
 }  // namespace
 
 void write_ptd(const std::string& path, const std::string& base, const std::map<std::string, TensorSlot>& layout,
@@ -67,10 +80,16 @@ StateDir::StateDir(std::string dir, const Bundle& bundle) : dir_(std::move(dir))
   std::string path = join(dir_, kState);
   if (is_file(path)) {
     state_ = read_state(path);
-    if (state_.value("bundle_ptd_sha256", "") != bundle.ptd_sha256)
-      throw DeviceError(dir_ + " holds training state of another bundle; use another --state directory");
+    check_bound(state_, bundle, dir_ + " holds training state of another bundle", "; use another --state directory");
   } else {
-    state_ = {{"epoch", 0}, {"history", nlohmann::json::array()}, {"bundle_ptd_sha256", bundle.ptd_sha256}, {"weights", nullptr}};
+    // the bundle's identity and what the exporter checks a checkpoint against (edgetl export --device-weights)
+    state_ = {{"epoch", 0},
+              {"history", nlohmann::json::array()},
+              {"bundle_manifest_sha256", bundle.manifest_sha256},
+              {"bundle_ptd_sha256", bundle.ptd_sha256},
+              {"model", bundle.model_name},
+              {"classes", bundle.classes},
+              {"weights", nullptr}};
   }
 }
 
@@ -146,8 +165,7 @@ std::string trained_weights(const std::string& path, const Bundle& bundle) {
   std::string state = join(path, kState);
   if (is_file(state)) {
     nlohmann::json s = read_state(state);
-    if (s.value("bundle_ptd_sha256", "") != bundle.ptd_sha256)
-      throw DeviceError(path + " holds weights trained from another bundle, not " + bundle.dir);
+    check_bound(s, bundle, path + " holds weights trained from another bundle, not " + bundle.dir, "");
     if (s.contains("weights") && s["weights"].is_string()) return join(path, s["weights"].get<std::string>());
   }
   std::string trained = join(path, kTrained);
