@@ -593,3 +593,26 @@ def test_predicted_step_peak_is_within_10_percent_of_the_measured_live_bytes(nam
     assert abs(est.live_peak - measured.peak_bytes) <= 0.10 * measured.peak_bytes, (est.phases(), measured.phase_peaks())
     for phase, predicted in est.phases().items():
         assert abs(predicted - measured.phase_peaks()[phase]) <= 0.10 * measured.peak_bytes, phase
+
+
+def test_plan_takes_the_cheapest_memory_options_that_fit_and_the_choice_fits_when_measured(tmp_path):
+    """A budget between the plain policy's predicted peak and the best option's: the planner must pick options,
+    the cheapest fitting ones by predicted time, and a real training step of its choice stays inside the budget."""
+    from edgetl.profiler.planner import option_policies, option_time_cost
+
+    runtime = calibrate_runtime()
+    model, size, k, b = "mobilenet_v3_small", 128, num_blocks("mobilenet_v3_small"), 16
+    net = load_model(model, num_classes=10)
+    options = option_policies(k, "mobiletl", "reuse", b, ("fp32",))
+    peaks = {o: predict_step_peak(net, o, batch_size=b, image_size=size, runtime_bytes=runtime).total for o in options}
+    plain = peaks[TrainPolicy(k)]
+    assert min(peaks.values()) < plain
+    usable = (plain + min(peaks.values())) // 2
+    device = load_device(_device(tmp_path, int(usable / 0.9) + 1, runtime, margin=0.1))
+    p = plan(device, model, image_size=size, num_classes=10, batch_sizes=(b,), min_blocks=k)
+    chosen = p.policy()
+    assert (chosen.blocks, p.chosen.batch_size) == (k, b) and chosen != TrainPolicy(k)
+    fitting = [o for o in options if peaks[o] <= device.usable_bytes]
+    assert option_time_cost(chosen) == min(option_time_cost(o) for o in fitting)
+    measured = measure_process_peak(model, chosen, batch_size=b, image_size=size, num_classes=10)
+    assert measured.peak_rss <= device.memory_budget, (measured, p.chosen)
