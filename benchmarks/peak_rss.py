@@ -1,13 +1,13 @@
-"""Process peak RSS of a real training step, vanilla against MobileTL, side by side in one run.
+"""Whole-step memory and time of MobileTL and the memory options beyond it, against vanilla, side by side.
 
     .venv/bin/python benchmarks/peak_rss.py [--model mobilenet_v3_large] [--blocks 5] [--batch-size 8] [--image-size 224] [--repeats 3]
 
-Each measurement is a fresh child process (peak RSS only grows within a process) that imports
-PyTorch, loads and prepares the model, then runs training steps (forward, backward, Adam step);
-see :func:`edgetl.profiler.process_peak.measure_process_peak`. The methods alternate (vanilla, mobiletl,
-vanilla, ...) so that drift on the machine hits both, and the medians are reported. Figures are the
-operating system's (VmHWM on Linux): they include the interpreter, PyTorch's libraries and the
-allocator, unlike the exact saved-for-backward bytes printed alongside.
+Each configuration runs in a fresh child process (peak RSS only grows within a process) that
+imports PyTorch, loads and prepares the model, then runs training steps in the trainer's order
+(:func:`edgetl.profiler.process_peak.measure_process_peak`). Configurations alternate within each
+repeat so that drift on the machine hits all of them; medians are reported with the min-max range
+of the process peak. Figures are the operating system's (VmHWM on Linux: interpreter, PyTorch and
+the allocator included) next to the exact bytes stored for backward and the predicted live peak.
 """
 
 from __future__ import annotations
@@ -26,10 +26,23 @@ from edgetl.models.zoo import load_model  # noqa: E402
 from edgetl.profiler.estimate import predict_step_peak  # noqa: E402
 from edgetl.profiler.predict import predict_units  # noqa: E402
 from edgetl.profiler.process_peak import measure_process_peak  # noqa: E402
-from edgetl.profiler.report import METHOD_ORDER  # noqa: E402
 from edgetl.train.policy import TrainPolicy  # noqa: E402
 
 MIB = 2**20
+
+
+def configurations(k: int, chunk: int) -> dict[str, TrainPolicy]:
+    """Vanilla, plain MobileTL, and MobileTL with each memory option, then all of them."""
+    return {
+        "vanilla": TrainPolicy(k, "vanilla"),
+        "mobiletl": TrainPolicy(k),
+        f"+bottom_chunk={chunk}": TrainPolicy(k, bottom_chunk=chunk),
+        "+bf16": TrainPolicy(k, saved_precision="bf16"),
+        "+int8": TrainPolicy(k, saved_precision="int8"),
+        "+recompute": TrainPolicy(k, recompute=True),
+        "+chunk+int8": TrainPolicy(k, bottom_chunk=chunk, saved_precision="int8"),
+        "+chunk+int8+recompute": TrainPolicy(k, bottom_chunk=chunk, saved_precision="int8", recompute=True),
+    }
 
 
 def main() -> None:
@@ -39,61 +52,52 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--bottom-chunk", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4, help="training steps per process (timing: the median after the first)")
     args = p.parse_args()
+    configs = configurations(args.blocks, args.bottom_chunk)
+    shape = {"batch_size": args.batch_size, "image_size": args.image_size}
 
-    runs: dict[str, list] = {m: [] for m in METHOD_ORDER}
+    runs: dict[str, list] = {name: [] for name in configs}
     for i in range(args.repeats):
-        for m in METHOD_ORDER:
-            r = measure_process_peak(
-                args.model,
-                TrainPolicy(args.blocks, m),
-                batch_size=args.batch_size,
-                image_size=args.image_size,
-                num_classes=args.num_classes,
-            )
-            runs[m].append(r)
-            print(
-                f"  run {i + 1}/{args.repeats} {m:8s}: peak {format_size(r.peak_rss)}, after load {format_size(r.loaded_rss)}, "
-                f"step delta {format_size(r.step_delta)}",
-                file=sys.stderr,
-                flush=True,
-            )
+        for name, policy in configs.items():
+            r = measure_process_peak(args.model, policy, num_classes=args.num_classes, steps=args.steps, **shape)
+            runs[name].append(r)
+            print(f"  run {i + 1}/{args.repeats} {name:24s} peak {format_size(r.peak_rss)}, step {r.step_seconds:.3f}s", file=sys.stderr)
 
     model = load_model(args.model, num_classes=args.num_classes)
-    shape = {"batch_size": args.batch_size, "image_size": args.image_size}
-    saved = {m: sum(u.nbytes for u in predict_units(model, TrainPolicy(args.blocks, m), **shape)) for m in METHOD_ORDER}
-    est = {
-        m: predict_step_peak(model, TrainPolicy(args.blocks, m), batch_size=args.batch_size, image_size=args.image_size)
-        for m in METHOD_ORDER
-    }
+    saved = {name: sum(u.nbytes for u in predict_units(model, pol, **shape)) for name, pol in configs.items()}
+    live = {name: predict_step_peak(model, pol, **shape).live_peak for name, pol in configs.items()}
 
-    def med(method: str, attr: str) -> float:
-        return statistics.median(getattr(r, attr) for r in runs[method]) / MIB
+    def med(name: str, attr: str) -> float:
+        return statistics.median(getattr(r, attr) for r in runs[name])
 
     first = runs["vanilla"][0]
     print(
         f"{args.model}, K={args.blocks}, batch {args.batch_size}, {args.image_size} px, {args.num_classes} classes, Adam, "
-        f"{first.steps} training steps per process; medians of {args.repeats} alternating child processes per method"
+        f"{args.steps} steps per process, medians of {args.repeats} alternating child processes per configuration"
     )
     print(
         f"{first.platform}, Python {platform.python_version()}, torch {first.torch_version}, "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, peak reset after load: {first.hwm_reset}\n"
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; ratios are to vanilla\n"
     )
-    rows = [
-        ("saved for backward (autograd, exact)", saved["vanilla"] / MIB, saved["mobiletl"] / MIB),
-        ("RSS after imports (runtime baseline)", med("vanilla", "runtime_rss"), med("mobiletl", "runtime_rss")),
-        ("RSS after model load + prepare", med("vanilla", "loaded_rss"), med("mobiletl", "loaded_rss")),
-        ("process peak RSS (OS)", med("vanilla", "peak_rss"), med("mobiletl", "peak_rss")),
-        ("  delta over model load", med("vanilla", "step_delta"), med("mobiletl", "step_delta")),
-        ("  delta over runtime baseline", med("vanilla", "model_delta"), med("mobiletl", "model_delta")),
-        ("predicted step peak, excl. runtime (est.)", est["vanilla"].model_bytes / MIB, est["mobiletl"].model_bytes / MIB),
-    ]
-    print(f"{'MiB':44}{'vanilla':>10}{'mobiletl':>10}{'mobiletl/vanilla':>18}")
-    for label, v, m in rows:
-        print(f"{label:44}{v:10.1f}{m:10.1f}{m / v:18.3f}")
-    spread = {m: (min(r.peak_rss for r in runs[m]), max(r.peak_rss for r in runs[m])) for m in METHOD_ORDER}
-    print("\npeak RSS range over runs: " + ", ".join(f"{m} {format_size(lo)}-{format_size(hi)}" for m, (lo, hi) in spread.items()))
+    head = f"{'configuration':24s}{'stored MiB':>11s}{'ratio':>7s}{'live pk':>9s}{'delta MiB':>10s}{'ratio':>7s}"
+    head += f"{'peak MiB':>10s}{'ratio':>7s}{'peak min-max':>15s}{'step s':>8s}{'ratio':>7s}"
+    print(head)
+    v_delta, v_peak, v_step = med("vanilla", "step_delta"), med("vanilla", "peak_rss"), med("vanilla", "step_seconds")
+    for name in configs:
+        lo, hi = min(r.peak_rss for r in runs[name]) / MIB, max(r.peak_rss for r in runs[name]) / MIB
+        delta, peak, step = med(name, "step_delta"), med(name, "peak_rss"), med(name, "step_seconds")
+        print(
+            f"{name:24s}{saved[name] / MIB:11.1f}{saved[name] / saved['vanilla']:7.3f}{live[name] / MIB:9.1f}"
+            f"{delta / MIB:10.1f}{delta / v_delta:7.3f}{peak / MIB:10.1f}{peak / v_peak:7.3f}{f'{lo:.0f}-{hi:.0f}':>15s}"
+            f"{step:8.3f}{step / v_step:7.3f}"
+        )
+    print(
+        "\nstored = bytes autograd keeps for backward (exact, predict_units); live pk = predicted live tensor peak "
+        "(predict_step_peak); delta = process peak RSS over the RSS after loading the model; peak = process peak RSS"
+    )
 
 
 if __name__ == "__main__":

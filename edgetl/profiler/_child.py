@@ -14,7 +14,9 @@ import argparse
 import gc
 import json
 import platform
+import statistics
 import sys
+import time
 from dataclasses import asdict
 
 import torch
@@ -74,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     loaded_rss, loaded_peak = current_rss_bytes(), peak_rss_bytes()
     reset = reset_peak()
+    seconds = []
     for _ in range(args.steps):
+        t0 = time.perf_counter()
         train_step(net, x, y, loss_fn, opt)
+        seconds.append(time.perf_counter() - t0)
     result = ProcessPeak(
         method=policy.method,
         runtime_rss=runtime_rss,
@@ -87,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer=args.optimizer,
         torch_version=torch.__version__,
         platform=f"{platform.system()} {platform.machine()}",
+        step_seconds=statistics.median(seconds[1:] or seconds),
     )
     print(json.dumps(asdict(result)))
     return 0

@@ -57,6 +57,7 @@ class ProcessPeak:
     optimizer: str
     torch_version: str
     platform: str
+    step_seconds: float = 0.0  # median wall time of the steps after the first (the first allocates state)
 
     @property
     def step_delta(self) -> int:
