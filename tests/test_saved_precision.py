@@ -9,6 +9,7 @@ the training program.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -286,3 +287,40 @@ def test_inference_program_of_a_compressed_policy_model_is_exported(tmp_path):
     assert bundle.manifest.programs.training is None
     assert bundle.manifest.model.policy["saved_precision"] == "int8"
     assert bundle.manifest.verification.inference_max_abs_diff < 1e-3
+
+
+# --- the trainer ----------------------------------------------------------------------------------------
+
+
+def test_finetune_with_int8_saved_inputs_trains_and_saves_plain_weights(tmp_path, image_folder):
+    config = edgetl.FinetuneConfig(
+        model="mobilenet_v3_small",
+        weights=None,
+        data=str(image_folder),
+        policy=TrainPolicy(blocks=2, saved_precision="int8"),
+        epochs=2,
+        batch_size=8,
+        image_size=32,
+        lr=3e-3,
+        augment=False,
+        workers=0,
+        out=str(tmp_path / "run"),
+    )
+    result = edgetl.finetune(config, log=lambda _: None)
+    assert all(math.isfinite(h["train_loss"]) for h in result.history)
+    assert any(isinstance(m, CompressedConv2d) for m in result.model.modules())
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["policy"]
+    assert saved["saved_precision"] == "int8"
+    plain = load_model("mobilenet_v3_small", weights=tmp_path / "run" / "model.pt", num_classes=3)
+    assert plain.state_dict().keys() == result.model.state_dict().keys()
+    # the compressed convs trained: their weights moved from the initialisation (the same seed
+    # draws the same initialisation: the frozen bottom's weights are those)
+    torch.manual_seed(config.seed)
+    start = load_model("mobilenet_v3_small", num_classes=3).state_dict()
+    trained = result.model.state_dict()
+    bottom = f"{result.model.bottom_names[-1]}.block.0.0.weight"
+    assert torch.equal(trained[bottom], start[bottom])
+    for m in result.model.modules():
+        if isinstance(m, CompressedConv2d):
+            key = next(k for k, v in result.model.named_parameters() if v is m.weight)
+            assert not torch.equal(trained[key], start[key]), key
