@@ -48,7 +48,9 @@ def compressed_nbytes(shape: tuple[int, ...], precision: str) -> int:
 def int8_scale(x: Tensor) -> Tensor:
     """One symmetric scale per channel of ``x`` (N x C x ...), over the batch: max |x| / 127 (1 for
     an all-zero channel, whose values then quantize to 0 exactly)."""
-    amax = x.detach().abs().amax(dim=[d for d in range(x.dim()) if d != 1])
+    dims = [d for d in range(x.dim()) if d != 1]
+    x = x.detach()
+    amax = torch.maximum(x.amax(dim=dims), -x.amin(dim=dims))  # max |x| without a full-size |x|
     return torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
 
 
@@ -58,7 +60,8 @@ def _channel_view(scale: Tensor, dim: int) -> Tensor:
 
 def quantize_int8(x: Tensor, scale: Tensor) -> Tensor:
     """``round(x / scale)`` per channel as int8 (ties to even; within [-127, 127] by construction)."""
-    return torch.round(x / _channel_view(scale, x.dim())).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    # one fp32 temporary (the quotient), rounded and clamped in place
+    return torch.div(x.detach(), _channel_view(scale, x.dim())).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
 
 
 def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
