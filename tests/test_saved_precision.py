@@ -18,6 +18,7 @@ from torch import nn
 from torchvision.ops import SqueezeExcitation
 
 import edgetl
+from edgetl.cli import main
 from edgetl.exporter import training
 from edgetl.exporter.errors import ExportError
 from edgetl.models.blocks import block_spec, find_blocks
@@ -292,7 +293,7 @@ def test_inference_program_of_a_compressed_policy_model_is_exported(tmp_path):
 # --- the trainer ----------------------------------------------------------------------------------------
 
 
-def test_finetune_with_int8_saved_inputs_trains_and_saves_plain_weights(tmp_path, image_folder):
+def test_finetune_with_int8_saved_inputs_trains_and_saves_plain_weights(tmp_path, image_folder, capsys):
     config = edgetl.FinetuneConfig(
         model="mobilenet_v3_small",
         weights=None,
@@ -324,3 +325,10 @@ def test_finetune_with_int8_saved_inputs_trains_and_saves_plain_weights(tmp_path
         if isinstance(m, CompressedConv2d):
             key = next(k for k, v in result.model.named_parameters() if v is m.weight)
             assert not torch.equal(trained[key], start[key]), key
+    # its run exports for inference; 'edgetl export --training' refuses it with one line
+    pytest.importorskip("executorch")
+    code = main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "dist"), "--training"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("edgetl: error: the training program keeps conv inputs in fp32 only: TrainPolicy.saved_precision='int8'")
+    assert not (tmp_path / "dist").exists()

@@ -117,8 +117,9 @@ def shift_only_norms(norms: Sequence[T]) -> list[T]:
 
 def mask_storage(activation_mask: str, saved_precision: str, feeds_conv: bool) -> str:
     """Where a MobileTL activation keeps its 1-bit mask (``TrainPolicy`` fields): ``activation_mask``,
-    except that with a compressed ``saved_precision`` an activation whose output goes into a conv (directly or
-    through zero padding) keeps it ``"packed"``. That conv stores only a lossy copy, which the mask
-    cannot be read off (int8 rounds small positives to 0), and ``"reuse"`` would keep the fp32
-    output for the mask alone."""
+    except that with a compressed ``saved_precision`` an activation whose output goes into a conv
+    (directly or through zero padding) keeps it ``"packed"``. That conv stores only a lossy copy,
+    which the mask cannot be read off (int8 rounds small positives to 0), and ``"reuse"`` would keep
+    the fp32 output for the mask alone. An activation feeding a squeeze-excitation keeps
+    ``activation_mask``: the SE's gating multiply stores that output in fp32 anyway."""
     return "packed" if saved_precision != "fp32" and feeds_conv else activation_mask
