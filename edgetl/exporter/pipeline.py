@@ -162,6 +162,8 @@ def export(
         )
     if not isinstance(model, nn.Module):
         raise ExportError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if config.training:
+        training.check_policy(policy)
     out = Path(out_dir)
     bundle_mod.check_output_dir(out.absolute(), overwrite=config.overwrite)
 

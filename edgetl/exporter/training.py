@@ -35,7 +35,7 @@ from torchvision.ops import StochasticDepth
 
 from edgetl.exporter import _executorch as et
 from edgetl.exporter import inference, memory, nhwc
-from edgetl.exporter.errors import UnsupportedModelError, VerificationError
+from edgetl.exporter.errors import ExportError, UnsupportedModelError, VerificationError
 from edgetl.exporter.inference import locate_operator
 from edgetl.exporter.manifest import TrainingCheck
 from edgetl.train.prepare import TransferModel
@@ -61,6 +61,15 @@ def without_dropout(net: TransferModel) -> TransferModel:
         if isinstance(m, (nn.Dropout, StochasticDepth)):
             m.p = 0.0
     return net
+
+
+def check_policy(policy) -> None:
+    """Raise :class:`ExportError` (one line) for a policy the training program cannot carry."""
+    if policy.saved_precision != "fp32":
+        raise ExportError(
+            f"the training program keeps conv inputs in fp32 only: TrainPolicy.saved_precision={policy.saved_precision!r} "
+            "is eager-only (export with saved_precision='fp32', or without the training program)"
+        )
 
 
 def drop_aliases(ep: torch.export.ExportedProgram) -> int:
@@ -114,6 +123,7 @@ def export_training(
     into ATen operators any ExecuTorch runtime has. Raises :class:`UnsupportedModelError` when a
     layer has no exportable form or an operator no kernel.
     """
+    check_policy(net.policy)
     if native_kernels is None:
         native_kernels = et.load_native_kernels() is not None
     t0 = time.perf_counter()

@@ -4,7 +4,10 @@ Nothing here runs a model. The rules are those of PyTorch's autograd on CPU (hel
 :mod:`edgetl.profiler.measure` by the tests, to the byte), with every saved tensor counted once
 (tensors sharing storage are one tensor):
 
-* conv / linear with a trainable weight: its input (dW needs it).
+* conv / linear with a trainable weight: its input (dW needs it). Under a compressed
+  ``saved_precision`` a MobileTL block's convs (not its squeeze-excitation's) keep a compressed copy
+  instead (:func:`edgetl.nn.compress.compressed_nbytes`: bf16 2 bytes an element, int8 1 byte an
+  element + a 4-byte scale per channel), and an activation feeding such a conv keeps a packed mask.
 * train-mode batch norm: its input, plus the batch mean and inverse std (2 x C floats).
 * MobileTL's shift-only norm: nothing (dx = s * dy, dbeta = sum dy).
 * activation, ordinary autograd: ReLU and Sigmoid keep their *output*, which their consumer keeps
@@ -29,9 +32,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgetl.models.blocks import LayerSpec
+from edgetl.nn.compress import compressed_nbytes
 from edgetl.nn.ops import packed_numel
 from edgetl.profiler.shapes import Shape, float_bytes, unit_output_shape, walk
-from edgetl.train.policy import shift_only_norms
+from edgetl.train.policy import mask_storage, shift_only_norms
 
 #: activations whose autograd formula keeps the output (shared with the consumer)
 KEEPS_OUTPUT = frozenset({"relu", "sigmoid"})
@@ -96,6 +100,7 @@ def saved_for_backward(
     mobiletl: bool = False,
     activation_mask: str = "reuse",
     training: bool = True,
+    saved_precision: str = "fp32",
 ) -> tuple[list[Saved], Shape]:
     """What training one unit (a block, a conv stage, the head) stores for backward.
 
@@ -106,6 +111,8 @@ def saved_for_backward(
             shift-only norms keep nothing and activations are masked. False: ordinary autograd.
         activation_mask: ``"reuse"`` or ``"packed"`` (see :class:`edgetl.TrainPolicy`).
         training: train mode (dropout and stochastic depth active).
+        saved_precision: ``"fp32"``, ``"bf16"`` or ``"int8"`` (see :class:`edgetl.TrainPolicy`);
+            applies with ``mobiletl`` only.
 
     Returns:
         The saved tensors and the unit's output shape.
@@ -113,8 +120,14 @@ def saved_for_backward(
     tape = _Tape()
     x = tape.new()
     shift_only = _shift_only(layers, mobiletl)
+    compressed = mobiletl and saved_precision != "fp32"
+    # whether layer i's output goes into a conv, through zero padding or not
+    ops_after = [next((later.op for later in layers[i + 1 :] if later.op != "pad"), None) for i in range(len(layers))]
     for i, layer, shape, _ in walk(layers, in_shape):
-        if layer.op in ("conv", "linear"):
+        if layer.op == "conv" and compressed:
+            tape.save(tape.new(), i, f"conv input ({saved_precision})", shape, compressed_nbytes(shape, saved_precision))
+            x = tape.new()
+        elif layer.op in ("conv", "linear"):
             tape.save(x, i, f"{layer.op} input", shape)
             x = tape.new()
         elif layer.op == "norm":
@@ -123,7 +136,8 @@ def saved_for_backward(
                 tape.save(tape.new(), i, "batch-norm mean, inverse std", (2 * shape[1],))
             x = tape.new()
         elif layer.op == "act":
-            x = _activation(tape, i, layer.kind, shape, mobiletl, activation_mask, "activation")
+            mask = mask_storage(activation_mask, saved_precision if compressed else "fp32", ops_after[i] == "conv")
+            x = _activation(tape, i, layer.kind, shape, mobiletl, mask, "activation")
         elif layer.op == "se":
             n, c = shape[0], shape[1]
             pooled, squeezed = (n, c, 1, 1), (n, layer.se_squeeze, 1, 1)

@@ -61,7 +61,11 @@ def predict_units(model: nn.Module, policy: TrainPolicy, *, batch_size: int, ima
     rows: list[UnitPrediction] = []
     for i, (name, unit) in enumerate(units):
         saved, out = saved_for_backward(
-            unit_layers(name, unit), shape, mobiletl=uses_mobiletl(policy, unit), activation_mask=policy.activation_mask
+            unit_layers(name, unit),
+            shape,
+            mobiletl=uses_mobiletl(policy, unit),
+            activation_mask=policy.activation_mask,
+            saved_precision=policy.saved_precision,
         )
         role = "frozen" if i < trained_from else "block" if is_irb(unit) else "stage"
         if role == "frozen":

@@ -48,10 +48,15 @@ class TrainPolicy:
             the same up to float rounding (oneDNN picks convolution kernels by batch size:
             relative differences ~1e-7 at most, usually none); only time is spent.
         saved_precision: how the conv inputs a MobileTL block stores for backward are kept:
-            ``"fp32"`` (as computed), ``"bf16"`` (truncated to bfloat16, half the bytes) or
-            ``"int8"`` (per-channel scale, a quarter), decompressed in backward to compute the
-            weight gradient (activation-compressed training, as ActNN/GACT). The forward is
-            unchanged; weight gradients are approximate.
+            ``"fp32"`` (as computed), ``"bf16"`` (rounded to nearest bfloat16, half the bytes) or
+            ``"int8"`` (symmetric, one fp32 scale per channel over the batch, a quarter),
+            decompressed in backward to compute the weight gradient (activation-compressed training,
+            as ActNN/GACT; :mod:`edgetl.nn.compress`). Applies to the depthwise, expansion and
+            projection convs of MobileTL blocks (not the squeeze-excitation's 1x1 convs on N x C x 1
+            x 1, nor vanilla blocks, the final conv stage or the head). The forward, input gradients
+            and every other gradient are unchanged; those convs' weight gradients are approximate.
+            An activation whose output only such a conv would keep stores its 1-bit mask packed
+            (:func:`mask_storage`). The exporter's training program refuses it.
         recompute: keep only each trained block's input and recompute the block during backward
             (exact gradients and statistics; costs one more forward of the trained blocks). The
             final conv stage (and the stem under full fine-tuning) is recomputed the same way.
@@ -109,3 +114,13 @@ def shift_only_norms(norms: Sequence[T]) -> list[T]:
     """The norms of a MobileTL block that train their shift only: every norm but the last. The
     last (after the projection conv) trains fully, in train mode."""
     return list(norms[:-1])
+
+
+def mask_storage(activation_mask: str, saved_precision: str, feeds_conv: bool) -> str:
+    """Where a MobileTL activation keeps its 1-bit mask (``TrainPolicy`` fields): ``activation_mask``,
+    except that with a compressed ``saved_precision`` an activation whose output goes into a conv
+    (directly or through zero padding) keeps it ``"packed"``. That conv stores only a lossy copy,
+    which the mask cannot be read off (int8 rounds small positives to 0), and ``"reuse"`` would keep
+    the fp32 output for the mask alone. An activation feeding a squeeze-excitation keeps
+    ``activation_mask``: the SE's gating multiply stores that output in fp32 anyway."""
+    return "packed" if saved_precision != "fp32" and feeds_conv else activation_mask

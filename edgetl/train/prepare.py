@@ -9,12 +9,14 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import StochasticDepth
+from torchvision.ops import SqueezeExcitation, StochasticDepth
 
 from edgetl.errors import ConfigError
 from edgetl.models.blocks import feature_units, find_blocks, first_trained_unit, is_irb
+from edgetl.nn import ops
+from edgetl.nn.compress import CompressedConv2d
 from edgetl.nn.layers import MaskedActivation, ShiftOnlyNorm, activation_kind
-from edgetl.train.policy import TrainPolicy, shift_only_norms, uses_mobiletl
+from edgetl.train.policy import TrainPolicy, mask_storage, shift_only_norms, uses_mobiletl
 
 
 class TransferModel(nn.Module):
@@ -115,6 +117,31 @@ def apply_mobiletl(block: nn.Module, policy: TrainPolicy) -> None:
         kind = activation_kind(module)
         if kind is not None and not isinstance(module, MaskedActivation):
             _set_child(block, name, MaskedActivation(kind, policy.activation_grad, policy.activation_mask))
+    if policy.saved_precision != "fp32":
+        _compress_saved_conv_inputs(block, policy)
+
+
+def _compress_saved_conv_inputs(block: nn.Module, policy: TrainPolicy) -> None:
+    """``policy.saved_precision`` inside a MobileTL block: its expansion, depthwise and projection
+    convs keep their input compressed (:class:`~edgetl.nn.compress.CompressedConv2d`), and an
+    activation feeding one of them keeps its mask packed (:func:`~edgetl.train.policy.mask_storage`).
+    The squeeze-excitation's 1x1 convs (on N x C x 1 x 1: a few KiB) keep fp32 inputs."""
+    se = [name for name, m in block.named_modules() if isinstance(m, SqueezeExcitation)]
+    # the block's layers in forward order, a squeeze-excitation as one, zero padding left out
+    layers = [
+        (name, m)
+        for name, m in block.named_modules()
+        if name
+        and not any(name.startswith(f"{s}.") for s in se)
+        and (isinstance(m, SqueezeExcitation) or not list(m.children()))
+        and not isinstance(m, (nn.ZeroPad2d, nn.Identity))
+    ]
+    for (name, m), (_, following) in zip(layers, layers[1:] + [("", None)], strict=True):
+        if isinstance(m, nn.Conv2d):
+            _set_child(block, name, CompressedConv2d(m, policy.saved_precision))
+        elif isinstance(m, MaskedActivation) and m.kind not in ops.GATE_KINDS:
+            mask = mask_storage(policy.activation_mask, policy.saved_precision, isinstance(following, nn.Conv2d))
+            _set_child(block, name, MaskedActivation(m.kind, m.rule, mask))
 
 
 # --- policy.recompute: activation checkpointing of the trained units ---------------------------
@@ -191,7 +218,9 @@ def prepare(model: nn.Module, policy: TrainPolicy) -> TransferModel:
     autograd; with K = all blocks nothing is frozen (full fine-tuning, stem included). For
     ``method="mobiletl"`` the top K blocks are rewritten by :func:`apply_mobiletl`; for
     ``"vanilla"`` they train with ordinary autograd. The final 1x1 conv stage (for K >= 1) and
-    the classifier train in full. ``model`` itself is left unchanged.
+    the classifier train in full. ``model`` itself is left unchanged. ``policy.saved_precision``
+    applies to MobileTL blocks only: vanilla blocks, the stem, the final conv stage and the head
+    keep fp32 inputs (ordinary autograd, the baselines MobileTL is compared against).
 
     ``policy.recompute``: every trained unit of ``features`` (each trained block, the final conv
     stage, and the stem under full fine-tuning) becomes :class:`Recomputed`. The final conv stage is

@@ -1,0 +1,200 @@
+"""Convolutions that keep their input for backward compressed (activation-compressed training).
+
+A trainable conv's weight gradient needs its input; autograd keeps it in fp32. These convs keep a
+compressed copy instead and decompress it to fp32 in backward (as ActNN / GACT do, on CPU):
+
+* ``"bf16"``: the input rounded to bfloat16 (``x.to(torch.bfloat16)``: round to nearest, ties to
+  even, not truncation; 8 significant bits, so every element is off by at most 2^-8 of itself),
+  2 bytes an element;
+* ``"int8"``: symmetric int8 with one fp32 scale per channel over the whole batch,
+  ``s_c = max |x[:, c]| / 127`` (1 where the channel is all zeros), ``q = round(x / s_c)``; every
+  element is off by at most ``s_c / 2``. 1 byte an element plus 4 bytes a channel. One scale per
+  channel rather than per sample and channel: MobileTL's top blocks run on tiny maps (3 x 3 at
+  96 px) where per-sample scales would add 4 / 9 of a byte to every element.
+
+The forward is the ordinary fp32 convolution (bit-identical output). Backward computes
+``grad_input`` from the weight alone (identical to fp32 autograd's: it never reads the input) and
+``grad_weight`` (and ``grad_bias``) from the decompressed input, with
+``aten.convolution_backward``. The operators are ``torch.library.custom_op`` s with
+``register_autograd``, as :mod:`edgetl.nn.ops`: autograd stores only what the operator returns
+for it (the compressed tensor and the scales) and the weight, never the fp32 input. The exporter's
+training program does not carry them (it refuses such a policy).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+#: ``TrainPolicy.saved_precision`` values these convs implement ("fp32" is the plain conv)
+COMPRESSED_PRECISIONS = ("bf16", "int8")
+INT8_MAX = 127
+
+
+def compressed_nbytes(shape: tuple[int, ...], precision: str) -> int:
+    """Bytes a conv input of ``shape`` (N x C x H x W) costs stored at ``precision``."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    if precision == "fp32":
+        return 4 * numel
+    if precision == "bf16":
+        return 2 * numel
+    if precision == "int8":
+        return numel + 4 * shape[1]  # int8 values + one fp32 scale per channel
+    raise ValueError(f"unknown saved precision {precision!r}; expected fp32, bf16 or int8")
+
+
+def int8_scale(x: Tensor) -> Tensor:
+    """One symmetric scale per channel of ``x`` (N x C x ...), over the batch: max |x| / 127 (1 for
+    an all-zero channel, whose values then quantize to 0 exactly)."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    x = x.detach()
+    amax = torch.maximum(x.amax(dim=dims), -x.amin(dim=dims))  # max |x| without a full-size |x|
+    return torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+
+
+def _channel_view(scale: Tensor, dim: int) -> Tensor:
+    return scale.view((1, -1) + (1,) * (dim - 2))
+
+
+def quantize_int8(x: Tensor, scale: Tensor) -> Tensor:
+    """``round(x / scale)`` per channel as int8 (ties to even; within [-127, 127] by construction)."""
+    # one fp32 temporary (the quotient), rounded and clamped in place
+    return torch.div(x.detach(), _channel_view(scale, x.dim())).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
+    return q.to(torch.float32) * _channel_view(scale, q.dim())
+
+
+def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int):
+    return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+# --- the operators ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("edgetl::conv2d_saved_bf16", mutates_args=())
+def conv2d_saved_bf16(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int
+) -> tuple[Tensor, Tensor]:
+    """``conv2d(x, ...)`` and ``x`` rounded to bfloat16, which backward reads for dW."""
+    return _conv(x, weight, bias, stride, padding, dilation, groups), x.to(torch.bfloat16)
+
+
+@conv2d_saved_bf16.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups):
+    return _conv(x, weight, bias, stride, padding, dilation, groups), torch.empty_like(x, dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("edgetl::conv2d_saved_int8", mutates_args=())
+def conv2d_saved_int8(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``conv2d(x, ...)``, ``x`` as int8 and its per-channel fp32 scales, which backward reads for dW."""
+    scale = int8_scale(x)
+    return _conv(x, weight, bias, stride, padding, dilation, groups), quantize_int8(x, scale), scale
+
+
+@conv2d_saved_int8.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups):
+    y = _conv(x, weight, bias, stride, padding, dilation, groups)
+    return y, torch.empty_like(x, dtype=torch.int8), x.new_empty((x.shape[1],))
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, weight, bias, ctx.stride, ctx.padding, ctx.dilation, ctx.groups = inputs
+    ctx.has_bias = bias is not None
+    ctx.x_shape = x.shape
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(weight, *output[1:])
+
+
+def _conv_backward(ctx, dy: Tensor, x: Tensor | None, weight: Tensor):
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if x is None:  # dW not needed: convolution_backward still wants an input of the right shape
+        x = dy.new_empty(ctx.x_shape)
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        dy,
+        x,
+        weight,
+        [weight.shape[0]] if ctx.has_bias else None,
+        ctx.stride,
+        ctx.padding,
+        ctx.dilation,
+        False,
+        [0, 0],
+        ctx.groups,
+        [need_x, need_w, need_b and ctx.has_bias],
+    )
+    return gx, gw, gb if ctx.has_bias else None, None, None, None, None
+
+
+def _bf16_backward(ctx, dy: Tensor, _gq, *_):
+    weight, q = ctx.saved_tensors
+    need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
+    return _conv_backward(ctx, dy, q.to(torch.float32) if need_w else None, weight)
+
+
+def _int8_backward(ctx, dy: Tensor, *_):
+    weight, q, scale = ctx.saved_tensors
+    need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
+    return _conv_backward(ctx, dy, dequantize_int8(q, scale) if need_w else None, weight)
+
+
+conv2d_saved_bf16.register_autograd(_bf16_backward, setup_context=_setup)
+conv2d_saved_int8.register_autograd(_int8_backward, setup_context=_setup)
+
+
+def decompressed(x: Tensor, precision: str) -> Tensor:
+    """``x`` as backward sees it after storage at ``precision`` (fp32): for tests and error bounds."""
+    if precision == "fp32":
+        return x
+    if precision == "bf16":
+        return x.to(torch.bfloat16).to(torch.float32)
+    if precision == "int8":
+        scale = int8_scale(x)
+        return dequantize_int8(quantize_int8(x, scale), scale)
+    raise ValueError(f"unknown saved precision {precision!r}; expected fp32, bf16 or int8")
+
+
+# --- the module ------------------------------------------------------------------------------
+
+
+class CompressedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (same parameters, same state-dict keys) that keeps its input for backward
+    at ``precision`` (``"bf16"`` or ``"int8"``). Without autograd (eval, ``no_grad``) it is the plain
+    conv. Zero padding with integer sizes only, as every conv of the supported blocks."""
+
+    def __init__(self, conv: nn.Conv2d, precision: str) -> None:
+        if precision not in COMPRESSED_PRECISIONS:
+            raise ValueError(f"unknown compressed precision {precision!r}; expected one of {COMPRESSED_PRECISIONS}")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"a compressed conv needs integer zero padding, got {conv.padding!r} ({conv.padding_mode})")
+        super().__init__(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            device="meta",
+        )
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.precision = precision
+
+    def forward(self, x: Tensor) -> Tensor:
+        grads = self.weight.requires_grad or x.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        if not (torch.is_grad_enabled() and grads):
+            return super().forward(x)
+        args = (x, self.weight, self.bias, list(self.stride), list(self.padding), list(self.dilation), self.groups)
+        if self.precision == "bf16":
+            return conv2d_saved_bf16(*args)[0]
+        return conv2d_saved_int8(*args)[0]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, saved={self.precision}"
