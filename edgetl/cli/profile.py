@@ -14,7 +14,7 @@ from edgetl.errors import ConfigError
 from edgetl.profiler.planner import DEFAULT_BATCH_SIZES, RUNTIMES
 from edgetl.train.config import FASHION_MNIST, config_from_file
 from edgetl.train.optim import OPTIMIZERS
-from edgetl.train.policy import ACTIVATION_MASKS, METHODS
+from edgetl.train.policy import ACTIVATION_MASKS, METHODS, SAVED_PRECISIONS
 
 
 def _batch_sizes(value: str) -> tuple[int, ...]:
@@ -82,6 +82,9 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         help="whose state to count (adam/adamw: 2 floats per trained parameter, sgd with momentum: 1; default: the run's, else adam)",
     )
     p.add_argument("--activation-mask", choices=ACTIVATION_MASKS, help="MobileTL's mask storage (default: the run's, else reuse)")
+    p.add_argument("--bottom-chunk", type=positive_int, help="memory option: the frozen bottom in micro-batches (default: off)")
+    p.add_argument("--saved-precision", choices=SAVED_PRECISIONS, help="memory option: conv inputs kept for backward (default: fp32)")
+    p.add_argument("--recompute", action="store_true", help="memory option: recompute trained blocks in backward (default: off)")
     p.add_argument("--json", metavar="F", help="also write the report as JSON to F")
     p.add_argument("--plot", metavar="F.png", help="write a per-block bar chart, vanilla against MobileTL (needs matplotlib)")
     p.add_argument("--process", action="store_true", help="also measure peak RSS of a real training step in a fresh process (slow)")
@@ -109,7 +112,10 @@ def profile_command(args: argparse.Namespace) -> int:
         required=("model", "blocks", "batch_size", "image_size"),
     )
     blocks = num_blocks(args.model) if args.blocks == "all" else args.blocks
-    policy = TrainPolicy(blocks, "mobiletl", activation_mask=args.activation_mask or "reuse")
+    policy = TrainPolicy(
+        blocks, "mobiletl", activation_mask=args.activation_mask or "reuse", bottom_chunk=args.bottom_chunk,
+        saved_precision=args.saved_precision or "fp32", recompute=args.recompute,
+    )  # fmt: skip
     args.num_classes = args.num_classes or 1000
     args.optimizer = args.optimizer or "adam"
     report = profile(
