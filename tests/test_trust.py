@@ -170,3 +170,9 @@ def test_mobiletl_finetune_never_peaks_above_vanilla(tmp_path, image_folder):
         assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read().decode()[-800:]
         peaks[method] = usage.ru_maxrss * 1024  # KiB on Linux
     assert peaks["mobiletl"] <= peaks["vanilla"], {m: round(p / 2**20, 1) for m, p in peaks.items()}  # 439 vs 467 MiB here
+
+
+def test_a_profile_the_machine_cannot_hold_is_refused_up_front(capsys):
+    code = main(["profile", "--model", "mobilenet_v2", "--blocks", "2", "--batch-size", "8", "--image-size", "100000"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("edgetl: error: measuring batch 8 at 100000 px needs about") and err.count("\n") == 1, err

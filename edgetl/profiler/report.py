@@ -30,9 +30,11 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import psutil
 import torch
 from torch import nn
 
+from edgetl._format import format_size
 from edgetl.errors import ConfigError
 from edgetl.models.blocks import block_spec, feature_units, find_blocks, is_irb
 from edgetl.profiler.analytic import paper_saved_for_backward, total_bytes
@@ -245,6 +247,18 @@ def _resolve_model(model_or_name: str | nn.Module, num_classes: int, seed: int) 
         return model_or_name, load_model(model_or_name, num_classes=num_classes)
 
 
+def _check_memory(model: nn.Module, policy: TrainPolicy, batch_size: int, image_size: int) -> None:
+    """Refuse a measurement this machine cannot hold (``--image-size 100000`` would ask for hundreds
+    of GiB and die in the allocator): the predicted vanilla step, against the memory available now."""
+    need = predict_step_peak(model, replace(policy, method="vanilla"), batch_size=batch_size, image_size=image_size).live_peak
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise ConfigError(
+            f"measuring batch {batch_size} at {image_size} px needs about {format_size(need)} but {format_size(available)} "
+            "is available here; lower --batch-size or --image-size"
+        )
+
+
 def _check_args(policy: TrainPolicy, batch_size: int, image_size: int, num_classes: int, optimizer: str) -> None:
     if not isinstance(policy, TrainPolicy):
         raise ConfigError(f"policy must be a TrainPolicy, got {type(policy).__name__}")
@@ -303,6 +317,7 @@ def profile(
         raise ConfigError(f"{name} has no inverted-residual blocks")
     if policy.blocks > num_blocks:
         raise ConfigError(f"K={policy.blocks} blocks requested but {name} has only {num_blocks} inverted-residual blocks")
+    _check_memory(model, policy, batch_size, image_size)
     units = dict(feature_units(model))
     block_index = {n: i for i, (n, _) in enumerate(find_blocks(model))}
     x = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
