@@ -64,8 +64,8 @@ def _count_calls(net: nn.Module, module: nn.Module) -> list[int]:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("name", ALL_MODELS)
-@pytest.mark.parametrize("k", [3, "all"])
+# K=3 on every architecture; K=all (the stem recomputed too, full fine-tuning) on the smallest
+@pytest.mark.parametrize("name,k", [(name, 3) for name in ALL_MODELS] + [("mobilenet_v3_small", "all")])
 def test_recompute_is_bit_for_bit_exact(models, name, method, k):
     base = models(name)
     k = len(find_blocks(base)) if k == "all" else k
