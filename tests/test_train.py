@@ -19,7 +19,7 @@ from edgetl import FinetuneConfig, TrainPolicy, finetune
 from edgetl._files import load_torch
 from edgetl.cli import main
 from edgetl.errors import RunError
-from edgetl.models.zoo import MODELS, num_blocks
+from edgetl.models.zoo import num_blocks
 from tests.conftest import write_truncated_jpeg
 
 SMALL = dict(image_size=32, batch_size=8, lr=3e-3, label_smoothing=0.0, val_fraction=0.25, workers=0)
