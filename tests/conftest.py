@@ -185,3 +185,28 @@ def export_eager_net(run: Path):
     model = load_model("mobilenet_v2", num_classes=len(CLASSES))
     model.load_state_dict(torch.load(run / "model.pt", weights_only=True)["model"])
     return without_dropout(prepare(model, export_policy()))
+
+
+# --- the native device runner ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def runner() -> Path:
+    """deploy/native/build.sh, as a user runs it (incremental after the test command's own build)."""
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    build = root / "deploy" / "native" / "build"
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        ["bash", str(root / "deploy/native/build.sh"), str(build)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    print(f"native runner built in {time.perf_counter() - t0:.1f}s")
+    return build / "edgetl-device"

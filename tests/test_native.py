@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import resource
 import shutil
@@ -34,22 +33,6 @@ BATCH, IMAGE_SIZE = EXPORT_BATCH, EXPORT_IMAGE_SIZE
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "deploy" / "native" / "build"
 MASK = (1 << 64) - 1
-
-
-@pytest.fixture(scope="module")
-def runner() -> Path:
-    """deploy/native/build.sh, as a user runs it (incremental after the first build)."""
-    t0 = time.perf_counter()
-    r = subprocess.run(
-        ["bash", str(ROOT / "deploy/native/build.sh"), str(BUILD)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHON": sys.executable},
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    print(f"native runner built in {time.perf_counter() - t0:.1f}s")
-    return BUILD / "edgetl-device"
 
 
 def run(runner: Path, *args: str, **kw) -> subprocess.CompletedProcess:

@@ -27,7 +27,6 @@ from edgetl.exporter.weights import device_weights_file
 from tests.conftest import CLASSES, EXPORT_BATCH, EXPORT_LR, EXPORT_MOMENTUM, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILD = ROOT / "deploy" / "native" / "build"
 CLI = [sys.executable, "-c", "import sys; from edgetl.cli import main; sys.exit(main(sys.argv[1:]))"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -57,19 +56,6 @@ def cli_export(export_run, tmp_path_factory) -> tuple[Path, subprocess.Completed
     return out, done
 
 
-@pytest.fixture(scope="module")
-def device() -> Path:
-    r = subprocess.run(
-        ["bash", str(ROOT / "deploy/native/build.sh"), str(BUILD)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHON": sys.executable},
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    return BUILD / "edgetl-device"
-
-
 def run_device(binary: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=600)
 
@@ -80,10 +66,10 @@ def photos(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def device_state(cli_export, device, photos, tmp_path_factory) -> Path:
+def device_state(cli_export, runner, photos, tmp_path_factory) -> Path:
     """One epoch of on-device fine-tuning of the bundle: its state directory."""
     state = tmp_path_factory.mktemp("trust-state") / "state"
-    done = run_device(device, "finetune", str(cli_export[0]), str(photos), "--state", str(state), "--epochs", "1")
+    done = run_device(runner, "finetune", str(cli_export[0]), str(photos), "--state", str(state), "--epochs", "1")
     assert done.returncode == 0, done.stdout + done.stderr
     return state
 
@@ -101,10 +87,10 @@ def resealed_copy(bundle: Path, dest: Path, edit) -> Path:
 # --- 1. weights bound to their classes and model ----------------------------------------------------------
 
 
-def test_a_state_directory_of_another_bundle_with_the_same_weights_is_refused(cli_export, device, device_state, photos, tmp_path):
+def test_a_state_directory_of_another_bundle_with_the_same_weights_is_refused(cli_export, runner, device_state, photos, tmp_path):
     """1(a): the same run exported with the class list reversed, or another --lr, has the same train.ptd."""
     bundle = cli_export[0]
-    assert run_device(device, "classify", str(bundle), str(photos), "--trained", str(device_state)).returncode == 0
+    assert run_device(runner, "classify", str(bundle), str(photos), "--trained", str(device_state)).returncode == 0
     state = json.loads((device_state / "state.json").read_text())
     assert state["classes"] == list(CLASSES) and state["model"] == "mobilenet_v2"
     assert state["bundle_manifest_sha256"] == json.loads((bundle / "manifest.json").read_text())["manifest_sha256"]
@@ -117,13 +103,13 @@ def test_a_state_directory_of_another_bundle_with_the_same_weights_is_refused(cl
 
     for edit in (reverse_classes, other_lr):
         other = resealed_copy(bundle, tmp_path / edit.__name__, edit)
-        assert run_device(device, "info", str(other)).returncode == 0  # a valid bundle in itself
+        assert run_device(runner, "info", str(other)).returncode == 0  # a valid bundle in itself
         line = one_error_line(
-            run_device(device, "classify", str(other), str(photos), "--trained", str(device_state)), "another bundle", prefix=""
+            run_device(runner, "classify", str(other), str(photos), "--trained", str(device_state)), "another bundle", prefix=""
         )
         if edit is reverse_classes:
             assert "classes" in line, line
-        resumed = run_device(device, "finetune", str(other), str(photos), "--state", str(device_state), "--epochs", "2")
+        resumed = run_device(runner, "finetune", str(other), str(photos), "--state", str(device_state), "--epochs", "2")
         one_error_line(resumed, "another bundle", prefix="")
 
 
@@ -155,12 +141,12 @@ def test_device_weights_trained_for_other_classes_are_refused_by_export(export_r
         device_weights_file(tmp_path, model_name="mobilenet_v2", classes=None)
 
 
-def test_a_hand_edited_manifest_is_detected(cli_export, device, photos, tmp_path):
+def test_a_hand_edited_manifest_is_detected(cli_export, runner, photos, tmp_path):
     """1(c): two class names swapped in manifest.json, nothing else changed (its files' hashes all fit)."""
     bundle = tmp_path / "dist"
     shutil.copytree(cli_export[0], bundle)
     edgetl.ExportBundle.load(bundle)
-    assert run_device(device, "info", str(bundle)).returncode == 0
+    assert run_device(runner, "info", str(bundle)).returncode == 0
     text = (bundle / "manifest.json").read_text()
     a, b = CLASSES[0], CLASSES[1]
     swapped = text.replace(f'"{a}"', "\0").replace(f'"{b}"', f'"{a}"').replace("\0", f'"{b}"')
@@ -169,10 +155,10 @@ def test_a_hand_edited_manifest_is_detected(cli_export, device, photos, tmp_path
     with pytest.raises(ExportError, match="manifest.json was modified after export"):
         edgetl.ExportBundle.load(bundle)
     for args in (["info", str(bundle)], ["classify", str(bundle), str(photos)]):
-        one_error_line(run_device(device, *args), "manifest.json was modified after export", prefix="")
+        one_error_line(run_device(runner, *args), "manifest.json was modified after export", prefix="")
     # reformatted or without its checksum: refused as well
     (bundle / "manifest.json").write_text(json.dumps({k: v for k, v in json.loads(text).items() if k != "manifest_sha256"}))
-    one_error_line(run_device(device, "info", str(bundle)), "no manifest_sha256", prefix="")
+    one_error_line(run_device(runner, "info", str(bundle)), "no manifest_sha256", prefix="")
     with pytest.raises(ExportError, match="no manifest_sha256"):
         edgetl.ExportBundle.load(bundle)
 
