@@ -13,4 +13,5 @@ PYTHON="$VENV/bin/python" bash deploy/native/build.sh deploy/native/build >/dev/
 # lint and formatting are part of the suite: a red ruff is a red CI
 "$VENV/bin/ruff" check edgetl tests benchmarks
 "$VENV/bin/ruff" format --check -q edgetl tests benchmarks
-exec "$VENV/bin/python" -m pytest -q "$@"
+# every core, one test file per worker at a time (a file's module fixtures are built once)
+exec "$VENV/bin/python" -m pytest -q -n auto --dist loadfile "$@"

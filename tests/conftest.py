@@ -197,16 +197,21 @@ def runner() -> Path:
     import sys
     import time
 
+    import fcntl
+
     root = Path(__file__).resolve().parents[1]
     build = root / "deploy" / "native" / "build"
+    build.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    r = subprocess.run(
-        ["bash", str(root / "deploy/native/build.sh"), str(build)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHON": sys.executable},
-        timeout=600,
-    )
+    with open(build.parent / ".build.lock", "w") as lock:  # pytest-xdist workers build one at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        r = subprocess.run(
+            ["bash", str(root / "deploy/native/build.sh"), str(build)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHON": sys.executable},
+            timeout=600,
+        )
     assert r.returncode == 0, r.stdout + r.stderr
     print(f"native runner built in {time.perf_counter() - t0:.1f}s")
     return build / "edgetl-device"
