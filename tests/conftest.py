@@ -193,11 +193,10 @@ def export_eager_net(run: Path):
 @pytest.fixture(scope="session")
 def runner() -> Path:
     """deploy/native/build.sh, as a user runs it (incremental after the test command's own build)."""
+    import fcntl
     import subprocess
     import sys
     import time
-
-    import fcntl
 
     root = Path(__file__).resolve().parents[1]
     build = root / "deploy" / "native" / "build"
