@@ -1,0 +1,68 @@
+"""The planner for the native device runner: the training program's memory plan, emitted per K.
+
+Apart from tests/test_native.py so the test command's workers (one file each) share the long
+emissions evenly.
+"""
+
+from __future__ import annotations
+
+import edgetl
+from tests.conftest import CLASSES
+
+
+def test_the_planners_arena_extrapolation_in_batch_holds_against_an_emitted_program():
+    from edgetl.exporter.training import program_memory
+    from edgetl.profiler.planner import NATIVE_ANCHORS
+
+    model = edgetl.load_model("mobilenet_v2", num_classes=len(CLASSES))
+    policy = edgetl.TrainPolicy(blocks=2)
+    lo, hi, far = (program_memory(model, policy, batch_size=b, image_size=96, num_classes=3) for b in (*NATIVE_ANCHORS, 8))
+    slope = (hi.arena_bytes - lo.arena_bytes) / (NATIVE_ANCHORS[1] - NATIVE_ANCHORS[0])
+    extrapolated = lo.arena_bytes + (8 - NATIVE_ANCHORS[0]) * slope
+    assert hi.arena_bytes > lo.arena_bytes and lo.weights_file_bytes == far.weights_file_bytes
+    assert abs(extrapolated - far.arena_bytes) <= 0.10 * far.arena_bytes, (lo, hi, far)
+
+
+def test_plan_with_the_native_runtime_picks_from_emitted_memory_plans(tmp_path):
+    from edgetl.exporter.training import program_memory
+    from edgetl.profiler.native import predict_native_peak
+    from edgetl.profiler.planner import NATIVE_ANCHORS, plan
+
+    device = tmp_path / "board.toml"
+    device.write_text(
+        'name = "board"\nmemory_total = "1GiB"\nmemory_budget = "600MiB"\nsafety_margin = 0.1\n'
+        'runtime_overhead = "344MiB"\ncores = 4\narch = "aarch64"\nnotes = "a test board"\n'
+    )
+    model = edgetl.load_model("mobilenet_v3_small", num_classes=3)
+    emitted = {}
+
+    def memory(policy, batch_size):
+        emitted[policy.blocks, batch_size] = program_memory(model, policy, batch_size=batch_size, image_size=64, num_classes=3)
+        return emitted[policy.blocks, batch_size]
+
+    result = plan(
+        device,
+        "mobilenet_v3_small",
+        image_size=64,
+        num_classes=3,
+        optimizer="sgd",
+        runtime="native",
+        program_memory=memory,
+        images=500,
+        runner_ups=0,
+    )
+    chosen = result.chosen
+    assert result.runtime == "native" and chosen.fits and chosen.estimate.runtime < 20 * 2**20  # not eager's 344 MiB
+    # K = all (the stem's full convolution) has no training program; the next K is emitted at the two anchors only
+    top = result.num_blocks
+    assert chosen.blocks == top - 1 and sorted(emitted) == [(top - 1, NATIVE_ANCHORS[0]), (top - 1, NATIVE_ANCHORS[1])]
+    lo, hi = (emitted[top - 1, b] for b in NATIVE_ANCHORS)
+    slope = (hi.arena_bytes - lo.arena_bytes) / (NATIVE_ANCHORS[1] - NATIVE_ANCHORS[0])
+    expected = predict_native_peak(
+        arena_bytes=round(lo.arena_bytes + (chosen.batch_size - NATIVE_ANCHORS[0]) * slope),
+        weights_file_bytes=lo.weights_file_bytes,
+        trainable_bytes=lo.trainable_bytes,
+        feature_bytes=lo.feature_bytes,
+        images=500,
+    )
+    assert chosen.peak == expected.total and "native runtime" in result.render()
