@@ -1,8 +1,9 @@
 """Where every MiB of a training step goes: live tensor bytes over one real step, by phase and by
 category, next to the OS's resident set size.
 
-:func:`measure_step_timeline` builds the model, prepares it under a policy, runs one warm-up step
-(so gradients and optimizer state exist: the steady state), then records one more step in phases —
+:func:`measure_step_timeline` builds the model, prepares it under a policy, runs a warm-up step (the
+optimizer state now exists: the steady state) and a step whose phases' RSS it reads, then records one
+more step in phases —
 data (the batch), frozen-bottom forward, top forward (with the loss), backward, optimizer step,
 evaluation (a no-grad forward in eval mode) — from PyTorch's own allocation events
 (:mod:`edgetl.profiler._torch_memory`). Figures are bytes; the recording costs time, not accounting.
