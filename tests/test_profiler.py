@@ -617,3 +617,16 @@ def test_plan_takes_the_cheapest_memory_options_that_fit_and_the_choice_fits_whe
     assert option_time_cost(chosen) == min(option_time_cost(o) for o in fitting)
     measured = measure_process_peak(model, chosen, batch_size=b, image_size=size, num_classes=10)
     assert measured.peak_rss <= device.memory_budget, (measured, p.chosen)
+
+
+def test_profile_timeline_records_both_methods_in_child_processes_and_plots(tmp_path, capsys):
+    png = tmp_path / "step.png"
+    argv = ["profile", "--model", "mobilenet_v3_small", "--blocks", "4", "--batch-size", "4", "--image-size", "64"]
+    assert main([*argv, "--num-classes", "10", "--timeline", str(png)]) == 0
+    out = capsys.readouterr().out
+    peaks = re.findall(r"^  step peak\s+([\d.]+) MiB\s+([\d.]+) MiB\s+([\d.]+) MiB\s+([\d.]+) MiB$", out, re.M)
+    assert len(peaks) == 1, out
+    measured_v, predicted_v, measured_m, predicted_m = map(float, peaks[0])
+    assert abs(predicted_v - measured_v) <= 0.1 * measured_v and abs(predicted_m - measured_m) <= 0.1 * measured_m
+    assert re.search(r"vanilla peak in .*\n    process \(OS\): runtime baseline [\d.]+ MiB, peak RSS", out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,6 +8,7 @@ and raise :class:`edgetl.errors.EdgetlError` for user errors (the main CLI print
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from edgetl.cli.common import blocks_arg, non_negative_int, positive_int, write_text
 from edgetl.errors import ConfigError
@@ -145,7 +146,6 @@ def _timeline(args: argparse.Namespace, policy) -> None:
     from edgetl.profiler.plot import plot_timelines
     from edgetl.profiler.render import render_timelines
     from edgetl.profiler.timeline import measure_step_timelines
-    from edgetl.train.policy import TrainPolicy
 
     print("recording one training step per method (a child process each) ...", flush=True)
     timelines = measure_step_timelines(
@@ -154,7 +154,7 @@ def _timeline(args: argparse.Namespace, policy) -> None:
     model = load_model(args.model, num_classes=args.num_classes)
     estimates = {
         m: predict_step_peak(
-            model, TrainPolicy(**{**policy.to_dict(), "method": m}), batch_size=args.batch_size, image_size=args.image_size,
+            model, replace(policy, method=m), batch_size=args.batch_size, image_size=args.image_size,
             optimizer=args.optimizer,
         )
         for m in timelines

@@ -123,16 +123,28 @@ def measure_process_peak(
         else:
             source = ["--model", model]
         values = run_child(
-            [*source, "--policy", json.dumps(policy.to_dict()), "--batch-size", str(batch_size), "--image-size", str(image_size),
-             "--num-classes", str(num_classes), "--optimizer", optimizer, "--steps", str(steps)],
-            timeout=timeout,
+            source, policy, batch_size=batch_size, image_size=image_size, num_classes=num_classes, optimizer=optimizer,
+            extra=["--steps", str(steps)], timeout=timeout,
         )  # fmt: skip
     return ProcessPeak(**values)
 
 
-def run_child(args: list[str], *, timeout: float) -> dict[str, Any]:
-    """Run ``python -m edgetl.profiler._child ARGS`` and return the JSON object it prints last."""
-    cmd = [sys.executable, "-m", "edgetl.profiler._child", *args]
+def run_child(
+    source: list[str],
+    policy: TrainPolicy,
+    *,
+    batch_size: int,
+    image_size: int,
+    num_classes: int,
+    optimizer: str,
+    extra: list[str],
+    timeout: float,
+) -> dict[str, Any]:
+    """Run ``python -m edgetl.profiler._child`` (``source``: ``--model NAME [--weights PATH]``;
+    ``extra``: its mode's flags) and return the JSON object it prints last."""
+    cmd = [sys.executable, "-m", "edgetl.profiler._child", *source, "--policy", json.dumps(policy.to_dict())]
+    cmd += ["--batch-size", str(batch_size), "--image-size", str(image_size), "--num-classes", str(num_classes)]
+    cmd += ["--optimizer", optimizer, *extra]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout, check=False)
     except subprocess.TimeoutExpired:

@@ -11,9 +11,8 @@ evaluation (a no-grad forward in eval mode) — from PyTorch's own allocation ev
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -203,16 +202,15 @@ def measure_step_timelines(
     fresh child process so the RSS figures are each method's own."""
     from edgetl.profiler.process_peak import run_child
 
-    out = {}
-    for method in ("vanilla", "mobiletl"):
-        p = TrainPolicy(**{**policy.to_dict(), "method": method})
-        values = run_child(
-            ["--model", model, "--policy", json.dumps(p.to_dict()), "--batch-size", str(batch_size), "--image-size", str(image_size),
-             "--num-classes", str(num_classes), "--optimizer", optimizer, "--timeline"],
-            timeout=timeout,
-        )  # fmt: skip
-        out[method] = StepTimeline.from_dict(values)
-    return out
+    return {
+        method: StepTimeline.from_dict(
+            run_child(
+                ["--model", model], replace(policy, method=method), batch_size=batch_size, image_size=image_size,
+                num_classes=num_classes, optimizer=optimizer, extra=["--timeline"], timeout=timeout,
+            )
+        )
+        for method in ("vanilla", "mobiletl")
+    }  # fmt: skip
 
 
 class _Marked:

@@ -112,9 +112,7 @@ class FinetuneConfig:
             from edgetl.models.zoo import num_blocks
 
             policy["blocks"] = num_blocks(values.get("model", cls.model))
-        config_values = {k: v for k, v in values.items()}
-        config_values["policy"] = TrainPolicy(**policy) if policy else TrainPolicy(blocks=2)
-        return cls(**config_values)
+        return cls(**values, policy=TrainPolicy(**policy) if policy else cls().policy)
 
 
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}

@@ -125,11 +125,9 @@ class Run:
                 raise RunError(f"cannot resume {self.path}: the run was made with different {', '.join(diff)}")
             before = self.classes()
             if before != classes:
-                added, gone = sorted(set(classes) - set(before)), sorted(set(before) - set(classes))
-                detail = "; ".join(
-                    p for p in (f"new: {', '.join(added)}" if added else "", f"gone: {', '.join(gone)}" if gone else "") if p
-                )
-                raise RunError(f"cannot resume {self.path}: the data's classes changed ({detail or 'order differs'})")
+                diff = (("new", set(classes) - set(before)), ("gone", set(before) - set(classes)))
+                detail = "; ".join(f"{label}: {', '.join(sorted(names))}" for label, names in diff if names) or "order differs"
+                raise RunError(f"cannot resume {self.path}: the data's classes changed ({detail})")
             state = self.checkpoint()
         elif not resume and self.path.exists() and any(self.path.iterdir()):
             raise RunError(f"run directory {self.path} already holds files; pass --resume to continue it or choose another --out")
