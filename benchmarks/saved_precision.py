@@ -29,8 +29,7 @@ def main() -> None:
     p.add_argument(
         "--weights",
         default="DEFAULT",
-        help="DEFAULT (packaged ImageNet weights, Lite0 only offline) or none: random init, e.g. a model with "
-        "squeeze-excitation (mobilenet_v3_small) trained with --blocks all",
+        help="DEFAULT (the architecture's ImageNet weights; offline only Lite0's are packaged), a state-dict file, or none",
     )
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
