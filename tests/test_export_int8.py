@@ -2,9 +2,9 @@
 run's own training images, checked for agreement with float32 on its validation images, refused
 when they lose too much, and run by the native device runner.
 
-The run: a stand-in pretrained MobileNetV2 (tests/conftest.py) whose classifier is fitted on real
-Fashion-MNIST photos (32 px; 300 training / 100 validation images, Debian's dataset-fashion-mnist),
-so the float32 model is decisive and agreement means something.
+The run: MobileNetV2 trained on real Fashion-MNIST photos of three classes (32 px; 300 training / 99
+validation photos from Debian's dataset-fashion-mnist), so the float32 model is decisive and
+agreement means something.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 import edgetl
 from edgetl.cli import main
-from edgetl.data.fashion_mnist import DEBIAN_DIR, FashionMNIST, write_image_folder
+from edgetl.data.fashion_mnist import DEBIAN_DIR, FashionMNIST
 from edgetl.exporter import _executorch as et
 from edgetl.exporter import calibration as cal
 from edgetl.exporter import quantize
@@ -29,14 +29,16 @@ from edgetl.exporter.errors import ExportError
 from edgetl.train.config import FinetuneConfig
 from edgetl.train.policy import TrainPolicy
 from edgetl.train.run import Run
-from tests.conftest import make_image_folder, pretrained_model
+from tests.conftest import calibrate
 
 pytestmark = pytest.mark.skipif(
     not (DEBIAN_DIR / "t10k-labels-idx1-ubyte.gz").exists(), reason="Debian's dataset-fashion-mnist not installed"
 )
 
-SIZE, BATCH, TRAIN, VAL, CALIBRATION = 32, 4, 300, 100, 64
-#: stated threshold: int8 model.pte agrees with float32 eager on at least 90% of the 100 real photos
+SIZE, BATCH, TRAIN, VAL, CALIBRATION = 32, 4, 300, 99, 64
+#: three Fashion-MNIST classes: Trouser, Sandal, Bag
+CLASSES = (1, 5, 8)
+#: stated threshold: int8 model.pte agrees with float32 eager on at least 90% of the 99 real photos
 MIN_AGREEMENT = 90.0
 
 
@@ -44,41 +46,55 @@ def cli(argv: list[str]) -> int:
     return main(["--debug", *argv])
 
 
+def _write_photos(dataset: FashionMNIST, out: Path, per_class: int) -> Path:
+    """The first ``per_class`` photos of each of :data:`CLASSES` as an ImageFolder of PNGs."""
+    from PIL import Image
+
+    for k in CLASSES:
+        name = dataset.classes[k]
+        (out / name).mkdir(parents=True)
+        idx = (dataset.targets == k).nonzero().flatten()[:per_class].tolist()
+        for i in idx:
+            Image.fromarray(dataset.images[i].numpy(), mode="L").save(out / name / f"{i:05d}.png")
+    return out
+
+
 @pytest.fixture(scope="module")
 def fashion_run(tmp_path_factory) -> Path:
-    """A finished run on Fashion-MNIST: stand-in pretrained MobileNetV2, classifier fitted on the
-    frozen features of the run's 300 training images (a linear probe: seconds, decisive)."""
+    """A finished run on real Fashion-MNIST photos (trousers, sandals, bags; 300 training photos,
+    a separate folder of 99 validation photos), MobileNetV2 trained in full for 25 steps, batch
+    norm statistics then set on the training photos: decisive (about 94% validation accuracy), so
+    agreement means something."""
+
     work = tmp_path_factory.mktemp("int8-run")
-    pretrained = pretrained_model("mobilenet_v2", make_image_folder(work / "source", per_class=20, seed=1), image_size=SIZE, steps=30)
+    train = _write_photos(FashionMNIST(split="train"), work / "train", TRAIN // len(CLASSES))
+    val = _write_photos(FashionMNIST(split="test"), work / "val", VAL // len(CLASSES))
     config = FinetuneConfig(
         model="mobilenet_v2",
-        data="fashion-mnist",
-        train_limit=TRAIN,
-        val_limit=VAL,
+        data=str(train),
+        val_data=str(val),
         image_size=SIZE,
         batch_size=BATCH,
         policy=TrainPolicy(blocks=2),
         out=str(work / "run"),
     )
-    calibration, _ = cal.from_run(config, model="mobilenet_v2", image_size=SIZE, count=TRAIN, seed=0)
-    train = FashionMNIST(split="train")
-    labels = torch.tensor([int(train.targets[int(name[6:-1])]) for name in calibration.items])
+    images, _ = cal.from_run(config, model="mobilenet_v2", image_size=SIZE, count=TRAIN, seed=0)
+    classes = sorted(FashionMNIST.classes[k] for k in CLASSES)
+    labels = torch.tensor([classes.index(Path(name).parent.name) for name in images.items])
     torch.manual_seed(0)
-    model = edgetl.load_model("mobilenet_v2", num_classes=10)
-    model.load_state_dict({k: v for k, v in pretrained.state_dict().items() if not k.startswith("classifier")}, strict=False)
-    model.eval()
-    with torch.no_grad():
-        features = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(model.features(calibration.images), 1), 1)
-    head = model.classifier[1]
-    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
-    for _ in range(300):
-        loss = torch.nn.functional.cross_entropy(head(features), labels)
+    model = edgetl.load_model("mobilenet_v2", num_classes=len(CLASSES)).train()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        idx = torch.randint(0, len(labels), (32,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(images.images[idx]), labels[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
+    calibrate(model, images.images)
     run = Run(config.out)
-    run.start(config, list(train.classes), resume=False)
-    run.save_final(model.state_dict(), model_name="mobilenet_v2", classes=list(train.classes), policy=config.policy)
+    run.start(config, classes, resume=False)
+    run.save_final(model.state_dict(), model_name="mobilenet_v2", classes=classes, policy=config.policy)
     return Path(config.out)
 
 
@@ -93,7 +109,7 @@ def int8_bundle(fashion_run, tmp_path_factory) -> Path:
 
 
 def _eager(run: Path) -> torch.nn.Module:
-    model = edgetl.load_model("mobilenet_v2", num_classes=10)
+    model = edgetl.load_model("mobilenet_v2", num_classes=len(CLASSES))
     model.load_state_dict(torch.load(run / "model.pt", weights_only=True)["model"])
     return model.eval()
 
@@ -116,7 +132,7 @@ def test_int8_export_agrees_with_float32_on_real_photos_and_records_its_calibrat
     agreement = 100.0 * float((int8.argmax(1) == fp32.argmax(1)).mean())
     y = validation.labels.numpy()
     accuracy = 100.0 * float((fp32.argmax(1) == y).mean()), 100.0 * float((int8.argmax(1) == y).mean())
-    assert accuracy[0] > 40.0, "the fixture's float32 model must be decisive for agreement to mean something"
+    assert accuracy[0] > 80.0, "the fixture's float32 model must be decisive for agreement to mean something"
     assert agreement >= MIN_AGREEMENT, (agreement, accuracy)
     check = q.checks[0]
     assert (check.path, check.images) == ("model.pte", VAL)
@@ -129,7 +145,8 @@ def test_int8_export_agrees_with_float32_on_real_photos_and_records_its_calibrat
 
 def test_int8_loss_beyond_the_threshold_is_refused_and_nothing_is_written(fashion_run, tmp_path, capsys):
     """Calibrated on black images, every activation range is that of a constant input: real photos
-    saturate, int8 accuracy collapses, and the export is refused with one line."""
+    saturate and int8 loses accuracy (3 points measured here), more than the 0.5 allowed: refused
+    with one line, before lowering."""
     black = tmp_path / "black"
     black.mkdir()
     from PIL import Image
@@ -137,7 +154,21 @@ def test_int8_loss_beyond_the_threshold_is_refused_and_nothing_is_written(fashio
     for i in range(4):
         Image.new("RGB", (SIZE, SIZE)).save(black / f"{i}.png")
     out = tmp_path / "dist"
-    code = main(["export", "--checkpoint", str(fashion_run), "--out", str(out), "--quantize", "int8", "--calibration-data", str(black)])
+    code = main(
+        [
+            "export",
+            "--checkpoint",
+            str(fashion_run),
+            "--out",
+            str(out),
+            "--quantize",
+            "int8",
+            "--calibration-data",
+            str(black),
+            "--max-accuracy-drop",
+            "0.5",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "int8 refused: model.pte" in err[0] and "nothing written" in err[0], err
     assert not out.exists() and list(tmp_path.iterdir()) == [black]
@@ -164,9 +195,12 @@ def test_calibration_batches_have_the_programs_batch_and_cover_every_image():
     assert seen == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
 
 
-def test_native_runner_classifies_with_an_int8_bundle(runner, int8_bundle, tmp_path):
-    photos = write_image_folder(FashionMNIST(split="test"), tmp_path / "photos", indices=range(9000, 9016))
-    paths = sorted(photos.rglob("*.png"))
+def test_native_runner_classifies_with_an_int8_bundle(runner, int8_bundle, fashion_run, tmp_path):
+    photos = tmp_path / "photos"
+    shutil.copytree(fashion_run.parent / "val", photos)
+    paths = sorted(photos.rglob("*.png"))[::6]
+    for p in set(photos.rglob("*.png")) - set(paths):
+        p.unlink()
     out = subprocess.run([str(runner), "classify", str(int8_bundle), str(photos), "--json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
@@ -176,7 +210,7 @@ def test_native_runner_classifies_with_an_int8_bundle(runner, int8_bundle, tmp_p
 
     x = torch.stack([tf(Image.open(r["path"]).convert("RGB")) for r in rows])
     logits = quantize.program_outputs(int8_bundle / "model.pte", x, 1)  # the same int8 program through the Python bindings
-    classes = FashionMNIST.classes
+    classes = sorted(FashionMNIST.classes[k] for k in CLASSES)
     assert [r["top"][0]["label"] for r in rows] == [classes[i] for i in logits.argmax(1)]
     for row, z in zip(rows, logits, strict=True):  # probabilities as the bindings' logits give them
         p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
