@@ -88,7 +88,7 @@ def export_inference(module: nn.Module, example: Tensor, *, part_of=lambda path:
     run and the modules that use it.
     """
     t0 = time.perf_counter()
-    module = module.eval()
+    module.eval()  # not reassigned: a PT2E graph's eval() (allowed by torchao) returns None
     with torch.no_grad():
         out = module(example)
         ep = torch.export.export(module, (example,), strict=False)
