@@ -1,9 +1,13 @@
 """ExecuTorch programs against eager PyTorch, side by side (a benchmark, not a test).
 
-    python benchmarks/export_speed.py [--threads 1] [--out /tmp/edgetl-bench]
+    python benchmarks/export_speed.py [--threads 1] [--out /tmp/edgetl-bench] [--parts inference,training] [--run runs/demo-...]
 
-1. Inference, batch 1, 224 px: the XNNPACK ``model.pte`` of MobileNetV2 and MobileNetV3-Large
-   against the eager model (eval, no_grad).
+1. Inference, batch 1, 224 px: the XNNPACK ``model.pte`` of MobileNetV2, MobileNetV3-Large and
+   EfficientNet-Lite0 against the eager model (eval, no_grad), in float32 and int8 (PT2E,
+   calibrated on 16 random images: latency does not depend on the weights or ranges), side by
+   side: latency, size on disk. With ``--run`` (default: the newest ``runs/demo-*``) the demo's
+   fine-tuned Lite0 is also exported both ways through ``edgetl.export`` at its 96 px, and the
+   int8 accuracy delta on its validation set is printed (the export's own check).
 2. Training, MobileNetV2, MobileTL K=2, batch 8, 224 px: one step of the ExecuTorch training
    program (portable kernels, from bottom features) + ExecuTorch's SGD against the eager MobileTL
    step (``forward_top`` + backward + ``torch.optim.SGD``), and the frozen bottom as XNNPACK
@@ -27,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-MODELS = ("mobilenet_v2", "mobilenet_v3_large")
+MODELS = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_lite0")
 IMAGE, BATCH, BLOCKS = 224, 8, 2
 
 
@@ -132,6 +136,89 @@ def run_child(kind: str, bundle: Path, threads: int, steps: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def inference_rows(args, out: Path, calibrated) -> None:
+    import torch
+
+    from edgetl.exporter import _executorch as et
+    from edgetl.exporter import inference, quantize
+
+    rows = []
+    for name in MODELS:
+        model = calibrated(name, 1000)
+        x = torch.randn(1, 3, IMAGE, IMAGE)
+        gen = torch.Generator().manual_seed(1)
+        graph = quantize.int8_graph(model, x, torch.randn(16, 3, IMAGE, IMAGE, generator=gen))
+        with torch.no_grad():
+            eager_ms = statistics.median(_time(lambda: model(x), args.runs))  # noqa: B023
+        row = {"name": name, "eager_ms": eager_ms}
+        for kind, module in (("fp32", model), ("int8", graph)):
+            res = inference.export_inference(module, x)
+            path = out / f"{name}-{kind}.pte"
+            path.write_bytes(res.program.buffer)
+            program = et.Program(path)
+            xn = x.numpy()
+            row[kind] = {
+                "ms": statistics.median(_time(lambda: program.run("forward", xn), args.runs)),  # noqa: B023
+                "bytes": path.stat().st_size,
+                "diff": inference.max_abs_diff(path, model, x),
+            }
+            print(f"  exported {name} {kind}: lowered in {res.seconds:.1f}s, undelegated ops {res.program.undelegated}", flush=True)
+        rows.append(row)
+    print(f"\n== Inference, batch 1, 224 px (median of {args.runs} runs, {args.threads} thread(s), one process) ==")
+    print("| model | eager | XNNPACK float32 | XNNPACK int8 | int8 speed-up over float32 | size float32 | size int8 | size ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        f, q = r["fp32"], r["int8"]
+        print(
+            f"| {r['name']} | {r['eager_ms']:.2f} ms | {f['ms']:.2f} ms | {q['ms']:.2f} ms | {f['ms'] / q['ms']:.2f}x | "
+            f"{f['bytes'] / 2**20:.2f} MiB | {q['bytes'] / 2**20:.2f} MiB | {q['bytes'] / f['bytes']:.3f} |"
+        )
+    print("max |XNNPACK float32 - eager|: " + ", ".join(f"{r['name']} {r['fp32']['diff']:.2e}" for r in rows))
+
+
+def demo_accuracy(args, out: Path) -> None:
+    """The demo's fine-tuned Lite0 exported float32 and int8 at its own size: the int8 accuracy delta
+    on its validation set, as ``edgetl export --quantize int8`` measures it."""
+    import edgetl
+    from edgetl.exporter import calibration as cal
+    from edgetl.train.run import read_weights
+
+    runs = sorted(Path(__file__).resolve().parents[1].glob("runs/demo-*/model.pt"))
+    run = Path(args.run) if args.run else (runs[-1].parent if runs else None)
+    if run is None:
+        print("\n(no demo run: int8 accuracy delta skipped; run ./scripts/demo.sh or pass --run)")
+        return
+    trained = read_weights(run)
+    model = edgetl.load_model(trained.model_name, num_classes=trained.num_classes)
+    model.load_state_dict(trained.state_dict)
+    size = trained.config.image_size
+    calibration, validation = cal.from_run(trained.config, model=trained.model_name, image_size=size, count=100, seed=0)
+    sizes = {}
+    for kind in ("none", "int8"):
+        config = edgetl.ExportConfig(image_size=size, quantize=kind, max_accuracy_drop=100.0)
+        bundle = edgetl.export(
+            model,
+            trained.policy,
+            out / f"demo-{kind}",
+            config,
+            model_name=trained.model_name,
+            classes=trained.classes,
+            calibration=calibration,
+            validation=validation,
+            log=lambda line: print("  " + line, flush=True),
+        )
+        sizes[kind] = (bundle.path / "model.pte").stat().st_size
+    check = bundle.manifest.quantization.checks[0]
+    print(f"\n== int8 accuracy on the demo's validation set ({run.name}: {trained.model_name}, {size} px, {check.images} images) ==")
+    print("| model.pte | accuracy | top-1 agreement with float32 | size |")
+    print("|---|---|---|---|")
+    print(f"| float32 (eager = XNNPACK within 1e-3) | {check.fp32_accuracy:.2f}% | | {sizes['none'] / 2**20:.2f} MiB |")
+    print(
+        f"| int8 | {check.int8_accuracy:.2f}% ({-check.accuracy_drop:+.2f} points) | {check.top1_agreement:.2f}% | "
+        f"{sizes['int8'] / 2**20:.2f} MiB ({sizes['int8'] / sizes['none']:.3f}) |"
+    )
+
+
 # --- main -------------------------------------------------------------------------------------------
 
 
@@ -141,6 +228,8 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/edgetl-bench")
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--parts", default="inference,training", help="inference (float32 and int8), training (default: %(default)s)")
+    p.add_argument("--run", help="the demo's run for the int8 accuracy delta (default: the newest runs/demo-*; none: skipped)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--bundle", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -186,26 +275,13 @@ def main() -> None:
                 m.momentum = 0.1
         return model.eval()
 
-    # 1. inference
-    rows = []
-    for name in MODELS:
-        model = calibrated(name, 1000)
-        x = torch.randn(1, 3, IMAGE, IMAGE)
-        res = inference.export_inference(model, x)
-        path = out / f"{name}.pte"
-        path.write_bytes(res.program.buffer)
-        program = et.Program(path)
-        xn = x.numpy()
-        et_ms = statistics.median(_time(lambda: program.run("forward", xn), args.runs))  # noqa: B023
-        with torch.no_grad():
-            eager_ms = statistics.median(_time(lambda: model(x), args.runs))  # noqa: B023
-        diff = inference.max_abs_diff(path, model, x)
-        rows.append((name, eager_ms, et_ms, diff, res.seconds, res.program.undelegated))
-        print(f"  exported {name}: lowered in {res.seconds:.1f}s, undelegated ops {res.program.undelegated}", flush=True)
-    print(f"\n== Inference, batch 1, 224 px (median of {args.runs} runs) ==")
-    print(f"{'model':22s} {'eager ms':>9s} {'XNNPACK ms':>11s} {'speed-up':>9s} {'max|diff|':>10s}")
-    for name, eager_ms, et_ms, diff, _, _ in rows:
-        print(f"{name:22s} {eager_ms:9.2f} {et_ms:11.2f} {eager_ms / et_ms:8.2f}x {diff:10.2e}")
+    # 1. inference, float32 and int8
+    parts = set(args.parts.split(","))
+    if "inference" in parts:
+        inference_rows(args, out, calibrated)
+        demo_accuracy(args, out)
+    if "training" not in parts:
+        return
 
     # 2. training: export a bundle, then time each part in a fresh process
     model = calibrated("mobilenet_v2", 10)

@@ -17,7 +17,8 @@ import warnings
 from collections.abc import Iterator
 
 from edgetl.cli.common import non_negative_int, positive_int
-from edgetl.exporter.config import ExportConfig
+from edgetl.exporter.config import QUANTIZE, ExportConfig
+from edgetl.exporter.errors import ExportError
 from edgetl.train.policy import METHODS
 
 
@@ -59,6 +60,36 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         type=positive_int,
         default=ExportConfig.verify_steps,
         help="SGD steps checked against eager (default: %(default)s)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        default=ExportConfig.quantize,
+        help="int8: model.pte (and bottom.pte with --training) as PT2E-quantized XNNPACK programs (per-channel symmetric int8 "
+        "weights, static int8 activations); the training program stays float32. Needs a run directory: int8 is calibrated "
+        "on its training images and refused when it loses more than --max-accuracy-drop on its validation images "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--calibration-data",
+        metavar="DIR",
+        help="int8: calibrate on images under DIR (any depth, labels ignored) instead of the run's training images",
+    )
+    p.add_argument(
+        "--calibration-images",
+        type=positive_int,
+        default=ExportConfig.calibration_images,
+        help="int8: how many images calibrate, a subset drawn by --seed (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=ExportConfig.max_accuracy_drop,
+        help="int8: refuse (nothing written) when int8 accuracy on the run's validation images is lower than float32's by "
+        "more than this many percentage points (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=non_negative_int, default=ExportConfig.seed, help="of the calibration subset and the checks (default: %(default)s)"
     )
     p.add_argument(
         "--device-weights",
@@ -116,6 +147,8 @@ def _run_export(args: argparse.Namespace) -> int:
             policy.activation_mask,
         )
     run = trained.config
+    if args.quantize == "none" and (args.calibration_data or args.calibration_images != ExportConfig.calibration_images):
+        raise ExportError("--calibration-data and --calibration-images calibrate an int8 export: add --quantize int8")
     config = ExportConfig(
         image_size=args.image_size or (run.image_size if run else ExportConfig.image_size),
         batch_size=args.batch_size or (run.batch_size if run else ExportConfig.batch_size),
@@ -126,12 +159,45 @@ def _run_export(args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing,
         verify_steps=args.verify_steps,
         overwrite=args.force,
+        seed=args.seed,
+        quantize=args.quantize,
+        calibration_images=args.calibration_images,
+        max_accuracy_drop=args.max_accuracy_drop,
     )
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    calibration = validation = None
+    if config.quantize == "int8":
+        calibration, validation = _int8_images(args, trained, config, log)
     bundle = export(
-        model, policy, args.out, config, model_name=trained.model_name, classes=trained.classes, log=lambda line: print(line, flush=True)
+        model,
+        policy,
+        args.out,
+        config,
+        model_name=trained.model_name,
+        classes=trained.classes,
+        calibration=calibration,
+        validation=validation,
+        log=log,
     )
     print(f"bundle: {bundle.path}")
     return 0
+
+
+def _int8_images(args: argparse.Namespace, trained, config: ExportConfig, log):
+    """The run's calibration subset (or ``--calibration-data``'s) and its validation images."""
+    from edgetl.exporter import calibration as cal
+
+    if trained.config is None:
+        raise ExportError(
+            f"--quantize int8 needs a run directory ({trained.source} is a bare weights file): int8 is checked against "
+            "float32 on the run's validation images"
+        )
+    sizes = {"model": trained.model_name, "image_size": config.image_size, "count": config.calibration_images, "seed": config.seed}
+    log(f"edgetl export: reading the run's images for int8 ({trained.config.data}) ...")
+    calibration, validation = cal.from_run(trained.config, log=log, **sizes)
+    if args.calibration_data:
+        calibration = cal.from_directory(args.calibration_data, log=log, **sizes)
+    return calibration, validation
 
 
 #: loggers of the libraries an export drives; their INFO/WARNING lines are hidden without --verbose

@@ -4,7 +4,8 @@
 * :class:`ExportBundle` - a bundle on disk (``manifest.json`` and the programs it lists).
 
 Modules: ``pipeline`` (:func:`export`), ``weights`` (checkpoints and device-trained weights into
-an architecture), ``inference`` (XNNPACK programs), ``nhwc`` (the trained top in the form the
+an architecture), ``inference`` (XNNPACK programs), ``quantize`` (int8 programs and their check against float32),
+``calibration`` (the images int8 is calibrated and checked on), ``nhwc`` (the trained top in the form the
 training program runs), ``training`` (training program and its verification), ``memory`` (what
 the exported backward keeps), ``manifest`` (:class:`~edgetl.exporter.manifest.Manifest`, the
 typed ``manifest.json``), ``bundle`` (atomic bundle on disk), ``config`` (:class:`ExportConfig`),

@@ -8,6 +8,10 @@ from typing import Any
 
 from edgetl.exporter.errors import ExportError
 
+#: ``ExportConfig.quantize`` values: ``"none"`` exports float32 programs (the default), ``"int8"``
+#: PT2E-quantized XNNPACK programs (``model.pte`` and, with ``training``, ``bottom.pte``)
+QUANTIZE = ("none", "int8")
+
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -22,7 +26,12 @@ class ExportConfig:
         label_smoothing: of the exported cross-entropy loss.
         verify_steps: SGD steps compared against eager PyTorch before the bundle is accepted.
         overwrite: replace an existing bundle at the output directory.
-        seed: of the verification data.
+        seed: of the verification data and of the calibration subset.
+        quantize: ``"int8"`` lowers ``model.pte`` (and ``bottom.pte``) as PT2E-quantized XNNPACK
+            programs, calibrated on ``calibration_images`` images; the trainable top stays float32.
+        calibration_images: how many images calibrate the int8 programs (a seeded subset).
+        max_accuracy_drop: the int8 export is refused when its accuracy on the validation images
+            is lower than float32's by more than this many percentage points.
     """
 
     image_size: int = 224
@@ -35,6 +44,9 @@ class ExportConfig:
     verify_steps: int = 3
     overwrite: bool = False
     seed: int = 0
+    quantize: str = "none"
+    calibration_images: int = 100
+    max_accuracy_drop: float = 1.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -49,6 +61,12 @@ class ExportConfig:
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.verify_steps >= 1, f"verify steps must be >= 1, got {self.verify_steps}"),
+            (self.quantize in QUANTIZE, f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}"),
+            (self.calibration_images >= 1, f"calibration images must be >= 1, got {self.calibration_images}"),
+            (
+                math.isfinite(self.max_accuracy_drop) and 0 <= self.max_accuracy_drop <= 100,
+                f"max accuracy drop must be in [0, 100] percentage points, got {self.max_accuracy_drop}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,5 +1,5 @@
 """Inference programs: the whole classifier (``model.pte``) and the frozen bottom (``bottom.pte``),
-both lowered to XNNPACK.
+both lowered to XNNPACK, in float32 or PT2E int8.
 
 They are exported from plain torchvision modules in eval mode under ``torch.no_grad()``: a
 :class:`~edgetl.nn.layers.ShiftOnlyNorm` is a frozen batch norm with the same state-dict keys,
@@ -81,11 +81,14 @@ def _op_text(target) -> str:
 def export_inference(module: nn.Module, example: Tensor, *, part_of=lambda path: "model") -> InferenceExport:
     """Export ``module`` (eval, no grad) at the shape of ``example`` and lower it to XNNPACK.
 
+    ``module`` may be a PT2E-quantized graph (:func:`edgetl.exporter.quantize.int8_graph`): the
+    program is then int8, still taking and returning float32.
+
     Raises :class:`UnsupportedModelError` naming any operator the ExecuTorch runtime here cannot
     run and the modules that use it.
     """
     t0 = time.perf_counter()
-    module = module.eval()
+    module.eval()  # not reassigned: a PT2E graph's eval() (allowed by torchao) returns None
     with torch.no_grad():
         out = module(example)
         ep = torch.export.export(module, (example,), strict=False)

@@ -7,11 +7,13 @@ The exporter builds a :class:`Manifest` and writes it as JSON (:meth:`Manifest.t
 ``model.classes``, ``input``,
 ``programs.inference.file``, ``programs.bottom.file`` and ``programs.training`` (``file``,
 ``data``, ``batch_size``, ``methods.forward.inputs[0].shape``, ``trainable_parameters``,
-``buffers``, ``weights_layout``, ``optimizer``); renaming one of those is a format change.
+``buffers``, ``weights_layout``, ``optimizer``), and shows ``quantization`` (int8 exports); renaming
+one of those is a format change. An int8 export changes no field the runner relies on: its
+programs take and return float32 like the others.
 
 Sizes are in bytes. Optional sections (``programs.bottom``, ``programs.training``, the training
-figures, ``memory``) exist only in bundles exported with ``training`` and are left out of the JSON
-otherwise.
+figures, ``memory``) exist only in bundles exported with ``training``, ``quantization`` only in
+int8 exports; absent sections are left out of the JSON.
 """
 
 from __future__ import annotations
@@ -200,6 +202,51 @@ class MemoryFigures:
 
 
 @dataclass(frozen=True)
+class CalibrationSet:
+    """The images an int8 program was calibrated on (see :mod:`edgetl.exporter.calibration`)."""
+
+    source: str
+    images: int
+    #: of the seeded subset (None: every image of the source)
+    seed: int | None
+    #: sha256 of the preprocessed float32 ``N x 3 x H x W`` tensor (C order)
+    sha256: str
+    #: each image: a path relative to the source, or ``train[i]`` for Fashion-MNIST
+    items: list[str]
+
+
+@dataclass(frozen=True)
+class AccuracyCheck:
+    """An int8 path against float32 eager PyTorch on the validation images (percentages)."""
+
+    #: ``model.pte``, or ``bottom.pte`` followed by the float32 top in eager PyTorch
+    path: str
+    images: int
+    fp32_accuracy: float
+    int8_accuracy: float
+    #: fp32 - int8, percentage points (negative: int8 did better)
+    accuracy_drop: float
+    #: share of images whose int8 top-1 class is the float32 model's
+    top1_agreement: float
+    #: largest |int8 - float32| of the path's output (logits, or features for the bottom)
+    max_abs_diff: float
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How the int8 programs were made and what they were checked against."""
+
+    scheme: dict[str, str]
+    #: the quantized files; the training program (``train.pte``) always stays float32
+    programs: list[str]
+    calibration: CalibrationSet
+    validation: str
+    #: refused above this drop, in percentage points
+    max_accuracy_drop: float
+    checks: list[AccuracyCheck]
+
+
+@dataclass(frozen=True)
 class FileEntry:
     """A bundle file's checksum and size."""
 
@@ -218,6 +265,8 @@ class Manifest:
     programs: Programs
     verification: Verification
     memory: MemoryFigures | None = _optional()
+    #: int8 exports only (absent: every program is float32)
+    quantization: Quantization | None = _optional()
     format: str = FORMAT
     #: every file of the bundle but the manifest, by name (filled in when the bundle is committed)
     files: dict[str, FileEntry] = field(default_factory=dict)

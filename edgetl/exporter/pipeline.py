@@ -8,14 +8,16 @@ import importlib.metadata
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from edgetl.errors import EdgetlError
 from edgetl.exporter import _executorch as et
 from edgetl.exporter import bundle as bundle_mod
-from edgetl.exporter import inference, memory, training
+from edgetl.exporter import inference, memory, quantize, training
 from edgetl.exporter.bundle import BOTTOM_PTE, MANIFEST, MODEL_PTE, TRAIN_PTD, TRAIN_PTE, BundleWriter, ExportBundle
+from edgetl.exporter.calibration import ImageSet
 from edgetl.exporter.config import ExportConfig
 from edgetl.exporter.errors import ExecutorchMissingError, ExportError, VerificationError
 from edgetl.exporter.manifest import (
@@ -28,6 +30,7 @@ from edgetl.exporter.manifest import (
     ModelInfo,
     Optimizer,
     Programs,
+    Quantization,
     RuntimeInfo,
     TensorSpec,
     TrainingProgram,
@@ -123,6 +126,8 @@ def export(
     *,
     model_name: str | None = None,
     classes: Sequence[str] | None = None,
+    calibration: ImageSet | None = None,
+    validation: ImageSet | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportBundle:
     """Export ``model`` as ExecuTorch programs for a device, verify them, and write a bundle.
@@ -139,6 +144,11 @@ def export(
         model_name: zoo architecture (normalisation, manifest); found from the weights if None,
             checked against them otherwise.
         classes: class names (default ``"0"``, ``"1"``, ...).
+        calibration: with ``config.quantize == "int8"``, the images that calibrate the int8
+            programs (:mod:`edgetl.exporter.calibration`: a run's training images, a directory).
+        validation: with int8, labelled images on which int8 is checked against float32 (accuracy,
+            top-1 agreement); the export is refused when int8 loses more than
+            ``config.max_accuracy_drop`` points.
         log: progress lines.
 
     Returns:
@@ -166,6 +176,9 @@ def export(
         training.check_policy(policy)
     out = Path(out_dir)
     bundle_mod.check_output_dir(out.absolute(), overwrite=config.overwrite)
+    int8 = config.quantize == "int8"
+    if int8:
+        _check_int8_data(calibration, validation, image_size)
 
     with _as_export_error():
         try:
@@ -212,20 +225,47 @@ def export(
         log(f"edgetl export: {model_name} ({num_classes} classes) K={policy.blocks} {policy.method}, {image_size}px -> {out}")
 
         x1 = torch.randn(1, 3, image_size, image_size, generator=gen)
-        log(f"  lowering {MODEL_PTE} to XNNPACK and checking it against eager PyTorch ...")
-        res, diff = _write_checked_inference(writer, MODEL_PTE, plain, x1, part_of)
+        checks: list[quantize.AccuracyCheck] = []
+        if int8:
+            fp32_logits = quantize.eager_outputs(plain, validation.images)
+            res, diff = _write_int8_model(writer, plain, x1, calibration, validation, fp32_logits, config, part_of, checks, log)
+        else:
+            log(f"  lowering {MODEL_PTE} to XNNPACK and checking it against eager PyTorch ...")
+            res, diff = _write_checked_inference(writer, MODEL_PTE, plain, x1, part_of)
         log(
             f"  {MODEL_PTE}: XNNPACK ({', '.join(res.program.delegates) or 'no delegate'}), lowered in {res.seconds:.1f}s, "
-            f"max |ExecuTorch - eager| = {diff:.3g}"
+            f"max |ExecuTorch - eager| = {diff:.3g}" + (" (int8 against float32)" if int8 else "")
         )
         programs = Programs(inference=_xnnpack_program(MODEL_PTE, res, "logits"))
         verification = Verification(inference_max_abs_diff=diff)
         mem = None
         if config.training:
+            int8_data = (calibration, validation, fp32_logits, checks) if int8 else None
             programs, verification, mem = _export_training_part(
-                writer, programs, verification, net, plain, policy, config, num_classes=num_classes, gen=gen, part_of=part_of, log=log
+                writer,
+                programs,
+                verification,
+                net,
+                plain,
+                policy,
+                config,
+                num_classes=num_classes,
+                gen=gen,
+                part_of=part_of,
+                log=log,
+                int8_data=int8_data,
             )
-        bundle = writer.commit(Manifest(**head, programs=programs, verification=verification, memory=mem))
+        quant = None
+        if int8:
+            quant = Quantization(
+                scheme=dict(et.INT8_SCHEME),
+                programs=[MODEL_PTE] + ([BOTTOM_PTE] if config.training else []),
+                calibration=quantize.calibration_record(calibration),
+                validation=validation.source,
+                max_accuracy_drop=config.max_accuracy_drop,
+                checks=checks,
+            )
+        bundle = writer.commit(Manifest(**head, programs=programs, verification=verification, memory=mem, quantization=quant))
     log(f"  verified and written: {', '.join(sorted(bundle.manifest.files))}, {MANIFEST}")
     return bundle
 
@@ -241,6 +281,42 @@ def _xnnpack_program(file: str, res: inference.InferenceExport, output: str) -> 
     )
 
 
+def _check_int8_data(calibration: ImageSet | None, validation: ImageSet | None, image_size: int) -> None:
+    if calibration is None or validation is None:
+        raise ExportError(
+            "an int8 export needs calibration images and labelled validation images "
+            "(export a run directory, whose training and validation images are used, or pass calibration= and validation=)"
+        )
+    if validation.labels is None:
+        raise ExportError(f"the validation images ({validation.source}) have no labels: int8 is checked on its accuracy")
+    for images in (calibration, validation):
+        if tuple(images.images.shape[2:]) != (image_size, image_size):
+            raise ExportError(f"{images.source}: images of {tuple(images.images.shape[2:])} pixels for an export at {image_size} px")
+
+
+def _write_int8_model(writer, plain, x1, calibration, validation, fp32_logits, config, part_of, checks, log):
+    """Quantize, lower and write ``model.pte``; check it on the validation images (refused when
+    int8 loses too much). Returns the lowered program and max |int8 - float32| of the logits."""
+    log(f"  quantizing {MODEL_PTE} to int8 (PT2E, XNNPACK), calibrated on {len(calibration)} images ...")
+    graph = quantize.int8_graph(plain, x1, calibration.images)
+    # the quantized graph in eager first: a refusal costs no lowering
+    reference = quantize.graph_outputs(graph, validation.images, 1)
+    early = quantize.compare(f"{MODEL_PTE} (PT2E graph, before lowering)", reference, fp32_logits, validation.labels, 0.0)
+    log(f"  {quantize.describe(early)}")
+    quantize.refuse_if_worse(early, config.max_accuracy_drop)
+    log(f"  lowering {MODEL_PTE} (int8) to XNNPACK ...")
+    res = inference.export_inference(graph, x1, part_of=part_of)
+    path = writer.write(MODEL_PTE, res.program.buffer)
+    log(f"  checking {MODEL_PTE} against float32 eager on {len(validation)} validation images ...")
+    int8_logits = quantize.program_outputs(path, validation.images, 1)
+    diff = float(np.abs(int8_logits - fp32_logits).max())
+    check = quantize.compare(MODEL_PTE, int8_logits, fp32_logits, validation.labels, diff)
+    log(f"  {quantize.describe(check)}")
+    quantize.refuse_if_worse(check, config.max_accuracy_drop)
+    checks.append(check)
+    return res, diff
+
+
 def _write_checked_inference(writer: BundleWriter, name: str, module: nn.Module, x: torch.Tensor, part_of):
     """Lower ``module`` to XNNPACK, write it as ``name``, and check it against eager on ``x``."""
     res = inference.export_inference(module, x, part_of=part_of)
@@ -250,6 +326,25 @@ def _write_checked_inference(writer: BundleWriter, name: str, module: nn.Module,
         scale = max(1.0, float(module.eval()(x).abs().max()))
     if not diff <= INFERENCE_TOLERANCE * scale:
         raise VerificationError(f"{name} differs from eager PyTorch by {diff:.3g} (tolerance {INFERENCE_TOLERANCE * scale:.3g})")
+    return res, diff
+
+
+def _write_int8_bottom(writer, net, bottom, xb, calibration, validation, fp32_logits, checks, config, part_of, log):
+    """Quantize, lower and write ``bottom.pte``; check its features through the float32 top (eager)
+    on the validation images. Returns the lowered program and max |int8 - float32| of the features."""
+    batch = config.batch_size
+    log(f"  quantizing {BOTTOM_PTE} (the frozen bottom, batch {batch}) to int8, calibrated on {len(calibration)} images ...")
+    res = inference.export_inference(quantize.int8_graph(bottom, xb, calibration.images), xb, part_of=part_of)
+    path = writer.write(BOTTOM_PTE, res.program.buffer)
+    log(f"  checking {BOTTOM_PTE} + the float32 top against float32 eager on {len(validation)} validation images ...")
+    int8_features = torch.from_numpy(quantize.program_outputs(path, validation.images, batch))
+    diff = float((int8_features - torch.from_numpy(quantize.eager_outputs(bottom, validation.images))).abs().max())
+    with _in_eval_mode(net):
+        int8_logits = quantize.eager_outputs(net.forward_top, int8_features)
+    check = quantize.compare(f"{BOTTOM_PTE} + float32 top", int8_logits, fp32_logits, validation.labels, diff)
+    log(f"  {quantize.describe(check)}")
+    quantize.refuse_if_worse(check, config.max_accuracy_drop)
+    checks.append(check)
     return res, diff
 
 
@@ -266,17 +361,24 @@ def _export_training_part(
     gen: torch.Generator,
     part_of,
     log: Callable[[str], None],
+    int8_data=None,
 ) -> tuple[Programs, Verification, MemoryFigures]:
-    """Export, write and verify ``bottom.pte`` and ``train.pte``/``.ptd``; the manifest sections they add."""
+    """Export, write and verify ``bottom.pte`` and ``train.pte``/``.ptd``; the manifest sections they add.
+
+    ``int8_data`` (calibration, validation, float32 logits on it, the list of checks to extend)
+    makes ``bottom.pte`` int8; the training program stays float32 either way."""
     batch_size, image_size = config.batch_size, config.image_size
     lr, momentum, weight_decay, label_smoothing = config.lr, config.momentum, config.weight_decay, config.label_smoothing
     xb = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
     bottom = inference.Bottom(training.without_dropout(net))
-    log(f"  lowering {BOTTOM_PTE} (the frozen bottom, batch {batch_size}) to XNNPACK and checking it ...")
-    res, diff = _write_checked_inference(writer, BOTTOM_PTE, bottom, xb, part_of)
+    if int8_data is not None:
+        res, diff = _write_int8_bottom(writer, net, bottom, xb, *int8_data, config, part_of, log)
+    else:
+        log(f"  lowering {BOTTOM_PTE} (the frozen bottom, batch {batch_size}) to XNNPACK and checking it ...")
+        res, diff = _write_checked_inference(writer, BOTTOM_PTE, bottom, xb, part_of)
     log(
-        f"  {BOTTOM_PTE}: frozen bottom ({len(net.bottom_names)} units), XNNPACK, lowered in {res.seconds:.1f}s, "
-        f"max |ExecuTorch - eager| = {diff:.3g}"
+        f"  {BOTTOM_PTE}: frozen bottom ({len(net.bottom_names)} units), XNNPACK{' int8' if int8_data else ''}, "
+        f"lowered in {res.seconds:.1f}s, max |ExecuTorch - eager| = {diff:.3g}" + (" (int8 against float32 features)" if int8_data else "")
     )
     feature_shape = res.output_shape
 

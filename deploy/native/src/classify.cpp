@@ -17,6 +17,8 @@ void info(const Bundle& bundle) {
   for (const auto& [name, _] : m.at("programs").items()) programs.push_back(name);
   nlohmann::json out = {{"model", m.at("model")}, {"input", m.at("input")}, {"programs", programs},
                         {"created", m.value("created", nlohmann::json())}, {"verification", m.value("verification", nlohmann::json())}};
+  // int8 bundles: the scheme, calibration set and accuracy checks (the programs still take and return float32)
+  if (m.contains("quantization")) out["quantization"] = m.at("quantization");
   std::cout << out.dump(2) << "\n";
 }
 

@@ -1,10 +1,11 @@
 """The one place that touches ExecuTorch's experimental and private APIs (written against 1.5.x).
 
-No other edgetl module imports ``executorch`` or ``torch.export.experimental``: a new ExecuTorch
+No other edgetl module imports ``executorch``, ``torchao`` or ``torch.export.experimental``: a new ExecuTorch
 release should need a change here and nowhere else. Two halves:
 
 * :mod:`.aot` - **ahead of time** (the workstation): lowering to XNNPACK,
-  ``torch.export.experimental._export_forward_backward``, emitting the training program with its
+  PT2E int8 quantization (torchao's ``prepare_pt2e``/``convert_pt2e`` with ExecuTorch's
+  ``XNNPACKQuantizer``), ``torch.export.experimental._export_forward_backward``, emitting the training program with its
   external weights and corrected training metadata, and writing ``.ptd`` files;
 * :mod:`.runtime` - **runtime** (the workstation's verification of what it exports): version
   checks, loading programs through the Python bindings, running methods on numpy arrays, the
@@ -31,6 +32,7 @@ Facts this package works around (verified on ExecuTorch 1.5.1 / torch 2.13):
 """
 
 from edgetl.exporter._executorch.aot import (
+    INT8_SCHEME,
     LoweredProgram,
     MissingKernelError,
     TrainingProgram,
@@ -38,6 +40,7 @@ from edgetl.exporter._executorch.aot import (
     export_forward_backward,
     lower_to_xnnpack,
     portable_program,
+    quantize_int8,
     training_metadata,
     unshare_ptd,
     write_ptd,
@@ -62,6 +65,7 @@ from edgetl.exporter._executorch.runtime import (
 )
 
 __all__ = [
+    "INT8_SCHEME",
     "SGD",
     "SUPPORTED_SERIES",
     "ExecutorchUnavailable",
@@ -78,6 +82,7 @@ __all__ = [
     "load_native_kernels",
     "lower_to_xnnpack",
     "portable_program",
+    "quantize_int8",
     "profile_operators",
     "ptd_slots",
     "read_ptd",

@@ -264,3 +264,49 @@ def write_ptd(base: bytes, layout: Mapping[str, TensorSlot], tensors: Mapping[st
             raise ValueError(f"{name}: shape {tuple(arr.shape)} does not fit the weights file slot {slot.shape}")
         out[slot.offset : slot.offset + slot.nbytes] = arr.tobytes()
     return bytes(out)
+
+
+#: what :func:`quantize_int8` does, in the manifest's words (XNNPACKQuantizer's symmetric static
+#: config, ExecuTorch 1.5.x: weights per output channel, symmetric, int8 in [-127, 127];
+#: activations per tensor, affine, int8 in [-128, 127], ranges observed on the calibration images).
+#: Decided: activation ranges are the calibration images' min/max, not the config's default
+#: histogram fit (which clips outliers): on the demo's Lite0 (400 validation images, 200
+#: calibration images) min/max agreed with float32 on 91.5% of the images against 89.2%, and lost
+#: 4.3 accuracy points against 6.8.
+INT8_SCHEME = {
+    "name": "int8",
+    "flow": "PT2E static: torchao prepare_pt2e -> calibrate -> convert_pt2e, lowered to XNNPACK",
+    "quantizer": "executorch XNNPACKQuantizer, get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False) "
+    "with MinMaxObserver for activations",
+    "weights": "int8, symmetric, per output channel (convolutions and linear layers)",
+    "activations": "int8, affine, per tensor, static (min/max over the calibration images)",
+    "inputs_outputs": "float32 (the program quantizes its input and dequantizes its output)",
+}
+
+
+def quantize_int8(module, example, batches: Iterable[Any]):
+    """``module`` (eval mode) as a PT2E-quantized graph for XNNPACK: captured at the shape of
+    ``example``, observed on every tensor of ``batches`` (each shaped like ``example``), converted.
+
+    The result runs in eager PyTorch (quantize/dequantize around float kernels, the reference of
+    what XNNPACK computes in int8); export it with ``torch.export`` and :func:`lower_to_xnnpack`.
+    """
+    import dataclasses
+
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+    from torchao.quantization.pt2e import MinMaxObserver, allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
+    activation = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
+    quantizer = XNNPACKQuantizer().set_global(dataclasses.replace(config, input_activation=activation, output_activation=activation))
+    with torch.no_grad():
+        captured = torch.export.export(module.eval(), (example,), strict=False).module()
+        prepared = prepare_pt2e(captured, quantizer)
+        for batch in batches:
+            prepared(batch)
+        converted = convert_pt2e(prepared)
+    # an exported graph refuses .eval() unless allowed; it holds no dropout or batch norm left to switch
+    allow_exported_model_train_eval(converted)
+    return converted
