@@ -39,7 +39,8 @@ def save_round(out: str | os.PathLike, state: RoundState) -> Path:
     out = Path(out)
     payload = {
         "round": state.round,
-        "model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.arrays.items()},
+        # a copy, not np.ascontiguousarray: that turns 0-d tensors (num_batches_tracked) into shape (1,)
+        "model": {k: torch.from_numpy(np.array(v, copy=True, order="C")) for k, v in state.arrays.items()},
         "history": state.history,
         "config": state.config,
     }

@@ -100,9 +100,7 @@ def test_set(config: FleetConfig) -> tuple[Dataset, list[str]] | None:
     return base, classes
 
 
-def local_finetune(
-    net: TransferModel, data: Dataset, *, config: FleetConfig, keys: Sequence[str], seed: int
-) -> LocalResult:
+def local_finetune(net: TransferModel, data: Dataset, *, config: FleetConfig, keys: Sequence[str], seed: int) -> LocalResult:
     """Train ``net`` on ``data`` for ``config.epochs`` epochs; return the tensors named ``keys``.
 
     Randomness (augmentation, shuffling) comes from ``seed`` in a forked generator. A non-finite

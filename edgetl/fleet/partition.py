@@ -42,4 +42,6 @@ def dirichlet_partition(labels: Sequence[int], clients: int, *, alpha: float, se
                 share.extend(int(i) for i in part)
         if min(len(s) for s in shares) >= min_size:
             return [sorted(s) for s in shares]
-    raise ConfigError(f"no Dirichlet(alpha={alpha}) split gives each of {clients} clients {min_size} examples: raise alpha or use fewer clients")
+    raise ConfigError(
+        f"no Dirichlet(alpha={alpha}) split gives each of {clients} clients {min_size} examples: raise alpha or use fewer clients"
+    )

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
 from edgetl.errors import RunError
@@ -119,7 +119,12 @@ def run_fleet(grid: Grid, config: FleetConfig) -> list[dict[str, Any]]:
         if applied:
             state.arrays, _ = fedavg_per_key(state.arrays, accepted)
         else:
-            log.warning("round %d: %d valid replies, fewer than min_clients=%d: the global model is unchanged", rnd, len(accepted), config.min_clients)
+            log.warning(
+                "round %d: %d valid replies, fewer than min_clients=%d: the global model is unchanged",
+                rnd,
+                len(accepted),
+                config.min_clients,
+            )
 
         row: dict[str, Any] = {
             "round": rnd,
