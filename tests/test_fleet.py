@@ -304,7 +304,8 @@ def _device_for_k1(tmp_path: Path) -> Path:
     path = tmp_path / "small.toml"
     budget = (peak[1] + peak[2]) // 2
     path.write_text(
-        f'name = "small"\nmemory_total = {2 * budget}\nmemory_budget = {budget}\nsafety_margin = 0.0\ncores = 4\narch = "aarch64"\nnotes = "test"\n'
+        f'name = "small"\nmemory_total = {2 * budget}\nmemory_budget = {budget}\nsafety_margin = 0.0\n'
+        'cores = 4\narch = "aarch64"\nnotes = "test"\n'
     )
     return path
 
