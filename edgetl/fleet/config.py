@@ -33,8 +33,10 @@ class FleetConfig:
         clients: simulated clients (the simulation engine's SuperNodes).
         alpha: Dirichlet concentration of the non-IID label split (None: IID, equal shares).
         fraction: share of the connected clients asked to train in a round (at least ``min_clients``).
-        min_clients: a round needs this many clients connected to start and this many valid replies
-            to change the global model; with fewer it is logged and the model stays as it was.
+        min_clients: a round starts when this many clients are connected (waiting up to
+            ``round_timeout``) and asks at least this many.
+        min_replies: a round changes the global model only with at least this many valid replies;
+            with fewer it is logged and the model stays as it was (the next round still runs).
         rounds: federated rounds.
         round_timeout: seconds the server waits for replies; a client that has not answered by
             then (killed, disconnected, too slow) is left out of the round.
@@ -64,6 +66,7 @@ class FleetConfig:
     alpha: float | None = 0.5
     fraction: float = 1.0
     min_clients: int = 2
+    min_replies: int = 1
     rounds: int = 5
     round_timeout: float = 600.0
     blocks: int = 4
@@ -89,6 +92,7 @@ class FleetConfig:
             (self.alpha is None or self.alpha > 0, f"alpha must be > 0 (or None for IID), got {self.alpha}"),
             (0.0 < self.fraction <= 1.0, f"fraction must be in (0, 1], got {self.fraction}"),
             (self.min_clients >= 1, f"min_clients must be >= 1, got {self.min_clients}"),
+            (1 <= self.min_replies <= self.min_clients, f"min_replies must be in 1..min_clients, got {self.min_replies}"),
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
             (self.round_timeout > 0, f"round_timeout must be > 0 seconds, got {self.round_timeout}"),
             (self.blocks >= 0, f"blocks must be >= 0, got {self.blocks}"),

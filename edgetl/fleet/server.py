@@ -10,7 +10,7 @@ logged reason (:mod:`~edgetl.fleet.validate`), averages the rest per key
 (:mod:`~edgetl.fleet.checkpoint`). A restarted server resumes after the last saved round.
 
 A client that dies mid-round, errs or is too slow is simply missing from the round's replies;
-with fewer than ``min_clients`` valid replies the round changes nothing (logged) and the next starts.
+with fewer than ``min_replies`` valid replies the round changes nothing (logged) and the next starts.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def run_fleet(grid: Grid, config: FleetConfig) -> list[dict[str, Any]]:
         missing = len(sampled) - len(replies)
         if missing:
             log.warning("round %d: %d of %d sampled clients did not reply within %gs", rnd, missing, len(sampled), config.round_timeout)
-        applied = len(accepted) >= config.min_clients
+        applied = len(accepted) >= config.min_replies
         if applied:
             state.arrays, _ = fedavg_per_key(state.arrays, accepted)
         else:
