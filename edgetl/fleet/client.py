@@ -50,9 +50,10 @@ def _prepare(msg: Message, context: Context, *, train: bool):
     expected = list(msg.content["round"]["classes"])
     if classes != expected:
         raise DataError(f"this client's classes {classes} differ from the fleet's {expected}")
-    blocks = config.blocks
-    if node["device"] and train:
-        blocks = blocks_for_device(node["device"], config, num_classes=len(classes))
+    device = node["device"]
+    if device is None and config.devices and node["partition"] is not None:  # a simulated client's profile
+        device = config.devices[node["partition"] % len(config.devices)]
+    blocks = blocks_for_device(device, config, num_classes=len(classes)) if device and train else config.blocks
     net = build_network(config, num_classes=len(classes), blocks=blocks)
     load_arrays(net, {k: a.numpy() for k, a in msg.content["arrays"].items()})
     if config.fedbn and LOCAL_STATS in context.state:  # this client's own statistics, kept from its last round

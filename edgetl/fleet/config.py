@@ -48,6 +48,9 @@ class FleetConfig:
         method: ``"mobiletl"`` or ``"vanilla"``.
         fedbn: keep the trained norms' running statistics on each client (FedBN): they are
             neither sent nor averaged, and each client evaluates with its own.
+        federated_eval: after each round the sampled clients also evaluate the global model on
+            their own held-out images (always on under FedBN, whose global model has no one set
+            of statistics to evaluate centrally).
         epochs: local epochs per round; ``batch_size``, ``lr``, ``optimizer``: the local training.
             The optimizer starts afresh each round (its state never travels).
         image_size: training resolution.
@@ -73,6 +76,7 @@ class FleetConfig:
     devices: tuple[str, ...] = ()
     method: str = "mobiletl"
     fedbn: bool = False
+    federated_eval: bool = False
     epochs: int = 1
     batch_size: int = 16
     lr: float = 1e-3

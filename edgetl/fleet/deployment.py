@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 
+from edgetl._files import atomic_write_text
 from edgetl.errors import EdgetlError
 from edgetl.fleet.config import FleetConfig
 
@@ -77,18 +78,13 @@ def write_app(directory: str | os.PathLike, config: FleetConfig) -> Path:
         *(f"{key} = {_toml_value(value)}" for key, value in record.items()),
         "",
     ]
-    path = Path(directory) / "pyproject.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    return path.parent
+    return atomic_write_text(Path(directory) / "pyproject.toml", "\n".join(lines)).parent
 
 
 def write_connection(flwr_home: str | os.PathLike, address: str, *, name: str = CONNECTION) -> Path:
     """``flwr``'s configuration (``$FLWR_HOME/config.toml``) naming one insecure SuperLink connection."""
-    path = Path(flwr_home) / "config.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\ninsecure = true\n')
-    return path
+    text = f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\ninsecure = true\n'
+    return atomic_write_text(Path(flwr_home) / "config.toml", text)
 
 
 def free_port() -> int:

@@ -142,7 +142,7 @@ def run_fleet(grid: Grid, config: FleetConfig) -> list[dict[str, Any]]:
         if evaluation is not None:
             load_arrays(net, state.arrays)
             row["test_loss"], row["test_acc"] = accuracy(net, evaluation[0])
-        if config.fedbn and sampled:
+        if (config.fedbn or config.federated_eval) and sampled:
             row["federated_acc"] = _federated_accuracy(grid, config, state, broadcast, rnd, classes, sampled)
         row["seconds"] = time.perf_counter() - t0
         state.history.append(row)
@@ -202,6 +202,9 @@ def server_app(config: FleetConfig | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if not log.handlers:  # in a ServerApp process of its own (deployment): its lines reach `flwr run --stream`
+            log.addHandler(logging.StreamHandler())
+            log.setLevel(logging.INFO)
         run_fleet(grid, config if config is not None else FleetConfig.from_record(dict(context.run_config)))
 
     return app
