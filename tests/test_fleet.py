@@ -15,7 +15,7 @@ pytest.importorskip("flwr")
 
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 
-from edgetl.errors import ConfigError, FileWriteError, RunError  # noqa: E402
+from edgetl.errors import ConfigError, EdgetlError, FileWriteError, RunError  # noqa: E402
 from edgetl.fleet.aggregate import Reply, fedavg_per_key  # noqa: E402
 from edgetl.fleet.checkpoint import RoundState, load_round, save_round  # noqa: E402
 from edgetl.fleet.client import LOCAL_STATS, array_record  # noqa: E402
@@ -153,20 +153,10 @@ def test_a_client_sends_its_trainable_tensors_and_its_full_norms_statistics_only
 
 def test_a_clients_k_comes_from_its_device_profile(tmp_path):
     config = FleetConfig(model=MODEL, blocks=3, image_size=32, batch_size=8)
-    big = plan("device_profiles/raspberry_pi_5_8gb.toml", MODEL, image_size=32, num_classes=3, batch_sizes=(8,),
-               min_blocks=0, memory_options=False, runner_ups=11)  # fmt: skip
-    peak = {c.blocks: c.peak for c in (big.chosen, *big.runner_ups)}
-
-    def device(name: str, budget: int) -> Path:
-        path = tmp_path / f"{name}.toml"
-        path.write_text(
-            f'name = "{name}"\nmemory_total = {2 * budget}\nmemory_budget = {budget}\nsafety_margin = 0.0\n'
-            f'cores = 4\narch = "aarch64"\nnotes = "a test device"\n'
-        )
-        return path
-
-    assert blocks_for_device(device("small", (peak[1] + peak[2]) // 2), config, num_classes=3) == 1
-    assert blocks_for_device(device("large", 4 * peak[11]), config, num_classes=3) == 3  # capped at the fleet's K
+    assert blocks_for_device(_device_for_k1(tmp_path), config, num_classes=3) == 1
+    assert blocks_for_device("device_profiles/raspberry_pi_5_8gb.toml", config, num_classes=3) == 3  # capped at the fleet's K
+    with pytest.raises(EdgetlError, match="nothing fits on Raspberry Pi Zero 2 W"):  # eager PyTorch alone outgrows it
+        blocks_for_device("device_profiles/raspberry_pi_zero_2w.toml", config, num_classes=3)
 
 
 # --- the server's round loop, with in-process clients -----------------------------------------
@@ -293,12 +283,16 @@ def test_a_client_that_errs_or_never_answers_does_not_stall_the_round(tmp_path, 
     assert [k for k, v in initial.items() if not np.array_equal(saved[k], v)] == []
 
 
-def test_clients_with_different_k_train_one_model_and_frozen_parts_never_change(tmp_path, image_folder):
-    config = small_config(tmp_path, image_folder, blocks=2, min_clients=2)
+@pytest.mark.parametrize("via", ["node config", "recipe"])
+def test_clients_with_different_k_train_one_model_and_frozen_parts_never_change(tmp_path, image_folder, via):
+    small, big = str(_device_for_k1(tmp_path)), "device_profiles/raspberry_pi_5_8gb.toml"
+    # a deployed client names its device in its node config; simulated client i gets devices[i % n]
+    config = small_config(tmp_path, image_folder, blocks=2, min_clients=2, devices=(big, small) if via == "recipe" else ())
     grid = LoopbackGrid([client_app, client_app])
-    grid.contexts[1].node_config["device"] = str(_device_for_k1(tmp_path))
+    if via == "node config":
+        grid.contexts[1].node_config["device"] = small
     history = run_fleet(grid, config)
-    assert sorted(history[0]["blocks"]) == [1, 2]
+    assert history[0]["blocks"] == [2, 1]  # node 101 (the small device) trains one block
     net2 = build_network(config, num_classes=3, blocks=2)
     initial = to_arrays(net2.state_dict(), net2.state_dict().keys())
     final = load_round(config.out).arrays
@@ -308,10 +302,11 @@ def test_clients_with_different_k_train_one_model_and_frozen_parts_never_change(
     assert changed <= set(shared_keys(net2))  # nothing outside the top K=2 moved
     # the server sent both clients what a K=2 client trains; the K=1 client sent back less
     assert {tuple(keys) for _, _, keys in grid.sent} == {tuple(sorted(shared_keys(net2)))}
-    assert history[0]["upload_bytes"][history[0]["blocks"].index(1)] < history[0]["upload_bytes"][history[0]["blocks"].index(2)]
+    assert history[0]["upload_bytes"][1] < history[0]["upload_bytes"][0]
 
 
 def _device_for_k1(tmp_path: Path) -> Path:
+    """A device whose budget lies between the planner's predicted peaks for K=1 and K=2."""
     big = plan("device_profiles/raspberry_pi_5_8gb.toml", MODEL, image_size=32, num_classes=3, batch_sizes=(8,),
                min_blocks=0, memory_options=False, runner_ups=11)  # fmt: skip
     peak = {c.blocks: c.peak for c in (big.chosen, *big.runner_ups)}
@@ -373,3 +368,31 @@ def test_a_failed_checkpoint_write_keeps_the_last_round(tmp_path, monkeypatch):
     assert kept.round == 1 and np.array_equal(kept.arrays["w"], np.ones(3, np.float32))
     assert kept.arrays["n"].shape == () and kept.arrays["n"] == 7  # a 0-d tensor stays 0-d
     assert {p.name for p in tmp_path.iterdir()} == {"global.pt", "history.json"}  # no temporary left
+
+
+def test_the_flower_app_carries_the_settings_to_a_deployed_server(tmp_path):
+    import tomllib
+
+    from edgetl.fleet.deployment import node_config_arg, write_app
+
+    config = FleetConfig(alpha=None, test_data=None, devices=("a.toml", "b c.toml"), fedbn=True, lr=0.5, out=str(tmp_path / 'o"ut'))
+    app = tomllib.loads((write_app(tmp_path / "app", config) / "pyproject.toml").read_text())
+    assert app["tool"]["flwr"]["app"]["components"] == {"serverapp": "edgetl.fleet.server:app", "clientapp": "edgetl.fleet.client:app"}
+    devices = app["tool"]["flwr"]["app"]["config"].pop("devices")
+    assert FleetConfig.from_record(app["tool"]["flwr"]["app"]["config"] | {"devices": devices}) == config
+    assert node_config_arg({"partition-id": 0, "data": "/my photos"}) == 'partition-id=0 data="/my photos"'
+
+
+def test_fleet_command_line(tmp_path, capsys):
+    from edgetl.cli import main
+
+    assert main(["fleet", "app", str(tmp_path / "app"), "--alpha", "iid", "--devices", "pi4.toml", "pi5.toml", "--rounds", "3"]) == 0
+    import tomllib
+
+    run_config = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert "alpha" not in run_config and run_config["devices"] == "pi4.toml,pi5.toml" and run_config["rounds"] == 3
+    assert main(["fleet", "app", str(tmp_path / "bad"), "--fraction", "2"]) == 2
+    assert "edgetl: error: fraction must be in (0, 1], got 2.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fleet", "simulate", "--help"])
+    assert "(default: 0.5)" in capsys.readouterr().out
