@@ -8,5 +8,6 @@ One concept per module: :mod:`~edgetl.fleet.config` (the settings), :mod:`~edget
 per-round global model), :mod:`~edgetl.fleet.sizing` (a client's K from its device profile),
 :mod:`~edgetl.fleet.local` (one client's local fine-tuning), :mod:`~edgetl.fleet.client` and
 :mod:`~edgetl.fleet.server` (Flower's ClientApp and ServerApp), :mod:`~edgetl.fleet.simulation`
-and :mod:`~edgetl.fleet.deployment` (the two ways to run them). Only the last four import ``flwr``.
+and :mod:`~edgetl.fleet.deployment` (the two ways to run them). Only the client, the server and
+the simulation import ``flwr``; the deployment runs Flower's executables.
 """
