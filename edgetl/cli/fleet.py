@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -110,6 +111,8 @@ def _config(args: argparse.Namespace) -> FleetConfig:
 def _need_flower() -> None:
     if importlib.util.find_spec("flwr") is None:
         raise EdgetlError("edgetl fleet needs Flower: pip install 'edgetl[fleet]'")
+    # Flower reads this once, when it is imported: the command's choice (set FLWR_TELEMETRY_ENABLED=1 to opt in)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
 def _logging() -> None:

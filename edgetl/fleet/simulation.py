@@ -22,9 +22,9 @@ def simulate(config: FleetConfig, *, workers: int = 1) -> list[dict[str, Any]]:
     from edgetl.fleet.client import app as client_app
     from edgetl.fleet.server import server_app
 
-    # Ray workers inherit the environment: one math thread each, no telemetry calls home
+    # Ray's workers inherit this process's environment, the only channel Flower's Ray backend leaves
+    # open (it sets Ray's runtime_env itself): one math thread per worker unless the caller chose
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     backend = {
         "init_args": {"num_cpus": workers, "include_dashboard": False, "logging_level": "warning"},
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
