@@ -276,6 +276,7 @@ def test_a_client_that_errs_or_never_answers_does_not_stall_the_round(tmp_path, 
         history = run_fleet(LoopbackGrid([client_app, broken, client_app], drop={2}), config)
     assert "rejected reply from node 101: client error: out of memory" in caplog.text
     assert "1 of 3 sampled clients did not reply" in caplog.text
+    assert "round 2: 1 valid replies < min_replies=2: the global model is unchanged" in caplog.text
     # one valid reply < min_replies: logged, the model unchanged, the next round still runs
     assert [row["applied"] for row in history] == [False, False] and len(history) == 2
     saved = load_round(config.out).arrays

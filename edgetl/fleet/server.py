@@ -30,7 +30,7 @@ from edgetl.fleet.aggregate import Reply, fedavg_per_key
 from edgetl.fleet.checkpoint import RoundState, load_round, save_round
 from edgetl.fleet.client import train_message_content
 from edgetl.fleet.config import FleetConfig
-from edgetl.fleet.payload import load_arrays, shared_keys, to_arrays
+from edgetl.fleet.payload import load_arrays, nbytes, shared_keys, to_arrays
 from edgetl.fleet.validate import reply_problem
 
 log = logging.getLogger("edgetl.fleet")
@@ -120,10 +120,7 @@ def run_fleet(grid: Grid, config: FleetConfig) -> list[dict[str, Any]]:
             state.arrays, _ = fedavg_per_key(state.arrays, accepted)
         else:
             log.warning(
-                "round %d: %d valid replies, fewer than min_clients=%d: the global model is unchanged",
-                rnd,
-                len(accepted),
-                config.min_clients,
+                "round %d: %d valid replies < min_replies=%d: the global model is unchanged", rnd, len(accepted), config.min_replies
             )
 
         row: dict[str, Any] = {
@@ -134,7 +131,7 @@ def run_fleet(grid: Grid, config: FleetConfig) -> list[dict[str, Any]]:
             "rejected": rejected,
             "applied": applied,
             "blocks": [int(m.get("blocks", -1)) for m in metrics],
-            "upload_bytes": [int(m.get("upload-bytes", 0)) for m in metrics],
+            "upload_bytes": [nbytes(r.arrays) for r in accepted],  # counted here, not as the client claims
             "client_peak_rss_bytes": [int(m.get("peak-rss-bytes", 0)) for m in metrics],
             "examples": [r.num_examples for r in accepted],
             "train_loss": _weighted([(m.get("train-loss", 0.0), r.num_examples) for m, r in zip(metrics, accepted, strict=True)]),
