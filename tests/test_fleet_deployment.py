@@ -1,5 +1,5 @@
-"""The fleet on Flower's two engines: the simulation engine (Ray, one machine) and the deployment
-engine (a SuperLink and SuperNodes as separate processes on loopback, one killed mid-round)."""
+"""The fleet on Flower's deployment engine: a SuperLink and SuperNodes as separate processes on
+loopback, one SuperNode killed mid-round."""
 
 from __future__ import annotations
 
@@ -27,23 +27,6 @@ def _config(tmp_path: Path, data: Path, **overrides) -> FleetConfig:
         image_size=32, batch_size=8, min_clients=2, out=str(tmp_path / "server"), round_timeout=120.0, lr=1e-2,
     )  # fmt: skip
     return FleetConfig(**(values | overrides))
-
-
-def _expected_upload(config: FleetConfig) -> int:
-    net = build_network(config, num_classes=3, blocks=config.blocks)
-    return sum(a.nbytes for a in to_arrays(net.state_dict(), shared_keys(net)).values())
-
-
-def test_simulation_engine_runs_rounds_over_dirichlet_partitions(tmp_path, image_folder):
-    from edgetl.fleet.simulation import simulate
-
-    config = _config(tmp_path, image_folder, clients=3, alpha=1.0, fraction=0.5, rounds=2)
-    history = simulate(config, workers=2)
-    assert [row["round"] for row in history] == [1, 2]
-    assert all(row["sampled"] == 2 and row["accepted"] == 2 and row["applied"] for row in history), history  # ceil(0.5 * 3)
-    # each client sent exactly the top-K payload, counted from the architecture
-    assert {b for row in history for b in row["upload_bytes"]} == {_expected_upload(config)}
-    assert load_round(config.out).round == 2
 
 
 def test_deployment_engine_survives_a_supernode_killed_mid_round(tmp_path, image_folder):
