@@ -12,7 +12,7 @@ for top-K and head-only, counted from the architecture for full fine-tuning), cl
 rounds to reach within 1 point of centralised, and the simulation engine's throughput with 100
 clients (tiny images: the engine's overhead, not training, is what it measures).
 
-    .venv/bin/python benchmarks/fleet.py [--rounds 6] [--train-limit 2000] [--out runs/bench-fleet]
+    .venv/bin/python benchmarks/fleet.py [--rounds 5] [--train-limit 1500] [--out runs/bench-fleet]
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ def main() -> None:
     p.add_argument("--model", default="efficientnet_lite0")
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--blocks", type=int, default=4)
-    p.add_argument("--train-limit", type=int, default=2000)
+    p.add_argument("--train-limit", type=int, default=1500)
     p.add_argument("--test-limit", type=int, default=500)
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=16)
