@@ -180,13 +180,15 @@ class LoopbackGrid:
     (partition i of n). ``drop`` nodes never answer (killed); an exception becomes an error reply,
     as a SuperNode returns it."""
 
-    def __init__(self, apps, *, drop=(), fail_at_round=None):
-        self.apps = apps
-        self.contexts = [Context(1, 100 + i, {"partition-id": i, "num-partitions": len(apps)}, RecordDict(), {}) for i in range(len(apps))]
+    def __init__(self, apps, *, drop=(), fail_at_round=None, first_id=100):
+        self.apps, self.first_id = apps, first_id
+        self.contexts = [
+            Context(1, first_id + i, {"partition-id": i, "num-partitions": len(apps)}, RecordDict(), {}) for i in range(len(apps))
+        ]
         self.drop, self.fail_at_round, self.sent = set(drop), fail_at_round, []
 
     def get_node_ids(self):
-        return [100 + i for i in range(len(self.apps))]
+        return [self.first_id + i for i in range(len(self.apps))]
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
@@ -194,7 +196,9 @@ class LoopbackGrid:
             rnd = int(msg.content["round"]["round"])
             if rnd == self.fail_at_round:
                 raise KeyboardInterrupt  # the server process dies mid-round
-            i = msg.metadata.dst_node_id - 100
+            i = msg.metadata.dst_node_id - self.first_id
+            if not 0 <= i < len(self.apps):
+                raise ValueError(f"Invalid destination node ID for Message: {msg.metadata.dst_node_id}")  # as the SuperLink says
             self.sent.append((rnd, i, sorted(msg.content["arrays"].keys())))
             if i in self.drop:
                 continue
@@ -265,6 +269,13 @@ def clean_round(tmp_path_factory, image_folder):
         _set_task_identity(mp)
         run_fleet(LoopbackGrid([client_app, client_app, client_app], drop={2}), config)
     return load_round(config.out).arrays
+
+
+def test_node_ids_beyond_int64_reach_their_clients(tmp_path, image_folder):
+    # Flower's node ids are uint64: sampling them through numpy once turned them into floats
+    grid = LoopbackGrid([client_app, client_app], first_id=2**63 - 1)  # one id in int64, one beyond
+    history = run_fleet(grid, small_config(tmp_path, image_folder))
+    assert history[0]["accepted"] == 2 and sorted(i for _, i, _ in grid.sent) == [0, 1]
 
 
 def test_a_client_that_errs_or_never_answers_does_not_stall_the_round(tmp_path, image_folder, caplog):
