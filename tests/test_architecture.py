@@ -18,9 +18,10 @@ LAYERS = {
     "train": 3,
     "profiler": 4,
     "exporter": 5,
-    "cli": 6,
-    "__init__": 7,
-    "__main__": 7,
+    "fleet": 6,
+    "cli": 7,
+    "__init__": 8,
+    "__main__": 8,
 }
 
 

@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``edgetl`` parser with every sub-command (each sets ``handler``)."""
     from edgetl.cli.export import add_export_parser
     from edgetl.cli.finetune import add_finetune_parser
+    from edgetl.cli.fleet import add_fleet_parser
     from edgetl.cli.profile import add_plan_parser, add_profile_parser
 
     parser = argparse.ArgumentParser(prog="edgetl", description="On-device transfer learning with inverted residual blocks (MobileTL)")
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_parser(sub)
     add_plan_parser(sub)
     add_export_parser(sub)
+    add_fleet_parser(sub)
     return parser
 
 
