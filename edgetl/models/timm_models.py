@@ -30,8 +30,11 @@ EfficientNet-Lite0 checkpoint for ``tf_efficientnet_lite0`` (an explicit key map
 
 from __future__ import annotations
 
+import socket
+import urllib.parse
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -187,7 +190,9 @@ def wrap(raw: nn.Module, name: str) -> TimmNet:
     from timm.models.mobilenetv3 import MobileNetV3
 
     if not isinstance(raw, (EfficientNet, MobileNetV3)):
-        raise ConfigError(f"timm model {name} is a {type(raw).__name__}; edgetl supports timm's MobileNetV3/V4, EfficientNet and MNASNet families")
+        raise ConfigError(
+            f"timm model {name} is a {type(raw).__name__}; edgetl supports timm's MobileNetV3/V4, EfficientNet and MNASNet families"
+        )
     known = {getattr(blocks, n) for n in (*BLOCK_TYPES, *STAGE_TYPES)}
     for s, stage in enumerate(raw.blocks):
         for b, block in enumerate(stage):
@@ -235,16 +240,44 @@ def build(name: str, *, num_classes: int = 1000, weights: None = None) -> TimmNe
     return wrap(timm.create_model(_check_name(name), pretrained=False, num_classes=num_classes), name)
 
 
+def _hub_unreachable() -> bool:
+    """Whether the Hugging Face hub's host does not even resolve (no network). Checked first because
+    huggingface_hub retries each file five times with back-off (~50 s, a warning per retry)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False  # offline already: the cache alone is asked, at once
+    try:
+        socket.getaddrinfo(urllib.parse.urlparse(constants.ENDPOINT).hostname, 443)
+    except OSError:
+        return True
+    return False
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub's offline mode (``HF_HUB_OFFLINE``) for the duration: cached files only."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def pretrained(name: str) -> TimmNet:
     """``name`` with timm's default pretrained weights, through timm's own loading (Hugging Face
-    hub, cached). Without a network (or with ``HF_HUB_OFFLINE=1`` and nothing cached) this is one
-    :class:`WeightsError` line."""
+    hub, cached). Without a network the cached copy is used; with none cached this is one
+    :class:`WeightsError` line, at once (never huggingface_hub's retries)."""
     timm = _timm()
     _check_name(name)
     try:
-        raw = timm.create_model(name, pretrained=True)
+        with _hub_offline() if _hub_unreachable() else nullcontext():
+            raw = timm.create_model(name, pretrained=True)
     except Exception as exc:  # noqa: BLE001 - hub, network and cache failures come in many types
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:120]
         raise WeightsError(
             f"cannot get timm's pretrained weights for {name} ({type(exc).__name__}: {first}); "
             "without a network, pass a local state-dict file (weights=PATH / --weights PATH)"
@@ -348,7 +381,9 @@ def load_state(name: str, state: Mapping[str, Tensor], source: str) -> TimmNet:
             return model
         if "_conv_stem.weight" in state:
             if name != "tf_efficientnet_lite0":
-                raise WeightsError(f"{source} holds EfficientNet-Lite0 weights (efficientnet_pytorch keys); they fit timm:tf_efficientnet_lite0, not {name}")
+                raise WeightsError(
+                    f"{source} holds EfficientNet-Lite0 weights (efficientnet_pytorch keys), which fit tf_efficientnet_lite0, not {name}"
+                )
             state = lite0_to_timm(state)
         raw = timm.create_model(name, pretrained=False, num_classes=_classes(state, "classifier.weight"))
         raw.load_state_dict(state, strict=True)
@@ -367,4 +402,3 @@ def packaged_lite0() -> TimmNet:
     except Exception as exc:  # noqa: BLE001 - any parse failure is an unreadable file to the user
         raise WeightsError(f"cannot read weights from {path}: {type(exc).__name__}: {exc}") from None
     return load_state("tf_efficientnet_lite0", state, path)
-

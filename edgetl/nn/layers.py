@@ -125,7 +125,8 @@ class SamePad2d(nn.Module):
 
     def padding(self, height: int, width: int) -> tuple[int, int, int, int]:
         """``(left, right, top, bottom)`` for an input of ``height`` x ``width``."""
-        return (*same_padding(width, self.kernel, self.stride, self.dilation), *same_padding(height, self.kernel, self.stride, self.dilation))
+        k, s, d = self.kernel, self.stride, self.dilation
+        return (*same_padding(width, k, s, d), *same_padding(height, k, s, d))
 
     def forward(self, x: Tensor) -> Tensor:
         return nn.functional.pad(x, self.padding(x.shape[-2], x.shape[-1]))

@@ -317,6 +317,9 @@ def trainable_shapes_problem(rows: Sequence[UnitPrediction]) -> str | None:
     trained unit's output (the smallest map the unit's last norm sees).
     """
     for row in rows:
+        if row.role == "head" and row.in_shape[0] <= 1 and any(s.what == "batch-norm input" for s in row.saved):
+            # timm's MobileNetV4 normalises the pooled features (its head norm) in the classifier
+            return f"the classifier trains a batch norm on a batch of {row.in_shape[0]}; use a batch size of at least 2"
         if row.role in ("block", "stage") and len(row.out_shape) == 4:
             n, _, h, w = row.out_shape
             if n * h * w <= 1:

@@ -71,7 +71,8 @@ def predict_units(model: nn.Module, policy: TrainPolicy, *, batch_size: int, ima
             input_saved=input_saved,
         )
         role = "frozen" if i < trained_from else "block" if is_irb(unit) else "stage"
-        input_saved = role != "frozen" and not policy.recompute and keeps_output(layers, mobiletl=mobiletl, activation_mask=policy.activation_mask)
+        kept = keeps_output(layers, mobiletl=mobiletl, activation_mask=policy.activation_mask)
+        input_saved = role != "frozen" and not policy.recompute and kept
         if role == "frozen":
             rows.append(UnitPrediction(name, role, shape, out, ()))
         elif policy.recompute:
