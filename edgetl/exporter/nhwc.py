@@ -277,7 +277,8 @@ class ShiftOnlyNormNHWC(nn.Module):
 
 
 class BatchNormNHWC(nn.Module):
-    """``nn.BatchNorm2d`` on the channel-last axis, sharing its parameters and running statistics.
+    """``nn.BatchNorm2d`` on the channel-last axis, sharing its parameters and running statistics
+    (also ``nn.BatchNorm1d`` on pooled ``N x C`` features: timm's MobileNetV4 head norm).
 
     Train mode normalises with batch statistics and updates the running ones in place (the graph's
     buffer mutations); eval mode uses the running ones.
@@ -298,7 +299,7 @@ class BatchNormNHWC(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
-            var, mean = torch.var_mean(x, dim=(0, 1, 2), correction=0)
+            var, mean = torch.var_mean(x, dim=tuple(range(x.dim() - 1)), correction=0)
             n = x.numel() // x.shape[-1]
             with torch.no_grad():
                 m = self.momentum
@@ -357,7 +358,7 @@ def _convert_leaf(module: nn.Module, path: str, part: str) -> nn.Module | None:
         )
     if isinstance(module, ShiftOnlyNorm):
         return ShiftOnlyNormNHWC(module)
-    if isinstance(module, nn.BatchNorm2d):
+    if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
         try:
             return BatchNormNHWC(module)
         except UnsupportedModelError as exc:
