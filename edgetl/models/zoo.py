@@ -240,7 +240,15 @@ def identify_model(state_dict: Mapping[str, torch.Tensor]) -> str:
     for name in MODELS:
         if architecture_mismatch(name, state_dict) is None:
             return name
-    raise WeightsError(f"the weights fit none of edgetl's architectures ({', '.join(MODELS)})")
+    raise WeightsError(f"the weights fit none of edgetl's architectures ({', '.join(MODELS)}); a timm model's must be named (timm:NAME)")
+
+
+def model_name(model: nn.Module) -> str:
+    """The zoo name of ``model``: ``timm:NAME`` for a timm network (:class:`~edgetl.models.timm_models.TimmNet`),
+    else the :data:`MODELS` architecture its state dict fits (:func:`identify_model`)."""
+    if isinstance(model, timm_models.TimmNet):
+        return f"{timm_models.PREFIX}{model.timm_name}"
+    return identify_model(model.state_dict())
 
 
 def transforms_for(name: str, *, image_size: int, train: bool) -> v2.Compose:
