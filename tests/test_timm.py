@@ -217,6 +217,21 @@ def test_predicted_equals_measured_for_every_trained_block(models, name, batch_s
         assert all(measured[n].nbytes > 0 for n in blocks)
 
 
+@pytest.mark.parametrize(
+    "policy",
+    [TrainPolicy(6, saved_precision="int8"), TrainPolicy(6, activation_mask="packed"), TrainPolicy(6, recompute=True)],
+    ids=["int8", "packed", "recompute"],
+)
+def test_memory_options_are_predicted_to_the_byte_with_same_padding(models, policy):
+    """tf_efficientnet_lite0's stride-2 blocks pad TF "SAME" before the depthwise conv: with int8
+    inputs the activation before that padding keeps a packed mask, as before a ZeroPad2d."""
+    model = models("tf_efficientnet_lite0")
+    rows = predict_units(model, policy, batch_size=2, image_size=40)
+    net = prepare(model, policy)
+    measured = measure_saved_bytes(net, {n: net.get_submodule(n) for n in net.bottom_names + net.top_names}, torch.randn(2, 3, 40, 40))
+    assert [(r.name, r.nbytes) for r in rows] == [(r.name, measured[r.name].nbytes) for r in rows]
+
+
 def _closed_form_uib(n: int, c: int, t: int, h: int, w: int) -> dict[str, int]:
     """Bytes one ExtraDW UIB (start and middle depthwise, ReLU, stride 1, C in = C out, expansion t)
     stores, per PyTorch's autograd, from first principles (fp32, 4 bytes):
