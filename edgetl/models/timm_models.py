@@ -387,6 +387,8 @@ def load_state(name: str, state: Mapping[str, Tensor], source: str) -> TimmNet:
             state = lite0_to_timm(state)
         raw = timm.create_model(name, pretrained=False, num_classes=_classes(state, "classifier.weight"))
         raw.load_state_dict(state, strict=True)
+    except WeightsError:  # a RuntimeError too: already one clear line
+        raise
     except RuntimeError as exc:  # missing / unexpected keys, other shapes
         first = (str(exc).strip().splitlines() or [""])[:3]
         raise WeightsError(f"weights in {source} do not fit timm:{name}: {' '.join(s.strip() for s in first)}") from None
