@@ -94,6 +94,12 @@ def test_unknown_block_type_is_named():
         zoo.load_model("timm:no_such_net", num_classes=3)
 
 
+def test_missing_timm_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm then raises ImportError
+    with pytest.raises(ConfigError, match=r"timm models need the timm package: pip install 'edgetl\[timm\]'"):
+        timm_models.build("mobilenetv4_conv_small")
+
+
 def test_transforms_follow_timms_pretrained_data_config():
     for name in ("mobilenetv4_conv_medium", "tf_efficientnet_lite0"):
         cfg = timm.data.resolve_data_config({}, model=timm.create_model(name, pretrained=False))
