@@ -14,7 +14,7 @@ from torch import nn
 
 import edgetl
 from edgetl.exporter import nhwc, training
-from edgetl.exporter.errors import UnsupportedModelError
+from edgetl.exporter.errors import ExportError, UnsupportedModelError
 from edgetl.models import timm_models, zoo
 from edgetl.profiler.measure import measure_saved_bytes
 from edgetl.profiler.predict import predict_units
@@ -83,3 +83,15 @@ def test_layer_scale_trains_is_predicted_to_the_byte_and_refused_by_the_training
         assert row.nbytes == measured["features.blocks.3.5"].nbytes, method
     with pytest.raises(UnsupportedModelError, match=r"features\.blocks\.3\.5\.layer_scale \(LayerScale2d\) in trained block"):
         nhwc.trainable_top(net)
+
+
+def test_a_checkpoint_of_a_timm_model_is_checked_and_loaded_by_name():
+    """``edgetl export --checkpoint RUN`` reads a run's weights by the model name it recorded."""
+    from edgetl.exporter.weights import check_architecture, load_weights
+
+    torch.manual_seed(0)
+    state = zoo.load_model("timm:mobilenetv4_conv_small", num_classes=4).state_dict()
+    model = load_weights("timm:mobilenetv4_conv_small", state, 4)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ExportError, match=r"does not hold timm:mobilenetv4_conv_medium weights \(missing keys"):
+        check_architecture("timm:mobilenetv4_conv_medium", state)
