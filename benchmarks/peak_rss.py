@@ -68,7 +68,9 @@ def main() -> None:
 
     model = load_model(args.model, num_classes=args.num_classes)
     saved = {name: sum(u.nbytes for u in predict_units(model, pol, **shape)) for name, pol in configs.items()}
-    live = {name: predict_step_peak(model, pol, **shape).live_peak for name, pol in configs.items()}
+    estimates = {name: predict_step_peak(model, pol, **shape) for name, pol in configs.items()}
+    # the steps' predicted delta: the live peak less what is loaded before them (weights, input batch)
+    predicted = {name: e.live_peak - e.weights - e.input_batch for name, e in estimates.items()}
 
     def med(name: str, attr: str) -> float:
         return statistics.median(getattr(r, attr) for r in runs[name])
@@ -82,21 +84,26 @@ def main() -> None:
         f"{first.platform}, Python {platform.python_version()}, torch {first.torch_version}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; ratios are to vanilla\n"
     )
-    head = f"{'configuration':24s}{'stored MiB':>11s}{'ratio':>7s}{'live pk':>9s}{'delta MiB':>10s}{'ratio':>7s}"
-    head += f"{'peak MiB':>10s}{'ratio':>7s}{'peak min-max':>15s}{'step s':>8s}{'ratio':>7s}"
+    head = f"{'configuration':24s}{'stored MiB':>11s}{'ratio':>7s}{'pred dlt':>9s}{'ratio':>7s}{'warm dlt':>9s}{'ratio':>7s}"
+    head += f"{'delta':>8s}{'ratio':>7s}{'peak MiB':>10s}{'ratio':>7s}{'peak min-max':>15s}{'step s':>8s}{'ratio':>7s}"
     print(head)
-    v_delta, v_peak, v_step = med("vanilla", "step_delta"), med("vanilla", "peak_rss"), med("vanilla", "step_seconds")
+    v = {attr: med("vanilla", attr) for attr in ("step_delta", "warm_delta", "peak_rss", "step_seconds")}
     for name in configs:
         lo, hi = min(r.peak_rss for r in runs[name]) / MIB, max(r.peak_rss for r in runs[name]) / MIB
-        delta, peak, step = med(name, "step_delta"), med(name, "peak_rss"), med(name, "step_seconds")
+        m = {attr: med(name, attr) for attr in v}
         print(
-            f"{name:24s}{saved[name] / MIB:11.1f}{saved[name] / saved['vanilla']:7.3f}{live[name] / MIB:9.1f}"
-            f"{delta / MIB:10.1f}{delta / v_delta:7.3f}{peak / MIB:10.1f}{peak / v_peak:7.3f}{f'{lo:.0f}-{hi:.0f}':>15s}"
-            f"{step:8.3f}{step / v_step:7.3f}"
+            f"{name:24s}{saved[name] / MIB:11.1f}{saved[name] / saved['vanilla']:7.3f}"
+            f"{predicted[name] / MIB:9.1f}{predicted[name] / predicted['vanilla']:7.3f}"
+            f"{m['warm_delta'] / MIB:9.1f}{m['warm_delta'] / v['warm_delta']:7.3f}"
+            f"{m['step_delta'] / MIB:8.1f}{m['step_delta'] / v['step_delta']:7.3f}"
+            f"{m['peak_rss'] / MIB:10.1f}{m['peak_rss'] / v['peak_rss']:7.3f}{f'{lo:.0f}-{hi:.0f}':>15s}"
+            f"{m['step_seconds']:8.3f}{m['step_seconds'] / v['step_seconds']:7.3f}"
         )
     print(
-        "\nstored = bytes autograd keeps for backward (exact, predict_units); live pk = predicted live tensor peak "
-        "(predict_step_peak); delta = process peak RSS over the RSS after loading the model; peak = process peak RSS"
+        "\nstored = bytes autograd keeps for backward (exact, predict_units); pred dlt = predicted live peak "
+        "(predict_step_peak) less the weights and input batch loaded before the steps; warm dlt = process peak RSS over the RSS "
+        "after loading and a warm-up forward+backward of two images (what the steps' tensors add to a warmed runtime); "
+        "delta = process peak RSS over the RSS after loading the model (adds what the first step faults in); peak = process peak RSS"
     )
 
 

@@ -19,15 +19,21 @@ import time
 from pathlib import Path
 
 from edgetl import FinetuneConfig, TrainPolicy, finetune, load_model
+from edgetl.models.blocks import find_blocks
 from edgetl.profiler.predict import predict_units
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument(
+        "--weights",
+        default="DEFAULT",
+        help="DEFAULT (the architecture's ImageNet weights; offline only Lite0's are packaged), a state-dict file, or none",
+    )
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--blocks", type=int, default=4)
+    p.add_argument("--blocks", default="4", help="K, or 'all'")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train-limit", type=int, default=3000)
     p.add_argument("--val-limit", type=int, default=1000)
@@ -37,21 +43,23 @@ def main() -> None:
     args = p.parse_args()
 
     arch = load_model(args.model, num_classes=10)
+    blocks = len(find_blocks(arch)) if args.blocks == "all" else int(args.blocks)
+    weights = None if args.weights.lower() == "none" else args.weights
     acc: dict[str, list[float]] = {prec: [] for prec in args.precisions}
     saved: dict[str, tuple[int, int]] = {}
     for prec in args.precisions:
-        rows = predict_units(arch, TrainPolicy(args.blocks, saved_precision=prec), batch_size=args.batch_size, image_size=args.image_size)
+        rows = predict_units(arch, TrainPolicy(blocks, saved_precision=prec), batch_size=args.batch_size, image_size=args.image_size)
         saved[prec] = (sum(r.nbytes for r in rows if r.role == "block"), sum(r.nbytes for r in rows))
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for prec in args.precisions:
                 config = FinetuneConfig(
                     model=args.model,
-                    weights="DEFAULT",
+                    weights=weights,
                     data="fashion-mnist",
                     train_limit=args.train_limit,
                     val_limit=args.val_limit,
-                    policy=TrainPolicy(blocks=args.blocks, saved_precision=prec),
+                    policy=TrainPolicy(blocks=blocks, saved_precision=prec),
                     epochs=args.epochs,
                     batch_size=args.batch_size,
                     image_size=args.image_size,
@@ -71,7 +79,8 @@ def main() -> None:
                 )
 
     print(
-        f"\n{args.model}, MobileTL K={args.blocks}, Fashion-MNIST {args.train_limit} train / {args.val_limit} val images, "
+        f"\n{args.model} ({args.weights} weights), MobileTL K={blocks}, Fashion-MNIST {args.train_limit} train / "
+        f"{args.val_limit} val images, "
         f"{args.image_size} px, {args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}, cached features, "
         f"seeds {' '.join(map(str, args.seeds))}\n"
     )

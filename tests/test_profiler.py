@@ -459,9 +459,11 @@ def test_profile_measures_process_peak_per_method():
     for method, p in procs.items():
         assert p.method == method and p.steps == 2 and p.optimizer == "adam" and p.runtime_rss > 50 * 2**20
         assert p.runtime_rss <= p.loaded_rss <= p.peak_rss and p.step_delta > 0
+        # the warm-up's backward faults in kernel code no earlier call ran; it keeps no tensors
+        assert p.loaded_rss < p.warm_rss <= p.peak_rss and 0 < p.warm_delta < p.step_delta
         assert p.hwm_reset == sys.platform.startswith("linux")
     text = report.render()
-    assert "process peak RSS (OS, includes" in text and "step delta" in text
+    assert "process peak RSS (OS, includes" in text and "step delta" in text and "warm delta" in text
     assert json.loads(report.to_json())["totals"]["mobiletl"]["process"]["peak_rss"] == procs["mobiletl"].peak_rss
 
 

@@ -23,7 +23,15 @@ from edgetl.exporter import training
 from edgetl.exporter.errors import ExportError
 from edgetl.models.blocks import block_spec, find_blocks
 from edgetl.models.zoo import MODELS, load_model
-from edgetl.nn.compress import CompressedConv2d, compressed_nbytes, decompressed, int8_scale
+from edgetl.nn.compress import (
+    CompressedConv2d,
+    CompressedGating,
+    compress_gating,
+    compressed_nbytes,
+    decompressed,
+    int8_scale,
+    scale_saved,
+)
 from edgetl.nn.layers import MaskedActivation
 from edgetl.profiler.analytic import saved_for_backward, total_bytes
 from edgetl.profiler.measure import measure_saved_bytes
@@ -114,6 +122,56 @@ def test_int8_round_trip_is_within_half_a_step_and_an_empty_channel_is_exact():
     assert ((bf - x).abs() <= BF16_UNIT_ROUNDOFF * x.abs()).all()
 
 
+# --- the squeeze-excitation's gating multiply ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_gating_multiply_gives_exact_dx_and_the_gate_gradient_within_format_bound(precision):
+    torch.manual_seed(0)
+    x = torch.rand(4, 16, 9, 9) * 6
+    x[:, 3] *= 50
+    x[:, 5] = 0
+    x.requires_grad_(True)
+    gate = torch.rand(4, 16, 1, 1, requires_grad=True)
+    y = scale_saved(x, gate, precision)
+    assert torch.equal(y, gate * x)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, gate], dy)
+    ref = torch.autograd.grad(gate * x, [x, gate], dy)
+    assert torch.equal(got[0], ref[0])  # dx = dy * gate never reads the stored input
+    err = (got[1] - ref[1]).abs()
+    # dgate = sum_hw dy * x: an error e in x moves it by at most sum_hw |dy| |e|
+    if precision == "bf16":
+        bound = (BF16_UNIT_ROUNDOFF + FP32_SLACK) * (dy.abs() * x.detach().abs()).sum((2, 3), keepdim=True)
+    else:
+        half_step = int8_scale(x.detach()).view(1, -1, 1, 1) / 2
+        bound = (dy.abs() * half_step).sum((2, 3), keepdim=True) * (1 + FP32_SLACK) + FP32_SLACK * (dy.abs() * x.detach().abs()).sum(
+            (2, 3), keepdim=True
+        )
+    assert (err <= bound).all(), float((err - bound).max())
+    assert err.max() > 0  # the gate's gradient did read the stored copy
+    want = (dy * decompressed(x.detach(), precision)).sum((2, 3), keepdim=True)
+    torch.testing.assert_close(got[1], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_compressed_squeeze_excitation_keeps_its_input_compressed_and_its_keys(precision):
+    torch.manual_seed(0)
+    se = SqueezeExcitation(24, 8, scale_activation=nn.Hardsigmoid)
+    plain = SqueezeExcitation(24, 8, scale_activation=nn.Hardsigmoid)
+    plain.load_state_dict(se.state_dict())
+    compress_gating(se, precision)
+    assert type(se).__name__ == "SqueezeExcitation" and isinstance(se, SqueezeExcitation)
+    assert se.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(3, 24, 7, 7, requires_grad=True)
+    assert torch.equal(se(x), plain(x))
+    stored = {m: measure_saved_bytes(nn.Sequential(m), {"se": m}, x)["se"] for m in (se, plain)}
+    # the full map: compressed instead of fp32; the pooled / squeezed vectors and the gate as before
+    assert stored[plain].nbytes - stored[se].nbytes == 4 * x.numel() - compressed_nbytes(tuple(x.shape), precision)
+    with pytest.raises(TypeError, match="no _scale"):
+        compress_gating(nn.Conv2d(3, 3, 1), precision)
+
+
 # --- prepare ----------------------------------------------------------------------------------------
 
 
@@ -145,10 +203,15 @@ def test_prepare_compresses_the_convs_of_mobiletl_blocks_only(name):
             if not any(m is a for se in net.get_submodule(block_name).modules() if isinstance(se, SqueezeExcitation) for a in se.modules())
         ]
         ops = [layer.op for layer in layers if layer.op != "pad"]
-        feeds_conv = [ops[i + 1] == "conv" for i, op in enumerate(ops) if op == "act"]
-        assert [m.mask for m in outer] == ["packed" if f else "reuse" for f in feeds_conv], block_name
+        feeds_compressed = [ops[i + 1] in ("conv", "se") for i, op in enumerate(ops) if op == "act"]
+        assert [m.mask for m in outer] == ["packed" if f else "reuse" for f in feeds_compressed], block_name
+        # every squeeze-excitation of a MobileTL block keeps its gating multiply's input compressed
+        ses = [m for m in net.get_submodule(block_name).modules() if isinstance(m, SqueezeExcitation)]
+        assert all(isinstance(se, CompressedGating) and se.saved_precision == "int8" for se in ses)
+        assert ("se" in ops) == bool(ses)
     vanilla = prepare(model, TrainPolicy(blocks=k, method="vanilla", saved_precision="bf16"))
-    assert not any(isinstance(m, CompressedConv2d) for m in vanilla.modules())
+    assert not any(isinstance(m, (CompressedConv2d, CompressedGating)) for m in vanilla.modules())
+    assert not any(isinstance(m, CompressedGating) for m in model.modules())  # the model itself is left as it was
 
 
 # --- the profiler -----------------------------------------------------------------------------------
@@ -207,6 +270,11 @@ def test_v2_block_closed_form(mask):
 # --- gradients of whole networks ------------------------------------------------------------------------
 
 
+#: relative (Frobenius) error allowed on gradients below a compressed squeeze-excitation, whose gate
+#: gradient reads the stored input and travels down the block (measured: bf16 ~2e-3, int8 ~8e-3)
+BELOW_SE_TOLERANCE = {"bf16": 1e-2, "int8": 5e-2}
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_network_gradients_match_fp32_and_weight_grads_are_within_format_bound(name, precision):
@@ -238,23 +306,32 @@ def test_network_gradients_match_fp32_and_weight_grads_are_within_format_bound(n
     net_fp, logits_fp, gx_fp, grads_fp, _ = runs["fp32"]
     net_c, logits_c, gx_c, grads_c, seen = runs[precision]
     assert torch.equal(logits_c, logits_fp)
-    assert torch.equal(gx_c, gx_fp)  # input gradients never read the stored inputs
     compressed = {f"{q}.weight": q for q in seen}
     assert len(compressed) >= 2 * k  # depthwise and projection, and most blocks an expansion
+    # each compressed conv's weight gradient against fp32's formula on the same output gradient
     rel = []
-    for pname, g in grads_c.items():
-        if pname not in compressed:
-            assert torch.equal(g, grads_fp[pname]), pname
-            continue
-        conv = net_c.get_submodule(compressed[pname])
-        xin, dy = seen[compressed[pname]]
-        err = (g - grads_fp[pname]).abs()
+    for pname, q in compressed.items():
+        conv = net_c.get_submodule(q)
+        xin, dy = seen[q]
+        exact = torch.nn.grad.conv2d_weight(xin, conv.weight.shape, dy, conv.stride, conv.padding, conv.dilation, conv.groups)
+        err = (grads_c[pname] - exact).abs()
         bound = weight_grad_bound(xin, dy, conv, precision)
         assert (err <= bound).all(), (pname, float((err - bound).max()))
-        rel.append(float((g - grads_fp[pname]).norm() / grads_fp[pname].norm()))
+        rel.append(float((grads_c[pname] - grads_fp[pname]).norm() / grads_fp[pname].norm()))
+    others = {p: float((g - grads_fp[p]).norm() / grads_fp[p].norm()) for p, g in grads_c.items() if p not in compressed}
+    if any(isinstance(m, CompressedGating) for m in net_c.modules()):
+        # the gate's gradient reads the stored input and reaches everything below the SE
+        tolerance = BELOW_SE_TOLERANCE[precision]
+        assert max(others.values()) <= tolerance, max(others.items(), key=lambda kv: kv[1])
+        assert float((gx_c - gx_fp).norm() / gx_fp.norm()) <= tolerance
+        assert all(torch.equal(g, grads_fp[p]) for p, g in grads_c.items() if p.startswith("classifier."))
+    else:
+        assert torch.equal(gx_c, gx_fp)  # input gradients never read the stored inputs
+        assert all(torch.equal(g, grads_fp[p]) for p, g in grads_c.items() if p not in compressed)
     median = sorted(rel)[len(rel) // 2]
     print(
-        f"{name} {precision}: weight-gradient relative error (Frobenius) of the compressed convs: median {median:.2e}, max {max(rel):.2e}"
+        f"{name} {precision}: weight-gradient relative error (Frobenius) of the compressed convs: median {median:.2e}, "
+        f"max {max(rel):.2e}; other gradients max {max(others.values()):.2e}"
     )
     assert max(rel) > 0
 

@@ -1,7 +1,9 @@
-"""Convolutions that keep their input for backward compressed (activation-compressed training).
+"""Layers that keep their input for backward compressed (activation-compressed training).
 
-A trainable conv's weight gradient needs its input; autograd keeps it in fp32. These convs keep a
-compressed copy instead and decompress it to fp32 in backward (as ActNN / GACT do, on CPU):
+A trainable conv's weight gradient needs its input, and a squeeze-excitation's gating multiply
+needs its input for the gate's gradient; autograd keeps both in fp32. The convs and the gating
+multiply here keep a compressed copy instead and decompress it to fp32 in backward (as ActNN /
+GACT do, on CPU):
 
 * ``"bf16"``: the input rounded to bfloat16 (``x.to(torch.bfloat16)``: round to nearest, ties to
   even, not truncation; 8 significant bits, so every element is off by at most 2^-8 of itself),
@@ -17,11 +19,18 @@ The forward is the ordinary fp32 convolution (bit-identical output). Backward co
 ``grad_weight`` (and ``grad_bias``) from the decompressed input, with
 ``aten.convolution_backward``. The operators are ``torch.library.custom_op`` s with
 ``register_autograd``, as :mod:`edgetl.nn.ops`: autograd stores only what the operator returns
-for it (the compressed tensor and the scales) and the weight, never the fp32 input. The exporter's
-training program does not carry them (it refuses such a policy).
+for it (the compressed tensor and the scales) and the weight, never the fp32 input.
+
+The gating multiply ``y = gate * x`` (gate N x C x 1 x 1) is bit-identical forward; backward gives
+``dx = dy * gate`` exactly and ``dgate = sum over H, W of dy * x`` from the decompressed ``x``. Unlike
+a conv's, that error does travel down: the gate's gradient reaches ``x`` again through the SE's
+pooling and 1x1 convs, so the gradients below a compressed SE are close to fp32's, not equal.
+The exporter's training program carries none of these (it refuses such a policy).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -145,6 +154,99 @@ def _int8_backward(ctx, dy: Tensor, *_):
 
 conv2d_saved_bf16.register_autograd(_bf16_backward, setup_context=_setup)
 conv2d_saved_int8.register_autograd(_int8_backward, setup_context=_setup)
+
+
+# --- the squeeze-excitation's gating multiply ----------------------------------------------------
+
+
+@torch.library.custom_op("edgetl::scale_saved_bf16", mutates_args=())
+def scale_saved_bf16(x: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """``gate * x`` and ``x`` rounded to bfloat16, which backward reads for the gate's gradient."""
+    return gate * x, x.to(torch.bfloat16)
+
+
+@scale_saved_bf16.register_fake
+def _(x, gate):
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("edgetl::scale_saved_int8", mutates_args=())
+def scale_saved_int8(x: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``gate * x``, ``x`` as int8 and its per-channel fp32 scales, which backward reads for the gate's gradient."""
+    scale = int8_scale(x)
+    return gate * x, quantize_int8(x, scale), scale
+
+
+@scale_saved_int8.register_fake
+def _(x, gate):
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.int8), x.new_empty((x.shape[1],))
+
+
+def _scale_setup(ctx, inputs, output) -> None:
+    _, gate = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(gate, *output[1:])
+
+
+def _scale_backward(ctx, dy: Tensor, x: Tensor, gate: Tensor):
+    need_x, need_gate = ctx.needs_input_grad
+    dgate = (dy * x).sum(dim=tuple(range(2, dy.dim())), keepdim=True) if need_gate else None
+    return dy * gate if need_x else None, dgate
+
+
+def _scale_bf16_backward(ctx, dy: Tensor, *_):
+    gate, q = ctx.saved_tensors
+    return _scale_backward(ctx, dy, q.to(torch.float32), gate)
+
+
+def _scale_int8_backward(ctx, dy: Tensor, *_):
+    gate, q, scale = ctx.saved_tensors
+    return _scale_backward(ctx, dy, dequantize_int8(q, scale), gate)
+
+
+scale_saved_bf16.register_autograd(_scale_bf16_backward, setup_context=_scale_setup)
+scale_saved_int8.register_autograd(_scale_int8_backward, setup_context=_scale_setup)
+
+
+def scale_saved(x: Tensor, gate: Tensor, precision: str) -> Tensor:
+    """``gate * x`` keeping ``x`` at ``precision`` (``"bf16"`` or ``"int8"``) for backward."""
+    if precision == "bf16":
+        return scale_saved_bf16(x, gate)[0]
+    if precision == "int8":
+        return scale_saved_int8(x, gate)[0]
+    raise ValueError(f"unknown compressed precision {precision!r}; expected one of {COMPRESSED_PRECISIONS}")
+
+
+class CompressedGating:
+    """Mixin for a squeeze-excitation whose ``_scale(x)`` gives the gate and whose forward is
+    ``_scale(x) * x`` (torchvision's ``SqueezeExcitation``): the gating multiply keeps ``x`` at
+    ``self.saved_precision`` for backward. :func:`compressed_gating_class` puts it in front of the
+    module's class, so children, parameter names and state-dict keys stay the architecture's."""
+
+    saved_precision: str
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self._scale(x)
+        if torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad):
+            return scale_saved(x, gate, self.saved_precision)
+        return gate * x
+
+
+@functools.cache
+def compressed_gating_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` with :class:`CompressedGating` in front (one class per ``cls``, same ``__name__``)."""
+    if not hasattr(cls, "_scale"):
+        raise TypeError(f"{cls.__name__} has no _scale(x): not a squeeze-excitation whose gating multiply can be compressed")
+    return type(cls.__name__, (CompressedGating, cls), {"__qualname__": f"CompressedGating[{cls.__qualname__}]"})
+
+
+def compress_gating(se: nn.Module, precision: str) -> None:
+    """Make the squeeze-excitation ``se`` keep its gating multiply's input at ``precision``, in place."""
+    if precision not in COMPRESSED_PRECISIONS:
+        raise ValueError(f"unknown compressed precision {precision!r}; expected one of {COMPRESSED_PRECISIONS}")
+    if not isinstance(se, CompressedGating):
+        se.__class__ = compressed_gating_class(type(se))
+    se.saved_precision = precision
 
 
 def decompressed(x: Tensor, precision: str) -> Tensor:

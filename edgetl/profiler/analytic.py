@@ -7,7 +7,8 @@ Nothing here runs a model. The rules are those of PyTorch's autograd on CPU (hel
 * conv / linear with a trainable weight: its input (dW needs it). Under a compressed
   ``saved_precision`` a MobileTL block's convs (not its squeeze-excitation's) keep a compressed copy
   instead (:func:`edgetl.nn.compress.compressed_nbytes`: bf16 2 bytes an element, int8 1 byte an
-  element + a 4-byte scale per channel), and an activation feeding such a conv keeps a packed mask.
+  element + a 4-byte scale per channel), so does its squeeze-excitation's gating multiply, and an
+  activation feeding such a conv or multiply keeps a packed mask.
 * train-mode batch norm: its input, plus the batch mean and inverse std (2 x C floats).
 * MobileTL's shift-only norm: nothing (dx = s * dy, dbeta = sum dy).
 * activation, ordinary autograd: ReLU and Sigmoid keep their *output*, which their consumer keeps
@@ -146,7 +147,8 @@ def saved_for_backward(
                 tape.save(tape.new(), i, "batch-norm mean, inverse std", (2 * shape[1],))
             x = tape.new()
         elif layer.op == "act":
-            mask = mask_storage(activation_mask, saved_precision if compressed else "fp32", ops_after[i] == "conv")
+            # a conv or a squeeze-excitation's gating multiply stores it compressed
+            mask = mask_storage(activation_mask, saved_precision if compressed else "fp32", ops_after[i] in ("conv", "se"))
             x = _activation(tape, i, layer.kind, shape, mobiletl, mask, "activation")
         elif layer.op == "se":
             n, c = shape[0], shape[1]
@@ -155,7 +157,10 @@ def saved_for_backward(
             s = _activation(tape, i, layer.se_act, squeezed, mobiletl, activation_mask, "SE activation")
             tape.save(s, i, "SE fc2 input", squeezed)
             gate = _activation(tape, i, layer.se_gate, pooled, mobiletl, activation_mask, "SE gate")
-            tape.save(x, i, "SE multiply input", shape)
+            if compressed:
+                tape.save(tape.new(), i, f"SE multiply input ({saved_precision})", shape, compressed_nbytes(shape, saved_precision))
+            else:
+                tape.save(x, i, "SE multiply input", shape)
             tape.save(gate, i, "SE multiply gate", pooled)
             x = tape.new()
         elif layer.op in ("drop_path", "dropout"):

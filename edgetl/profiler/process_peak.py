@@ -37,12 +37,18 @@ class ProcessPeak:
 
     * ``runtime_rss``: after importing Python, PyTorch, torchvision and edgetl (the baseline).
     * ``loaded_rss``: after loading the model, preparing it, creating the optimizer and one input
-      batch, i.e. just before the first step; ``loaded_peak_rss``: the peak up to then.
+      batch, i.e. just before the first step.
+    * ``warm_rss``: after that and a warm-up (a forward and backward of two images, nothing kept):
+      the runtime has faulted in what every first step faults in, whatever the policy (kernel code
+      pages, thread pools, oneDNN's primitives); ``loaded_peak_rss``: the peak up to then.
     * ``step_peak_rss``: the peak RSS during the steps. Where the kernel allows resetting the
       high-water mark (Linux ``/proc/self/clear_refs``, ``hwm_reset=True``) it is reset right
       before the steps, so this is the steps' own peak; otherwise it is the process's lifetime peak,
       an upper bound of it.
     * ``step_delta``: ``step_peak_rss - loaded_rss``, what the steps need on top of the loaded model.
+    * ``warm_delta``: ``step_peak_rss - warm_rss``, what the steps' own tensors (and the allocator's
+      keeping of them) need on top of a warmed runtime: the part a policy can change, held against
+      the predicted live peak less the weights and input batch already loaded.
     * ``peak_rss``: the process's lifetime peak, ``max(loaded_peak_rss, step_peak_rss)``: what the
       device must have.
     """
@@ -58,6 +64,11 @@ class ProcessPeak:
     torch_version: str
     platform: str
     step_seconds: float = 0.0  # median wall time of the steps after the first (the first allocates state)
+    warm_rss: int = 0
+
+    @property
+    def warm_delta(self) -> int:
+        return self.step_peak_rss - self.warm_rss
 
     @property
     def step_delta(self) -> int:
@@ -73,7 +84,13 @@ class ProcessPeak:
         return self.peak_rss - self.runtime_rss
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "step_delta": self.step_delta, "peak_rss": self.peak_rss, "model_delta": self.model_delta}
+        return {
+            **asdict(self),
+            "step_delta": self.step_delta,
+            "warm_delta": self.warm_delta,
+            "peak_rss": self.peak_rss,
+            "model_delta": self.model_delta,
+        }
 
 
 def _child_env() -> dict[str, str]:

@@ -116,6 +116,7 @@ def _step_table(report: MemoryReport) -> list[str]:
         add("process: RSS after model load + prepare", lambda x: x.process.loaded_rss)
         add("process: peak RSS (lifetime)", lambda x: x.process.peak_rss)
         add("process: peak RSS - RSS after load (step delta)", lambda x: x.process.step_delta)
+        add("process: peak RSS - RSS after a warm-up step (warm delta)", lambda x: x.process.warm_delta)
         add("process: peak RSS - runtime baseline (vs. estimate)", lambda x: x.process.model_delta)
     header = ["", *METHOD_ORDER]
     widths = [max(len(header[c]), *(len(r[c]) for r in body)) for c in range(len(header))]

@@ -52,10 +52,11 @@ class TrainPolicy:
             ``"int8"`` (symmetric, one fp32 scale per channel over the batch, a quarter),
             decompressed in backward to compute the weight gradient (activation-compressed training,
             as ActNN/GACT; :mod:`edgetl.nn.compress`). Applies to the depthwise, expansion and
-            projection convs of MobileTL blocks (not the squeeze-excitation's 1x1 convs on N x C x 1
-            x 1, nor vanilla blocks, the final conv stage or the head). The forward, input gradients
-            and every other gradient are unchanged; those convs' weight gradients are approximate.
-            An activation whose output only such a conv would keep stores its 1-bit mask packed
+            projection convs and the squeeze-excitation's gating multiply of MobileTL blocks (not
+            the SE's 1x1 convs on N x C x 1 x 1, nor vanilla blocks, the final conv stage or the
+            head). The forward is unchanged; those convs' weight gradients and the SE gate's
+            gradient (and, through it, the gradients below an SE) are approximate. An activation
+            whose output only such a layer would keep stores its 1-bit mask packed
             (:func:`mask_storage`). The exporter's training program refuses it.
         recompute: keep only each trained block's input and recompute the block during backward
             (exact gradients and statistics; costs one more forward of the trained blocks). The
@@ -116,11 +117,11 @@ def shift_only_norms(norms: Sequence[T]) -> list[T]:
     return list(norms[:-1])
 
 
-def mask_storage(activation_mask: str, saved_precision: str, feeds_conv: bool) -> str:
+def mask_storage(activation_mask: str, saved_precision: str, feeds_compressed: bool) -> str:
     """Where a MobileTL activation keeps its 1-bit mask (``TrainPolicy`` fields): ``activation_mask``,
-    except that with a compressed ``saved_precision`` an activation whose output goes into a conv
-    (directly or through zero padding) keeps it ``"packed"``. That conv stores only a lossy copy,
-    which the mask cannot be read off (int8 rounds small positives to 0), and ``"reuse"`` would keep
-    the fp32 output for the mask alone. An activation feeding a squeeze-excitation keeps
-    ``activation_mask``: the SE's gating multiply stores that output in fp32 anyway."""
-    return "packed" if saved_precision != "fp32" and feeds_conv else activation_mask
+    except that with a compressed ``saved_precision`` an activation whose output goes into a layer
+    that stores it compressed (a conv, directly or through zero padding, or a squeeze-excitation's
+    gating multiply) keeps it ``"packed"``. That layer stores only a lossy copy, which the mask
+    cannot be read off (int8 rounds small positives to 0), and ``"reuse"`` would keep the fp32
+    output for the mask alone."""
+    return "packed" if saved_precision != "fp32" and feeds_compressed else activation_mask

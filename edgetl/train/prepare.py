@@ -14,7 +14,7 @@ from torchvision.ops import SqueezeExcitation, StochasticDepth
 from edgetl.errors import ConfigError
 from edgetl.models.blocks import feature_units, find_blocks, first_trained_unit, is_irb
 from edgetl.nn import ops
-from edgetl.nn.compress import CompressedConv2d
+from edgetl.nn.compress import CompressedConv2d, compress_gating
 from edgetl.nn.layers import MaskedActivation, SamePad2d, ShiftOnlyNorm, activation_kind
 from edgetl.train.policy import TrainPolicy, mask_storage, shift_only_norms, uses_mobiletl
 
@@ -123,9 +123,11 @@ def apply_mobiletl(block: nn.Module, policy: TrainPolicy) -> None:
 
 def _compress_saved_conv_inputs(block: nn.Module, policy: TrainPolicy) -> None:
     """``policy.saved_precision`` inside a MobileTL block: its expansion, depthwise and projection
-    convs keep their input compressed (:class:`~edgetl.nn.compress.CompressedConv2d`), and an
-    activation feeding one of them keeps its mask packed (:func:`~edgetl.train.policy.mask_storage`).
-    The squeeze-excitation's 1x1 convs (on N x C x 1 x 1: a few KiB) keep fp32 inputs."""
+    convs keep their input compressed (:class:`~edgetl.nn.compress.CompressedConv2d`), so does a
+    squeeze-excitation's gating multiply (:func:`~edgetl.nn.compress.compress_gating`: its input is
+    a full expanded map), and an activation feeding one of them keeps its mask packed
+    (:func:`~edgetl.train.policy.mask_storage`). The squeeze-excitation's 1x1 convs (on N x C x 1 x 1:
+    a few KiB) keep fp32 inputs."""
     se = [name for name, m in block.named_modules() if isinstance(m, SqueezeExcitation)]
     # the block's layers in forward order, a squeeze-excitation as one, zero padding left out
     layers = [
@@ -139,8 +141,11 @@ def _compress_saved_conv_inputs(block: nn.Module, policy: TrainPolicy) -> None:
     for (name, m), (_, following) in zip(layers, layers[1:] + [("", None)], strict=True):
         if isinstance(m, nn.Conv2d):
             _set_child(block, name, CompressedConv2d(m, policy.saved_precision))
+        elif isinstance(m, SqueezeExcitation):
+            compress_gating(m, policy.saved_precision)
         elif isinstance(m, MaskedActivation) and m.kind not in ops.GATE_KINDS:
-            mask = mask_storage(policy.activation_mask, policy.saved_precision, isinstance(following, nn.Conv2d))
+            feeds_compressed = isinstance(following, (nn.Conv2d, SqueezeExcitation))
+            mask = mask_storage(policy.activation_mask, policy.saved_precision, feeds_compressed)
             _set_child(block, name, MaskedActivation(m.kind, m.rule, mask))
 
 
