@@ -2,7 +2,7 @@
 # The whole test suite, installing what it needs first (a fresh machine needs nothing else).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-EXTRAS="weights,test,plot,fleet" source "$ROOT/scripts/setup.sh"
+EXTRAS="weights,test,plot,fleet,timm" source "$ROOT/scripts/setup.sh"
 # foolbox ships 20 labelled ImageNet images (the Lite0 weight-conversion proof); its Python
 # dependencies are not needed, only its data folder.
 "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('foolbox') is None)" 2>/dev/null \

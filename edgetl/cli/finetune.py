@@ -30,7 +30,7 @@ def _default(name: str, text: str = "") -> str:
 def add_finetune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune the top K blocks of a pretrained model", argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="TOML or JSON file of settings; flags override it")
-    p.add_argument("--model", help=_default("model", "architecture: " + ", ".join(MODEL_NAMES)))
+    p.add_argument("--model", help=_default("model", "architecture: " + ", ".join(MODEL_NAMES) + ", or timm:NAME (edgetl[timm])"))
     p.add_argument("--weights", help="DEFAULT (pretrained) or a local state-dict file (default: random initialisation)")
     p.add_argument("--data", help=_default("data", "ImageFolder directory (one subfolder per class) or 'fashion-mnist'"))
     p.add_argument("--val-data", help="separate ImageFolder for validation (default: hold out --val-fraction)")

@@ -72,7 +72,7 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "step peak, and optionally the peak RSS of a real training step in a fresh process.",
     )
     _add_source(p)
-    p.add_argument("--model", help="architecture (mobilenet_v2, mobilenet_v3_small, ...)")
+    p.add_argument("--model", help="architecture (mobilenet_v2, mobilenet_v3_small, ..., timm:NAME)")
     p.add_argument("--blocks", "-K", type=blocks_arg, help="K: blocks trained from the top, or 'all'")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--image-size", type=positive_int)

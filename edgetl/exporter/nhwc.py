@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from torchvision.ops import StochasticDepth
 
 from edgetl.exporter.errors import UnsupportedModelError
-from edgetl.nn.layers import MaskedActivation, ShiftOnlyNorm, activation_kind
+from edgetl.nn.layers import MaskedActivation, SamePad2d, ShiftOnlyNorm, activation_kind
 from edgetl.train.prepare import TransferModel
 
 DW_OP = "edgetl_export::depthwise_nhwc"
@@ -277,7 +277,8 @@ class ShiftOnlyNormNHWC(nn.Module):
 
 
 class BatchNormNHWC(nn.Module):
-    """``nn.BatchNorm2d`` on the channel-last axis, sharing its parameters and running statistics.
+    """``nn.BatchNorm2d`` on the channel-last axis, sharing its parameters and running statistics
+    (also ``nn.BatchNorm1d`` on pooled ``N x C`` features: timm's MobileNetV4 head norm).
 
     Train mode normalises with batch statistics and updates the running ones in place (the graph's
     buffer mutations); eval mode uses the running ones.
@@ -298,7 +299,7 @@ class BatchNormNHWC(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
-            var, mean = torch.var_mean(x, dim=(0, 1, 2), correction=0)
+            var, mean = torch.var_mean(x, dim=tuple(range(x.dim() - 1)), correction=0)
             n = x.numel() // x.shape[-1]
             with torch.no_grad():
                 m = self.momentum
@@ -326,14 +327,29 @@ class PadNHWC(nn.Module):
         self.padding = tuple(pad.padding)  # left, right, top, bottom
 
     def forward(self, x: Tensor) -> Tensor:
-        # zero blocks concatenated, not F.pad: F.pad's backward is constant_pad_nd with negative
-        # padding (a crop), which ExecuTorch's portable kernel refuses; cat's backward is slicing
-        left, right, top, bottom = self.padding
-        n, h, w, c = x.shape
-        row = [x.new_zeros(n, h, left, c), x, x.new_zeros(n, h, right, c)]
-        x = torch.cat([t for t in row if t.shape[2]], dim=2)
-        column = [x.new_zeros(n, top, w + left + right, c), x, x.new_zeros(n, bottom, w + left + right, c)]
-        return torch.cat([t for t in column if t.shape[1]], dim=1)
+        return _pad_nhwc(x, self.padding)
+
+
+class SamePadNHWC(nn.Module):
+    """:class:`~edgetl.nn.layers.SamePad2d` (TF "SAME", sized by the input) on NHWC input."""
+
+    def __init__(self, pad: SamePad2d) -> None:
+        super().__init__()
+        self.same = pad
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _pad_nhwc(x, self.same.padding(x.shape[1], x.shape[2]))
+
+
+def _pad_nhwc(x: Tensor, padding: tuple[int, int, int, int]) -> Tensor:
+    # zero blocks concatenated, not F.pad: F.pad's backward is constant_pad_nd with negative
+    # padding (a crop), which ExecuTorch's portable kernel refuses; cat's backward is slicing
+    left, right, top, bottom = padding
+    n, h, w, c = x.shape
+    row = [x.new_zeros(n, h, left, c), x, x.new_zeros(n, h, right, c)]
+    x = torch.cat([t for t in row if t.shape[2]], dim=2)
+    column = [x.new_zeros(n, top, w + left + right, c), x, x.new_zeros(n, bottom, w + left + right, c)]
+    return torch.cat([t for t in column if t.shape[1]], dim=1)
 
 
 # --- conversion ------------------------------------------------------------------------------
@@ -357,7 +373,7 @@ def _convert_leaf(module: nn.Module, path: str, part: str) -> nn.Module | None:
         )
     if isinstance(module, ShiftOnlyNorm):
         return ShiftOnlyNormNHWC(module)
-    if isinstance(module, nn.BatchNorm2d):
+    if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
         try:
             return BatchNormNHWC(module)
         except UnsupportedModelError as exc:
@@ -368,6 +384,8 @@ def _convert_leaf(module: nn.Module, path: str, part: str) -> nn.Module | None:
         return GlobalMean()
     if isinstance(module, nn.ZeroPad2d):
         return PadNHWC(module)
+    if isinstance(module, SamePad2d):
+        return SamePadNHWC(module)
     if isinstance(module, (nn.Dropout, StochasticDepth)):
         return nn.Identity()
     if isinstance(module, _PASS_THROUGH) or activation_kind(module) is not None:

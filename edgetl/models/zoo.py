@@ -1,4 +1,10 @@
-"""Model zoo: torchvision architectures, their weights, and the matching input transforms."""
+"""Model zoo: torchvision architectures, their weights, and the matching input transforms.
+
+Names starting with ``timm:`` (``timm:mobilenetv4_conv_small``) are timm's models
+(:mod:`edgetl.models.timm_models`, the ``edgetl[timm]`` extra): built, weighted and preprocessed
+as timm does, in edgetl's layout. They are not in :data:`MODELS` (whose entries every test
+parametrises over and which needs no optional package).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from torchvision import models as tvm
 from torchvision.transforms import v2
 
 from edgetl.errors import EdgetlError, WeightsError
-from edgetl.models import lite0
+from edgetl.models import lite0, timm_models
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,11 +57,31 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+_INTERPOLATION = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
+
+
+@functools.cache
+def _timm_spec(name: str) -> ModelSpec:
+    short = name.removeprefix(timm_models.PREFIX)
+    cfg = timm_models.data_config(short)
+    return ModelSpec(
+        functools.partial(timm_models.build, short),
+        None,
+        pretrained=functools.partial(timm_models.pretrained, short),
+        mean=cfg.mean,
+        std=cfg.std,
+        interpolation=_INTERPOLATION.get(cfg.interpolation, v2.InterpolationMode.BILINEAR),
+        crop_ratio=cfg.crop_pct,
+    )
+
+
 def model_spec(name: str) -> ModelSpec:
+    if timm_models.is_timm_name(name):
+        return _timm_spec(name)
     try:
         return MODELS[name]
     except KeyError:
-        raise EdgetlError(f"unknown model {name!r}; expected one of {', '.join(sorted(MODELS))}") from None
+        raise EdgetlError(f"unknown model {name!r}; expected one of {', '.join(sorted(MODELS))} or timm:NAME") from None
 
 
 def classifier_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
@@ -119,13 +145,16 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, num_class
 
     Args:
         name: one of :data:`MODELS` (``mobilenet_v2``, ``mobilenet_v3_small``,
-            ``mobilenet_v3_large``, ``efficientnet_b0``).
+            ``mobilenet_v3_large``, ``efficientnet_b0``, ``efficientnet_lite0``), or ``timm:NAME``
+            for timm's model ``NAME`` (MobileNetV3/V4, EfficientNet(-Lite), MNASNet families;
+            :mod:`edgetl.models.timm_models`).
         weights: ``None`` for random initialisation; ``"DEFAULT"`` for torchvision's pretrained
-            ImageNet weights (downloaded once and cached by torchvision; a clear
-            :class:`WeightsError` where there is no network); or the path of a local state dict
-            (``.pt``/``.pth`` read with ``weights_only=True``, or ``.safetensors``). A state dict may
-            carry any classifier size; the classifier is replaced when it differs from
-            ``num_classes``.
+            ImageNet weights (timm's default pretrained weights for ``timm:`` names, through
+            timm's own loading; downloaded once and cached; a clear :class:`WeightsError` where
+            there is no network); or the path of a local state dict (``.pt``/``.pth`` read with
+            ``weights_only=True``, or ``.safetensors``; for ``timm:`` names timm's keys or
+            edgetl's). A state dict may carry any classifier size; the classifier is replaced
+            when it differs from ``num_classes``.
         num_classes: outputs of the (new) classifier.
     """
     spec = model_spec(name)
@@ -134,7 +163,7 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, num_class
     if isinstance(weights, str) and weights.upper() == "DEFAULT":
         try:
             model = spec.pretrained() if spec.pretrained else spec.builder(weights=spec.weights_enum.DEFAULT)
-        except WeightsError:
+        except EdgetlError:
             raise
         except Exception as exc:  # noqa: BLE001 - network/cache failures come in many types
             raise WeightsError(
@@ -143,6 +172,8 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, num_class
             ) from None
         return replace_classifier(model, num_classes)
     state = _read_state_dict(os.fspath(weights))
+    if timm_models.is_timm_name(name):
+        return replace_classifier(timm_models.load_state(name.removeprefix(timm_models.PREFIX), state, os.fspath(weights)), num_classes)
     model = spec.builder(weights=None)
     _, _, linear = classifier_linear(model)
     # build the classifier at the checkpoint's size so every key must match, then swap it
@@ -209,7 +240,15 @@ def identify_model(state_dict: Mapping[str, torch.Tensor]) -> str:
     for name in MODELS:
         if architecture_mismatch(name, state_dict) is None:
             return name
-    raise WeightsError(f"the weights fit none of edgetl's architectures ({', '.join(MODELS)})")
+    raise WeightsError(f"the weights fit none of edgetl's architectures ({', '.join(MODELS)}); a timm model's must be named (timm:NAME)")
+
+
+def model_name(model: nn.Module) -> str:
+    """The zoo name of ``model``: ``timm:NAME`` for a timm network (:class:`~edgetl.models.timm_models.TimmNet`),
+    else the :data:`MODELS` architecture its state dict fits (:func:`identify_model`)."""
+    if isinstance(model, timm_models.TimmNet):
+        return f"{timm_models.PREFIX}{model.timm_name}"
+    return identify_model(model.state_dict())
 
 
 def transforms_for(name: str, *, image_size: int, train: bool) -> v2.Compose:

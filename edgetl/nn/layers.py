@@ -104,3 +104,32 @@ def activation_kind(module: nn.Module) -> str | None:
         if isinstance(module, cls):
             return kind
     return None
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TensorFlow "SAME" zero padding (before, after) of one spatial dimension of ``size`` pixels:
+    the output has ``ceil(size / stride)`` pixels, and the odd pixel of padding goes after."""
+    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+class SamePad2d(nn.Module):
+    """TensorFlow's "SAME" zero padding for a conv of ``kernel``, ``stride``, ``dilation``, computed
+    from each input's size (timm's ``tf_*`` models pad this way on their stride-2 convs). The conv
+    after it has ``padding=0``. Backward is a slice: it keeps nothing for backward, the next conv
+    keeps the padded tensor."""
+
+    def __init__(self, kernel: int, stride: int, dilation: int = 1) -> None:
+        super().__init__()
+        self.kernel, self.stride, self.dilation = kernel, stride, dilation
+
+    def padding(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """``(left, right, top, bottom)`` for an input of ``height`` x ``width``."""
+        k, s, d = self.kernel, self.stride, self.dilation
+        return (*same_padding(width, k, s, d), *same_padding(height, k, s, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.pad(x, self.padding(x.shape[-2], x.shape[-1]))
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel}, stride={self.stride}, dilation={self.dilation}"

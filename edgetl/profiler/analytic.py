@@ -17,7 +17,9 @@ Nothing here runs a model. The rules are those of PyTorch's autograd on CPU (hel
   bit-packed mask, ceil(numel / 8) bytes; squeeze-excitation gates keep their output.
 * squeeze-excitation: fc1 keeps the pooled input (N x C), fc2 its input (N x C/4), the gating
   multiply the block's expanded map and the gate (N x C).
-* zero padding: nothing (its backward is a slice), but the next conv keeps the padded tensor.
+* zero padding (fixed or TF "SAME"): nothing (its backward is a slice), but the next conv keeps
+  the padded tensor.
+* layer scale (timm's ``LayerScale2d``, ``x * gamma`` with ``gamma`` trained): its input.
 * global average pooling to 1 x 1 (a mean) and residual additions: nothing.
 * dropout / stochastic depth in train mode: their float noise (N x F, resp. N x 1 x 1 x 1).
 
@@ -102,6 +104,7 @@ def saved_for_backward(
     activation_mask: str = "reuse",
     training: bool = True,
     saved_precision: str = "fp32",
+    input_saved: bool = False,
 ) -> tuple[list[Saved], Shape]:
     """What training one unit (a block, a conv stage, the head) stores for backward.
 
@@ -114,22 +117,29 @@ def saved_for_backward(
         training: train mode (dropout and stochastic depth active).
         saved_precision: ``"fp32"``, ``"bf16"`` or ``"int8"`` (see :class:`edgetl.TrainPolicy`);
             applies with ``mobiletl`` only.
+        input_saved: the unit before already keeps this unit's input (its output, see
+            :func:`keeps_output`): a layer saving the input adds no storage.
 
     Returns:
         The saved tensors and the unit's output shape.
     """
     tape = _Tape()
     x = tape.new()
+    if input_saved:
+        tape.saved_ids.add(x)
     shift_only = _shift_only(layers, mobiletl)
     compressed = mobiletl and saved_precision != "fp32"
     # whether layer i's output goes into a conv, through zero padding or not
-    ops_after = [next((later.op for later in layers[i + 1 :] if later.op != "pad"), None) for i in range(len(layers))]
+    ops_after = [next((later.op for later in layers[i + 1 :] if later.op not in ("pad", "pad_same")), None) for i in range(len(layers))]
     for i, layer, shape, _ in walk(layers, in_shape):
         if layer.op == "conv" and compressed:
             tape.save(tape.new(), i, f"conv input ({saved_precision})", shape, compressed_nbytes(shape, saved_precision))
             x = tape.new()
         elif layer.op in ("conv", "linear"):
             tape.save(x, i, f"{layer.op} input", shape)
+            x = tape.new()
+        elif layer.op == "scale":
+            tape.save(x, i, "layer-scale input", shape)
             x = tape.new()
         elif layer.op == "norm":
             if i not in shift_only:
@@ -161,6 +171,17 @@ def saved_for_backward(
         else:  # pad, pool (a mean), residual: keep nothing, produce a new tensor
             x = tape.new()
     return tape.items, unit_output_shape(layers, in_shape)
+
+
+def keeps_output(layers: Sequence[LayerSpec], *, mobiletl: bool = False, activation_mask: str = "reuse") -> bool:
+    """Whether a trained unit's saved tensors include its own output: it ends with an activation
+    whose backward reads its output (ReLU, Sigmoid; MobileTL's ``reuse`` masks). The next unit
+    then stores that same storage again at no cost (timm's networks split the stem and plain conv
+    stages into units that end this way; :func:`saved_for_backward` with ``input_saved``)."""
+    if not layers or layers[-1].op != "act":
+        return False
+    kind = layers[-1].kind
+    return kind in KEEPS_OUTPUT or (mobiletl and (activation_mask == "reuse" or kind in ("hardsigmoid", "sigmoid")))
 
 
 # --- the paper's accounting ----------------------------------------------------------------------
@@ -210,6 +231,8 @@ def paper_saved_for_backward(layers: Sequence[LayerSpec], in_shape: Shape, *, mo
             fp32(i, f"{layer.op} input", shape)
         elif layer.op == "norm" and i not in shift_only:
             fp32(i, "batch-norm input", shape)
+        elif layer.op == "scale":
+            fp32(i, "layer-scale input", shape)
         elif layer.op == "act":
             act(i, layer.kind, shape, "activation")
         elif layer.op == "se":

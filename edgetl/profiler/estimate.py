@@ -97,7 +97,7 @@ def layer_working_set(layers: Sequence[LayerSpec], in_shape: Shape, *, residual:
         largest = max(largest, held + float_bytes(x) + float_bytes(y) + scratch)
         # a zero padding and the conv it pads form one module (TF "same"), whose caller holds the
         # unpadded input until the conv returns
-        held = float_bytes(x) if kernel_scratch and layer.op == "pad" else 0
+        held = float_bytes(x) if kernel_scratch and layer.op in ("pad", "pad_same") else 0
     return largest + (float_bytes(in_shape) if residual else 0)
 
 
@@ -105,7 +105,7 @@ def _unit_working_set(model: nn.Module, units: dict[str, nn.Module], name: str, 
     if name == HEAD:
         return layer_working_set(head_layers(model), in_shape, kernel_scratch=True)
     unit = units[name]
-    residual = bool(getattr(unit, "use_res_connect", False))
+    residual = bool(getattr(unit, "use_res_connect", False) or getattr(unit, "has_skip", False))  # torchvision / timm
     return layer_working_set(unit_layers(name, unit), in_shape, residual=residual, kernel_scratch=True)
 
 
@@ -317,6 +317,9 @@ def trainable_shapes_problem(rows: Sequence[UnitPrediction]) -> str | None:
     trained unit's output (the smallest map the unit's last norm sees).
     """
     for row in rows:
+        if row.role == "head" and row.in_shape[0] <= 1 and any(s.what == "batch-norm input" for s in row.saved):
+            # timm's MobileNetV4 normalises the pooled features (its head norm) in the classifier
+            return f"the classifier trains a batch norm on a batch of {row.in_shape[0]}; use a batch size of at least 2"
         if row.role in ("block", "stage") and len(row.out_shape) == 4:
             n, _, h, w = row.out_shape
             if n * h * w <= 1:

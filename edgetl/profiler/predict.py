@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from edgetl.models.blocks import feature_units, first_trained_unit, is_irb
-from edgetl.profiler.analytic import Saved, saved_for_backward, total_bytes
+from edgetl.profiler.analytic import Saved, keeps_output, saved_for_backward, total_bytes
 from edgetl.profiler.shapes import Shape, float_bytes
 from edgetl.profiler.units import HEAD, head_layers, unit_layers
 from edgetl.train.policy import TrainPolicy, uses_mobiletl
@@ -59,15 +59,20 @@ def predict_units(model: nn.Module, policy: TrainPolicy, *, batch_size: int, ima
     trained_from = first_trained_unit(units, policy.blocks)
     shape: Shape = (batch_size, 3, image_size, image_size)
     rows: list[UnitPrediction] = []
+    input_saved = False  # the unit before keeps its output, this unit's input (a ReLU ending a stage)
     for i, (name, unit) in enumerate(units):
+        layers, mobiletl = unit_layers(name, unit), uses_mobiletl(policy, unit)
         saved, out = saved_for_backward(
-            unit_layers(name, unit),
+            layers,
             shape,
-            mobiletl=uses_mobiletl(policy, unit),
+            mobiletl=mobiletl,
             activation_mask=policy.activation_mask,
             saved_precision=policy.saved_precision,
+            input_saved=input_saved,
         )
         role = "frozen" if i < trained_from else "block" if is_irb(unit) else "stage"
+        kept = keeps_output(layers, mobiletl=mobiletl, activation_mask=policy.activation_mask)
+        input_saved = role != "frozen" and not policy.recompute and kept
         if role == "frozen":
             rows.append(UnitPrediction(name, role, shape, out, ()))
         elif policy.recompute:

@@ -128,7 +128,7 @@ def measure_process_peak(
         raise ConfigError(f"steps must be >= 1, got {steps}")
     with tempfile.TemporaryDirectory(prefix="edgetl-peak-") as tmp:
         if isinstance(model, nn.Module):
-            from edgetl.models.zoo import classifier_linear, identify_model
+            from edgetl.models.zoo import classifier_linear, model_name
 
             try:
                 num_classes = classifier_linear(model)[2].out_features
@@ -136,7 +136,7 @@ def measure_process_peak(
                 raise ConfigError(str(exc)) from None
             path = str(Path(tmp) / "model.pt")
             torch.save(model.state_dict(), path)
-            source = ["--model", identify_model(model.state_dict()), "--weights", path]
+            source = ["--model", model_name(model), "--weights", path]
         else:
             source = ["--model", model]
         values = run_child(

@@ -12,11 +12,12 @@ import math
 from collections.abc import Iterator, Sequence
 
 from edgetl.models.blocks import LayerSpec
+from edgetl.nn.layers import same_padding
 
 Shape = tuple[int, ...]
 FLOAT_BYTES = 4
 #: layers whose output has the shape of their input
-SHAPE_PRESERVING = frozenset({"norm", "act", "se", "dropout", "drop_path", "residual"})
+SHAPE_PRESERVING = frozenset({"norm", "act", "se", "scale", "dropout", "drop_path", "residual"})
 
 
 def float_bytes(shape: Shape) -> int:
@@ -45,6 +46,10 @@ def output_shape(layer: LayerSpec, shape: Shape) -> Shape:
         return shape[:-1] + (layer.out_channels,)
     if layer.op == "pad":
         left, right, top, bottom = layer.padding
+        return shape[:2] + (shape[2] + top + bottom, shape[3] + left + right)
+    if layer.op == "pad_same":
+        top, bottom = same_padding(shape[2], layer.kernel, layer.stride, layer.dilation)
+        left, right = same_padding(shape[3], layer.kernel, layer.stride, layer.dilation)
         return shape[:2] + (shape[2] + top + bottom, shape[3] + left + right)
     if layer.op == "pool":  # global average pool + flatten
         return shape[:2]

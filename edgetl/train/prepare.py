@@ -15,7 +15,7 @@ from edgetl.errors import ConfigError
 from edgetl.models.blocks import feature_units, find_blocks, first_trained_unit, is_irb
 from edgetl.nn import ops
 from edgetl.nn.compress import CompressedConv2d, compress_gating
-from edgetl.nn.layers import MaskedActivation, ShiftOnlyNorm, activation_kind
+from edgetl.nn.layers import MaskedActivation, SamePad2d, ShiftOnlyNorm, activation_kind
 from edgetl.train.policy import TrainPolicy, mask_storage, shift_only_norms, uses_mobiletl
 
 
@@ -136,7 +136,7 @@ def _compress_saved_conv_inputs(block: nn.Module, policy: TrainPolicy) -> None:
         if name
         and not any(name.startswith(f"{s}.") for s in se)
         and (isinstance(m, SqueezeExcitation) or not list(m.children()))
-        and not isinstance(m, (nn.ZeroPad2d, nn.Identity))
+        and not isinstance(m, (nn.ZeroPad2d, SamePad2d, nn.Identity))
     ]
     for (name, m), (_, following) in zip(layers, layers[1:] + [("", None)], strict=True):
         if isinstance(m, nn.Conv2d):
