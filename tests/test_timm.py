@@ -238,6 +238,23 @@ def test_memory_options_are_predicted_to_the_byte_with_same_padding(models, poli
     assert [(r.name, r.nbytes) for r in rows] == [(r.name, measured[r.name].nbytes) for r in rows]
 
 
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_compressed_squeeze_excitation_of_timm_blocks_is_predicted_to_the_byte(models, precision):
+    """timm's SqueezeExcite becomes torchvision's SqueezeExcitation, so saved_precision compresses
+    its gating multiply's input too (MobileNetV3: 8 of its blocks have one)."""
+    from edgetl.nn.compress import CompressedGating
+
+    model = models("mobilenetv3_large_100")
+    policy = TrainPolicy(len(find_blocks(model)), saved_precision=precision)
+    rows = predict_units(model, policy, batch_size=2, image_size=40)
+    net = prepare(model, policy)
+    assert sum(isinstance(m, CompressedGating) for m in net.modules()) == 8
+    measured = measure_saved_bytes(net, {n: net.get_submodule(n) for n in net.top_names}, torch.randn(2, 3, 40, 40))
+    assert [(r.name, r.nbytes) for r in rows if r.name in measured] == [
+        (r.name, measured[r.name].nbytes) for r in rows if r.name in measured
+    ]
+
+
 def _closed_form_uib(n: int, c: int, t: int, h: int, w: int) -> dict[str, int]:
     """Bytes one ExtraDW UIB (start and middle depthwise, ReLU, stride 1, C in = C out, expansion t)
     stores, per PyTorch's autograd, from first principles (fp32, 4 bytes):
