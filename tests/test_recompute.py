@@ -176,11 +176,13 @@ def _backward_start_and_peak(timeline) -> tuple[int, int]:
     return timeline.total(before), timeline.phase_peaks()["backward"]
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_large", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["efficientnet_b0"])
 def test_step_timeline_with_recompute(name):
     """Live bytes entering backward drop by exactly the predicted stored bytes (EfficientNet's
     stochastically-deep blocks also keep the generator state), and backward then holds at least the
-    predicted recomputation transient on top of them."""
+    predicted recomputation transient on top of them. EfficientNet-B0 only (squeeze-excitation,
+    stochastic depth): the suite's time budget; the stored bytes of every model under recompute are
+    held to the byte in test_predicted_equals_measured_with_recompute."""
     from edgetl.profiler.timeline import measure_step_timeline
 
     base, k, batch, size = load_model(name, num_classes=10), 4, 2, 64
