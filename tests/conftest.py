@@ -64,6 +64,17 @@ def source_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("source") / "train", per_class=40, seed=1)
 
 
+def small_fleet_config(tmp_path: Path, data: Path, **overrides):
+    """A fleet of two MobileNetV3-Small clients on ``data``, 32 px, one round (the engine tests)."""
+    from edgetl.fleet.config import FleetConfig
+
+    values = dict(
+        model="mobilenet_v3_small", data=str(data), test_data=str(data), clients=2, alpha=None, rounds=1, blocks=2,
+        image_size=32, batch_size=8, min_clients=2, out=str(tmp_path / "server"), round_timeout=120.0, lr=1e-2,
+    )  # fmt: skip
+    return FleetConfig(**(values | overrides))
+
+
 def calibrate(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
     """Set every batch norm's statistics to those of ``model``'s activations on ``x``."""
     for m in model.modules():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,25 +12,17 @@ import pytest
 pytest.importorskip("flwr")
 
 from edgetl.fleet.checkpoint import load_round  # noqa: E402
-from edgetl.fleet.config import FleetConfig  # noqa: E402
 from edgetl.fleet.deployment import LocalFleet  # noqa: E402
 from edgetl.fleet.local import build_network  # noqa: E402
 from edgetl.fleet.payload import shared_keys, to_arrays  # noqa: E402
+from tests.conftest import small_fleet_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-def _config(tmp_path: Path, data: Path, **overrides) -> FleetConfig:
-    values = dict(
-        model="mobilenet_v3_small", data=str(data), test_data=str(data), clients=2, alpha=None, rounds=1, blocks=2,
-        image_size=32, batch_size=8, min_clients=2, out=str(tmp_path / "server"), round_timeout=120.0, lr=1e-2,
-    )  # fmt: skip
-    return FleetConfig(**(values | overrides))
-
-
 def test_deployment_engine_survives_a_supernode_killed_mid_round(tmp_path, image_folder):
     # the timeout bounds the round: long enough for a ClientApp process to start and train, no more
-    config = _config(tmp_path, image_folder, min_clients=2, min_replies=1, round_timeout=30.0)
+    config = small_fleet_config(tmp_path, image_folder, min_clients=2, min_replies=1, round_timeout=30.0)
     nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
     with LocalFleet(tmp_path / "fleet", nodes) as fleet:
         result: dict = {}

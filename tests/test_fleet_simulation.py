@@ -3,8 +3,6 @@ take files whole, so the two engine tests run side by side."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("flwr")
@@ -13,16 +11,9 @@ from edgetl.fleet.checkpoint import load_round  # noqa: E402
 from edgetl.fleet.config import FleetConfig  # noqa: E402
 from edgetl.fleet.local import build_network  # noqa: E402
 from edgetl.fleet.payload import shared_keys, to_arrays  # noqa: E402
+from tests.conftest import small_fleet_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def _config(tmp_path: Path, data: Path, **overrides) -> FleetConfig:
-    values = dict(
-        model="mobilenet_v3_small", data=str(data), test_data=str(data), clients=2, alpha=None, rounds=1, blocks=2,
-        image_size=32, batch_size=8, min_clients=2, out=str(tmp_path / "server"), round_timeout=120.0, lr=1e-2,
-    )  # fmt: skip
-    return FleetConfig(**(values | overrides))
 
 
 def _expected_upload(config: FleetConfig) -> int:
@@ -33,7 +24,7 @@ def _expected_upload(config: FleetConfig) -> int:
 def test_simulation_engine_runs_rounds_over_dirichlet_partitions(tmp_path, image_folder):
     from edgetl.fleet.simulation import simulate
 
-    config = _config(tmp_path, image_folder, clients=3, alpha=1.0, fraction=0.5, rounds=2)
+    config = small_fleet_config(tmp_path, image_folder, clients=3, alpha=1.0, fraction=0.5, rounds=2)
     history = simulate(config, workers=2)
     assert [row["round"] for row in history] == [1, 2]
     assert all(row["sampled"] == 2 and row["accepted"] == 2 and row["applied"] for row in history), history  # ceil(0.5 * 3)
