@@ -6,6 +6,8 @@ emissions evenly.
 
 from __future__ import annotations
 
+import pytest
+
 import edgetl
 from tests.conftest import CLASSES
 
@@ -23,16 +25,20 @@ def test_the_planners_arena_extrapolation_in_batch_holds_against_an_emitted_prog
     assert abs(extrapolated - far.arena_bytes) <= 0.10 * far.arena_bytes, (lo, hi, far)
 
 
-def test_plan_with_the_native_runtime_picks_from_emitted_memory_plans(tmp_path):
-    from edgetl.exporter.training import program_memory
-    from edgetl.profiler.native import predict_native_peak
-    from edgetl.profiler.planner import NATIVE_ANCHORS, plan
-
+def _board(tmp_path):
     device = tmp_path / "board.toml"
     device.write_text(
         'name = "board"\nmemory_total = "1GiB"\nmemory_budget = "600MiB"\nsafety_margin = 0.1\n'
         'runtime_overhead = "344MiB"\ncores = 4\narch = "aarch64"\nnotes = "a test board"\n'
     )
+    return device
+
+
+def test_plan_with_the_native_runtime_picks_from_emitted_memory_plans(tmp_path):
+    from edgetl.exporter.training import program_memory
+    from edgetl.profiler.native import predict_native_peak
+    from edgetl.profiler.planner import NATIVE_ANCHORS, plan
+
     model = edgetl.load_model("mobilenet_v3_small", num_classes=3)
     emitted = {}
 
@@ -40,23 +46,16 @@ def test_plan_with_the_native_runtime_picks_from_emitted_memory_plans(tmp_path):
         emitted[policy.blocks, batch_size] = program_memory(model, policy, batch_size=batch_size, image_size=64, num_classes=3)
         return emitted[policy.blocks, batch_size]
 
+    # max_blocks bounds the search (each K costs two emissions): K=3 fits, so it is the only K emitted
     result = plan(
-        device,
-        "mobilenet_v3_small",
-        image_size=64,
-        num_classes=3,
-        optimizer="sgd",
-        runtime="native",
-        program_memory=memory,
-        images=500,
-        runner_ups=0,
-    )
+        _board(tmp_path), "mobilenet_v3_small", image_size=64, num_classes=3, optimizer="sgd", runtime="native",
+        program_memory=memory, images=500, runner_ups=0, max_blocks=3,
+    )  # fmt: skip
     chosen = result.chosen
     assert result.runtime == "native" and chosen.fits and chosen.estimate.runtime < 20 * 2**20  # not eager's 344 MiB
-    # K = all (the stem's full convolution) has no training program; the next K is emitted at the two anchors only
-    top = result.num_blocks
-    assert chosen.blocks == top - 1 and sorted(emitted) == [(top - 1, NATIVE_ANCHORS[0]), (top - 1, NATIVE_ANCHORS[1])]
-    lo, hi = (emitted[top - 1, b] for b in NATIVE_ANCHORS)
+    assert chosen.blocks == 3 and sorted(emitted) == [(3, NATIVE_ANCHORS[0]), (3, NATIVE_ANCHORS[1])]
+    assert all(c.blocks == 3 for c in result.over_budget)  # K=4 never considered: max_blocks, not memory, ruled it out
+    lo, hi = (emitted[3, b] for b in NATIVE_ANCHORS)
     slope = (hi.arena_bytes - lo.arena_bytes) / (NATIVE_ANCHORS[1] - NATIVE_ANCHORS[0])
     expected = predict_native_peak(
         arena_bytes=round(lo.arena_bytes + (chosen.batch_size - NATIVE_ANCHORS[0]) * slope),
@@ -66,3 +65,27 @@ def test_plan_with_the_native_runtime_picks_from_emitted_memory_plans(tmp_path):
         images=500,
     )
     assert chosen.peak == expected.total and "native runtime" in result.render()
+
+
+def test_native_plan_skips_k_all_which_has_no_training_program(tmp_path):
+    """K = all trains the stem's full convolution, which the training program cannot carry: the
+    emission fails at once and the planner moves on (here, with nothing else allowed, says so)."""
+    from edgetl.errors import ConfigError, EdgetlError
+    from edgetl.exporter.training import program_memory
+    from edgetl.models.blocks import find_blocks
+    from edgetl.profiler.planner import plan
+
+    model = edgetl.load_model("mobilenet_v3_small", num_classes=3)
+    top = len(find_blocks(model))
+    asked = []
+
+    def memory(policy, batch_size):
+        asked.append((policy.blocks, batch_size))
+        return program_memory(model, policy, batch_size=batch_size, image_size=64, num_classes=3)
+
+    kwargs = dict(image_size=64, num_classes=3, optimizer="sgd", runtime="native", program_memory=memory, images=500)
+    with pytest.raises(EdgetlError, match="no candidate configuration of mobilenet_v3_small can train"):
+        plan(_board(tmp_path), "mobilenet_v3_small", min_blocks=top, max_blocks=top, **kwargs)
+    assert asked and {k for k, _ in asked} == {top}
+    with pytest.raises(ConfigError, match=rf"max_blocks must be in 1\.\.{top}"):
+        plan(_board(tmp_path), "mobilenet_v3_small", max_blocks=top + 1, **kwargs)

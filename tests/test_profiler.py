@@ -548,6 +548,10 @@ def test_cli_plan_prints_choice_and_runner_ups(cli):
     assert code == 0
     expected = plan(PI5, "mobilenet_v2", image_size=160)
     assert text.strip() == expected.render() and "runner-ups:" in text
+    # --max-blocks caps K (the Pi 5 fits every K of MobileNetV2 at 160 px)
+    code, text, _ = cli("plan", "--device", str(PI5), "--model", "mobilenet_v2", "--image-size", "160", "--max-blocks", "3")
+    capped = plan(PI5, "mobilenet_v2", image_size=160, max_blocks=3)
+    assert code == 0 and text.strip() == capped.render() and capped.chosen.blocks == 3 < expected.chosen.blocks
 
 
 @pytest.mark.parametrize(
@@ -561,6 +565,7 @@ def test_cli_plan_prints_choice_and_runner_ups(cli):
         (["plan", "--device", "device_profiles/no_such_board.toml", "--model", "mobilenet_v2"], "not found"),
         (["plan", "--device", "device_profiles/raspberry_pi_zero_2w.toml", "--model", "mobilenet_v3_small"], "nothing fits"),
         (["plan", "--device", str(PI5), "--model", "mobilenet_v2", "--runtime", "native", "--optimizer", "adam"], "SGD"),
+        (["plan", "--device", str(PI5), "--model", "mobilenet_v2", "--max-blocks", "18"], r"max_blocks must be in 1\.\.17"),
     ],
 )
 def test_cli_bad_input_is_one_error_line(cli, argv, match):

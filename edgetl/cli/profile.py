@@ -201,6 +201,11 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument(
         "--runner-ups", type=non_negative_int, default=4, help="how many next-best configurations to show (default: %(default)s)"
     )
+    p.add_argument(
+        "--max-blocks",
+        type=positive_int,
+        help="the largest K considered, e.g. to bound training time or the native runtime's emissions (default: all blocks)",
+    )
     p.add_argument("--json", metavar="F", help="also write the plan as JSON to F")
     p.set_defaults(handler=plan_command)
     return p
@@ -240,6 +245,7 @@ def plan_command(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         program_memory=program_memory,
         images=args.images,
+        max_blocks=args.max_blocks,
     )
     print(result.render())
     if args.json:

@@ -212,6 +212,7 @@ def plan(
     optimizer: str = "adam",
     runner_ups: int = 4,
     min_blocks: int = 1,
+    max_blocks: int | None = None,
     activation_mask: str = "reuse",
     runtime: str = "eager",
     program_memory: Callable[[TrainPolicy, int], ProgramMemory] | None = None,
@@ -232,6 +233,8 @@ def plan(
         optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (with momentum; the native runtime's only one).
         runner_ups: how many next-best configurations to list.
         min_blocks: the smallest K considered (0 admits the classifier-only linear probe).
+        max_blocks: the largest K considered (default: all blocks), e.g. to bound the training
+            time, or the native runtime's program emissions (a minute each).
         runtime: ``"eager"`` (PyTorch) or ``"native"`` (``edgetl-device``, SGD).
         program_memory: for the native runtime, ``(policy, batch_size) -> ProgramMemory`` of the
             exported training program (e.g. :func:`edgetl.exporter.training.program_memory`).
@@ -274,6 +277,9 @@ def plan(
         raise ConfigError(f"{name} has no inverted-residual blocks")
     if not 0 <= min_blocks <= num_blocks:
         raise ConfigError(f"min_blocks must be in 0..{num_blocks}, got {min_blocks}")
+    max_blocks = num_blocks if max_blocks is None else max_blocks
+    if not min_blocks <= max_blocks <= num_blocks:
+        raise ConfigError(f"max_blocks must be in {min_blocks}..{num_blocks} (min_blocks..the blocks of {name}), got {max_blocks}")
 
     @cache
     def memory_at(k: int, b: int) -> ProgramMemory | EdgetlError:
@@ -327,7 +333,7 @@ def plan(
     # best fitting batch per K, from the top K down; the peak grows with K and with the batch size
     best: dict[int, list[Candidate]] = {}
     smallest: Candidate | None = None
-    for k in range(num_blocks, min_blocks - 1, -1):
+    for k in range(max_blocks, min_blocks - 1, -1):
         fitting = []
         for b in sizes:
             c = score(k, b)
@@ -361,7 +367,7 @@ def plan(
         c = score(k_best, min(larger))
         if c is not None:
             over.append(c)
-    if k_best < num_blocks:
+    if k_best < max_blocks:  # the next K up, when memory (not max_blocks) ruled it out
         c = next((c for b in reversed(sizes) if (c := score(k_best + 1, b)) is not None), None)
         if c is not None and not c.fits:
             over.append(c)
