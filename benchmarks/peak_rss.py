@@ -68,9 +68,7 @@ def main() -> None:
 
     model = load_model(args.model, num_classes=args.num_classes)
     saved = {name: sum(u.nbytes for u in predict_units(model, pol, **shape)) for name, pol in configs.items()}
-    estimates = {name: predict_step_peak(model, pol, **shape) for name, pol in configs.items()}
-    # the steps' predicted delta: the live peak less what is loaded before them (weights, input batch)
-    predicted = {name: e.live_peak - e.weights - e.input_batch for name, e in estimates.items()}
+    predicted = {name: predict_step_peak(model, pol, **shape).step_delta for name, pol in configs.items()}
 
     def med(name: str, attr: str) -> float:
         return statistics.median(getattr(r, attr) for r in runs[name])

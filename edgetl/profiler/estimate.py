@@ -172,6 +172,13 @@ class StepPeakEstimate:
         return max(self.phases().values())
 
     @property
+    def step_delta(self) -> int:
+        """What the steps add to a process whose model and input batch are loaded: the live peak
+        less the weights and the input batch (held against :attr:`ProcessPeak.warm_delta
+        <edgetl.profiler.process_peak.ProcessPeak.warm_delta>`)."""
+        return self.live_peak - self.weights - self.input_batch
+
+    @property
     def peak_phase(self) -> str:
         phases = self.phases()
         return max(phases, key=phases.__getitem__)
@@ -193,6 +200,7 @@ class StepPeakEstimate:
             **asdict(self),
             "phases": self.phases(),
             "live_peak": self.live_peak,
+            "step_delta": self.step_delta,
             "peak_phase": self.peak_phase,
             "model_bytes": self.model_bytes,
             "total": self.total,
