@@ -140,20 +140,19 @@ def _conv_backward(ctx, dy: Tensor, x: Tensor | None, weight: Tensor):
     return gx, gw, gb if ctx.has_bias else None, None, None, None, None
 
 
-def _bf16_backward(ctx, dy: Tensor, _gq, *_):
-    weight, q = ctx.saved_tensors
+def _stored_input(q: Tensor, *scale: Tensor) -> Tensor:
+    """The fp32 input back from what an operator stored: bf16 ``(q,)`` or int8 ``(q, scale)``."""
+    return dequantize_int8(q, scale[0]) if scale else q.to(torch.float32)
+
+
+def _compressed_conv_backward(ctx, dy: Tensor, *_):
+    weight, *stored = ctx.saved_tensors
     need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
-    return _conv_backward(ctx, dy, q.to(torch.float32) if need_w else None, weight)
+    return _conv_backward(ctx, dy, _stored_input(*stored) if need_w else None, weight)
 
 
-def _int8_backward(ctx, dy: Tensor, *_):
-    weight, q, scale = ctx.saved_tensors
-    need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
-    return _conv_backward(ctx, dy, dequantize_int8(q, scale) if need_w else None, weight)
-
-
-conv2d_saved_bf16.register_autograd(_bf16_backward, setup_context=_setup)
-conv2d_saved_int8.register_autograd(_int8_backward, setup_context=_setup)
+conv2d_saved_bf16.register_autograd(_compressed_conv_backward, setup_context=_setup)
+conv2d_saved_int8.register_autograd(_compressed_conv_backward, setup_context=_setup)
 
 
 # --- the squeeze-excitation's gating multiply ----------------------------------------------------
@@ -188,24 +187,15 @@ def _scale_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(gate, *output[1:])
 
 
-def _scale_backward(ctx, dy: Tensor, x: Tensor, gate: Tensor):
+def _scale_backward(ctx, dy: Tensor, *_):
+    gate, *stored = ctx.saved_tensors
     need_x, need_gate = ctx.needs_input_grad
-    dgate = (dy * x).sum(dim=tuple(range(2, dy.dim())), keepdim=True) if need_gate else None
+    dgate = (dy * _stored_input(*stored)).sum(dim=tuple(range(2, dy.dim())), keepdim=True) if need_gate else None
     return dy * gate if need_x else None, dgate
 
 
-def _scale_bf16_backward(ctx, dy: Tensor, *_):
-    gate, q = ctx.saved_tensors
-    return _scale_backward(ctx, dy, q.to(torch.float32), gate)
-
-
-def _scale_int8_backward(ctx, dy: Tensor, *_):
-    gate, q, scale = ctx.saved_tensors
-    return _scale_backward(ctx, dy, dequantize_int8(q, scale), gate)
-
-
-scale_saved_bf16.register_autograd(_scale_bf16_backward, setup_context=_scale_setup)
-scale_saved_int8.register_autograd(_scale_int8_backward, setup_context=_scale_setup)
+scale_saved_bf16.register_autograd(_scale_backward, setup_context=_scale_setup)
+scale_saved_int8.register_autograd(_scale_backward, setup_context=_scale_setup)
 
 
 def scale_saved(x: Tensor, gate: Tensor, precision: str) -> Tensor:
