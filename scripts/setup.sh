@@ -33,3 +33,13 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
+
+# jemalloc: `edgetl finetune --allocator auto` (the default) runs on it where it is installed (lower,
+# steadier peak RSS than glibc's malloc; README "Which malloc"); optional: glibc is the fallback
+if ! "$VENV/bin/python" -c "import sys; from edgetl._allocator import find_jemalloc; sys.exit(find_jemalloc() is None)" 2>/dev/null \
+  && command -v apt-get >/dev/null; then
+  echo "== installing Debian's libjemalloc2"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libjemalloc2 >/dev/null; } \
+    || echo "   (could not install libjemalloc2: edgetl runs on glibc's malloc)"
+fi
