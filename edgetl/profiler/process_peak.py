@@ -182,19 +182,27 @@ def run_child(
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def calibrate_runtime(*, timeout: float = 600.0) -> int:
+def calibrate_runtime(*, timeout: float = 600.0, allocator: str = DEFAULT_ALLOCATOR) -> int:
     """Measure this platform's runtime overhead: the ``runtime_overhead`` of a device profile.
 
     Runs the smallest configuration (:data:`CALIBRATION`) in a child process and returns its peak
     RSS minus the predicted model bytes, i.e. the interpreter, the framework's libraries and what
-    the first training step faults in. Run it on the device itself.
+    the first training step faults in. Run it on the device itself, on the ``allocator`` the
+    training will run on (the planner's prediction is this overhead plus live bytes, which do not
+    depend on the allocator; how closely the process follows them does).
     """
     from edgetl.models.zoo import load_model
 
     c = CALIBRATION
     policy = TrainPolicy(c["blocks"], "mobiletl")
     measured = measure_process_peak(
-        c["model"], policy, batch_size=c["batch_size"], image_size=c["image_size"], num_classes=c["num_classes"], timeout=timeout
+        c["model"],
+        policy,
+        batch_size=c["batch_size"],
+        image_size=c["image_size"],
+        num_classes=c["num_classes"],
+        timeout=timeout,
+        allocator=allocator,
     )
     estimate = predict_step_peak(
         load_model(c["model"], num_classes=c["num_classes"]), policy, batch_size=c["batch_size"], image_size=c["image_size"]
