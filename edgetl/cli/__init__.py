@@ -43,25 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_on_allocator(argv: list[str]) -> None:
     """Re-execute ``edgetl finetune`` on the allocator it asks for, unless it runs on it already."""
-    from edgetl import _allocator
+    from edgetl._allocator import ALLOCATORS, DEFAULT, reexec_argv, resolve
     from edgetl.errors import EdgetlError
 
     words = [a for a in argv if not a.startswith("-")]
     if not words or words[0] != "finetune":
         return
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--allocator", default=_allocator.DEFAULT)
+    pre.add_argument("--allocator", default=DEFAULT)
     name = pre.parse_known_args(argv)[0].allocator
-    if name not in _allocator.ALLOCATORS:
+    if name not in ALLOCATORS:
         return  # the real parser refuses it with the choices
     try:
-        allocator = _allocator.resolve(name)
+        allocator = resolve(name)
     except EdgetlError as exc:
         print(f"edgetl: error: {exc}", file=sys.stderr)
         sys.exit(2)
     if allocator.note:
         print(f"edgetl: {allocator.note}", file=sys.stderr, flush=True)
-    new_argv = _allocator.reexec_argv(allocator, argv)
+    new_argv = reexec_argv(allocator, argv)
     if new_argv:
         sys.stdout.flush()
         os.execve(sys.executable, new_argv, allocator.env())
