@@ -93,7 +93,10 @@ def resolve(name: str = DEFAULT) -> Allocator:
     library = find_jemalloc()
     if library is None:
         if name != "auto":
-            raise ConfigError(f"{name} needs jemalloc, which is not installed (Debian/Ubuntu: apt-get install libjemalloc2); or use glibc")
+            raise ConfigError(
+                f"allocator {name!r} needs the jemalloc library, which is not installed (Debian/Ubuntu: apt-get install libjemalloc2); "
+                "or use glibc"
+            )
         return Allocator("glibc", note="jemalloc is not installed (apt-get install libjemalloc2): running on glibc's malloc")
     return Allocator("jemalloc-eager" if name == "jemalloc-eager" else "jemalloc", library)
 

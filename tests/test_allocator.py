@@ -24,7 +24,7 @@ def test_unknown_allocator_is_one_line():
         resolve("tcmalloc")
 
 
-def test_auto_falls_back_to_glibc_with_a_note_and_jemalloc_is_refused_where_missing(monkeypatch):
+def test_auto_falls_back_to_glibc_with_a_note_and_jemalloc_is_refused_where_missing(monkeypatch, capsys):
     monkeypatch.setattr(_allocator, "find_jemalloc", lambda: None)
     auto = resolve("auto")
     assert auto.name == "glibc" and "libjemalloc2" in auto.note
@@ -32,6 +32,14 @@ def test_auto_falls_back_to_glibc_with_a_note_and_jemalloc_is_refused_where_miss
         with pytest.raises(ConfigError, match="not installed.*apt-get install libjemalloc2"):
             resolve(name)
     assert resolve("glibc") == Allocator("glibc")
+    # the command logs the fallback with the run (stdout's header line), and refuses jemalloc in one line
+    from edgetl.cli import main
+
+    assert main(["finetune", "--data", "/nonexistent-edgetl", "--out", "/nonexistent-edgetl/out"]) == 2
+    assert "(malloc: glibc; jemalloc is not installed" in capsys.readouterr().out
+    assert main(["finetune", "--allocator", "jemalloc", "--data", "/nonexistent-edgetl", "--out", "/nonexistent-edgetl/out"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgetl: error: allocator 'jemalloc' needs the jemalloc library, which is not installed") and err.count("\n") == 1, err
 
 
 @needs_jemalloc

@@ -59,8 +59,6 @@ def _run_on_allocator(argv: list[str]) -> None:
     except EdgetlError as exc:
         print(f"edgetl: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    if allocator.note:
-        print(f"edgetl: {allocator.note}", file=sys.stderr, flush=True)
     new_argv = reexec_argv(allocator, argv)
     if new_argv:
         sys.stdout.flush()

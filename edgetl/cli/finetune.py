@@ -100,13 +100,15 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from edgetl._allocator import active
+    from edgetl._allocator import active, resolve
     from edgetl.train.run import FINAL_WEIGHTS
     from edgetl.train.trainer import finetune
 
     config = config_from_args(args)
     p = config.policy
-    print(f"edgetl finetune: {config.model} K={p.blocks} {p.method} on {config.data} -> {config.out} (malloc: {active()})", flush=True)
+    note = resolve(getattr(args, "allocator", DEFAULT_ALLOCATOR)).note  # auto's fallback to glibc, logged with the run
+    malloc = active() + (f"; {note}" if note else "")
+    print(f"edgetl finetune: {config.model} K={p.blocks} {p.method} on {config.data} -> {config.out} (malloc: {malloc})", flush=True)
     result = finetune(config, resume=getattr(args, "resume", False), log=lambda line: print(line, flush=True))
     final = result.final
     print(
