@@ -39,7 +39,8 @@ def test_auto_falls_back_to_glibc_with_a_note_and_jemalloc_is_refused_where_miss
     assert "(malloc: glibc; jemalloc is not installed" in capsys.readouterr().out
     assert main(["finetune", "--allocator", "jemalloc", "--data", "/nonexistent-edgetl", "--out", "/nonexistent-edgetl/out"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("edgetl: error: allocator 'jemalloc' needs the jemalloc library, which is not installed") and err.count("\n") == 1, err
+    assert err.startswith("edgetl: error: allocator 'jemalloc' needs the jemalloc library, which is not installed"), err
+    assert err.count("\n") == 1, err
 
 
 @needs_jemalloc
