@@ -1,7 +1,7 @@
 """The user's figure: peak RSS and wall time of a whole `edgetl finetune` process, repeated.
 
     .venv/bin/python benchmarks/finetune_peak.py [--model efficientnet_lite0] [--blocks 8] [--batch-size 32]
-        [--image-size 96] [--epochs 1] [--train-limit 640] [--repeats 5] [--allocators auto]
+        [--image-size 96] [--epochs 1] [--train-limit 640] [--repeats 5] [--allocators glibc]
 
 Runs the same fine-tuning (Fashion-MNIST subset, fixed seed, random initial weights: memory does not
 depend on them) as separate processes, vanilla / MobileTL / MobileTL with the frozen bottom in
@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--train-limit", type=int, default=640)
     p.add_argument("--bottom-chunk", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--allocators", default="auto", help="comma-separated: auto, glibc, jemalloc, jemalloc-eager")
+    p.add_argument("--allocators", default="glibc", help="comma-separated: auto, glibc, jemalloc, jemalloc-eager")
     args = p.parse_args()
     methods = {
         "vanilla": ["--method", "vanilla"],

@@ -1,7 +1,7 @@
 """Whole-step memory and time of MobileTL and the memory options beyond it, against vanilla, side by side.
 
     .venv/bin/python benchmarks/peak_rss.py [--model mobilenet_v3_large] [--blocks 5] [--batch-size 8] [--image-size 224] [--repeats 3]
-        [--allocator auto] [--native]
+        [--allocator glibc] [--native]
 
 Each configuration runs in a fresh child process (peak RSS only grows within a process) that
 imports PyTorch, loads and prepares the model, then runs training steps in the trainer's order
@@ -9,7 +9,7 @@ imports PyTorch, loads and prepares the model, then runs training steps in the t
 repeat so that drift on the machine hits all of them; medians are reported with the min-max range
 of the process peak. Figures are the operating system's (VmHWM on Linux: interpreter, PyTorch and
 the allocator included) next to the exact bytes stored for backward and the predicted live peak.
-The children run on the ``malloc`` ``--allocator`` names (default ``auto``, as ``edgetl finetune``).
+The children run on the ``malloc`` ``--allocator`` names (default ``glibc``, as ``edgetl finetune``).
 
 ``--native`` adds the process the device runs: the same setting exported for training
 (``edgetl export --training --method vanilla|mobiletl``, cached in ``--work``) and fine-tuned for one
@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--bottom-chunk", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=4, help="training steps per process (timing: the median after the first)")
-    p.add_argument("--allocator", default="auto", help="the children's malloc: auto, glibc, jemalloc, jemalloc-eager")
+    p.add_argument("--allocator", default="glibc", help="the children's malloc: auto, glibc, jemalloc, jemalloc-eager")
     p.add_argument("--native", action="store_true", help="also the device runner's process peak, vanilla and MobileTL")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-device"), help="--native: exported bundles and photos (kept)")
     p.add_argument("--threads", type=int, default=2, help="--native: threads of the device runner")

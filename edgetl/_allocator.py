@@ -6,7 +6,7 @@ allocations more than the bytes alive, and it varies from run to run. Measured s
 (``benchmarks/allocator.py``; figures in the README):
 
 * ``jemalloc`` (its own settings: freed pages go back to the OS after ~10 s) lowers every
-  configuration's peak at no cost in step time;
+  configuration's peak by 5-10%, for about 10% more wall time in a whole ``edgetl finetune``;
 * ``jemalloc-eager`` (:data:`EAGER_CONF`: freed pages go back at once) makes the process follow the
   live tensor bytes the profiler predicts, with the lowest peak, the same to the MiB in every run,
   at a cost in step time (the pages a step frees are faulted in again by the next).
@@ -31,8 +31,10 @@ from edgetl.errors import ConfigError
 #: the choices: ``auto`` is ``jemalloc`` where the library is installed, ``glibc`` otherwise
 ALLOCATORS: tuple[str, ...] = ("auto", "glibc", "jemalloc", "jemalloc-eager")
 #: the default everywhere (``edgetl finetune``, the profiler's child processes): the measurements'
-#: choice, a lower peak than glibc's at no cost in time (README, "Which malloc")
-DEFAULT = "auto"
+#: choice. jemalloc's saving costs time (~10% plain, 1.3-1.8x eager) and plain jemalloc does not make
+#: the process follow the prediction, so memory is traded for time only when the user asks
+#: (README, "Which malloc")
+DEFAULT = "glibc"
 #: ``jemalloc-eager``: freed pages are returned to the OS at once (``dirty_decay_ms:0``), not after
 #: 10 s, and never parked as lazily-freed pages, which still count as resident (``muzzy_decay_ms:0``)
 EAGER_CONF = "dirty_decay_ms:0,muzzy_decay_ms:0"

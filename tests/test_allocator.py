@@ -35,7 +35,7 @@ def test_auto_falls_back_to_glibc_with_a_note_and_jemalloc_is_refused_where_miss
     # the command logs the fallback with the run (stdout's header line), and refuses jemalloc in one line
     from edgetl.cli import main
 
-    assert main(["finetune", "--data", "/nonexistent-edgetl", "--out", "/nonexistent-edgetl/out"]) == 2
+    assert main(["finetune", "--allocator", "auto", "--data", "/nonexistent-edgetl", "--out", "/nonexistent-edgetl/out"]) == 2
     assert "(malloc: glibc; jemalloc is not installed" in capsys.readouterr().out
     assert main(["finetune", "--allocator", "jemalloc", "--data", "/nonexistent-edgetl", "--out", "/nonexistent-edgetl/out"]) == 2
     err = capsys.readouterr().err
@@ -44,8 +44,8 @@ def test_auto_falls_back_to_glibc_with_a_note_and_jemalloc_is_refused_where_miss
 
 
 @needs_jemalloc
-def test_the_default_is_jemalloc_where_installed():
-    assert resolve() == Allocator("jemalloc", JEMALLOC) and _allocator.DEFAULT == "auto"
+def test_auto_is_jemalloc_where_installed_and_the_default_is_glibc():
+    assert resolve("auto") == Allocator("jemalloc", JEMALLOC) and resolve() == Allocator("glibc")
 
 
 def test_environment_selects_the_allocator_and_keeps_the_users_other_preloads():

@@ -10,8 +10,8 @@ another process holds a core (a phone or a Pi is never idle); sleeping workers c
 read once, when torch's OpenMP runtime loads, so it is the command's decision, not the library's:
 Python API users set it in their own environment.
 
-Allocator: ``edgetl finetune`` runs on the ``malloc`` its ``--allocator`` names (default ``auto``:
-jemalloc where installed; :mod:`edgetl._allocator`). The loader links ``malloc`` once, so the
+Allocator: ``edgetl finetune`` runs on the ``malloc`` its ``--allocator`` names (default ``glibc``;
+``auto``: jemalloc where installed; :mod:`edgetl._allocator`). The loader links ``malloc`` once, so the
 command re-executes itself with ``LD_PRELOAD`` set, first thing, before torch loads; only when
 ``main`` reads the real command line (``argv=None``), never in a Python caller's process.
 """

@@ -69,8 +69,8 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
         "--allocator",
         choices=ALLOCATORS,
         default=DEFAULT_ALLOCATOR,
-        help="the process's malloc (auto: jemalloc where installed, else glibc; jemalloc-eager: lowest peak, slower; "
-        f"not part of the run's settings) (default: {DEFAULT_ALLOCATOR})",
+        help="the process's malloc: jemalloc lowers the peak RSS ~5-10%% for ~10%% more time, jemalloc-eager ~20%% for 1.3-1.8x; "
+        f"auto: jemalloc where installed, else glibc; not part of the run's settings (default: {DEFAULT_ALLOCATOR})",
     )
     p.set_defaults(handler=run_finetune)
     return p

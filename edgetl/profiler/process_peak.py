@@ -5,7 +5,7 @@ measurement: the peak RSS only grows within a process), which loads the model, p
 real training steps (forward, backward, optimizer step), and reads back its RSS from the operating
 system (``VmHWM`` on Linux, ``ru_maxrss`` on macOS). It includes everything the device really pays:
 the interpreter, PyTorch's libraries, allocator retention and fragmentation. The child runs on the
-``malloc`` named by ``allocator`` (:mod:`edgetl._allocator`; default ``auto``, as ``edgetl
+``malloc`` named by ``allocator`` (:mod:`edgetl._allocator`; default ``glibc``, as ``edgetl
 finetune``), so a measurement is of the process the trainer runs. The estimate it is
 held against is :func:`edgetl.profiler.estimate.predict_step_peak`.
 """

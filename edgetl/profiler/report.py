@@ -277,7 +277,7 @@ def profile(
     num_classes: int = 1000,
     optimizer: str = "adam",
     measure_process: bool = False,
-    allocator: str = "auto",
+    allocator: str = "glibc",
     seed: int = 0,
 ) -> MemoryReport:
     """Profile the memory of training the top ``policy.blocks`` blocks, vanilla and MobileTL.

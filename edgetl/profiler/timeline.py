@@ -197,7 +197,7 @@ def measure_step_timelines(
     num_classes: int = 10,
     optimizer: str = "adam",
     timeout: float = 900.0,
-    allocator: str = "auto",
+    allocator: str = "glibc",
 ) -> dict[str, StepTimeline]:
     """:func:`measure_step_timeline` for vanilla and MobileTL (``policy`` with each method), each in a
     fresh child process so the RSS figures are each method's own, on the ``malloc`` ``allocator``
