@@ -497,6 +497,18 @@ def test_a_fleet_client_trains_through_the_runner_without_torch(runner, tmp_path
         assert np.array_equal(value, np.load(tmp_path / "ref-out" / f"{name}.npy")), name
     assert any(not np.array_equal(reply[k], offered[k]) for k in reply)
 
+    # federated evaluation on the device (bottom.pte + predict with the given tensors) equals eager
+    from edgetl.data.folder import build_datasets
+    from edgetl.fleet.device import DeviceClient
+    from edgetl.fleet.local import accuracy
+    from edgetl.fleet.payload import load_arrays
+
+    loss, acc, count = DeviceClient.from_node(node).evaluate(reply, str(image_folder))
+    load_arrays(net, reply)
+    tf = edgetl.transforms_for("mobilenet_v2", image_size=IMAGE_SIZE, train=False)
+    eager_loss, eager_acc = accuracy(net, build_datasets(image_folder, train_transform=tf, eval_transform=tf, val_data=image_folder).val)
+    assert count == len(images_of(image_folder)) and acc == eager_acc and abs(loss - eager_loss) < 1e-4, (loss, eager_loss, acc, eager_acc)
+
     # one round of a mixed fleet: an eager client and the device client, both accepted and averaged
     with pytest.MonkeyPatch.context() as mp:
         set_task_identity(mp)
