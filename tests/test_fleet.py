@@ -152,6 +152,16 @@ def test_a_client_sends_its_trainable_tensors_and_its_full_norms_statistics_only
     assert sent < everything
 
 
+def test_a_client_with_its_own_folder_trains_on_all_of_it_but_its_held_out_tenth(tmp_path, image_folder):
+    from edgetl.fleet.local import client_data
+
+    train, val, classes = client_data(small_config(tmp_path, image_folder), data=str(image_folder))
+    images = sorted(p for p in image_folder.rglob("*.png"))
+    # (a second, unused tenth used to be held out by the data loader's own validation split)
+    assert len(train) + len(val) == len(images) and len(val) == len(images) // 10
+    assert classes == sorted(p.name for p in image_folder.iterdir())
+
+
 def test_a_clients_k_comes_from_its_device_profile(tmp_path):
     config = FleetConfig(model=MODEL, blocks=3, image_size=32, batch_size=8)
     assert blocks_for_device(_device_for_k1(tmp_path), config, num_classes=3) == 1

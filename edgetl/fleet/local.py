@@ -58,10 +58,12 @@ def labels_of(dataset: Dataset) -> list[int]:
 
 
 def training_pool(config: FleetConfig, data: str | None = None) -> tuple[Dataset, Dataset, list[str]]:
-    """The training images (augmented view and eval view, same order) of ``data`` and the classes."""
+    """The training images (augmented view and eval view, same order) of ``data`` and the classes:
+    every image of a folder (:func:`client_data` holds out the client's own tenth)."""
     data = config.data if data is None else data
     sets = build_datasets(
         data,
+        val_fraction=0.0,
         train_transform=transforms_for(config.model, image_size=config.image_size, train=True),
         eval_transform=transforms_for(config.model, image_size=config.image_size, train=False),
         train_limit=config.train_limit,
