@@ -7,6 +7,7 @@ bindings over the same programs (bit for bit) and eager PyTorch (within float to
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -509,9 +510,20 @@ def test_a_fleet_client_trains_through_the_runner_without_torch(runner, tmp_path
     eager_loss, eager_acc = accuracy(net, build_datasets(image_folder, train_transform=tf, eval_transform=tf, val_data=image_folder).val)
     assert count == len(images_of(image_folder)) and acc == eager_acc and abs(loss - eager_loss) < 1e-4, (loss, eager_loss, acc, eager_acc)
 
-    # one round of a mixed fleet: an eager client and the device client, both accepted and averaged
+    # a mixed fleet, an eager client and the device client, both accepted and averaged in both
+    # rounds; under FedBN the device keeps its norms' statistics (the server rejects any it sent)
+    # and evaluates with them on its own held-out folder
+    from edgetl.fleet.client import LOCAL_STATS
+
+    fedbn = dataclasses.replace(config, fedbn=True, rounds=2, out=str(tmp_path / "fedbn"))
     with pytest.MonkeyPatch.context() as mp:
         set_task_identity(mp)
-        grid = LoopbackGrid([client_app, client_app], node_configs=[{"partition-id": 0, "num-partitions": 2}, node])
-        row = run_fleet(grid, config)[0]
-    assert (row["sampled"], row["accepted"], row["rejected"]) == (2, 2, []), row
+        nodes = [{"partition-id": 0, "num-partitions": 2}, {**node, "val": str(image_folder)}]
+        grid = LoopbackGrid([client_app, client_app], node_configs=nodes)
+        history = run_fleet(grid, fedbn)
+    assert [(row["sampled"], row["accepted"], row["rejected"]) for row in history] == [(2, 2, [])] * 2, history
+    assert all(row["federated_acc"] is not None for row in history), history
+    own = {k: a.numpy() for k, a in grid.contexts[1].state[LOCAL_STATS].items()}
+    bundle_stats = _ptd_tensors(training_bundle / "train.ptd")
+    assert own and all(k.endswith(("running_mean", "running_var")) for k in own)
+    assert all(not np.array_equal(v.reshape(-1), bundle_stats[k].reshape(-1)) for k, v in own.items())
