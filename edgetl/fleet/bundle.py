@@ -19,9 +19,8 @@ from edgetl.errors import ConfigError
 from edgetl.exporter import ExportBundle, ExportConfig, export
 from edgetl.fleet.checkpoint import load_round
 from edgetl.fleet.config import FleetConfig
-from edgetl.fleet.local import build_network
+from edgetl.fleet.local import build_network, classes_for
 from edgetl.fleet.payload import load_arrays
-from edgetl.fleet.server import classes_for
 from edgetl.train.policy import TrainPolicy
 
 

@@ -89,6 +89,12 @@ def test_set(config: FleetConfig) -> tuple[Dataset, list[str]] | None:
     return base, classes
 
 
+def classes_for(config: FleetConfig) -> list[str]:
+    """The fleet's class names: the test set's, else the training data's."""
+    found = test_set(config)
+    return found[1] if found is not None else training_pool(config)[2]
+
+
 def local_finetune(net: TransferModel, data: Dataset, *, config: FleetConfig, keys: Sequence[str], seed: int) -> RoundResult:
     """Train ``net`` on ``data`` for ``config.epochs`` epochs; return the tensors named ``keys``.
 
