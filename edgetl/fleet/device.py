@@ -11,7 +11,7 @@ writes the received tensors its bundle trains as ``NAME.npy``, starts a fresh st
 them (``edgetl-device import-weights``), trains ``epochs`` epochs (``finetune``), reads the result
 back (``export-weights``) and replies with the tensors the server sent that its bundle trains.
 The process imports numpy, flwr and this package's torch-free modules only
-(``tests/test_fleet_device.py`` checks that torch is never loaded).
+(``tests/test_native.py`` checks that torch is never loaded).
 
 The optimizer is the bundle's SGD (the device runtime's); a fleet whose recipe says ``sgd`` also
 sets its learning rate. ``epochs`` and ``seed`` come from the recipe; the batch is the bundle's

@@ -111,9 +111,6 @@ Dataset read_folder(const std::string& dir, const std::vector<std::string>& clas
   return d;
 }
 
-}  // namespace
-
-namespace {
 // A field of /proc/self/status in bytes (Linux; 0 elsewhere), e.g. "VmHWM:", the peak RSS.
 uint64_t proc_status_bytes(const char* key) {
   std::ifstream status("/proc/self/status");
@@ -122,6 +119,7 @@ uint64_t proc_status_bytes(const char* key) {
     if (line.rfind(key, 0) == 0) return static_cast<uint64_t>(std::atoll(line.c_str() + std::strlen(key))) * 1024;
   return 0;
 }
+
 }  // namespace
 
 void log_memory(bool on, const char* phase) {
