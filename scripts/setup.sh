@@ -12,7 +12,15 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+# A failed install stops here (set -e): an extra that silently failed would turn its tests into skips.
+pip_install() {
+  local log status=0
+  log="$(mktemp)"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1 || status=$?
+  grep -v "^WARNING: Location" "$log" >&2 || true
+  rm -f "$log"
+  [ "$status" -eq 0 ] || { echo "setup: pip install $* failed (status $status)" >&2; return "$status"; }
+}
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(not torch.__version__.startswith('2.13.'))" 2>/dev/null; then
   echo "== installing torch 2.13 (CPU)"
   pip_install "torch==2.13.*"

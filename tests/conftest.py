@@ -25,13 +25,17 @@ from edgetl.models.zoo import load_model, transforms_for
 
 torch.set_num_threads(1)
 
-CLASSES = ("red", "green", "blue")
+#: sorted, as an ImageFolder lists them: a fleet's server reads its classes from a folder, and a
+#: device bundle exported from the shared run must list them in that order to join it
+CLASSES = ("blue", "green", "red")
+_TINT = {"red": 0, "green": 1, "blue": 2}  # the channel each class is tinted towards
 
 
 def make_image_folder(root: Path, per_class: int = 24, size: int = 24, seed: int = 0) -> Path:
     """Class k: noisy images tinted towards channel k, with a bright blob of it at a random place."""
     rng = np.random.default_rng(seed)
-    for k, name in enumerate(CLASSES):
+    for name in ("red", "green", "blue"):  # the order the random stream was first drawn in
+        k = _TINT[name]
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             img = rng.integers(0, 120, size=(size, size, 3)).astype(np.uint8)
@@ -73,6 +77,51 @@ def small_fleet_config(tmp_path: Path, data: Path, **overrides):
         image_size=32, batch_size=8, min_clients=2, out=str(tmp_path / "server"), round_timeout=120.0, lr=1e-2,
     )  # fmt: skip
     return FleetConfig(**(values | overrides))
+
+
+def set_task_identity(monkeypatch) -> None:
+    """What Flower's runtime sets in a ServerApp process before any Message is built."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class LoopbackGrid:
+    """Flower's Grid in one process: node i is the ClientApp ``apps[i]`` with its own Context
+    (partition i of n, or ``node_configs[i]``). ``drop`` nodes never answer (killed); an exception
+    becomes an error reply, as a SuperNode returns it."""
+
+    def __init__(self, apps, *, drop=(), fail_at_round=None, first_id=100, node_configs=None):
+        from flwr.app import Context, RecordDict
+
+        self.apps, self.first_id = apps, first_id
+        nodes = node_configs or [{"partition-id": i, "num-partitions": len(apps)} for i in range(len(apps))]
+        self.contexts = [Context(1, first_id + i, node, RecordDict(), {}) for i, node in enumerate(nodes)]
+        self.drop, self.fail_at_round, self.sent = set(drop), fail_at_round, []
+
+    def get_node_ids(self):
+        return [self.first_id + i for i in range(len(self.apps))]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            rnd = int(msg.content["round"]["round"])
+            if rnd == self.fail_at_round:
+                raise KeyboardInterrupt  # the server process dies mid-round
+            i = msg.metadata.dst_node_id - self.first_id
+            if not 0 <= i < len(self.apps):
+                raise ValueError(f"Invalid destination node ID for Message: {msg.metadata.dst_node_id}")  # as the SuperLink says
+            self.sent.append((rnd, i, sorted(msg.content["arrays"].keys())))
+            if i in self.drop:
+                continue
+            try:
+                replies.append(self.apps[i](msg, self.contexts[i]))
+            except Exception as exc:
+                from flwr.app import Error, Message
+
+                replies.append(Message(Error(code=0, reason=str(exc)), reply_to=msg))
+        return replies
 
 
 def calibrate(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:

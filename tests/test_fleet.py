@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.app import Message, RecordDict  # noqa: E402
 
 from edgetl.errors import ConfigError, EdgetlError, FileWriteError, RunError  # noqa: E402
 from edgetl.fleet.aggregate import Reply, fedavg_per_key  # noqa: E402
@@ -29,6 +29,7 @@ from edgetl.fleet.sizing import blocks_for_device  # noqa: E402
 from edgetl.fleet.validate import reply_problem  # noqa: E402
 from edgetl.nn.layers import ShiftOnlyNorm  # noqa: E402
 from edgetl.profiler.planner import plan  # noqa: E402
+from tests.conftest import LoopbackGrid, set_task_identity  # noqa: E402
 
 MODEL = "mobilenet_v3_small"
 
@@ -151,6 +152,16 @@ def test_a_client_sends_its_trainable_tensors_and_its_full_norms_statistics_only
     assert sent < everything
 
 
+def test_a_client_with_its_own_folder_trains_on_all_of_it_but_its_held_out_tenth(tmp_path, image_folder):
+    from edgetl.fleet.local import client_data
+
+    train, val, classes = client_data(small_config(tmp_path, image_folder), data=str(image_folder))
+    images = sorted(p for p in image_folder.rglob("*.png"))
+    # (a second, unused tenth used to be held out by the data loader's own validation split)
+    assert len(train) + len(val) == len(images) and len(val) == len(images) // 10
+    assert classes == sorted(p.name for p in image_folder.iterdir())
+
+
 def test_a_clients_k_comes_from_its_device_profile(tmp_path):
     config = FleetConfig(model=MODEL, blocks=3, image_size=32, batch_size=8)
     assert blocks_for_device(_device_for_k1(tmp_path), config, num_classes=3) == 1
@@ -162,51 +173,9 @@ def test_a_clients_k_comes_from_its_device_profile(tmp_path):
 # --- the server's round loop, with in-process clients -----------------------------------------
 
 
-def _set_task_identity(monkeypatch) -> None:
-    """What Flower's runtime sets in a ServerApp process before any Message is built."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 @pytest.fixture(autouse=True)
 def _task_identity(monkeypatch):
-    _set_task_identity(monkeypatch)
-
-
-class LoopbackGrid:
-    """Flower's Grid in one process: node i is the ClientApp ``apps[i]`` with its own Context
-    (partition i of n). ``drop`` nodes never answer (killed); an exception becomes an error reply,
-    as a SuperNode returns it."""
-
-    def __init__(self, apps, *, drop=(), fail_at_round=None, first_id=100):
-        self.apps, self.first_id = apps, first_id
-        self.contexts = [
-            Context(1, first_id + i, {"partition-id": i, "num-partitions": len(apps)}, RecordDict(), {}) for i in range(len(apps))
-        ]
-        self.drop, self.fail_at_round, self.sent = set(drop), fail_at_round, []
-
-    def get_node_ids(self):
-        return [self.first_id + i for i in range(len(self.apps))]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            rnd = int(msg.content["round"]["round"])
-            if rnd == self.fail_at_round:
-                raise KeyboardInterrupt  # the server process dies mid-round
-            i = msg.metadata.dst_node_id - self.first_id
-            if not 0 <= i < len(self.apps):
-                raise ValueError(f"Invalid destination node ID for Message: {msg.metadata.dst_node_id}")  # as the SuperLink says
-            self.sent.append((rnd, i, sorted(msg.content["arrays"].keys())))
-            if i in self.drop:
-                continue
-            try:
-                replies.append(self.apps[i](msg, self.contexts[i]))
-            except Exception as exc:
-                replies.append(Message(Error(code=0, reason=str(exc)), reply_to=msg))
-        return replies
+    set_task_identity(monkeypatch)
 
 
 def tampered(change):
@@ -266,7 +235,7 @@ def clean_round(tmp_path_factory, image_folder):
     tmp = tmp_path_factory.mktemp("clean")
     config = small_config(tmp, image_folder)
     with pytest.MonkeyPatch.context() as mp:
-        _set_task_identity(mp)
+        set_task_identity(mp)
         run_fleet(LoopbackGrid([client_app, client_app, client_app], drop={2}), config)
     return load_round(config.out).arrays
 
@@ -408,3 +377,10 @@ def test_fleet_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fleet", "simulate", "--help"])
     assert "(default: 0.5)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["fleet", "bundle", "--help"])
+    assert "--device-batch DEVICE_BATCH" in capsys.readouterr().out
+    # a device bundle may train at most what the fleet shares: refused before anything is exported
+    assert main(["fleet", "bundle", str(tmp_path / "dev"), "--blocks", "2", "--device-blocks", "3"]) == 2
+    assert "edgetl: error: a device bundle trains at most the fleet's blocks (2), got 3" in capsys.readouterr().err
+    assert not (tmp_path / "dev").exists()

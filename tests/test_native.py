@@ -7,6 +7,7 @@ bindings over the same programs (bit for bit) and eager PyTorch (within float to
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -371,3 +372,158 @@ def test_the_native_peak_prediction_holds_against_the_measured_process(runner, m
     measured = float(re.findall(r"peak ([\d.]+) MiB", r.stderr)[-1]) * 2**20
     print(f"native peak: predicted {predicted.total / 2**20:.1f} MiB {predicted.to_dict()}, measured {measured / 2**20:.1f} MiB")
     assert abs(predicted.total - measured) <= 0.10 * measured
+
+
+# --- weights as .npy files, and a fleet client that trains through the runner ---------------------
+
+
+def _ptd_tensors(path: Path) -> dict[str, np.ndarray]:
+    """The exporter's own reader of a .ptd (the reference for the runner's .npy files)."""
+    return et.read_ptd(path.read_bytes())
+
+
+def test_weights_leave_and_enter_the_runner_as_npy_files(runner, tmp_path, training_bundle):
+    bundle = training_bundle
+    ptd = _ptd_tensors(bundle / "train.ptd")
+    r = run(runner, "export-weights", str(bundle), str(bundle / "train.ptd"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    files = {p.stem: np.load(p, allow_pickle=False) for p in (tmp_path / "out").glob("*.npy")}
+    layout = json.loads((bundle / "manifest.json").read_text())["programs"]["training"]["weights_layout"]
+    assert sorted(files) == sorted(ptd) == sorted(layout)
+    for name, value in files.items():  # numpy reads them back: same values, the layout's shape and dtype
+        assert value.shape == tuple(layout[name]["shape"]) and value.dtype == np.dtype(layout[name]["dtype"]), name
+        assert np.array_equal(value.reshape(-1), ptd[name].reshape(-1)), name
+
+    # import: the given tensors replace the bundle's, the others keep the bundle's values
+    given = tmp_path / "in"
+    given.mkdir()
+    head = "classifier.1.weight"
+    np.save(given / f"{head}.npy", files[head] * 2 + 1)
+    kept = next(n for n in files if n.endswith(".bias") and n != "classifier.1.bias")
+    r = run(runner, "import-weights", str(bundle), str(given), "--state", str(tmp_path / "state"))
+    assert r.returncode == 0 and "imported 1 of the bundle's" in r.stdout, r.stderr
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    started = _ptd_tensors(tmp_path / "state" / state["weights"])
+    assert state["epoch"] == 0 and np.array_equal(started[head].reshape(files[head].shape), files[head] * 2 + 1)
+    assert np.array_equal(started[kept], ptd[kept])
+    r = run(runner, "export-weights", str(bundle), str(tmp_path / "state"), "--out", str(tmp_path / "back"))
+    assert r.returncode == 0 and np.array_equal(np.load(tmp_path / "back" / f"{head}.npy"), files[head] * 2 + 1)
+
+    # what a server or a disk can hand the runner that it must refuse, each with one line and nothing written
+    bad_cases = [
+        ("other.weight", np.zeros(3, np.float32), "no tensor other.weight"),
+        (head, np.zeros((3, 7), np.float32), "has shape (3, 7)"),
+        (head, files[head].astype(np.float64), "dtype '<f8'"),
+        (head, np.where(np.arange(files[head].size).reshape(files[head].shape) == 5, np.nan, files[head]), "non-finite value at index 5"),
+        (head, np.asfortranarray(files[head]), "Fortran-order"),
+    ]
+    for i, (name, value, needle) in enumerate(bad_cases):
+        folder = tmp_path / f"bad{i}"
+        folder.mkdir()
+        np.save(folder / f"{name}.npy", value)
+        _one_line_error(run(runner, "import-weights", str(bundle), str(folder), "--state", str(folder / "s")), needle)
+        assert not (folder / "s" / "state.json").exists()
+    _one_line_error(run(runner, "import-weights", str(bundle), str(given), "--state", str(tmp_path / "state")), "already holds weights")
+
+
+_DEVICE_CLIENT = """
+import json, sys
+import numpy as np
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+    setattr(TaskIdentity, name, value)
+from edgetl.fleet.client import train, train_message_content
+from edgetl.fleet.config import FleetConfig
+work, node = sys.argv[1], json.loads(sys.argv[2])
+job = json.loads(open(work + "/job.json").read())
+arrays = dict(np.load(work + "/global.npz"))
+msg = Message(content=train_message_content(arrays, FleetConfig.from_record(job["config"]), 1, job["classes"]),
+              message_type=MessageType.TRAIN, dst_node_id=7)
+reply = train(msg, Context(1, 7, node, RecordDict(), {}))
+np.savez(work + "/reply.npz", **{k: a.numpy() for k, a in reply.content["arrays"].items()})
+print(json.dumps({"metrics": dict(reply.content["metrics"]), "torch": "torch" in sys.modules}))
+"""
+
+
+def test_a_fleet_client_trains_through_the_runner_without_torch(runner, tmp_path, training_bundle, export_run, image_folder):
+    """A device client (node config ``bundle``) in a process that never loads torch; its reply is
+    the runner's own training from the server's tensors, bit for bit, and the server accepts it
+    next to an eager client's."""
+    pytest.importorskip("flwr")
+    from edgetl.fleet.client import _seed
+    from edgetl.fleet.client import app as client_app
+    from edgetl.fleet.local import build_network
+    from edgetl.fleet.payload import shared_keys, to_arrays
+    from edgetl.fleet.server import run_fleet
+    from tests.conftest import LoopbackGrid, set_task_identity, small_fleet_config
+
+    weights = tmp_path / "pretrained.pt"  # the fleet's model is the bundle's: same weights, classes, K, size
+    torch.save(torch.load(export_run / "model.pt", weights_only=True)["model"], weights)
+    config = small_fleet_config(
+        tmp_path, image_folder, model="mobilenet_v2", weights=str(weights), image_size=IMAGE_SIZE, blocks=2, batch_size=BATCH,
+        optimizer="sgd", lr=0.01,
+    )  # fmt: skip
+    net = build_network(config, num_classes=len(CLASSES), blocks=config.blocks)
+    offered = to_arrays(net.state_dict(), shared_keys(net))
+    np.savez(tmp_path / "global.npz", **offered)
+    (tmp_path / "job.json").write_text(json.dumps({"config": config.to_record(), "classes": list(CLASSES)}))
+    node = {"bundle": str(training_bundle), "data": str(image_folder), "runner": str(runner)}
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", _DEVICE_CLIENT, str(tmp_path), json.dumps(node)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    reply = dict(np.load(tmp_path / "reply.npz"))
+    assert out["torch"] is False
+    layout = json.loads((training_bundle / "manifest.json").read_text())["programs"]["training"]["weights_layout"]
+    assert sorted(reply) == sorted(n for n in layout if not n.endswith("num_batches_tracked")) and set(reply) <= set(offered)
+    assert out["metrics"]["num-examples"] == len(images_of(image_folder)) and out["metrics"]["blocks"] == 2
+    # the ClientApp process (flwr, numpy) plus the runner: an eager client's process alone is above 400 MiB
+    assert 0 < out["metrics"]["peak-rss-bytes"] < 300 * 2**20
+
+    # the reference: the runner by hand, from the same tensors, seed and learning rate
+    given = tmp_path / "given"
+    given.mkdir()
+    for name in reply:
+        np.save(given / f"{name}.npy", offered[name])
+    seed = str(_seed(config, 1, {"partition": None}, 7))
+    ref = str(tmp_path / "ref")
+    for args in (
+        ("import-weights", str(training_bundle), str(given), "--state", ref),
+        ("finetune", str(training_bundle), str(image_folder), "--state", ref, "--epochs", "1", "--seed", seed, "--lr", "0.01"),
+        ("export-weights", str(training_bundle), ref, "--out", str(tmp_path / "ref-out")),
+    ):
+        assert run(runner, *args).returncode == 0
+    for name, value in reply.items():
+        assert np.array_equal(value, np.load(tmp_path / "ref-out" / f"{name}.npy")), name
+    assert any(not np.array_equal(reply[k], offered[k]) for k in reply)
+
+    # federated evaluation on the device (bottom.pte + predict with the given tensors) equals eager
+    from edgetl.data.folder import build_datasets
+    from edgetl.fleet.device import DeviceClient
+    from edgetl.fleet.local import accuracy
+    from edgetl.fleet.payload import load_arrays
+
+    loss, acc, count = DeviceClient.from_node(node).evaluate(reply, str(image_folder))
+    load_arrays(net, reply)
+    tf = edgetl.transforms_for("mobilenet_v2", image_size=IMAGE_SIZE, train=False)
+    eager_loss, eager_acc = accuracy(net, build_datasets(image_folder, train_transform=tf, eval_transform=tf, val_data=image_folder).val)
+    assert count == len(images_of(image_folder)) and acc == eager_acc and abs(loss - eager_loss) < 1e-4, (loss, eager_loss, acc, eager_acc)
+
+    # a mixed fleet, an eager client and the device client, both accepted and averaged in both
+    # rounds; under FedBN the device keeps its norms' statistics (the server rejects any it sent)
+    # and evaluates with them on its own held-out folder
+    from edgetl.fleet.client import LOCAL_STATS
+
+    fedbn = dataclasses.replace(config, fedbn=True, rounds=2, out=str(tmp_path / "fedbn"))
+    with pytest.MonkeyPatch.context() as mp:
+        set_task_identity(mp)
+        nodes = [{"partition-id": 0, "num-partitions": 2}, {**node, "val": str(image_folder)}]
+        grid = LoopbackGrid([client_app, client_app], node_configs=nodes)
+        history = run_fleet(grid, fedbn)
+    assert [(row["sampled"], row["accepted"], row["rejected"]) for row in history] == [(2, 2, [])] * 2, history
+    assert all(row["federated_acc"] is not None for row in history), history
+    own = {k: a.numpy() for k, a in grid.contexts[1].state[LOCAL_STATS].items()}
+    bundle_stats = _ptd_tensors(training_bundle / "train.ptd")
+    assert own and all(k.endswith(("running_mean", "running_var")) for k in own)
+    assert all(not np.array_equal(v.reshape(-1), bundle_stats[k].reshape(-1)) for k, v in own.items())

@@ -97,6 +97,18 @@ def add_fleet_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     app.add_argument("directory", help="where to write it (its pyproject.toml holds the settings)")
     _add_settings(app)
     app.set_defaults(handler=_app)
+    bundle = cmds.add_parser(
+        "bundle",
+        help="export the fleet's global model as a training bundle for a device client (edgetl-device, no torch)",
+        argument_default=argparse.SUPPRESS,
+    )
+    bundle.add_argument("bundle_out", metavar="OUT", help="bundle directory (node config bundle=OUT on the device)")
+    bundle.add_argument("--device-blocks", type=int, default=None, help="K the device trains (default: --blocks)")
+    bundle.add_argument("--device-batch", type=int, default=8, help="the device's training batch (static) (default: 8)")
+    bundle.add_argument("--device-lr", type=float, default=0.01, help="the device's SGD learning rate (default: 0.01)")
+    bundle.add_argument("--force", action="store_true", default=False, help="replace an existing bundle at OUT")
+    _add_settings(bundle)
+    bundle.set_defaults(handler=_bundle)
     return p
 
 
@@ -160,6 +172,16 @@ def _local(args: argparse.Namespace) -> int:
         fleet.submit(config, timeout=config.round_timeout * (config.rounds + 1) * 2)
     state = load_round(config.out)
     return _summary(state.history if state else [], config.out)
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from edgetl.fleet.bundle import device_bundle
+
+    blocks = config.blocks if args.device_blocks is None else args.device_blocks
+    written = device_bundle(config, args.bundle_out, blocks=blocks, batch_size=args.device_batch, lr=args.device_lr, overwrite=args.force)
+    print(f'wrote {written.path}: a device client\'s bundle (K={blocks}, batch {args.device_batch}); node config bundle="{written.path}"')
+    return 0
 
 
 def _app(args: argparse.Namespace) -> int:

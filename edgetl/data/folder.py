@@ -178,7 +178,8 @@ def build_datasets(
 
     ``data`` is an ``ImageFolder`` directory or ``"fashion-mnist"`` (its training split trains, its
     test split validates). For a folder, ``val_data`` names a separate validation folder; without
-    it ``val_fraction`` of the images are held out (fixed by ``seed``). ``train_limit`` /
+    it ``val_fraction`` of the images are held out (fixed by ``seed``; 0: none, ``val`` is empty,
+    for a caller that holds out its own). ``train_limit`` /
     ``val_limit`` keep a seeded random subset. Each root is read once; ``log`` receives the one
     warning line per folder that had unreadable images (default: printed to stderr).
     """
@@ -197,7 +198,7 @@ def build_datasets(
     train: Dataset = TransformedView(base, train_transform)
     train_eval: Dataset = TransformedView(base, eval_transform)
     if val is None:
-        train_idx, val_idx = _split(len(base), val_fraction, seed)
+        train_idx, val_idx = _split(len(base), val_fraction, seed) if val_fraction else (list(range(len(base))), [])
         train, val = Subset(train, train_idx), Subset(train_eval, val_idx)
         train_eval = Subset(train_eval, train_idx)
     if train_limit is not None and train_limit < len(train):

@@ -8,10 +8,9 @@ the global tensors it receives, fine-tunes, and replies with only what it traine
 (:func:`~edgetl.fleet.payload.shared_keys`) and its figures. Under FedBN its norms' statistics
 stay in its context state between rounds and never leave it.
 
-Seam for the native device runner (``deploy/native``, no torch on the device): a client that trains
-through it would export its bundle once, run ``edgetl-device train`` each round with the received
-tensors as its weights, and read the trained tensors back from the runner's state files. Not
-implemented yet: this client trains with PyTorch eager.
+A node config with ``bundle`` makes it a device client: it trains through the native runner
+(:mod:`edgetl.fleet.device`) and never imports torch, which is why this module's imports are
+torch-free and the eager path imports its machinery inside the handlers.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from edgetl.fleet.config import FleetConfig
-from edgetl.fleet.payload import is_stat_key, load_arrays, nbytes, shared_keys, to_arrays
+from edgetl.fleet.payload import RoundResult, is_stat_key, nbytes
 
 LOCAL_STATS = "edgetl-local-stats"
 
@@ -32,8 +31,7 @@ def _node(context: Context) -> dict[str, Any]:
     return {
         "partition": int(node["partition-id"]) if "partition-id" in node else None,
         "partitions": int(node["num-partitions"]) if "num-partitions" in node else None,
-        "data": str(node["data"]) if node.get("data") else None,
-        "device": str(node["device"]) if node.get("device") else None,
+        **{key: str(node[key]) if node.get(key) else None for key in ("data", "device", "bundle", "val")},
     }
 
 
@@ -41,6 +39,7 @@ def _prepare(msg: Message, context: Context, *, train: bool):
     """The recipe, this client's data, K and network with the global tensors loaded."""
     from edgetl.errors import DataError
     from edgetl.fleet.local import build_network, client_data
+    from edgetl.fleet.payload import load_arrays
     from edgetl.fleet.sizing import blocks_for_device
 
     config = FleetConfig.from_record(dict(msg.content["config"]))
@@ -77,7 +76,10 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Fine-tune from the global tensors; reply with the trained ones (and statistics unless FedBN)."""
+    if _node(context)["bundle"]:
+        return _device_train(msg, context)
     from edgetl.fleet.local import local_finetune
+    from edgetl.fleet.payload import shared_keys, to_arrays
 
     config, rnd, node, net, train_set, _, blocks = _prepare(msg, context, train=True)
     keys = shared_keys(net, stats=not config.fedbn)
@@ -85,28 +87,76 @@ def train(msg: Message, context: Context) -> Message:
     if config.fedbn:
         stats = [k for k in shared_keys(net, stats=True) if is_stat_key(k)]
         context.state[LOCAL_STATS] = array_record(to_arrays(net.state_dict(), stats))
+    return _train_reply(msg, result, result.arrays, blocks)
+
+
+def _train_reply(msg: Message, result: RoundResult, arrays: dict, blocks: int) -> Message:
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
             "train-loss": result.train_loss,
             "train-acc": result.train_acc,
             "blocks": blocks,
-            "upload-bytes": nbytes(result.arrays),
+            "upload-bytes": nbytes(arrays),
             "peak-rss-bytes": result.peak_rss_bytes,
             "seconds": result.seconds,
         }
     )
-    return Message(RecordDict({"arrays": array_record(result.arrays), "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"arrays": array_record(arrays), "metrics": metrics}), reply_to=msg)
+
+
+def _device_start(msg: Message, context: Context):
+    """A device client's recipe, runner and starting tensors (the global ones, its own statistics under FedBN)."""
+    from edgetl.fleet.device import DeviceClient
+
+    config = FleetConfig.from_record(dict(msg.content["config"]))
+    client = DeviceClient.from_node(dict(context.node_config))
+    offered = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+    classes = list(msg.content["round"]["classes"])
+    client.check_fits(
+        model=config.model, method=config.method, image_size=config.image_size, classes=classes, offered=offered, fedbn=config.fedbn
+    )
+    start = dict(offered)
+    if config.fedbn and LOCAL_STATS in context.state:
+        start.update({k: a.numpy() for k, a in context.state[LOCAL_STATS].items()})
+    return config, client, offered, start
+
+
+def _device_train(msg: Message, context: Context) -> Message:
+    """Train through the native runner (no torch): reply with the tensors the server sent that the bundle trains."""
+    from edgetl.fleet.device import DeviceClientError
+
+    node = _node(context)
+    if node["data"] is None:
+        raise DeviceClientError("a device client needs its images: node config data=DIR (one subfolder per class)")
+    config, client, offered, start = _device_start(msg, context)
+    rnd = int(msg.content["round"]["round"])
+    lr = config.lr if config.optimizer == "sgd" else None  # otherwise the bundle's SGD learning rate
+    seed = _seed(config, rnd, node, context.node_id)
+    result = client.train(start, node["data"], epochs=config.epochs, seed=seed, lr=lr, timeout=config.round_timeout)
+    if config.fedbn:
+        context.state[LOCAL_STATS] = array_record({k: v for k, v in result.arrays.items() if is_stat_key(k)})
+    arrays = {k: v for k, v in result.arrays.items() if k in offered}
+    return _train_reply(msg, result, arrays, int(client.manifest()["model"]["policy"]["blocks"]))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Accuracy of the global model on this client's held-out images (its own statistics under FedBN)."""
-    from edgetl.fleet.local import accuracy
+    node = _node(context)
+    if node["bundle"]:
+        from edgetl.fleet.device import DeviceClientError
 
-    _, _, _, net, _, val_set, _ = _prepare(msg, context, train=False)
-    loss, acc = accuracy(net, val_set)
-    metrics = MetricRecord({"num-examples": len(val_set), "eval-loss": loss, "eval-acc": acc})
+        if node["val"] is None:
+            raise DeviceClientError("federated evaluation on a device client needs node config val=DIR (one subfolder per class)")
+        _, client, _, start = _device_start(msg, context)
+        loss, acc, count = client.evaluate(start, node["val"])
+    else:
+        from edgetl.fleet.local import accuracy
+
+        _, _, _, net, _, val_set, _ = _prepare(msg, context, train=False)
+        (loss, acc), count = accuracy(net, val_set), len(val_set)
+    metrics = MetricRecord({"num-examples": count, "eval-loss": loss, "eval-acc": acc})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

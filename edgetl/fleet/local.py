@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,25 +23,13 @@ from edgetl.data.fashion_mnist import FashionMNIST
 from edgetl.data.folder import FASHION_MNIST, TransformedView, build_datasets
 from edgetl.errors import DataError, DivergedError
 from edgetl.fleet.config import FleetConfig
-from edgetl.fleet.payload import to_arrays
+from edgetl.fleet.payload import RoundResult, to_arrays
 from edgetl.models.zoo import load_model, transforms_for
 from edgetl.train.optim import build_optimizer
 from edgetl.train.policy import TrainPolicy
 from edgetl.train.prepare import TransferModel, prepare
 from edgetl.train.step import train_step
 from edgetl.train.trainer import evaluate
-
-
-@dataclass(frozen=True)
-class LocalResult:
-    """What a client's round produced: the tensors to send and its figures."""
-
-    arrays: dict[str, np.ndarray]
-    num_examples: int
-    train_loss: float
-    train_acc: float
-    seconds: float
-    peak_rss_bytes: int
 
 
 def build_network(config: FleetConfig, *, num_classes: int, blocks: int) -> TransferModel:
@@ -71,10 +58,12 @@ def labels_of(dataset: Dataset) -> list[int]:
 
 
 def training_pool(config: FleetConfig, data: str | None = None) -> tuple[Dataset, Dataset, list[str]]:
-    """The training images (augmented view and eval view, same order) of ``data`` and the classes."""
+    """The training images (augmented view and eval view, same order) of ``data`` and the classes:
+    every image of a folder (:func:`client_data` holds out the client's own tenth)."""
     data = config.data if data is None else data
     sets = build_datasets(
         data,
+        val_fraction=0.0,
         train_transform=transforms_for(config.model, image_size=config.image_size, train=True),
         eval_transform=transforms_for(config.model, image_size=config.image_size, train=False),
         train_limit=config.train_limit,
@@ -100,7 +89,13 @@ def test_set(config: FleetConfig) -> tuple[Dataset, list[str]] | None:
     return base, classes
 
 
-def local_finetune(net: TransferModel, data: Dataset, *, config: FleetConfig, keys: Sequence[str], seed: int) -> LocalResult:
+def classes_for(config: FleetConfig) -> list[str]:
+    """The fleet's class names: the test set's, else the training data's."""
+    found = test_set(config)
+    return found[1] if found is not None else training_pool(config)[2]
+
+
+def local_finetune(net: TransferModel, data: Dataset, *, config: FleetConfig, keys: Sequence[str], seed: int) -> RoundResult:
     """Train ``net`` on ``data`` for ``config.epochs`` epochs; return the tensors named ``keys``.
 
     Randomness (augmentation, shuffling) comes from ``seed`` in a forked generator. A non-finite
@@ -130,7 +125,7 @@ def local_finetune(net: TransferModel, data: Dataset, *, config: FleetConfig, ke
     bad = [name for name, p in net.trainable_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
         raise DivergedError(f"local training diverged: non-finite weights in {bad[0]}")
-    return LocalResult(
+    return RoundResult(
         arrays=to_arrays(net.state_dict(), keys),
         num_examples=len(data),
         train_loss=loss_sum / max(seen, 1),

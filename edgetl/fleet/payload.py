@@ -15,14 +15,30 @@ nothing a client sends is unpickled.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
-from edgetl.train.prepare import TransferModel
+if TYPE_CHECKING:  # the wire format is numpy's: a device client reads and writes it without torch
+    import torch
+    from torch import nn
+
+    from edgetl.train.prepare import TransferModel
 
 STAT_SUFFIXES: tuple[str, ...] = (".running_mean", ".running_var")
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a client's round produced (eager or on the device runner): the tensors it trained and its figures."""
+
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+    train_loss: float
+    train_acc: float
+    seconds: float
+    peak_rss_bytes: int
 
 
 def is_stat_key(key: str) -> bool:
@@ -35,6 +51,8 @@ def shared_keys(net: TransferModel, *, stats: bool = True) -> list[str]:
 
     ``stats``: also the running statistics of the batch norms that train (False under FedBN).
     """
+    from torch import nn
+
     trained = {name for name, _ in net.trainable_parameters()}
     if stats:
         for name, module in net.named_modules():
@@ -50,6 +68,8 @@ def to_arrays(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> dict[st
 
 def load_arrays(net: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     """Copy ``arrays`` into ``net``'s parameters and buffers of the same names (shapes checked)."""
+    import torch
+
     state = net.state_dict()
     with torch.no_grad():
         for key, value in arrays.items():

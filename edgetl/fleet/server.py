@@ -64,17 +64,9 @@ def parse_reply(msg: Message) -> Parsed:
     return Parsed(node, arrays, metrics.get("num-examples"), metrics)
 
 
-def classes_for(config: FleetConfig) -> list[str]:
-    """The fleet's class names: the test set's, else the training data's."""
-    from edgetl.fleet.local import test_set, training_pool
-
-    found = test_set(config)
-    return found[1] if found is not None else training_pool(config)[2]
-
-
 def run_fleet(grid: Grid, config: FleetConfig) -> list[dict[str, Any]]:
     """Run ``config.rounds`` rounds over ``grid`` (resuming after the last saved one); the history."""
-    from edgetl.fleet.local import accuracy, build_network, test_set
+    from edgetl.fleet.local import accuracy, build_network, classes_for, test_set
 
     classes = classes_for(config)
     net = build_network(config, num_classes=len(classes), blocks=config.blocks)

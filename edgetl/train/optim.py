@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from edgetl.errors import ConfigError
+
+if TYPE_CHECKING:  # the names are data (a fleet's torch-free device client checks a recipe with them)
+    import torch
+    from torch import nn
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 
@@ -37,6 +39,8 @@ def build_optimizer(
     name: str, named: Iterable[tuple[str, nn.Parameter]], *, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:
     """``name`` over the trained parameters ``named`` (``TransferModel.trainable_parameters()``)."""
+    import torch
+
     check_optimizer(name)
     groups = param_groups(named, weight_decay)
     if name == "sgd":

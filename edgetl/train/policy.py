@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal, TypeVar
-
-from torch import nn
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from edgetl.errors import ConfigError
-from edgetl.models.blocks import is_irb
+
+if TYPE_CHECKING:  # the policy is data: reading one (a fleet's torch-free device client) loads no torch
+    from torch import nn
 
 Method = Literal["mobiletl", "vanilla"]
 ActivationGrad = Literal["sign", "exact"]
@@ -108,6 +108,8 @@ T = TypeVar("T")
 def uses_mobiletl(policy: TrainPolicy, unit: nn.Module) -> bool:
     """Whether ``unit`` (a trained unit of ``features``) is rewritten by MobileTL: inverted-residual
     blocks only; the stem, the final conv stage and the head train with ordinary autograd."""
+    from edgetl.models.blocks import is_irb
+
     return policy.method == "mobiletl" and is_irb(unit)
 
 

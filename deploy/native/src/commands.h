@@ -1,4 +1,4 @@
-// The runner's three commands, each over a verified bundle.
+// The runner's commands, each over a verified bundle.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -31,6 +31,10 @@ struct FinetuneOptions {
 void info(const Bundle& bundle);
 int classify(const Bundle& bundle, const ClassifyOptions& options);
 int finetune(const Bundle& bundle, const FinetuneOptions& options);
+// Starts `state_dir` at epoch 0 with the tensors of `npy_dir`/NAME.npy over the bundle's train.ptd.
+int import_weights(const Bundle& bundle, const std::string& npy_dir, const std::string& state_dir);
+// Writes every training tensor of `trained` (a state directory or .ptd) as `out_dir`/NAME.npy.
+int export_weights(const Bundle& bundle, const std::string& trained, const std::string& out_dir);
 
 class Program;
 // Runs the frozen bottom over `paths`, streaming: images are decoded and preprocessed one batch

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iostream>
@@ -110,18 +111,21 @@ Dataset read_folder(const std::string& dir, const std::vector<std::string>& clas
   return d;
 }
 
+// A field of /proc/self/status in bytes (Linux; 0 elsewhere), e.g. "VmHWM:", the peak RSS.
+uint64_t proc_status_bytes(const char* key) {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind(key, 0) == 0) return static_cast<uint64_t>(std::atoll(line.c_str() + std::strlen(key))) * 1024;
+  return 0;
+}
+
 }  // namespace
 
 void log_memory(bool on, const char* phase) {
   if (!on) return;
-  std::ifstream status("/proc/self/status");
-  std::string line, rss, hwm;
-  while (std::getline(status, line)) {
-    if (line.rfind("VmRSS:", 0) == 0) rss = line.substr(6);
-    if (line.rfind("VmHWM:", 0) == 0) hwm = line.substr(6);
-  }
-  std::fprintf(stderr, "memory after %s: rss %.1f MiB, peak %.1f MiB\n", phase, std::atol(rss.c_str()) / 1024.0,
-               std::atol(hwm.c_str()) / 1024.0);
+  std::fprintf(stderr, "memory after %s: rss %.1f MiB, peak %.1f MiB\n", phase, proc_status_bytes("VmRSS:") / 1048576.0,
+               proc_status_bytes("VmHWM:") / 1048576.0);
 }
 
 namespace {
@@ -276,7 +280,8 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
           throw DeviceError("weight " + p.name + " became non-finite in epoch " + std::to_string(epoch + 1) + "; the weights saved after epoch " +
                             std::to_string(epoch) + " are kept");
     double secs = seconds_since(e0);
-    nlohmann::json row = {{"epoch", epoch + 1}, {"loss", loss_sum / seen}, {"accuracy", static_cast<double>(correct) / seen},
+    nlohmann::json row = {{"epoch", epoch + 1}, {"loss", loss_sum / seen}, {"accuracy", static_cast<double>(correct) / seen}, {"images", n},
+                          {"peak_rss_bytes", proc_status_bytes("VmHWM:")},
                           {"seconds", secs}, {"images_per_s", seen / secs}};
     state.save_epoch(epoch + 1, session, sgd.momentum_buffers(), row);
     log_memory(o.verbose, "saving the epoch");

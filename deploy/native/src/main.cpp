@@ -24,6 +24,8 @@ const char* kUsage = R"(usage: edgetl-device [--threads N] [--verbose] COMMAND .
   finetune  BUNDLE DATA_DIR --state STATE_DIR [--epochs N (5)] [--batch-size B (the bundle's)]
             [--lr X] [--momentum X] [--weight-decay X] (default: the bundle's optimizer)
             [--seed N (0)] [--augment] [--val DIR] [--feature-budget MIB (64)]
+  import-weights  BUNDLE NPY_DIR --state STATE_DIR
+  export-weights  BUNDLE STATE_DIR|PTD --out NPY_DIR
 
   --threads N   ExecuTorch thread-pool size (default: the runtime's, one per core)
   --verbose     show ExecuTorch's own log lines and, in finetune, memory after each phase
@@ -34,8 +36,13 @@ finetune computes the frozen bottom's features once per image (in memory up to -
 MiB, beyond it in a memory-mapped file in STATE_DIR; --augment adds random horizontal flips and
 recomputes them every step), trains with SGD, and saves weights and momentum atomically after
 every epoch: running the same command again resumes after the last saved epoch.
+import-weights starts a new STATE_DIR at epoch 0 from NPY_DIR/NAME.npy (NAME: a training tensor's
+state-dict name; tensors without a file keep the bundle's values); finetune then trains from them.
+export-weights writes every training tensor as NPY_DIR/NAME.npy. A fleet client does both each round.
 Exit status: 0 ok, 2 a user error (one line on stderr), 1 an internal error.
 )";
+
+constexpr const char* kCommands = "info, classify, finetune, import-weights, export-weights";
 
 struct Args {
   std::vector<std::string> positional;
@@ -48,6 +55,8 @@ const std::map<std::string, std::vector<std::string>> kValueOptions = {
     {"", {"--threads"}},
     {"classify", {"--trained", "--top-k"}},
     {"finetune", {"--state", "--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay", "--seed", "--val", "--feature-budget"}},
+    {"import-weights", {"--state"}},
+    {"export-weights", {"--out"}},
     {"info", {}}};
 const std::map<std::string, std::vector<std::string>> kFlags = {{"", {"--verbose"}}, {"classify", {"--json"}}, {"finetune", {"--augment"}}};
 
@@ -77,7 +86,7 @@ Args parse(int argc, char** argv, std::string* command) {
     }
     if (arg.rfind("--", 0) != 0) {
       if (command->empty()) {
-        if (!kValueOptions.count(arg)) throw edgetl::DeviceError("unknown command '" + arg + "' (info, classify, finetune)");
+        if (!kValueOptions.count(arg)) throw edgetl::DeviceError("unknown command '" + arg + "' (" + kCommands + ")");
         *command = arg;
       } else {
         a.positional.push_back(arg);
@@ -94,7 +103,7 @@ Args parse(int argc, char** argv, std::string* command) {
       throw edgetl::DeviceError("unknown option " + arg + (command->empty() ? "" : " for " + *command) + " (see --help)");
     }
   }
-  if (command->empty()) throw edgetl::DeviceError("no command given (info, classify, finetune; see --help)");
+  if (command->empty()) throw edgetl::DeviceError(std::string("no command given (") + kCommands + "; see --help)");
   return a;
 }
 
@@ -144,6 +153,15 @@ int run(int argc, char** argv) {
     int code = edgetl::classify(bundle, o);
     edgetl::log_memory(verbose, "classifying");
     return code;
+  }
+  if (command == "import-weights" || command == "export-weights") {
+    const bool in = command == "import-weights";
+    need(a, 2, in ? "NPY_DIR" : "STATE_DIR|PTD");
+    if (a.positional.size() > 2) throw edgetl::DeviceError("unexpected argument '" + a.positional[2] + "'");
+    const char* opt = in ? "--state" : "--out";
+    if (!a.values.count(opt)) throw edgetl::DeviceError(command + " needs " + opt + (in ? " STATE_DIR" : " NPY_DIR"));
+    return in ? edgetl::import_weights(bundle, a.positional[1], a.values.at(opt))
+              : edgetl::export_weights(bundle, a.positional[1], a.values.at(opt));
   }
   need(a, 2, "DATA_DIR");
   if (a.positional.size() > 2) throw edgetl::DeviceError("unexpected argument '" + a.positional[2] + "'");

@@ -152,6 +152,19 @@ void StateDir::save_epoch(int epoch, const TrainingSession& session, const std::
     if (name != state_["weights"] && name != state_.value("momentum", "")) std::remove(join(dir_, name).c_str());
 }
 
+void StateDir::start_from(const std::vector<TensorView>& tensors) {
+  if (state_.contains("weights") && state_["weights"].is_string())
+    throw DeviceError(dir_ + " already holds weights (epoch " + std::to_string(epoch()) + "); import into a new state directory");
+  const auto& t = bundle_.training();
+  std::string wname = numbered("weights", 0, ".ptd");
+  write_ptd(join(dir_, wname), bundle_.file(t.ptd), t.weights_layout, tensors);
+  nlohmann::json next = state_;
+  next["weights"] = wname;
+  atomic_write(join(dir_, kState), next.dump(2) + "\n");  // the commit point
+  state_ = std::move(next);
+  atomic_link(join(dir_, wname), join(dir_, kTrained));
+}
+
 void StateDir::annotate_last(const std::string& key, double value) {
   nlohmann::json next = state_;
   next["history"].back()[key] = value;

@@ -6,6 +6,9 @@
 //   momentum-epochNNNN.bin SGD momentum buffers, float32, in the program's parameter order
 //   trained.ptd            the last weights under a stable name (a hard link)
 //
+// `import-weights` starts a directory at epoch 0 with given weights (weights-epoch0000.ptd): a
+// fleet client trains each round from the server's tensors that way.
+//
 // Every file is written atomically (temporary file, fsync, rename); state.json is written after
 // the files it names, so a crash at any point leaves the previous epoch's state intact.
 #pragma once
@@ -31,6 +34,9 @@ class StateDir {
   std::vector<std::vector<float>> momentum(const std::vector<std::string>& parameter_names) const;
   // Writes the weights and momentum of epoch `epoch`, then state.json with `row` appended to the history.
   void save_epoch(int epoch, const TrainingSession& session, const std::vector<std::vector<float>>& momentum, const nlohmann::json& row);
+  // Starts the run from `tensors` laid over the bundle's train.ptd, as epoch 0 (import-weights):
+  // finetune then trains from them. DeviceError if the directory already holds weights.
+  void start_from(const std::vector<TensorView>& tensors);
   // Adds `key` to the last history row (e.g. the validation accuracy measured with the saved weights).
   void annotate_last(const std::string& key, double value);
 
