@@ -1,13 +1,15 @@
 """The user's figure: peak RSS and wall time of a whole `edgetl finetune` process, repeated.
 
     .venv/bin/python benchmarks/finetune_peak.py [--model efficientnet_lite0] [--blocks 8] [--batch-size 32]
-        [--image-size 96] [--epochs 1] [--train-limit 640] [--repeats 5]
+        [--image-size 96] [--epochs 1] [--train-limit 640] [--repeats 5] [--allocators glibc]
 
 Runs the same fine-tuning (Fashion-MNIST subset, fixed seed, random initial weights: memory does not
 depend on them) as separate processes, vanilla / MobileTL / MobileTL with the frozen bottom in
 micro-batches, alternating, and reads each process's peak RSS from the kernel (``wait4``'s
 ``ru_maxrss``). Prints min, median and max per configuration — the spread is the run-to-run
-stability a user sees — and the medians' ratios to vanilla.
+stability a user sees — and the medians' ratios to vanilla. ``--allocators glibc,jemalloc,jemalloc-eager``
+repeats every configuration on each ``malloc`` (``edgetl finetune --allocator``), alternating; ratios
+are then to vanilla on the same allocator, and wall time also to the first allocator's vanilla.
 """
 
 from __future__ import annotations
@@ -44,11 +46,16 @@ def main() -> None:
     p.add_argument("--train-limit", type=int, default=640)
     p.add_argument("--bottom-chunk", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--allocators", default="glibc", help="comma-separated: auto, glibc, jemalloc, jemalloc-eager")
     args = p.parse_args()
-    configs = {
+    methods = {
         "vanilla": ["--method", "vanilla"],
         "mobiletl": ["--method", "mobiletl"],
         f"mobiletl+bottom_chunk={args.bottom_chunk}": ["--method", "mobiletl", "--bottom-chunk", str(args.bottom_chunk)],
+    }
+    allocators = args.allocators.split(",")
+    configs = {
+        (f"{a} " if len(allocators) > 1 else "") + name: [*extra, "--allocator", a] for a in allocators for name, extra in methods.items()
     }
     results: dict[str, list[tuple[int, float]]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,23 +64,25 @@ def main() -> None:
                 argv = [sys.executable, "-m", "edgetl", "finetune", "--model", args.model, "--blocks", str(args.blocks)]
                 argv += ["--batch-size", str(args.batch_size), "--image-size", str(args.image_size), "--epochs", str(args.epochs)]
                 argv += ["--data", "fashion-mnist", "--train-limit", str(args.train_limit), "--val-limit", "128", "--seed", "0"]
-                argv += ["--out", str(Path(tmp) / f"{name}-{i}"), *extra]
+                argv += ["--out", str(Path(tmp) / f"{name.replace(' ', '-')}-{i}"), *extra]
                 results[name].append(run(argv))
                 print(f"  run {i + 1}/{args.repeats} {name}: {results[name][-1][0] / 2**20:.1f} MiB", file=sys.stderr)
     print(
         f"edgetl finetune {args.model} K={args.blocks}, batch {args.batch_size}, {args.image_size} px, {args.epochs} epoch(s) on "
         f"{args.train_limit} Fashion-MNIST images; {args.repeats} processes per configuration, alternating\n"
     )
-    print(f"{'configuration':32s}{'peak RSS MiB min / median / max':>34s}{'spread':>8s}{'ratio':>7s}{'wall s':>8s}{'ratio':>7s}")
-    v_peak = statistics.median(r[0] for r in results["vanilla"])
-    v_wall = statistics.median(r[1] for r in results["vanilla"])
+    head = f"{'configuration':48s}{'peak RSS MiB min / median / max':>34s}{'spread':>8s}{'ratio':>7s}"
+    print(head + f"{'wall s':>8s}{'ratio':>7s}{'vs first':>9s}")
+    first_wall = statistics.median(r[1] for r in results[next(iter(results))])
     for name, rs in results.items():
+        vanilla = results[name.rsplit(" ", 1)[0] + " vanilla" if " " in name else "vanilla"]
+        v_peak, v_wall = statistics.median(r[0] for r in vanilla), statistics.median(r[1] for r in vanilla)
         peaks = sorted(r[0] / 2**20 for r in rs)
         peak, wall = statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)
         spread = (peaks[-1] - peaks[0]) / statistics.median(peaks)
         print(
-            f"{name:32s}{f'{peaks[0]:.1f} / {statistics.median(peaks):.1f} / {peaks[-1]:.1f}':>34s}{100 * spread:7.1f}%"
-            f"{peak / v_peak:7.3f}{wall:8.1f}{wall / v_wall:7.3f}"
+            f"{name:48s}{f'{peaks[0]:.1f} / {statistics.median(peaks):.1f} / {peaks[-1]:.1f}':>34s}{100 * spread:7.1f}%"
+            f"{peak / v_peak:7.3f}{wall:8.1f}{wall / v_wall:7.3f}{wall / first_wall:9.3f}"
         )
 
 

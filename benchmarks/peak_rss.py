@@ -1,6 +1,7 @@
 """Whole-step memory and time of MobileTL and the memory options beyond it, against vanilla, side by side.
 
     .venv/bin/python benchmarks/peak_rss.py [--model mobilenet_v3_large] [--blocks 5] [--batch-size 8] [--image-size 224] [--repeats 3]
+        [--allocator glibc] [--native]
 
 Each configuration runs in a fresh child process (peak RSS only grows within a process) that
 imports PyTorch, loads and prepares the model, then runs training steps in the trainer's order
@@ -8,6 +9,13 @@ imports PyTorch, loads and prepares the model, then runs training steps in the t
 repeat so that drift on the machine hits all of them; medians are reported with the min-max range
 of the process peak. Figures are the operating system's (VmHWM on Linux: interpreter, PyTorch and
 the allocator included) next to the exact bytes stored for backward and the predicted live peak.
+The children run on the ``malloc`` ``--allocator`` names (default ``glibc``, as ``edgetl finetune``).
+
+``--native`` adds the process the device runs: the same setting exported for training
+(``edgetl export --training --method vanilla|mobiletl``, cached in ``--work``) and fine-tuned for one
+epoch by ``deploy/native``'s ``edgetl-device finetune`` (240 Fashion-MNIST photos, features cached,
+SGD: the device runtime's optimizer), vanilla and MobileTL alternating, each process's own VmHWM
+(see ``benchmarks/device_memory.py``, whose export and run it reuses).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from edgetl.profiler.process_peak import measure_process_peak  # noqa: E402
 from edgetl.train.policy import TrainPolicy  # noqa: E402
 
 MIB = 2**20
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def configurations(k: int, chunk: int) -> dict[str, TrainPolicy]:
@@ -55,6 +64,10 @@ def main() -> None:
     p.add_argument("--bottom-chunk", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=4, help="training steps per process (timing: the median after the first)")
+    p.add_argument("--allocator", default="glibc", help="the children's malloc: auto, glibc, jemalloc, jemalloc-eager")
+    p.add_argument("--native", action="store_true", help="also the device runner's process peak, vanilla and MobileTL")
+    p.add_argument("--work", default=str(ROOT / "runs" / "bench-device"), help="--native: exported bundles and photos (kept)")
+    p.add_argument("--threads", type=int, default=2, help="--native: threads of the device runner")
     args = p.parse_args()
     configs = configurations(args.blocks, args.bottom_chunk)
     shape = {"batch_size": args.batch_size, "image_size": args.image_size}
@@ -62,7 +75,7 @@ def main() -> None:
     runs: dict[str, list] = {name: [] for name in configs}
     for i in range(args.repeats):
         for name, policy in configs.items():
-            r = measure_process_peak(args.model, policy, num_classes=args.num_classes, steps=args.steps, **shape)
+            r = measure_process_peak(args.model, policy, num_classes=args.num_classes, steps=args.steps, allocator=args.allocator, **shape)
             runs[name].append(r)
             print(f"  run {i + 1}/{args.repeats} {name:24s} peak {format_size(r.peak_rss)}, step {r.step_seconds:.3f}s", file=sys.stderr)
 
@@ -80,7 +93,7 @@ def main() -> None:
     )
     print(
         f"{first.platform}, Python {platform.python_version()}, torch {first.torch_version}, "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; ratios are to vanilla\n"
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, malloc {first.allocator}; ratios are to vanilla\n"
     )
     head = f"{'configuration':24s}{'stored MiB':>11s}{'ratio':>7s}{'pred dlt':>9s}{'ratio':>7s}{'warm dlt':>9s}{'ratio':>7s}"
     head += f"{'delta':>8s}{'ratio':>7s}{'peak MiB':>10s}{'ratio':>7s}{'peak min-max':>15s}{'step s':>8s}{'ratio':>7s}"
@@ -103,6 +116,43 @@ def main() -> None:
         "after loading and a warm-up forward+backward of two images (what the steps' tensors add to a warmed runtime); "
         "delta = process peak RSS over the RSS after loading the model (adds what the first step faults in); peak = process peak RSS"
     )
+    if args.native:
+        native_rows(args, statistics.median(r.peak_rss for r in runs["vanilla"]), statistics.median(r.peak_rss for r in runs["mobiletl"]))
+
+
+def native_rows(args: argparse.Namespace, eager_vanilla: float, eager_mobiletl: float) -> None:
+    """The device runner's process peak for vanilla and MobileTL at this setting, beside the eager rows."""
+    import subprocess
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import device_memory
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    build = subprocess.run(
+        ["bash", str(ROOT / "deploy/native/build.sh"), str(ROOT / "deploy/native/build")],
+        capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable},
+    )  # fmt: skip
+    if build.returncode:
+        raise SystemExit(build.stderr[-2000:])
+    runner = Path(build.stdout.strip().splitlines()[-1])
+    setting = {"model": args.model, "weights": None, "blocks": args.blocks, "image_size": args.image_size, "batch": args.batch_size}
+    name = f"{args.model}-k{args.blocks}-b{args.batch_size}-{args.image_size}"
+    bundles = device_memory.prepare(work, name, setting, args.threads)
+    peaks: dict[str, list[int]] = {m: [] for m in device_memory.METHODS}
+    state = work / f"state-{name}"
+    for i in range(args.repeats):
+        for method in device_memory.METHODS:
+            peak, _, step = device_memory.native_finetune(runner, bundles[method], work / "photos" / "train", state, args.threads)
+            peaks[method].append(peak)
+            print(f"  native run {i + 1}/{args.repeats} {method}: peak {peak / MIB:.1f} MiB, step {1000 * step:.0f} ms", file=sys.stderr)
+    nv, nm = (statistics.median(peaks[m]) for m in ("vanilla", "mobiletl"))
+    spread = {m: f"{min(v) / MIB:.0f}-{max(v) / MIB:.0f}" for m, v in peaks.items()}
+    print(f"\nthe device's process (edgetl-device finetune, 1 epoch, SGD, {args.threads} threads), medians of {args.repeats}:")
+    print(f"{'process':30s}{'vanilla MiB':>12s}{'min-max':>10s}{'MobileTL MiB':>14s}{'min-max':>10s}{'ratio':>7s}")
+    print(f"{'native (edgetl-device)':30s}{nv / MIB:12.1f}{spread['vanilla']:>10s}{nm / MIB:14.1f}{spread['mobiletl']:>10s}{nm / nv:7.3f}")
+    ev, em = eager_vanilla, eager_mobiletl
+    print(f"{'eager (the rows above, Adam)':30s}{ev / MIB:12.1f}{'':>10s}{em / MIB:14.1f}{'':>10s}{em / ev:7.3f}")
 
 
 if __name__ == "__main__":

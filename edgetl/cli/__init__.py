@@ -9,6 +9,11 @@ imported. OpenMP workers that spin while waiting make small CPU workloads 10-100
 another process holds a core (a phone or a Pi is never idle); sleeping workers cost little. It is
 read once, when torch's OpenMP runtime loads, so it is the command's decision, not the library's:
 Python API users set it in their own environment.
+
+Allocator: ``edgetl finetune`` runs on the ``malloc`` its ``--allocator`` names (default ``glibc``;
+``auto``: jemalloc where installed; :mod:`edgetl._allocator`). The loader links ``malloc`` once, so the
+command re-executes itself with ``LD_PRELOAD`` set, first thing, before torch loads; only when
+``main`` reads the real command line (``argv=None``), never in a Python caller's process.
 """
 
 from __future__ import annotations
@@ -36,8 +41,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_on_allocator(argv: list[str]) -> None:
+    """Re-execute ``edgetl finetune`` on the allocator it asks for, unless it runs on it already."""
+    from edgetl._allocator import ALLOCATORS, DEFAULT, reexec_argv, resolve
+    from edgetl.errors import EdgetlError
+
+    words = [a for a in argv if not a.startswith("-")]
+    if not words or words[0] != "finetune":
+        return
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--allocator", default=DEFAULT)
+    name = pre.parse_known_args(argv)[0].allocator
+    if name not in ALLOCATORS:
+        return  # the real parser refuses it with the choices
+    try:
+        allocator = resolve(name)
+    except EdgetlError as exc:
+        print(f"edgetl: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    new_argv = reexec_argv(allocator, argv)
+    if new_argv:
+        sys.stdout.flush()
+        os.execve(sys.executable, new_argv, allocator.env())
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see the module docstring
+    if argv is None:
+        _run_on_allocator(sys.argv[1:])  # before torch loads; see the module docstring
     from edgetl.errors import EdgetlError
 
     args = build_parser().parse_args(argv)

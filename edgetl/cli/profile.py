@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+from edgetl._allocator import ALLOCATORS
+from edgetl._allocator import DEFAULT as DEFAULT_ALLOCATOR
 from edgetl.cli.common import blocks_arg, non_negative_int, positive_int, write_text
 from edgetl.errors import ConfigError
 from edgetl.profiler.planner import DEFAULT_BATCH_SIZES, RUNTIMES
@@ -96,6 +98,12 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "and plot it",
     )
     p.add_argument("--all-rows", action="store_true", help="print every frozen unit instead of one line for the frozen bottom")
+    p.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default=DEFAULT_ALLOCATOR,
+        help="the malloc of the --process and --timeline child processes, as edgetl finetune's (default: %(default)s)",
+    )
     p.set_defaults(handler=profile_command)
     return p
 
@@ -127,6 +135,7 @@ def profile_command(args: argparse.Namespace) -> int:
         num_classes=args.num_classes,
         optimizer=args.optimizer,
         measure_process=args.process,
+        allocator=args.allocator,
     )
     print(report.render(collapse_frozen=not args.all_rows))
     if args.json:
@@ -149,7 +158,13 @@ def _timeline(args: argparse.Namespace, policy) -> None:
 
     print("recording one training step per method (a child process each) ...", flush=True)
     timelines = measure_step_timelines(
-        args.model, policy, batch_size=args.batch_size, image_size=args.image_size, num_classes=args.num_classes, optimizer=args.optimizer
+        args.model,
+        policy,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        num_classes=args.num_classes,
+        optimizer=args.optimizer,
+        allocator=args.allocator,
     )
     model = load_model(args.model, num_classes=args.num_classes)
     estimates = {

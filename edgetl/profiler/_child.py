@@ -22,6 +22,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from edgetl._allocator import active as active_allocator
 from edgetl._rss import current_rss_bytes, peak_rss_bytes, reset_peak
 from edgetl.models.zoo import classifier_linear, load_model
 from edgetl.profiler.process_peak import ProcessPeak
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_version=torch.__version__,
         platform=f"{platform.system()} {platform.machine()}",
         step_seconds=statistics.median(seconds[1:] or seconds),
+        allocator=active_allocator(),
     )
     print(json.dumps(asdict(result)))
     return 0

@@ -52,6 +52,7 @@ class Saved:
     what: str
     shape: Shape
     nbytes: int
+    precision: str = "fp32"  # "bf16"/"int8": kept compressed (saved_precision), decompressed to fp32 in backward
 
 
 def total_bytes(items: Sequence[Saved]) -> int:
@@ -75,11 +76,11 @@ class _Tape:
     def new(self) -> int:
         return next(self._ids)
 
-    def save(self, tid: int, layer: int, what: str, shape: Shape, nbytes: int | None = None) -> None:
+    def save(self, tid: int, layer: int, what: str, shape: Shape, nbytes: int | None = None, precision: str = "fp32") -> None:
         if tid in self.saved_ids:
             return
         self.saved_ids.add(tid)
-        self.items.append(Saved(layer, what, shape, float_bytes(shape) if nbytes is None else nbytes))
+        self.items.append(Saved(layer, what, shape, float_bytes(shape) if nbytes is None else nbytes, precision))
 
 
 def _activation(tape: _Tape, i: int, kind: str, shape: Shape, masked: bool, mask: str, what: str) -> int:
@@ -133,7 +134,7 @@ def saved_for_backward(
     ops_after = [next((later.op for later in layers[i + 1 :] if later.op not in ("pad", "pad_same")), None) for i in range(len(layers))]
     for i, layer, shape, _ in walk(layers, in_shape):
         if layer.op == "conv" and compressed:
-            tape.save(tape.new(), i, f"conv input ({saved_precision})", shape, compressed_nbytes(shape, saved_precision))
+            tape.save(tape.new(), i, f"conv input ({saved_precision})", shape, compressed_nbytes(shape, saved_precision), saved_precision)
             x = tape.new()
         elif layer.op in ("conv", "linear"):
             tape.save(x, i, f"{layer.op} input", shape)
@@ -158,7 +159,8 @@ def saved_for_backward(
             tape.save(s, i, "SE fc2 input", squeezed)
             gate = _activation(tape, i, layer.se_gate, pooled, mobiletl, activation_mask, "SE gate")
             if compressed:
-                tape.save(tape.new(), i, f"SE multiply input ({saved_precision})", shape, compressed_nbytes(shape, saved_precision))
+                nbytes = compressed_nbytes(shape, saved_precision)
+                tape.save(tape.new(), i, f"SE multiply input ({saved_precision})", shape, nbytes, saved_precision)
             else:
                 tape.save(x, i, "SE multiply input", shape)
             tape.save(gate, i, "SE multiply gate", pooled)

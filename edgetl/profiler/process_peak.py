@@ -4,7 +4,9 @@
 measurement: the peak RSS only grows within a process), which loads the model, prepares it and runs
 real training steps (forward, backward, optimizer step), and reads back its RSS from the operating
 system (``VmHWM`` on Linux, ``ru_maxrss`` on macOS). It includes everything the device really pays:
-the interpreter, PyTorch's libraries, allocator retention and fragmentation. The estimate it is
+the interpreter, PyTorch's libraries, allocator retention and fragmentation. The child runs on the
+``malloc`` named by ``allocator`` (:mod:`edgetl._allocator`; default ``glibc``, as ``edgetl
+finetune``), so a measurement is of the process the trainer runs. The estimate it is
 held against is :func:`edgetl.profiler.estimate.predict_step_peak`.
 """
 
@@ -22,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgetl._allocator import DEFAULT as DEFAULT_ALLOCATOR
+from edgetl._allocator import resolve as resolve_allocator
 from edgetl.errors import ConfigError, EdgetlError
 from edgetl.profiler.estimate import predict_step_peak
 from edgetl.train.optim import check_optimizer
@@ -65,6 +69,7 @@ class ProcessPeak:
     platform: str
     step_seconds: float = 0.0  # median wall time of the steps after the first (the first allocates state)
     warm_rss: int = 0
+    allocator: str = "glibc"  # the malloc the child ran on (edgetl._allocator.active)
 
     @property
     def warm_delta(self) -> int:
@@ -93,8 +98,8 @@ class ProcessPeak:
         }
 
 
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)  # OMP_NUM_THREADS passes through only if the parent set it
+def _child_env(allocator: str = DEFAULT_ALLOCATOR) -> dict[str, str]:
+    env = resolve_allocator(allocator).env()  # OMP_NUM_THREADS passes through only if the parent set it
     root = str(Path(__file__).resolve().parents[2])  # so the child imports this very edgetl
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
@@ -110,6 +115,7 @@ def measure_process_peak(
     optimizer: str = "adam",
     steps: int = 2,
     timeout: float = 600.0,
+    allocator: str = DEFAULT_ALLOCATOR,
 ) -> ProcessPeak:
     """Run ``steps`` real training steps in a fresh Python process and report its RSS.
 
@@ -117,13 +123,16 @@ def measure_process_peak(
     architectures (its state dict goes to the child through a temporary file, read with
     ``weights_only=True``; the module's own classifier sets the classes). The default
     ``steps=2``: the first step allocates the gradients and the optimizer state; the second is the
-    steady state, whose forward runs with them alive.
+    steady state, whose forward runs with them alive. ``allocator``: the child's ``malloc``
+    (:data:`edgetl._allocator.ALLOCATORS`).
 
     Raises:
-        ConfigError: an unknown optimizer, ``steps < 1``, or a module without a classifier.
+        ConfigError: an unknown optimizer or allocator, jemalloc asked for where it is not
+            installed, ``steps < 1``, or a module without a classifier.
         EdgetlError: a module of none of the zoo's architectures; the child process failed or timed out.
     """
     check_optimizer(optimizer)
+    resolve_allocator(allocator)  # refused before any work
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
     with tempfile.TemporaryDirectory(prefix="edgetl-peak-") as tmp:
@@ -141,7 +150,7 @@ def measure_process_peak(
             source = ["--model", model]
         values = run_child(
             source, policy, batch_size=batch_size, image_size=image_size, num_classes=num_classes, optimizer=optimizer,
-            extra=["--steps", str(steps)], timeout=timeout,
+            extra=["--steps", str(steps)], timeout=timeout, allocator=allocator,
         )  # fmt: skip
     return ProcessPeak(**values)
 
@@ -156,6 +165,7 @@ def run_child(
     optimizer: str,
     extra: list[str],
     timeout: float,
+    allocator: str = DEFAULT_ALLOCATOR,
 ) -> dict[str, Any]:
     """Run ``python -m edgetl.profiler._child`` (``source``: ``--model NAME [--weights PATH]``;
     ``extra``: its mode's flags) and return the JSON object it prints last."""
@@ -163,7 +173,7 @@ def run_child(
     cmd += ["--batch-size", str(batch_size), "--image-size", str(image_size), "--num-classes", str(num_classes)]
     cmd += ["--optimizer", optimizer, *extra]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout, check=False)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(allocator), timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise EdgetlError(f"the training-step child process did not finish within {timeout:.0f}s") from None
     if done.returncode != 0:
@@ -172,19 +182,27 @@ def run_child(
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def calibrate_runtime(*, timeout: float = 600.0) -> int:
+def calibrate_runtime(*, timeout: float = 600.0, allocator: str = DEFAULT_ALLOCATOR) -> int:
     """Measure this platform's runtime overhead: the ``runtime_overhead`` of a device profile.
 
     Runs the smallest configuration (:data:`CALIBRATION`) in a child process and returns its peak
     RSS minus the predicted model bytes, i.e. the interpreter, the framework's libraries and what
-    the first training step faults in. Run it on the device itself.
+    the first training step faults in. Run it on the device itself, on the ``allocator`` the
+    training will run on (the planner's prediction is this overhead plus live bytes, which do not
+    depend on the allocator; how closely the process follows them does).
     """
     from edgetl.models.zoo import load_model
 
     c = CALIBRATION
     policy = TrainPolicy(c["blocks"], "mobiletl")
     measured = measure_process_peak(
-        c["model"], policy, batch_size=c["batch_size"], image_size=c["image_size"], num_classes=c["num_classes"], timeout=timeout
+        c["model"],
+        policy,
+        batch_size=c["batch_size"],
+        image_size=c["image_size"],
+        num_classes=c["num_classes"],
+        timeout=timeout,
+        allocator=allocator,
     )
     estimate = predict_step_peak(
         load_model(c["model"], num_classes=c["num_classes"]), policy, batch_size=c["batch_size"], image_size=c["image_size"]

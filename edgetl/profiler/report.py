@@ -277,6 +277,7 @@ def profile(
     num_classes: int = 1000,
     optimizer: str = "adam",
     measure_process: bool = False,
+    allocator: str = "glibc",
     seed: int = 0,
 ) -> MemoryReport:
     """Profile the memory of training the top ``policy.blocks`` blocks, vanilla and MobileTL.
@@ -293,6 +294,7 @@ def profile(
             ``"sgd"`` (with momentum, 1).
         measure_process: also run a real training step in a fresh child process per method and
             report its peak RSS (slow: seconds per method).
+        allocator: the ``malloc`` of those child processes (:data:`edgetl._allocator.ALLOCATORS`).
         seed: for the random weights and the random input batch.
 
     Raises:
@@ -386,6 +388,7 @@ def profile(
                 image_size=image_size,
                 num_classes=num_classes,
                 optimizer=optimizer,
+                allocator=allocator,
             )
             totals[method] = replace(totals[method], process=peak)
 

@@ -197,16 +197,18 @@ def measure_step_timelines(
     num_classes: int = 10,
     optimizer: str = "adam",
     timeout: float = 900.0,
+    allocator: str = "glibc",
 ) -> dict[str, StepTimeline]:
     """:func:`measure_step_timeline` for vanilla and MobileTL (``policy`` with each method), each in a
-    fresh child process so the RSS figures are each method's own."""
+    fresh child process so the RSS figures are each method's own, on the ``malloc`` ``allocator``
+    names (:mod:`edgetl._allocator`; live bytes do not depend on it, the RSS does)."""
     from edgetl.profiler.process_peak import run_child
 
     return {
         method: StepTimeline.from_dict(
             run_child(
                 ["--model", model], replace(policy, method=method), batch_size=batch_size, image_size=image_size,
-                num_classes=num_classes, optimizer=optimizer, extra=["--timeline"], timeout=timeout,
+                num_classes=num_classes, optimizer=optimizer, extra=["--timeline"], timeout=timeout, allocator=allocator,
             )
         )
         for method in ("vanilla", "mobiletl")
