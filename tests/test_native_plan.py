@@ -12,13 +12,22 @@ import edgetl
 from tests.conftest import CLASSES
 
 
-def test_the_planners_arena_extrapolation_in_batch_holds_against_an_emitted_program():
+@pytest.fixture(scope="module")
+def emitted():
+    """MobileNetV2's training program at K=2, 96 px, emitted at the planner's two anchor batches and
+    at 8 (the emissions are the slow part: both tests share them)."""
     from edgetl.exporter.training import program_memory
     from edgetl.profiler.planner import NATIVE_ANCHORS
 
     model = edgetl.load_model("mobilenet_v2", num_classes=len(CLASSES))
     policy = edgetl.TrainPolicy(blocks=2)
-    lo, hi, far = (program_memory(model, policy, batch_size=b, image_size=96, num_classes=3) for b in (*NATIVE_ANCHORS, 8))
+    return {(2, b): program_memory(model, policy, batch_size=b, image_size=96, num_classes=3) for b in (*NATIVE_ANCHORS, 8)}
+
+
+def test_the_planners_arena_extrapolation_in_batch_holds_against_an_emitted_program(emitted):
+    from edgetl.profiler.planner import NATIVE_ANCHORS
+
+    lo, hi, far = (emitted[2, b] for b in (*NATIVE_ANCHORS, 8))
     slope = (hi.arena_bytes - lo.arena_bytes) / (NATIVE_ANCHORS[1] - NATIVE_ANCHORS[0])
     extrapolated = lo.arena_bytes + (8 - NATIVE_ANCHORS[0]) * slope
     assert hi.arena_bytes > lo.arena_bytes and lo.weights_file_bytes == far.weights_file_bytes
@@ -34,28 +43,27 @@ def _board(tmp_path):
     return device
 
 
-def test_plan_with_the_native_runtime_picks_from_emitted_memory_plans(tmp_path):
-    from edgetl.exporter.training import program_memory
+def test_plan_with_the_native_runtime_picks_from_emitted_memory_plans(tmp_path, emitted):
     from edgetl.profiler.native import predict_native_peak
     from edgetl.profiler.planner import NATIVE_ANCHORS, plan
 
-    model = edgetl.load_model("mobilenet_v3_small", num_classes=3)
-    emitted = {}
+    asked = []
 
     def memory(policy, batch_size):
-        emitted[policy.blocks, batch_size] = program_memory(model, policy, batch_size=batch_size, image_size=64, num_classes=3)
+        asked.append((policy.blocks, batch_size))
+        assert policy == edgetl.TrainPolicy(blocks=2)  # the policy the shared emissions were made with
         return emitted[policy.blocks, batch_size]
 
-    # max_blocks bounds the search (each K costs two emissions): K=3 fits, so it is the only K emitted
+    # max_blocks bounds the search (each K costs two emissions): K=2 fits, so it is the only K emitted
     result = plan(
-        _board(tmp_path), "mobilenet_v3_small", image_size=64, num_classes=3, optimizer="sgd", runtime="native",
-        program_memory=memory, images=500, runner_ups=0, max_blocks=3,
+        _board(tmp_path), "mobilenet_v2", image_size=96, num_classes=3, optimizer="sgd", runtime="native",
+        program_memory=memory, images=500, runner_ups=0, max_blocks=2,
     )  # fmt: skip
     chosen = result.chosen
     assert result.runtime == "native" and chosen.fits and chosen.estimate.runtime < 20 * 2**20  # not eager's 344 MiB
-    assert chosen.blocks == 3 and sorted(emitted) == [(3, NATIVE_ANCHORS[0]), (3, NATIVE_ANCHORS[1])]
-    assert all(c.blocks == 3 for c in result.over_budget)  # K=4 never considered: max_blocks, not memory, ruled it out
-    lo, hi = (emitted[3, b] for b in NATIVE_ANCHORS)
+    assert chosen.blocks == 2 and sorted(asked) == [(2, NATIVE_ANCHORS[0]), (2, NATIVE_ANCHORS[1])]
+    assert all(c.blocks == 2 for c in result.over_budget)  # K=3 never considered: max_blocks, not memory, ruled it out
+    lo, hi = (emitted[2, b] for b in NATIVE_ANCHORS)
     slope = (hi.arena_bytes - lo.arena_bytes) / (NATIVE_ANCHORS[1] - NATIVE_ANCHORS[0])
     expected = predict_native_peak(
         arena_bytes=round(lo.arena_bytes + (chosen.batch_size - NATIVE_ANCHORS[0]) * slope),
