@@ -137,7 +137,7 @@ def _device_train(msg: Message, context: Context) -> Message:
     if config.fedbn:
         context.state[LOCAL_STATS] = array_record({k: v for k, v in result.arrays.items() if is_stat_key(k)})
     arrays = {k: v for k, v in result.arrays.items() if k in offered}
-    return _train_reply(msg, result, arrays, int(client.manifest()["model"]["policy"]["blocks"]))
+    return _train_reply(msg, result, arrays, int(client.manifest["model"]["policy"]["blocks"]))
 
 
 @app.evaluate()

@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -69,12 +70,15 @@ class DeviceClient:
         threads = node.get("threads")
         return cls(bundle, Path(runner), int(threads) if threads else None)
 
+    @cached_property
     def manifest(self) -> dict:
+        """The bundle's manifest, read once (a round consults it several times)."""
         return json.loads((self.bundle / "manifest.json").read_text())
 
+    @cached_property
     def trained_names(self) -> list[str]:
         """State-dict names of what the bundle's training program trains (parameters, running statistics)."""
-        layout = self.manifest()["programs"].get("training", {}).get("weights_layout")
+        layout = self.manifest["programs"].get("training", {}).get("weights_layout")
         if not layout:
             raise DeviceClientError(f"{self.bundle} has no training program (export it with --training)")
         return sorted(name for name in layout if not name.endswith(_COUNTER_SUFFIX))
@@ -84,7 +88,7 @@ class DeviceClient:
     ) -> None:
         """Raise :class:`DeviceClientError` unless this bundle trains a subset of what the fleet sends
         (under FedBN the norms' statistics are the device's own and never sent)."""
-        m = self.manifest()
+        m = self.manifest
         got = {
             "model": (m["model"]["name"], model),
             "method": (m["model"]["policy"]["method"], method),
@@ -95,7 +99,7 @@ class DeviceClient:
             if bundle_value != fleet_value:
                 hint = "export it with 'edgetl fleet bundle'"
                 raise DeviceClientError(f"the bundle {self.bundle} has {what} {bundle_value}, the fleet {fleet_value}: {hint}")
-        missing = [name for name in self.trained_names() if name not in offered and not (fedbn and is_stat_key(name))]
+        missing = [name for name in self.trained_names if name not in offered and not (fedbn and is_stat_key(name))]
         if missing:
             raise DeviceClientError(
                 f"the bundle trains {len(missing)} tensor(s) the fleet does not share (e.g. {missing[0]}): its K "
@@ -119,7 +123,7 @@ class DeviceClient:
         (the names the bundle trains; others are ignored)."""
         npy = workdir / "in"
         npy.mkdir()
-        for name in (n for n in self.trained_names() if n in arrays):
+        for name in (n for n in self.trained_names if n in arrays):
             np.save(npy / f"{name}.npy", np.ascontiguousarray(arrays[name], dtype=np.float32), allow_pickle=False)
         state = workdir / "state"
         self.run("import-weights", self.bundle, npy, "--state", state)
@@ -129,7 +133,7 @@ class DeviceClient:
         """The state directory's weights, by name (counters left out)."""
         out = workdir / "out"
         self.run("export-weights", self.bundle, state, "--out", out)
-        return {name: np.load(out / f"{name}.npy", allow_pickle=False) for name in self.trained_names()}
+        return {name: np.load(out / f"{name}.npy", allow_pickle=False) for name in self.trained_names}
 
     def train(
         self, arrays: Mapping[str, np.ndarray], data: str, *, epochs: int, seed: int, lr: float | None, timeout: float
@@ -159,7 +163,7 @@ class DeviceClient:
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], val: str) -> tuple[float, float, int]:
         """Mean cross-entropy, accuracy and image count of ``arrays`` on ``val`` (one subfolder per class)."""
-        classes = list(self.manifest()["model"]["classes"])
+        classes = list(self.manifest["model"]["classes"])
         with tempfile.TemporaryDirectory(prefix="edgetl-eval-") as tmp:
             state = self.start_state(arrays, Path(tmp))
             lines = self.run("classify", self.bundle, val, "--trained", state, "--json", "--top-k", str(len(classes))).splitlines()
