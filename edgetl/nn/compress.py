@@ -15,16 +15,22 @@ GACT do, on CPU):
   96 px) where per-sample scales would add 4 / 9 of a byte to every element.
 
 The forward is the ordinary fp32 convolution (bit-identical output). Backward computes
-``grad_input`` from the weight alone (identical to fp32 autograd's: it never reads the input) and
-``grad_weight`` (and ``grad_bias``) from the decompressed input, with
-``aten.convolution_backward``. The operators are ``torch.library.custom_op`` s with
-``register_autograd``, as :mod:`edgetl.nn.ops`: autograd stores only what the operator returns
-for it (the compressed tensor and the scales) and the weight, never the fp32 input.
+``grad_input`` from the weight alone, as the transposed convolution of ``dy`` (bit-identical to fp32
+autograd's: it never reads the input, so no input-sized stand-in is allocated), and
+``grad_weight`` (and ``grad_bias``) from the decompressed input, in batch chunks: each chunk of
+:func:`decompress_chunk` images is decompressed to fp32 on its own and its
+``aten.convolution_backward`` weight gradient is added to the sum, so backward holds one fp32
+chunk, never the whole fp32 map (the profiler predicts those bytes with the same function). Those
+gradients are sums over chunks, so they equal the unchunked formula up to fp32 rounding of the sum.
+The operators are ``torch.library.custom_op`` s with ``register_autograd``, as
+:mod:`edgetl.nn.ops`: autograd stores only what the operator returns for it (the compressed tensor
+and the scales) and the weight, never the fp32 input.
 
 The gating multiply ``y = gate * x`` (gate N x C x 1 x 1) is bit-identical forward; backward gives
-``dx = dy * gate`` exactly and ``dgate = sum over H, W of dy * x`` from the decompressed ``x``. Unlike
-a conv's, that error does travel down: the gate's gradient reaches ``x`` again through the SE's
-pooling and 1x1 convs, so the gradients below a compressed SE are close to fp32's, not equal.
+``dx = dy * gate`` exactly and ``dgate = sum over H, W of dy * x`` from the stored ``x``, chunk by
+chunk (one sample's sum never spans chunks, so chunking changes no bit of it). Unlike a conv's,
+that error does travel down: the gate's gradient reaches ``x`` again through the SE's pooling and
+1x1 convs, so the gradients below a compressed SE are close to fp32's, not equal.
 The exporter's training program carries none of these (it refuses such a policy).
 """
 
@@ -38,6 +44,10 @@ from torch import Tensor, nn
 #: ``TrainPolicy.saved_precision`` values these convs implement ("fp32" is the plain conv)
 COMPRESSED_PRECISIONS = ("bf16", "int8")
 INT8_MAX = 127
+#: the most fp32 bytes one chunk of a stored input takes while backward decompresses it (at least
+#: one image a chunk). Measured (benchmarks/decompress_chunks.py, backward of the trained top, int8,
+#: against unchunked): DECIDED_BELOW
+DECOMPRESS_CHUNK_BYTES = 2**20
 
 
 def compressed_nbytes(shape: tuple[int, ...], precision: str) -> int:
@@ -74,7 +84,23 @@ def quantize_int8(x: Tensor, scale: Tensor) -> Tensor:
 
 
 def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
-    return q.to(torch.float32) * _channel_view(scale, q.dim())
+    """``q * scale`` per channel, fp32. One kernel: int8 x fp32 promotes element by element, so no
+    fp32 copy of the integers is made (bit-identical to ``q.to(float32) * scale``)."""
+    return torch.mul(q, _channel_view(scale, q.dim()))
+
+
+def decompress_chunk(shape: tuple[int, ...]) -> int:
+    """Images a chunk of a stored input of ``shape`` (N x C x ...) has while backward decompresses it:
+    as many as keep its fp32 copy within :data:`DECOMPRESS_CHUNK_BYTES`, at least one, at most N.
+    The profiler's estimate (:mod:`edgetl.profiler.estimate`) calls this very function."""
+    per_image = 4
+    for s in shape[1:]:
+        per_image *= s
+    return max(1, min(shape[0], DECOMPRESS_CHUNK_BYTES // max(per_image, 1)))
+
+
+def _chunks(batch: int, chunk: int) -> list[tuple[int, int]]:
+    return [(i, min(i + chunk, batch)) for i in range(0, batch, chunk)]
 
 
 def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int):
@@ -120,35 +146,51 @@ def _setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(weight, *output[1:])
 
 
-def _conv_backward(ctx, dy: Tensor, x: Tensor | None, weight: Tensor):
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    if x is None:  # dW not needed: convolution_backward still wants an input of the right shape
-        x = dy.new_empty(ctx.x_shape)
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        dy,
-        x,
-        weight,
-        [weight.shape[0]] if ctx.has_bias else None,
-        ctx.stride,
-        ctx.padding,
-        ctx.dilation,
-        False,
-        [0, 0],
-        ctx.groups,
-        [need_x, need_w, need_b and ctx.has_bias],
-    )
-    return gx, gw, gb if ctx.has_bias else None, None, None, None, None
+def _input_grad(ctx, dy: Tensor, weight: Tensor) -> Tensor:
+    """``grad_input`` of the conv: the transposed convolution of ``dy``, which never reads the input.
+    ``convolution_backward`` would want an input-sized tensor even for this alone (an ``expand``ed
+    stand-in gets copied to a full map), so the transposed conv is called directly; its output is
+    bit-identical to ``convolution_backward``'s (held in tests)."""
+    out_padding = [
+        ctx.x_shape[2 + i] - ((dy.shape[2 + i] - 1) * ctx.stride[i] - 2 * ctx.padding[i] + ctx.dilation[i] * (weight.shape[2 + i] - 1) + 1)
+        for i in range(2)
+    ]
+    return torch.nn.functional.conv_transpose2d(dy, weight, None, ctx.stride, ctx.padding, out_padding, ctx.groups, ctx.dilation)
 
 
-def _stored_input(q: Tensor, *scale: Tensor) -> Tensor:
-    """The fp32 input back from what an operator stored: bf16 ``(q,)`` or int8 ``(q, scale)``."""
-    return dequantize_int8(q, scale[0]) if scale else q.to(torch.float32)
+def _stored_chunk(stored: list[Tensor], i: int, j: int) -> Tensor:
+    """Images ``i:j`` of the input, fp32, from what an operator stored: bf16 ``(q,)`` or int8 ``(q, scale)``."""
+    q = stored[0][i:j]
+    return dequantize_int8(q, stored[1]) if len(stored) == 2 else q.to(torch.float32)
 
 
 def _compressed_conv_backward(ctx, dy: Tensor, *_):
     weight, *stored = ctx.saved_tensors
-    need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
-    return _conv_backward(ctx, dy, _stored_input(*stored) if need_w else None, weight)
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and ctx.has_bias
+    gx = _input_grad(ctx, dy, weight) if need_x else None
+    gw = gb = None
+    if need_w or need_b:
+        # the weight (and bias) gradient summed over batch chunks, one decompressed chunk alive at a time
+        for i, j in _chunks(dy.shape[0], decompress_chunk(tuple(ctx.x_shape))):
+            _, w, b = torch.ops.aten.convolution_backward(
+                dy[i:j],
+                _stored_chunk(stored, i, j),
+                weight,
+                [weight.shape[0]] if ctx.has_bias else None,
+                ctx.stride,
+                ctx.padding,
+                ctx.dilation,
+                False,
+                [0, 0],
+                ctx.groups,
+                [False, need_w, need_b],
+            )
+            if need_w:
+                gw = w if gw is None else gw.add_(w)
+            if need_b:
+                gb = b if gb is None else gb.add_(b)
+    return gx, gw, gb, None, None, None, None
 
 
 conv2d_saved_bf16.register_autograd(_compressed_conv_backward, setup_context=_setup)
@@ -190,7 +232,15 @@ def _scale_setup(ctx, inputs, output) -> None:
 def _scale_backward(ctx, dy: Tensor, *_):
     gate, *stored = ctx.saved_tensors
     need_x, need_gate = ctx.needs_input_grad
-    dgate = (dy * _stored_input(*stored)).sum(dim=tuple(range(2, dy.dim())), keepdim=True) if need_gate else None
+    dgate = None
+    if need_gate:
+        # per chunk one fp32 product: dy x the stored values (bf16 and int8 promote to fp32 in the
+        # multiply), summed over H, W; int8's per-channel scale applied to the sums
+        q, *scale = stored
+        hw = tuple(range(2, dy.dim()))
+        dgate = torch.cat([(dy[i:j] * q[i:j]).sum(dim=hw, keepdim=True) for i, j in _chunks(dy.shape[0], decompress_chunk(tuple(q.shape)))])
+        if scale:
+            dgate.mul_(_channel_view(scale[0], dy.dim()))
     return dy * gate if need_x else None, dgate
 
 

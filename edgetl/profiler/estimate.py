@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from edgetl.errors import ConfigError
 from edgetl.models.blocks import LayerSpec, feature_units, first_trained_unit, is_irb
+from edgetl.nn.compress import decompress_chunk
 from edgetl.profiler.analytic import Saved, total_bytes
 from edgetl.profiler.predict import UnitPrediction, predict_units
 from edgetl.profiler.shapes import FLOAT_BYTES, Shape, float_bytes, walk
@@ -29,10 +30,10 @@ LOAD_FACTOR = 2
 CONV_SCRATCH = 1
 #: int64 class labels
 LABEL_BYTES = 8
-#: fp32 copies of a compressed stored input alive at once while backward decompresses it
-#: (:mod:`edgetl.nn.compress`): bf16 -> fp32 is one; int8 is the fp32 copy of the integers and its
-#: product with the scales, both alive for an instant
-DECOMPRESS_COPIES = {"bf16": 1, "int8": 2}
+#: fp32 copies of one chunk (:func:`edgetl.nn.compress.decompress_chunk` images) of a compressed
+#: stored input alive at once while backward decompresses it (:mod:`edgetl.nn.compress`): bf16 ->
+#: fp32 is one; int8 is one too (``q * scale`` promotes in one kernel, no fp32 copy of the integers)
+DECOMPRESS_COPIES = {"bf16": 1, "int8": 1}
 #: the phases of a step, as :func:`edgetl.train.step.train_step` and the trainer's evaluation run them
 PHASES: tuple[str, ...] = ("bottom forward", "top forward", "backward", "optimizer step", "evaluation")
 
@@ -244,8 +245,9 @@ def predict_step_peak(
     * backward: over the trained units from the top, what is still stored (the units below and
       this one; with ``policy.recompute``, what the unit stores again while it is recomputed) +
       the gradients of the units above + the unit's working set (its incoming and outgoing
-      gradients, kernel scratch) + with ``policy.saved_precision``, the fp32 copies of its largest
-      compressed input while it is decompressed (:data:`DECOMPRESS_COPIES`).
+      gradients, kernel scratch) + with ``policy.saved_precision``, the fp32 copies of one chunk of
+      its largest compressed input while it is decompressed (:data:`DECOMPRESS_COPIES` x
+      :func:`edgetl.nn.compress.decompress_chunk` images).
     * optimizer step: the gradients ``G`` + the update's temporaries (Adam: two of the largest
       trained tensor, ``sqrt`` and the division; SGD: one, with weight decay's sum).
     * evaluation: a no-grad forward of one batch: the largest working set of any unit.
@@ -306,8 +308,11 @@ def predict_step_peak(
 
 
 def _decompressed(saved: Sequence[Saved]) -> int:
-    """The fp32 bytes alive while backward decompresses the largest of ``saved``'s compressed tensors."""
-    return max((DECOMPRESS_COPIES[s.precision] * float_bytes(s.shape) for s in saved if s.precision != "fp32"), default=0)
+    """The fp32 bytes alive while backward decompresses ``saved``'s compressed tensors: backward
+    decompresses one batch chunk at a time (the chunk rule is :func:`edgetl.nn.compress.decompress_chunk`,
+    the very function backward uses), so the largest chunk's copies."""
+    chunks = [(s.precision, _with_batch(s.shape, decompress_chunk(s.shape))) for s in saved if s.precision != "fp32"]
+    return max((DECOMPRESS_COPIES[precision] * float_bytes(shape) for precision, shape in chunks), default=0)
 
 
 def _trained_param_bytes(model: nn.Module, policy: TrainPolicy, names: Sequence[str]) -> list[int]:
