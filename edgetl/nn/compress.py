@@ -143,6 +143,9 @@ def _setup(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
     ctx.x_shape = x.shape
     ctx.mark_non_differentiable(*output[1:])
+    # the stored tensors get no gradient: without this autograd would hand backward zeros of their
+    # shape (a full int8 / bf16 map allocated and zero-filled in every backward)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(weight, *output[1:])
 
 
@@ -164,7 +167,9 @@ def _stored_chunk(stored: list[Tensor], i: int, j: int) -> Tensor:
     return dequantize_int8(q, stored[1]) if len(stored) == 2 else q.to(torch.float32)
 
 
-def _compressed_conv_backward(ctx, dy: Tensor, *_):
+def _compressed_conv_backward(ctx, dy: Tensor | None, *_):
+    if dy is None:  # grads are not materialized (_setup): no gradient reached the output
+        return None, None, None, None, None, None, None
     weight, *stored = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and ctx.has_bias
@@ -226,10 +231,13 @@ def _(x, gate):
 def _scale_setup(ctx, inputs, output) -> None:
     _, gate = inputs
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zeros for the stored tensors' gradients (as _setup)
     ctx.save_for_backward(gate, *output[1:])
 
 
-def _scale_backward(ctx, dy: Tensor, *_):
+def _scale_backward(ctx, dy: Tensor | None, *_):
+    if dy is None:  # grads are not materialized (_scale_setup): no gradient reached the output
+        return None, None
     gate, *stored = ctx.saved_tensors
     need_x, need_gate = ctx.needs_input_grad
     dgate = None
