@@ -84,9 +84,11 @@ def quantize_int8(x: Tensor, scale: Tensor) -> Tensor:
 
 
 def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
-    """``q * scale`` per channel, fp32. One kernel: int8 x fp32 promotes element by element, so no
-    fp32 copy of the integers is made (bit-identical to ``q.to(float32) * scale``)."""
-    return torch.mul(q, _channel_view(scale, q.dim()))
+    """``q * scale`` per channel, fp32, in one fp32 map: the integers converted, then scaled in
+    place (bit-identical to ``q.to(float32) * scale``). Not ``torch.mul(q, scale)``: on CPU its type
+    promotion converts ``q`` into a temporary fp32 map first (measured: two maps alive, as the
+    out-of-place product)."""
+    return q.to(torch.float32).mul_(_channel_view(scale, q.dim()))
 
 
 def decompress_chunk(shape: tuple[int, ...]) -> int:
@@ -242,11 +244,12 @@ def _scale_backward(ctx, dy: Tensor | None, *_):
     need_x, need_gate = ctx.needs_input_grad
     dgate = None
     if need_gate:
-        # per chunk one fp32 product: dy x the stored values (bf16 and int8 promote to fp32 in the
-        # multiply), summed over H, W; int8's per-channel scale applied to the sums
+        # per chunk one fp32 map: the stored values converted, times dy in place, summed over H, W;
+        # int8's per-channel scale applied to the sums (``dy * q`` would convert q into a second map)
         q, *scale = stored
         hw = tuple(range(2, dy.dim()))
-        dgate = torch.cat([(dy[i:j] * q[i:j]).sum(dim=hw, keepdim=True) for i, j in _chunks(dy.shape[0], decompress_chunk(tuple(q.shape)))])
+        chunks = _chunks(dy.shape[0], decompress_chunk(tuple(q.shape)))
+        dgate = torch.cat([q[i:j].to(torch.float32).mul_(dy[i:j]).sum(dim=hw, keepdim=True) for i, j in chunks])
         if scale:
             dgate.mul_(_channel_view(scale[0], dy.dim()))
     return dy * gate if need_x else None, dgate

@@ -106,12 +106,12 @@ def layer_working_set(layers: Sequence[LayerSpec], in_shape: Shape, *, residual:
     return largest + (float_bytes(in_shape) if residual else 0)
 
 
-def _unit_working_set(model: nn.Module, units: dict[str, nn.Module], name: str, in_shape: Shape) -> int:
+def _unit_working_set(model: nn.Module, units: dict[str, nn.Module], name: str, in_shape: Shape, *, kernel_scratch: bool = True) -> int:
     if name == HEAD:
-        return layer_working_set(head_layers(model), in_shape, kernel_scratch=True)
+        return layer_working_set(head_layers(model), in_shape, kernel_scratch=kernel_scratch)
     unit = units[name]
     residual = bool(getattr(unit, "use_res_connect", False) or getattr(unit, "has_skip", False))  # torchvision / timm
-    return layer_working_set(unit_layers(name, unit), in_shape, residual=residual, kernel_scratch=True)
+    return layer_working_set(unit_layers(name, unit), in_shape, residual=residual, kernel_scratch=kernel_scratch)
 
 
 def _with_batch(shape: Shape, batch: int) -> Shape:
@@ -245,9 +245,10 @@ def predict_step_peak(
     * backward: over the trained units from the top, what is still stored (the units below and
       this one; with ``policy.recompute``, what the unit stores again while it is recomputed) +
       the gradients of the units above + the unit's working set (its incoming and outgoing
-      gradients, kernel scratch) + with ``policy.saved_precision``, the fp32 copies of one chunk of
-      its largest compressed input while it is decompressed (:data:`DECOMPRESS_COPIES` x
-      :func:`edgetl.nn.compress.decompress_chunk` images).
+      gradients, kernel scratch); with ``policy.saved_precision``, at least the gradients without
+      the kernel scratch + the fp32 copies of one chunk of its largest compressed input while it
+      is decompressed (:data:`DECOMPRESS_COPIES` x :func:`edgetl.nn.compress.decompress_chunk`
+      images: the weight gradient is summed chunk by chunk after the input gradient is done).
     * optimizer step: the gradients ``G`` + the update's temporaries (Adam: two of the largest
       trained tensor, ``sqrt`` and the division; SGD: one, with weight decay's sum).
     * evaluation: a no-grad forward of one batch: the largest working set of any unit.
@@ -283,8 +284,14 @@ def predict_step_peak(
         forward = max(forward, (stored, w), key=sum)
     still, above = stored, 0
     for r, w, g in reversed(list(zip(trained, ws, grads, strict=True))):
-        # a recomputed unit (policy.recompute) stores its tensors again while its backward runs
-        backward = max(backward, (still + total_bytes(r.recomputed), above, w + _decompressed(r.saved + r.recomputed)), key=sum)
+        # a recomputed unit (policy.recompute) stores its tensors again while its backward runs;
+        # a decompressed chunk is alive while a conv's weight gradient is summed over chunks, after
+        # its input gradient and that kernel's full-size scratch are done: beside the layer's
+        # incoming and outgoing gradients, not on top of the full working set
+        temporaries = w
+        if decompressed := _decompressed(r.saved + r.recomputed):
+            temporaries = max(w, _unit_working_set(model, units, r.name, r.in_shape, kernel_scratch=False) + decompressed)
+        backward = max(backward, (still + total_bytes(r.recomputed), above, temporaries), key=sum)
         still -= r.nbytes
         above += g
     largest = max((t.numel() * t.element_size() for _, t in _trained_tensors(model, policy)), default=0)
