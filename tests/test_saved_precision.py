@@ -23,16 +23,21 @@ from edgetl.exporter import training
 from edgetl.exporter.errors import ExportError
 from edgetl.models.blocks import block_spec, find_blocks
 from edgetl.models.zoo import MODELS, load_model
+from edgetl.nn import compress
 from edgetl.nn.compress import (
+    DECOMPRESS_CHUNK_BYTES,
     CompressedConv2d,
     CompressedGating,
     compress_gating,
     compressed_nbytes,
+    decompress_chunk,
     decompressed,
+    dequantize_int8,
     int8_scale,
     scale_saved,
 )
 from edgetl.nn.layers import MaskedActivation
+from edgetl.profiler._torch_memory import CATEGORIES, Recorder
 from edgetl.profiler.analytic import saved_for_backward, total_bytes
 from edgetl.profiler.measure import measure_saved_bytes
 from edgetl.profiler.predict import predict_units
@@ -120,6 +125,102 @@ def test_int8_round_trip_is_within_half_a_step_and_an_empty_channel_is_exact():
     assert torch.equal(back[:, 4], x[:, 4])
     bf = decompressed(x, "bf16")
     assert ((bf - x).abs() <= BF16_UNIT_ROUNDOFF * x.abs()).all()
+
+
+def test_int8_dequantize_is_bit_identical_to_convert_then_scale_in_one_fp32_map():
+    """``dequantize_int8`` used ``q.to(float32) * scale``: two fp32 maps alive. Now one (converted,
+    scaled in place), with the same bits."""
+    q = torch.arange(-127, 128, dtype=torch.int8).repeat(4 * 6 * 3)[: 4 * 6 * 9 * 9].view(4, 6, 9, 9)
+    scale = torch.tensor([1e-3, 1 / 127, 0.37, 1.0, 12.5, 3e4])
+    assert torch.equal(dequantize_int8(q, scale), q.to(torch.float32) * scale.view(1, -1, 1, 1))
+    out: list[torch.Tensor] = []
+    live = Recorder().run(lambda _: out.append(dequantize_int8(q, scale))).live
+    assert max(map(sum, live)) - sum(live[0]) == 4 * q.numel()
+
+
+def test_decompress_chunk_keeps_the_fp32_chunk_within_its_limit():
+    for shape in [(8, 672, 14, 14), (8, 480, 14, 14), (32, 672, 4, 4), (32, 1152, 2, 2), (2, 16, 300, 300), (5, 7, 6, 6)]:
+        chunk, per_image = decompress_chunk(shape), 4 * math.prod(shape[1:])
+        assert 1 <= chunk <= shape[0]
+        # the largest that fits; one image when one does not fit
+        assert chunk * per_image <= DECOMPRESS_CHUNK_BYTES or chunk == 1, shape
+        assert chunk == shape[0] or (chunk + 1) * per_image > DECOMPRESS_CHUNK_BYTES, shape
+    assert decompress_chunk((8, 672, 14, 14)) == 1 and decompress_chunk((32, 1152, 2, 2)) == 32
+
+
+#: DECOMPRESS_CHUNK_BYTES for 5 x 7 x 6 x 6 inputs: one image a chunk, and two (chunks 2, 2, 1)
+CHUNK_LIMITS = {"one image": 0, "two images": 2 * 4 * 7 * 6 * 6}
+
+
+@pytest.mark.parametrize("limit", CHUNK_LIMITS.values(), ids=CHUNK_LIMITS.keys())
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize(
+    ("cout", "kernel", "stride", "groups", "dilation", "bias"),
+    [(12, 1, 1, 1, 1, False), (7, 3, 2, 7, 1, False), (7, 5, 1, 7, 1, False), (14, 3, 2, 1, 1, True), (7, 3, 1, 7, 2, False)],
+)
+def test_chunked_backward_sums_to_the_unchunked_weight_grad_and_keeps_fp32s_input_grad(
+    monkeypatch, limit, precision, cout, kernel, stride, groups, dilation, bias
+):
+    """The weight (and bias) gradient summed over batch chunks equals the unchunked formula from the
+    same decompressed input to fp32 rounding; the input gradient (a transposed convolution of dy) is
+    bit-identical to fp32 autograd's, even sizes under a stride included (output padding)."""
+    monkeypatch.setattr(compress, "DECOMPRESS_CHUNK_BYTES", limit)
+    x = torch.rand(5, 7, 6, 6) * 6
+    x[:, 1] *= 30
+    assert decompress_chunk(tuple(x.shape)) == (1 if limit == 0 else 2)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(7, cout, kernel, stride, dilation * (kernel // 2), dilation, groups=groups, bias=bias)
+    x.requires_grad_(True)
+    y = CompressedConv2d(conv, precision)(x)
+    dy = torch.randn_like(y)
+    params = [conv.weight] + ([conv.bias] if bias else [])
+    got = torch.autograd.grad(y, [x, *params], dy)
+    ref = torch.autograd.grad(conv(x), [x, *params], dy)
+    assert torch.equal(got[0], ref[0])
+    want = torch.nn.grad.conv2d_weight(decompressed(x.detach(), precision), conv.weight.shape, dy, stride, conv.padding, dilation, groups)
+    torch.testing.assert_close(got[1], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    if bias:
+        torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5 * float(ref[2].abs().max()))
+    # without the input's gradient (the lowest trained conv): the same weight gradient
+    w_only = torch.autograd.grad(CompressedConv2d(conv, precision)(x.detach()), [conv.weight], dy)[0]
+    assert torch.equal(w_only, got[1])
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_chunked_gate_gradient_is_the_unchunked_one_bit_for_bit(monkeypatch, precision):
+    """dgate sums over H, W of one sample: chunking the batch changes no bit of it."""
+    torch.manual_seed(0)
+    x = (torch.rand(5, 7, 6, 6) * 6).requires_grad_(True)
+    gate = torch.rand(5, 7, 1, 1, requires_grad=True)
+    dy = torch.randn(5, 7, 6, 6)
+    grads = {}
+    for label, limit in {**CHUNK_LIMITS, "whole batch": 2**62}.items():
+        monkeypatch.setattr(compress, "DECOMPRESS_CHUNK_BYTES", limit)
+        grads[label] = torch.autograd.grad(scale_saved(x, gate, precision), [x, gate], dy)
+    assert decompress_chunk(tuple(x.shape)) == 5
+    for label in CHUNK_LIMITS:
+        assert all(torch.equal(a, b) for a, b in zip(grads[label], grads["whole batch"], strict=True)), label
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("kind", ["depthwise", "pointwise", "gating"])
+def test_backward_holds_one_fp32_chunk_of_the_stored_input(precision, kind):
+    """Backward used to hold the whole decompressed input (int8: twice, and a zero-filled gradient for
+    the stored tensor): now its temporaries are one chunk of decompress_chunk images (and, for a
+    conv, the weight gradient's partial sum), measured with torch's allocation events."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 96, 28, 28, requires_grad=True)  # 2.3 MiB fp32: chunks of 3 images
+    if kind == "gating":
+        y, weight = scale_saved(x, torch.rand(8, 96, 1, 1, requires_grad=True), precision), 0
+    else:
+        conv = nn.Conv2d(96, 96, 5, padding=2, groups=96, bias=False) if kind == "depthwise" else nn.Conv2d(96, 24, 1, bias=False)
+        y, weight = CompressedConv2d(conv, precision)(x), 4 * conv.weight.numel()
+    dy = torch.randn_like(y)
+    chunk = 4 * decompress_chunk(tuple(x.shape)) * math.prod(x.shape[1:])
+    assert chunk < 4 * x.numel() // 2
+    live = Recorder().run(lambda _: torch.autograd.backward(y, dy)).live
+    temporaries = max(row[CATEGORIES.index("temporaries")] for row in live)
+    assert chunk <= temporaries <= chunk + weight + 4 * 8 * 96, (temporaries, chunk)
 
 
 # --- the squeeze-excitation's gating multiply ---------------------------------------------------------
