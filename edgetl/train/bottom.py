@@ -20,7 +20,7 @@ filtered it, where the frozen bottom's working set peaks (6.1 MiB at batch 8).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from torch import Tensor, nn
 from torchvision.models import efficientnet, mobilenetv2, mobilenetv3
@@ -73,7 +73,7 @@ def _residual(unit: nn.Module, body: nn.Sequential, x: Tensor) -> Tensor:
 def run_frozen(units: Sequence[nn.Module], x: Tensor) -> Tensor:
     """``x`` through ``units`` in order, releasing each map as soon as it is read (module docstring).
     For the frozen bottom: call under ``torch.no_grad()`` with the units in eval mode."""
-    steps: list = []
+    steps: list[Callable[[Tensor], Tensor]] = []
     for unit in units:
         body = _body(unit)
         if unit._forward_hooks or unit._forward_pre_hooks:  # a hooked unit is called, so its hooks run (the profiler's)
