@@ -1,7 +1,7 @@
 """Whole-step memory and time of MobileTL and the memory options beyond it, against vanilla, side by side.
 
     .venv/bin/python benchmarks/peak_rss.py [--model mobilenet_v3_large] [--blocks 5] [--batch-size 8] [--image-size 224] [--repeats 3]
-        [--allocator glibc] [--native]
+        [--allocator glibc] [--native] [--only +chunk+int8,...]
 
 Each configuration runs in a fresh child process (peak RSS only grows within a process) that
 imports PyTorch, loads and prepares the model, then runs training steps in the trainer's order
@@ -65,11 +65,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=4, help="training steps per process (timing: the median after the first)")
     p.add_argument("--allocator", default="glibc", help="the children's malloc: auto, glibc, jemalloc, jemalloc-eager")
+    p.add_argument("--only", help="comma-separated configurations to run (default: all; vanilla and mobiletl always run: the ratios' base)")
     p.add_argument("--native", action="store_true", help="also the device runner's process peak, vanilla and MobileTL")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-device"), help="--native: exported bundles and photos (kept)")
     p.add_argument("--threads", type=int, default=2, help="--native: threads of the device runner")
     args = p.parse_args()
     configs = configurations(args.blocks, args.bottom_chunk)
+    if args.only:
+        wanted = {"vanilla", "mobiletl", *args.only.split(",")}
+        if wanted - configs.keys():
+            p.error(f"unknown configuration(s) {sorted(wanted - configs.keys())}; known: {', '.join(configs)}")
+        configs = {name: policy for name, policy in configs.items() if name in wanted}
     shape = {"batch_size": args.batch_size, "image_size": args.image_size}
 
     runs: dict[str, list] = {name: [] for name in configs}

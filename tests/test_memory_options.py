@@ -7,6 +7,7 @@ import torch
 
 from edgetl.errors import ConfigError
 from edgetl.models.zoo import MODELS, load_model
+from edgetl.train.bottom import frozen_run
 from edgetl.train.policy import TrainPolicy
 from edgetl.train.prepare import prepare
 
@@ -36,3 +37,17 @@ def test_bottom_chunk_gives_the_same_features_and_gradients(model):
 def test_bottom_chunk_must_be_a_positive_integer(bad):
     with pytest.raises(ConfigError, match="bottom_chunk must be an integer >= 1"):
         TrainPolicy(blocks=1, bottom_chunk=bad)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_the_frozen_bottom_run_flat_gives_each_units_own_output(model):
+    """edgetl.train.bottom unrolls the frozen units to free each map once read: same features, bit for bit."""
+    torch.manual_seed(0)
+    net = prepare(load_model(model, num_classes=10), TrainPolicy(2)).train()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = x
+        for unit in net.bottom_units():
+            expected = unit(expected)
+        assert torch.equal(net.forward_bottom(x), expected)
+    assert {frozen_run(u) for u in net.bottom_units()} >= {"unrolled", "residual"}

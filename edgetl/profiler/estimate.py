@@ -20,6 +20,7 @@ from edgetl.profiler.analytic import Saved, total_bytes
 from edgetl.profiler.predict import UnitPrediction, predict_units
 from edgetl.profiler.shapes import FLOAT_BYTES, Shape, float_bytes, walk
 from edgetl.profiler.units import HEAD, head_layers, unit_layers
+from edgetl.train.bottom import frozen_run
 from edgetl.train.optim import check_optimizer, state_floats
 from edgetl.train.policy import TrainPolicy, shift_only_norms, uses_mobiletl
 
@@ -88,30 +89,47 @@ def param_bytes(model: nn.Module, policy: TrainPolicy) -> ParamBytes:
 # --- working sets -------------------------------------------------------------------------------------
 
 
-def layer_working_set(layers: Sequence[LayerSpec], in_shape: Shape, *, residual: bool = False, kernel_scratch: bool = False) -> int:
+def layer_working_set(
+    layers: Sequence[LayerSpec],
+    in_shape: Shape,
+    *,
+    residual: bool = False,
+    kernel_scratch: bool = False,
+    input_held: bool = False,
+    pad_held: bool = True,
+) -> int:
     """Largest ``input + output`` bytes of any one layer of a unit (fp32).
 
     With ``residual`` the unit's input stays live until the addition, so it is added on top. With
     ``kernel_scratch`` a convolution also counts :data:`CONV_SCRATCH` x the larger of its input and
     output: oneDNN reorders one of them into its blocked layout (measured with the allocator's own
     events: a 1x1 conv 16->96 of 2 + 12 MiB peaks at 26 MiB, a depthwise 3x3 of 12 + 12 at 36).
+    ``input_held``: the unit's caller holds its input until the unit returns (a unit called whole),
+    so it counts at every layer after the first. ``pad_held``: a zero padding and the conv it pads
+    form one call, whose caller holds the unpadded input until the conv returns (False when the
+    frozen bottom runs them as two steps, :mod:`edgetl.train.bottom`).
     """
     largest = held = 0
-    for _, layer, x, y in walk(layers, in_shape):
+    for i, (_, layer, x, y) in enumerate(walk(layers, in_shape)):
         scratch = CONV_SCRATCH * max(float_bytes(x), float_bytes(y)) if kernel_scratch and layer.op == "conv" else 0
-        largest = max(largest, held + float_bytes(x) + float_bytes(y) + scratch)
-        # a zero padding and the conv it pads form one module (TF "same"), whose caller holds the
-        # unpadded input until the conv returns
-        held = float_bytes(x) if kernel_scratch and layer.op in ("pad", "pad_same") else 0
+        caller = float_bytes(in_shape) if input_held and i > 0 else 0
+        largest = max(largest, held + caller + float_bytes(x) + float_bytes(y) + scratch)
+        held = float_bytes(x) if kernel_scratch and pad_held and layer.op in ("pad", "pad_same") else 0
     return largest + (float_bytes(in_shape) if residual else 0)
 
 
-def _unit_working_set(model: nn.Module, units: dict[str, nn.Module], name: str, in_shape: Shape, *, kernel_scratch: bool = True) -> int:
+def _unit_working_set(
+    model: nn.Module, units: dict[str, nn.Module], name: str, in_shape: Shape, *, frozen: bool = False, kernel_scratch: bool = True
+) -> int:
     if name == HEAD:
         return layer_working_set(head_layers(model), in_shape, kernel_scratch=kernel_scratch)
     unit = units[name]
+    layers = unit_layers(name, unit)
+    if frozen:  # as edgetl.train.bottom runs it: layer by layer, or called whole
+        run = frozen_run(unit)
+        return layer_working_set(layers, in_shape, kernel_scratch=True, input_held=run != "unrolled", pad_held=run == "whole")
     residual = bool(getattr(unit, "use_res_connect", False) or getattr(unit, "has_skip", False))  # torchvision / timm
-    return layer_working_set(unit_layers(name, unit), in_shape, residual=residual, kernel_scratch=kernel_scratch)
+    return layer_working_set(layers, in_shape, residual=residual, kernel_scratch=kernel_scratch)
 
 
 def _with_batch(shape: Shape, batch: int) -> Shape:
@@ -271,7 +289,7 @@ def predict_step_peak(
     frozen = [r for r in rows if r.role == "frozen"]
     trained = [r for r in rows if r.role != "frozen"]
 
-    bottom = max((_unit_working_set(model, units, r.name, _with_batch(r.in_shape, chunk)) for r in frozen), default=0)
+    bottom = max((_unit_working_set(model, units, r.name, _with_batch(r.in_shape, chunk), frozen=True) for r in frozen), default=0)
     if frozen and chunk < batch_size:
         bottom += float_bytes(frozen[-1].out_shape)  # the features buffer the chunks are written into
     evaluation = max([bottom] + [_unit_working_set(model, units, r.name, r.in_shape) for r in trained])

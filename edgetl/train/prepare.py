@@ -16,6 +16,7 @@ from edgetl.models.blocks import feature_units, find_blocks, first_trained_unit,
 from edgetl.nn import ops
 from edgetl.nn.compress import CompressedConv2d, compress_gating
 from edgetl.nn.layers import MaskedActivation, SamePad2d, ShiftOnlyNorm, activation_kind
+from edgetl.train.bottom import run_frozen
 from edgetl.train.policy import TrainPolicy, mask_storage, shift_only_norms, uses_mobiletl
 
 
@@ -75,9 +76,7 @@ class TransferModel(nn.Module):
             return out
 
     def _run_bottom(self, x: Tensor) -> Tensor:
-        for unit in self.bottom_units():
-            x = unit(x)
-        return x
+        return run_frozen(self.bottom_units(), x)
 
     def forward_top(self, x: Tensor) -> Tensor:
         """The trained part, from the bottom's output to logits."""
