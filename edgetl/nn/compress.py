@@ -47,10 +47,11 @@ INT8_MAX = 127
 #: the most fp32 bytes one chunk of a stored input takes while backward decompresses it (at least
 #: one image a chunk): a byte limit rather than a number of chunks, so the small maps of small
 #: images (2 x 2 at 64 px) stay one call and only maps worth saving are split. 1 MiB, measured with
-#: benchmarks/decompress_chunks.py (int8, whole training steps, limits alternating, step time to the
-#: unchunked one): MobileNetV3-Large K=5 b=8 224 px 1.01 (one image a chunk 1.06), Lite0 K=8 b=32
-#: 64 px 0.92-1.0 (one image a chunk 1.27, the many tiny calls); the largest chunk is then 0.5 MiB
-#: of the 4.0 MiB map at 224 px. See README, "Decompressing in chunks".
+#: benchmarks/decompress_chunks.py (int8, whole training steps, limits alternating, median step time
+#: to the whole batch in one chunk): MobileNetV3-Large K=5 b=8 224 px 1.010 (512 KiB 1.038, one
+#: image a chunk 1.085), Lite0 K=8 b=32 64 px 1.012 (512 KiB 1.030, one image 1.433: the many tiny
+#: calls); the 4.0 MiB map at 224 px is then held 0.5 MiB at a time. See README, "Backward
+#: decompresses in chunks".
 DECOMPRESS_CHUNK_BYTES = 2**20
 
 
