@@ -33,7 +33,8 @@ CONV_SCRATCH = 1
 LABEL_BYTES = 8
 #: fp32 copies of one chunk (:func:`edgetl.nn.compress.decompress_chunk` images) of a compressed
 #: stored input alive at once while backward decompresses it (:mod:`edgetl.nn.compress`): bf16 ->
-#: fp32 is one; int8 is one too (``q * scale`` promotes in one kernel, no fp32 copy of the integers)
+#: fp32 is one; int8 is one too (the integers converted into one fp32 chunk, then scaled in place:
+#: :func:`edgetl.nn.compress.dequantize_int8`)
 DECOMPRESS_COPIES = {"bf16": 1, "int8": 1}
 #: the phases of a step, as :func:`edgetl.train.step.train_step` and the trainer's evaluation run them
 PHASES: tuple[str, ...] = ("bottom forward", "top forward", "backward", "optimizer step", "evaluation")
