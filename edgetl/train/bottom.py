@@ -75,15 +75,15 @@ def run_frozen(units: Sequence[nn.Module], x: Tensor) -> Tensor:
     For the frozen bottom: call under ``torch.no_grad()`` with the units in eval mode."""
     steps: list[Callable[[Tensor], Tensor]] = []
     for unit in units:
-        body = _body(unit)
+        run = frozen_run(unit)  # the one decision, shared with the profiler's estimate
         if unit._forward_hooks or unit._forward_pre_hooks:  # a hooked unit is called, so its hooks run (the profiler's)
             steps.append(unit)
-        elif body is not None and unit.use_res_connect:
-            steps.append(lambda h, unit=unit, body=body: _residual(unit, body, h))
-        elif body is not None:
-            steps.extend(_leaves(body))
+        elif run == "residual":
+            steps.append(lambda h, unit=unit: _residual(unit, _body(unit), h))
+        elif run == "unrolled":
+            steps.extend(_leaves(_body(unit) or unit))
         else:
-            steps.extend(_leaves(unit))  # a plain sequence unrolls; any other unit is one step
+            steps.append(unit)
     for step in steps:
         x = step(x)
     return x
