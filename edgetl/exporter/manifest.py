@@ -174,6 +174,10 @@ class TrainingCheck:
     #: predict method over a .ptd written from the session vs eager eval with those weights
     predict_max_abs_diff: float
     tolerance: dict[str, float]
+    #: with the program's masks replayed in eager (when the plain comparison disagreed): mask
+    #: elements that differ between the two, and the largest activation-input difference
+    mask_flips: int | None = _optional()
+    activations_max_abs_diff: float | None = _optional()
 
 
 @dataclass(frozen=True)

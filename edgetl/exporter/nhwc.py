@@ -447,13 +447,19 @@ class TrainableTop(nn.Module):
     torchvision, ``classifier``), so the exported programs carry no frozen bottom weights.
     It takes over ``net``'s top modules (converting them in place): pass a copy, or use
     :func:`trainable_top`.
+
+    ``record_activations``: the training step also returns every masked activation's input
+    (channels-last), after the logits and before the running statistics, in the order of
+    :meth:`activation_order`. Verification only: it is how a program's own 1-bit masks are read
+    (see :mod:`edgetl.exporter.training`); a shipped program never keeps these maps alive.
     """
 
-    def __init__(self, net: TransferModel, *, label_smoothing: float = 0.0) -> None:
+    def __init__(self, net: TransferModel, *, label_smoothing: float = 0.0, record_activations: bool = False) -> None:
         super().__init__()
         self.features, self.unit_paths = hold_units(net, net.top_names)
         self.classifier = net.classifier
         self.label_smoothing = label_smoothing
+        self.record_activations = record_activations
         _convert(self, "", net)
 
     def logits(self, features: Tensor) -> Tensor:
@@ -461,6 +467,24 @@ class TrainableTop(nn.Module):
         for path in self.unit_paths:
             x = self.features.get_submodule(path)(x)
         return self.classifier(x.mean((1, 2)))
+
+    def _masked_activations(self) -> list[tuple[str, nn.Module]]:
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, MaskedActivation)]
+
+    @torch.no_grad()
+    def activation_order(self, features: Tensor) -> list[str]:
+        """The masked activations' names in the order a step runs them (an eval-mode pass over
+        one of ``features``: ``torch.export`` restores attributes a traced forward sets)."""
+        order: list[str] = []
+        hooks = [m.register_forward_pre_hook(lambda *_, name=name: order.append(name)) for name, m in self._masked_activations()]
+        training = self.training
+        try:
+            self.eval().logits(features[:1])
+        finally:
+            self.train(training)
+            for h in hooks:
+                h.remove()
+        return order
 
     def updated_buffers(self) -> list[tuple[str, Tensor]]:
         """The running statistics a training step updates (train-mode batch norms), in output order."""
@@ -472,20 +496,30 @@ class TrainableTop(nn.Module):
         ]
 
     def forward(self, features: Tensor, labels: Tensor | None = None):
-        logits = self.logits(features)
         if labels is None:
-            return logits
+            return self.logits(features)
+        recorded: list[Tensor] = []
+        hooks = [
+            m.register_forward_pre_hook(lambda _m, args: recorded.append(args[0].detach().clone()))
+            for _, m in (self._masked_activations() if self.record_activations else [])
+        ]
+        try:
+            logits = self.logits(features)
+        finally:
+            for h in hooks:
+                h.remove()
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         # the updated running statistics are outputs too, so any runtime (ExecuTorch's Java
         # TrainingModule has no access to a method's buffers) can save them with the weights
-        return (loss, logits.detach(), *(buf.detach().clone() for _, buf in self.updated_buffers()))
+        stats = (buf.detach().clone() for _, buf in self.updated_buffers())
+        return (loss, logits.detach(), *recorded, *stats)
 
 
-def trainable_top(net: TransferModel, *, label_smoothing: float = 0.0) -> TrainableTop:
+def trainable_top(net: TransferModel, *, label_smoothing: float = 0.0, record_activations: bool = False) -> TrainableTop:
     """An NHWC :class:`TrainableTop` of a copy of ``net`` (same names and values; ``net`` is not modified)."""
     import copy
 
-    return TrainableTop(copy.deepcopy(net), label_smoothing=label_smoothing)
+    return TrainableTop(copy.deepcopy(net), label_smoothing=label_smoothing, record_activations=record_activations)
 
 
 #: Decompositions that turn edgetl's custom operators into ATen for ExecuTorch, after
