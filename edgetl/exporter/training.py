@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.export.graph_signature import OutputKind
+from torch.nn import functional as F
 from torchvision.ops import StochasticDepth
 
 from edgetl.exporter import _executorch as et
@@ -439,7 +439,8 @@ def _compare(
         mask_flips=flips if replay else None,
         activations_max_abs_diff=activation_diff if replay else None,
     )
-    loss_steps = [i for i, (a, b) in enumerate(zip(losses_et, losses_eager, strict=True), 1) if not abs(a - b) / max(1.0, abs(b)) <= LOSS_TOLERANCE]
+    pairs = zip(losses_et, losses_eager, strict=True)
+    loss_steps = [i for i, (a, b) in enumerate(pairs, 1) if not abs(a - b) / max(1.0, abs(b)) <= LOSS_TOLERANCE]
     if loss_steps:
         failures.append(f"the loss differs by {check.loss_max_abs_diff:.3g} from step {loss_steps[0]} (tolerance {LOSS_TOLERANCE:g})")
     failures += [
