@@ -75,10 +75,10 @@ def test_plan_with_the_native_runtime_picks_from_emitted_memory_plans(tmp_path, 
     assert chosen.peak == expected.total and "native runtime" in result.render()
 
 
-def test_native_plan_skips_k_all_which_has_no_training_program(tmp_path):
-    """K = all trains the stem's full convolution, which the training program cannot carry: the
-    emission fails at once and the planner moves on (here, with nothing else allowed, says so)."""
-    from edgetl.errors import ConfigError, EdgetlError
+def test_native_plan_can_choose_k_all_whose_training_program_carries_the_stem(tmp_path):
+    """K = all trains the stem's full convolution too; the training program carries it (ATen's
+    convolution and its backward), so the planner weighs K = all like any other K."""
+    from edgetl.errors import ConfigError
     from edgetl.exporter.training import program_memory
     from edgetl.models.blocks import find_blocks
     from edgetl.profiler.planner import plan
@@ -92,8 +92,7 @@ def test_native_plan_skips_k_all_which_has_no_training_program(tmp_path):
         return program_memory(model, policy, batch_size=batch_size, image_size=64, num_classes=3)
 
     kwargs = dict(image_size=64, num_classes=3, optimizer="sgd", runtime="native", program_memory=memory, images=500)
-    with pytest.raises(EdgetlError, match="no candidate configuration of mobilenet_v3_small can train"):
-        plan(_board(tmp_path), "mobilenet_v3_small", min_blocks=top, max_blocks=top, **kwargs)
-    assert asked and {k for k, _ in asked} == {top}
+    chosen = plan(_board(tmp_path), "mobilenet_v3_small", min_blocks=top, max_blocks=top, **kwargs).chosen
+    assert chosen.blocks == top and {k for k, _ in asked} == {top}
     with pytest.raises(ConfigError, match=rf"max_blocks must be in 1\.\.{top}"):
         plan(_board(tmp_path), "mobilenet_v3_small", max_blocks=top + 1, **kwargs)

@@ -175,9 +175,9 @@ class TrainingCheck:
     predict_max_abs_diff: float
     tolerance: dict[str, float]
     #: with the program's masks replayed in eager (when the plain comparison disagreed): mask
-    #: elements that differ between the two, and the largest activation-input difference
+    #: elements that differ between the two, and the largest input difference at one of them
     mask_flips: int | None = _optional()
-    activations_max_abs_diff: float | None = _optional()
+    mask_flip_max_abs_diff: float | None = _optional()
 
 
 @dataclass(frozen=True)

@@ -248,6 +248,21 @@ class PointwiseConv(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class DenseConv(nn.Module):
+    """Any other convolution (the stem's 3 x 3 over RGB under full fine-tuning) on NHWC input:
+    ATen's convolution between two permutes. ExecuTorch's portable kernels have its forward and
+    backward; it is the slow path, for layers a 1x1 or depthwise form does not cover."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.conv2d(x.permute(0, 3, 1, 2), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return y.permute(0, 2, 3, 1)
+
+
 class DepthwiseConv(nn.Module):
     """A depthwise k x k convolution on NHWC input (see :func:`depthwise_nhwc`)."""
 
@@ -367,10 +382,11 @@ def _convert_leaf(module: nn.Module, path: str, part: str) -> nn.Module | None:
             return PointwiseConv(module)
         if square and module.groups == module.in_channels == module.out_channels:
             return DepthwiseConv(module)
-        raise UnsupportedModelError(
-            f"cannot export {path} ({module}) in {part}: only 1x1 and depthwise convolutions with square kernels, "
-            "equal strides and no dilation are supported in the training program"
-        )
+        if isinstance(p, str):
+            raise UnsupportedModelError(
+                f"cannot export {path} ({module}) in {part}: padding={p!r} has no fixed size in the training program"
+            )
+        return DenseConv(module)
     if isinstance(module, ShiftOnlyNorm):
         return ShiftOnlyNormNHWC(module)
     if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):

@@ -315,7 +315,7 @@ def plan(
             try:
                 return Candidate(k, b, native_estimate(k, b), profile.usable_bytes)
             except EdgetlError:
-                return None  # no training program for this K (e.g. the stem's full convolution at K = all)
+                return None  # no training program for this K (a layer or operator the exporter cannot carry)
         tried = option_policies(k, method, activation_mask, b, precisions) if memory_options else [policy]
         first = None
         for option in tried:  # cheapest first: the first that fits is the answer for (K, b)

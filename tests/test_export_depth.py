@@ -1,0 +1,83 @@
+"""The training program at every depth: K = 1, a middle K and all blocks of every registry model,
+exported and verified against eager; and the verification's replay of the program's 1-bit masks.
+
+MobileTL's sign mask is a step function of the activation input. ExecuTorch's portable kernels
+and PyTorch sum in different orders, so an input within float32 rounding of 0 is kept by one and
+dropped by the other; a deep top has a few such elements per step, each moving its channel's
+gradient and every layer below it. The verification replays the program's own masks in eager
+(training._Replayed) when the plain comparison disagrees, with unchanged tolerances.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import edgetl
+from edgetl.exporter import training
+from edgetl.models.zoo import MODELS, load_model, num_blocks
+from edgetl.nn.layers import MaskedActivation
+
+IMAGE_SIZE, BATCH = 64, 2
+
+
+#: K = 1 and all blocks of every registry model, in the suite's budget (an all-blocks export
+#: takes 40-100 s); every K at the models' usual sizes is benchmarks/training_export_sweep.py.
+#: MobileNetV2 at K = all is refused (its loss differs by 1% from the second step even with the
+#: masks replayed, not yet explained), so its deepest K here is the middle one.
+DEPTHS = [(name, 1) for name in MODELS] + [(name, num_blocks(name)) for name in MODELS if name != "mobilenet_v2"] + [("mobilenet_v2", 8)]
+
+
+@pytest.mark.parametrize("name,k", DEPTHS)
+def test_every_registry_model_exports_a_verified_training_program_at_k(tmp_path, name, k):
+    """K = all trains the stem too (its full 3x3 convolution through ATen's convolution and its
+    backward); every K verifies against eager with the exporter's tolerances."""
+    torch.manual_seed(0)
+    net = edgetl.prepare(load_model(name, num_classes=3), edgetl.TrainPolicy(blocks=k))
+    with torch.no_grad():
+        shape = tuple(net.forward_bottom(torch.zeros(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE)).shape)
+    ex = training.export_training(net, feature_shape=shape, num_classes=3)
+    assert sorted(ex.parameter_names) == sorted(n for n, _ in net.trainable_parameters())
+    pte, ptd = tmp_path / "train.pte", tmp_path / "train.ptd"
+    pte.write_bytes(ex.program.pte)
+    ptd.write_bytes(ex.program.ptd)
+    check = training.verify_training(net, ex, pte, ptd, lr=0.01, momentum=0.9, weight_decay=0.0)
+    assert check.loss_max_abs_diff <= training.LOSS_TOLERANCE and check.running_stats_moved > 0
+    if check.mask_flips is not None:  # replayed: every activation input agreed within tolerance
+        assert check.mask_flip_max_abs_diff <= training.WEIGHT_TOLERANCE
+
+
+def test_replayed_masks_drive_eager_backward_through_the_programs_mask():
+    """Backward follows the program's mask, not eager's own; the forward stays eager's exact one."""
+    x = torch.tensor([[-1e-7, 2e-7, 1.0, -2.0, 7.0]], requires_grad=True)
+    program = torch.tensor([[1e-7, -2e-7, 1.0, -2.0, 7.0]])  # the first two on the other side of 0
+    for kind in ("relu6", "hardswish", "relu", "silu"):
+        act = training._Replayed(MaskedActivation(kind))
+        act.replay(program)
+        y = act(x)
+        (g,) = torch.autograd.grad(y, x, torch.full_like(y, 3.0))
+        assert torch.equal(y, MaskedActivation(kind)(x.detach()))
+        assert g.tolist() == [[3.0, 0.0, 3.0, 0.0, 3.0]]  # MobileTL's sign rule over the program's input
+        assert act.flips()[0] == 2
+    exact = training._Replayed(MaskedActivation("relu6", rule="exact"))
+    exact.replay(program)
+    (g,) = torch.autograd.grad(exact(x), x, torch.ones(1, 5))
+    assert g.tolist() == [[1.0, 0.0, 1.0, 0.0, 0.0]]  # 1[0 < x < 6]
+
+
+def test_replayed_gate_keeps_its_exact_derivative_with_the_programs_mask():
+    """Hard-Sigmoid's derivative 1[0 < y < 1] / 6 takes the program's side of -3 and 3; Sigmoid
+    has a continuous derivative and is not replayed."""
+    x = torch.tensor([[-3.0 + 1e-6, 2.0, 4.0]], requires_grad=True)
+    gate = training._Replayed(MaskedActivation("hardsigmoid"))
+    gate.replay(torch.tensor([[-3.0 - 1e-6, 2.0, 4.0]]))
+    (g,) = torch.autograd.grad(gate(x), x, torch.ones(1, 3))
+    torch.testing.assert_close(g, torch.tensor([[0.0, 1 / 6, 0.0]]))
+    assert gate.flips()[0] == 1
+    sigmoid = training._Replayed(MaskedActivation("sigmoid"))
+    sigmoid.replay(torch.zeros(1, 3))
+    y = sigmoid(x)
+    (g,) = torch.autograd.grad(y, x, torch.ones(1, 3))
+    torch.testing.assert_close(g, (F.sigmoid(x) * (1 - F.sigmoid(x))).detach())
+    assert sigmoid.flips() == (0, 0.0)
