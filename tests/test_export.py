@@ -475,7 +475,7 @@ def test_missing_executorch_is_reported(monkeypatch, tmp_path):
 def test_layer_without_an_exportable_form_is_named_with_its_part():
     model = load_model("mobilenet_v2", num_classes=3)
     block = model.features[17].conv
-    block[1][0] = nn.Conv2d(960, 960, 3, padding=1, groups=480, bias=False)  # grouped, not depthwise
+    block[1][0] = nn.Conv2d(960, 960, 3, padding="same", groups=480, bias=False)  # sized by its input
     net = edgetl.prepare(model, edgetl.TrainPolicy(blocks=1))
     with pytest.raises(UnsupportedModelError, match=r"features\.17\.conv\.1\.0.*trained block features\.17"):
         nhwc.trainable_top(net)

@@ -397,6 +397,12 @@ def _export_training_part(
         f"weights {check.weight_max_abs_diff:.3g}, "
         f"running stats {check.running_stats_max_abs_diff:.3g} (moved {check.running_stats_moved:.3g}), "
         f"predict with written weights {check.predict_max_abs_diff:.3g}; tolerance {training.WEIGHT_TOLERANCE:g}"
+        + (
+            ""
+            if check.mask_flips is None
+            else f"; the program's masks replayed in eager ({check.mask_flips} mask elements fell on the other side of "
+            f"their threshold, each within {check.mask_flip_max_abs_diff:.2g} of it)"
+        )
     )
     log("  measuring the training program's memory against the profiler's prediction ...")
     mem = _memory_figures(plain, policy, ex, batch_size, image_size)

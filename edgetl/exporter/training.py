@@ -340,7 +340,7 @@ def verify_training(
     ]
     settings = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
     result = _compare(net, export, pte, ptd, batches, **settings)
-    if result.failures and uses_mobiletl_masks(net):
+    if result.failures and _has_masks(net):
         replay = export_training(
             net,
             feature_shape=export.feature_shape,
@@ -359,7 +359,7 @@ def verify_training(
     return result.check
 
 
-def uses_mobiletl_masks(net: TransferModel) -> bool:
+def _has_masks(net: TransferModel) -> bool:
     return any(isinstance(m, MaskedActivation) for m in net.modules())
 
 
