@@ -217,19 +217,20 @@ def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class _ReplayedMask(torch.autograd.Function):
-    """An activation's exact forward with a backward through a given mask (times ``scale``)."""
+    """An activation's exact forward with a backward through a given mask (over ``divisor``: 6
+    for Hard-Sigmoid, whose slope is 1/6, as :mod:`edgetl.nn.ops` computes it)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, kind: str, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, kind: str, mask: torch.Tensor, divisor: float) -> torch.Tensor:
         ctx.save_for_backward(mask)
-        ctx.scale = scale
+        ctx.divisor = divisor
         return ops.activation_forward(x, kind)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (mask,) = ctx.saved_tensors
         g = torch.where(mask, grad, 0.0)
-        return (g if ctx.scale == 1.0 else g * ctx.scale), None, None, None
+        return (g if ctx.divisor == 1.0 else g / ctx.divisor), None, None, None
 
 
 class _Replayed(nn.Module):
@@ -248,7 +249,7 @@ class _Replayed(nn.Module):
             return None  # a continuous derivative: nothing to replay
         if kind == "hardsigmoid":
             y = F.hardsigmoid(x)
-            return (y > 0) & (y < 1), 1.0 / 6.0
+            return (y > 0) & (y < 1), 6.0
         return ops.mask_from_input(x, kind, self.act.rule), 1.0
 
     def replay(self, program_input: torch.Tensor) -> None:
@@ -393,12 +394,11 @@ def _compare(
             twin = et.TrainingSession(Path(tmp) / "replay.pte", Path(tmp) / "replay.ptd", buffer_names=export.buffer_names)
         losses_eager, losses_et = [], []
         sgd = twin_sgd = None
-        initial_buffers = None
+        weights_file = ptd.read_bytes()
+        initial_buffers = {k: et.read_ptd_tensor(weights_file, export.program.layout[k]).copy() for k in export.buffer_names}
         off_weights: dict[str, tuple[int, float]] = {}  # tensor -> first step it disagreed, by how much
         flips, flip_gap = 0, 0.0
         for step, (x, y) in enumerate(batches, 1):
-            if initial_buffers is None:
-                initial_buffers = {k: et.read_ptd_tensor(ptd.read_bytes(), export.program.layout[k]).copy() for k in export.buffer_names}
             out = session.forward_backward(x.numpy(), y.numpy())
             if twin is not None:
                 twin_out = twin.forward_backward(x.numpy(), y.numpy())
