@@ -5,7 +5,10 @@ MobileTL's sign mask is a step function of the activation input. ExecuTorch's po
 and PyTorch sum in different orders, so an input within float32 rounding of 0 is kept by one and
 dropped by the other; a deep top has a few such elements per step, each moving its channel's
 gradient and every layer below it. The verification replays the program's own masks in eager
-(training._Replayed) when the plain comparison disagrees, with unchanged tolerances.
+(training._Replayed) when the plain comparison disagrees, and starts each step from the
+program's state: MobileNetV2 with every block trained amplifies a 1e-7 change of its weights to
+2% of its weights in three steps in eager PyTorch alone (test below), so only step-by-step
+agreement can be asked of two float32 implementations. Tolerances are unchanged.
 """
 
 from __future__ import annotations
@@ -24,11 +27,7 @@ IMAGE_SIZE, BATCH = 64, 2
 
 #: K = 1 and all blocks of every registry model, in the suite's budget (an all-blocks export
 #: takes 40-100 s); every K at the models' usual sizes is benchmarks/training_export_sweep.py.
-#: MobileNetV2 at K = all is refused (its loss differs by 1% from the second step even with the
-#: masks replayed, not yet explained) and EfficientNet-Lite0 at K = all at this size has a mask
-#: element whose inputs differ by 1.2e-4 (tolerance 1e-4), so their deepest K here is the middle one.
-REFUSED_AT_ALL = ("mobilenet_v2", "efficientnet_lite0")
-DEPTHS = [(name, 1) for name in MODELS] + [(name, num_blocks(name) if name not in REFUSED_AT_ALL else 8) for name in MODELS]
+DEPTHS = [(name, k) for name in MODELS for k in (1, num_blocks(name))]
 
 
 @pytest.mark.parametrize("name,k", DEPTHS)
@@ -83,3 +82,33 @@ def test_replayed_gate_keeps_its_exact_derivative_with_the_programs_mask():
     (g,) = torch.autograd.grad(y, x, torch.ones(1, 3))
     torch.testing.assert_close(g, (F.sigmoid(x) * (1 - F.sigmoid(x))).detach())
     assert sigmoid.flips() == (0, 0.0)
+
+
+def test_a_deep_top_amplifies_rounding_so_trajectories_cannot_be_compared():
+    """Why the replayed comparison starts each step from the program's state: two eager PyTorch
+    runs of MobileNetV2 (all blocks, random initialisation, 64 px) whose weights differ by 1e-7
+    part apart by ten times the weight tolerance within three SGD steps."""
+
+    def spread(name: str) -> float:  # the largest weight difference, relative, after three steps
+        torch.manual_seed(0)
+        net = edgetl.prepare(load_model(name, num_classes=3), edgetl.TrainPolicy(blocks=num_blocks(name)))
+        gen = torch.Generator().manual_seed(0)
+        shape = (BATCH, 3, IMAGE_SIZE, IMAGE_SIZE)
+        batches = [(torch.randn(shape, generator=gen).abs(), torch.randint(0, 3, (BATCH,), generator=gen)) for _ in range(3)]
+        runs = []
+        for eps in (0.0, 1e-7):
+            eager = training.without_dropout(net).train()
+            noise = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for _, p in eager.trainable_parameters():
+                    p.mul_(1 + eps * torch.randn(p.shape, generator=noise))
+            opt = torch.optim.SGD([p for _, p in eager.trainable_parameters()], lr=0.01, momentum=0.9)
+            for x, y in batches:
+                opt.zero_grad()
+                F.cross_entropy(eager.forward_top(x), y).backward()
+                opt.step()
+            runs.append(dict(eager.trainable_parameters()))
+        a, b = runs
+        return max(float((a[k] - b[k]).abs().max()) / max(1.0, float(a[k].abs().max())) for k in a)
+
+    assert spread("mobilenet_v2") > 10 * training.WEIGHT_TOLERANCE
