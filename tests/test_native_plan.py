@@ -96,3 +96,67 @@ def test_native_plan_can_choose_k_all_whose_training_program_carries_the_stem(tm
     assert chosen.blocks == top and {k for k, _ in asked} == {top}
     with pytest.raises(ConfigError, match=rf"max_blocks must be in 1\.\.{top}"):
         plan(_board(tmp_path), "mobilenet_v3_small", max_blocks=top + 1, **kwargs)
+
+
+def test_native_plan_never_chooses_a_configuration_the_exporter_refuses(tmp_path):
+    """A refused training program (here: K = all, by a stand-in verifier) is dropped and the next
+    best fitting configuration is chosen; when every one is refused, the plan says why."""
+    from edgetl.errors import EdgetlError
+    from edgetl.exporter.errors import VerificationError
+    from edgetl.profiler.native import ProgramMemory
+    from edgetl.profiler.planner import plan
+
+    top = 11  # mobilenet_v3_small's blocks
+    small = ProgramMemory(arena_bytes=1 << 20, weights_file_bytes=1 << 20, trainable_bytes=1 << 19, feature_bytes=4096)
+    tried = []
+
+    def verify(policy, batch_size):
+        tried.append((policy.blocks, batch_size))
+        if policy.blocks == top:
+            raise VerificationError(f"training program does not match eager PyTorch at K={policy.blocks}")
+
+    kwargs = dict(image_size=64, num_classes=3, optimizer="sgd", runtime="native", program_memory=lambda p, b: small, images=500)
+    result = plan(_board(tmp_path), "mobilenet_v3_small", batch_sizes=(8, 4), verify_program=verify, **kwargs)
+    assert tried == [(top, 8), (top, 4), (top - 1, 8)]
+    assert (result.chosen.blocks, result.chosen.batch_size, result.verified) == (top - 1, 8, True)
+    assert result.to_dict()["verified"] and "exported and verified" in result.render()
+
+    def refuse(policy, batch_size):
+        raise VerificationError(f"training program refused at K={policy.blocks}")
+
+    with pytest.raises(EdgetlError, match=r"no fitting configuration of mobilenet_v3_small exports .*K=9 batch 4: training program"):
+        plan(
+            _board(tmp_path),
+            "mobilenet_v3_small",
+            batch_sizes=(8, 4),
+            min_blocks=9,
+            max_blocks=top,
+            verify_program=refuse,
+            **kwargs,
+        )
+
+
+def test_pi_zero_2w_plans_a_training_program_that_verifies():
+    """The Pi Zero 2 W's native plan, with the exporter's own emission and verification: its
+    choice is a bundle `edgetl export --training` makes (MobileNetV3-Small at 64 px and K <= 6
+    bound the suite's time; benchmarks/training_export_sweep.py verifies the 224 px headline)."""
+    from edgetl.exporter.training import program_memory, verify_program
+    from edgetl.profiler.planner import plan
+
+    model = edgetl.load_model("mobilenet_v3_small", num_classes=3)
+    checks = []
+
+    def memory(policy, batch_size):
+        return program_memory(model, policy, batch_size=batch_size, image_size=64, num_classes=3)
+
+    def verify(policy, batch_size):
+        checks.append(
+            verify_program(model, policy, batch_size=batch_size, image_size=64, num_classes=3, lr=0.01, momentum=0.9, weight_decay=0.0)
+        )
+
+    result = plan(
+        "device_profiles/raspberry_pi_zero_2w.toml", "mobilenet_v3_small", image_size=64, num_classes=3, optimizer="sgd",
+        runtime="native", program_memory=memory, verify_program=verify, max_blocks=6, runner_ups=0,
+    )  # fmt: skip
+    assert result.verified and result.chosen.blocks == 6 and len(checks) == 1
+    assert checks[0].loss_max_abs_diff <= 1e-4 and checks[0].running_stats_moved > 0

@@ -236,9 +236,11 @@ def plan_command(args: argparse.Namespace) -> int:
     args.image_size = args.image_size or 224
     args.method = args.method or "mobiletl"
     args.num_classes = args.num_classes or 1000
-    program_memory = None
+    program_memory = verify_program = None
     if args.runtime == "native":
+        from edgetl.exporter.config import ExportConfig
         from edgetl.exporter.training import program_memory as emit_memory
+        from edgetl.exporter.training import verify_program as export_and_verify
         from edgetl.models.zoo import load_model
 
         model = load_model(args.model, num_classes=args.num_classes)
@@ -246,6 +248,14 @@ def plan_command(args: argparse.Namespace) -> int:
         def program_memory(policy, batch_size):
             print(f"  emitting the training program for K={policy.blocks} batch {batch_size} (its memory plan) ...", flush=True)
             return emit_memory(model, policy, batch_size=batch_size, image_size=args.image_size, num_classes=args.num_classes)
+
+        def verify_program(policy, batch_size):
+            sgd = ExportConfig()  # the exporter's default on-device SGD, as `edgetl export --training` verifies it
+            print(f"  exporting and verifying the training program for K={policy.blocks} batch {batch_size} ...", flush=True)
+            export_and_verify(
+                model, policy, batch_size=batch_size, image_size=args.image_size, num_classes=args.num_classes,
+                lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay,
+            )  # fmt: skip
 
     optimizer = args.optimizer or ("sgd" if args.runtime == "native" else "adam")
     result = plan(
@@ -259,6 +269,7 @@ def plan_command(args: argparse.Namespace) -> int:
         runner_ups=args.runner_ups,
         runtime=args.runtime,
         program_memory=program_memory,
+        verify_program=verify_program,
         images=args.images,
         max_blocks=args.max_blocks,
     )

@@ -201,6 +201,25 @@ def program_memory(model: nn.Module, policy, *, batch_size: int, image_size: int
     return ProgramMemory(sum(ex.program.planned_bytes["forward"]), len(ex.program.ptd), trainable, 4 * math.prod(feature_shape[1:]))
 
 
+def verify_program(
+    model: nn.Module, policy, *, batch_size: int, image_size: int, num_classes: int, lr: float, momentum: float, weight_decay: float
+) -> TrainingCheck:
+    """Export the training program of ``model`` under ``policy`` and verify it against eager, as
+    ``edgetl export --training`` does, without writing a bundle (the native planner's check of
+    its choice). Raises :class:`ExportError` (one line) for a program that cannot be made or is refused."""
+    from edgetl.train.prepare import prepare
+
+    net = prepare(model, policy)
+    with torch.no_grad():
+        feature_shape = tuple(inference.Bottom(without_dropout(net))(torch.zeros(batch_size, 3, image_size, image_size)).shape)
+    ex = export_training(net, feature_shape=feature_shape, num_classes=num_classes)
+    with tempfile.TemporaryDirectory() as tmp:
+        pte, ptd = Path(tmp) / "train.pte", Path(tmp) / "train.ptd"
+        pte.write_bytes(ex.program.pte)
+        ptd.write_bytes(ex.program.ptd)
+        return verify_training(net, ex, pte, ptd, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
 def _weights_disagree(got: np.ndarray, want: np.ndarray, initial: np.ndarray) -> bool:
     """More than OUTLIER_FRACTION of the elements differ beyond both tolerances (weights and update).
 

@@ -141,6 +141,8 @@ class Plan:
     runner_ups: tuple[Candidate, ...]
     over_budget: tuple[Candidate, ...]
     runtime: str = "eager"
+    #: native runtime: the chosen configuration's training program was exported and verified
+    verified: bool = False
 
     def policy(self) -> TrainPolicy:
         """The chosen configuration's policy, memory options included."""
@@ -158,6 +160,7 @@ class Plan:
             "chosen": self.chosen.to_dict(),
             "runner_ups": [c.to_dict() for c in self.runner_ups],
             "over_budget": [c.to_dict() for c in self.over_budget],
+            "verified": self.verified,
         }
 
     def render(self) -> str:
@@ -191,6 +194,8 @@ class Plan:
                 "check on the device with `edgetl profile ... --process`."
             )
         else:
+            if self.verified:
+                out.append("  The chosen configuration's training program was exported and verified against eager PyTorch.")
             out.append(
                 "  Predicted peaks of edgetl-device finetune (edgetl.profiler.native): runtime + cached features + weights "
                 "file + the program's planned arena + momentum; check on the device with `edgetl-device --verbose finetune`."
@@ -216,6 +221,7 @@ def plan(
     activation_mask: str = "reuse",
     runtime: str = "eager",
     program_memory: Callable[[TrainPolicy, int], ProgramMemory] | None = None,
+    verify_program: Callable[[TrainPolicy, int], object] | None = None,
     images: int = 1000,
     precisions: Sequence[str] = ("fp32",),
     memory_options: bool = True,
@@ -238,6 +244,11 @@ def plan(
         runtime: ``"eager"`` (PyTorch) or ``"native"`` (``edgetl-device``, SGD).
         program_memory: for the native runtime, ``(policy, batch_size) -> ProgramMemory`` of the
             exported training program (e.g. :func:`edgetl.exporter.training.program_memory`).
+        verify_program: for the native runtime, ``(policy, batch_size)`` exports and verifies
+            that training program, raising :class:`EdgetlError` if it is refused (e.g.
+            :func:`edgetl.exporter.training.verify_program`): the best fitting configurations
+            are tried in order and the first that verifies is chosen, so the plan names a
+            bundle ``edgetl export --training`` makes.
         images: for the native runtime, the device's training images (their features are cached).
         precisions: the ``saved_precision`` values the eager planner may choose.
         memory_options: let the eager planner use ``bottom_chunk``, ``saved_precision`` and
@@ -357,6 +368,22 @@ def plan(
             f"but only {format_size(profile.usable_bytes)} is usable ({format_size(profile.memory_budget)} budget, "
             f"{100 * profile.safety_margin:.0f}% safety margin)"
         )
+    verified = False
+    if runtime == "native" and verify_program is not None:
+        refused = []
+        while best and not verified:
+            k_best = max(best)
+            candidate = best[k_best][0]
+            try:
+                verify_program(TrainPolicy(candidate.blocks, method, activation_mask=activation_mask), candidate.batch_size)
+                verified = True
+            except EdgetlError as exc:  # never chosen: the exporter would refuse it
+                refused.append(f"K={candidate.blocks} batch {candidate.batch_size}: {exc}")
+                best[k_best].pop(0)
+                if not best[k_best]:
+                    del best[k_best]
+        if not verified:
+            raise EdgetlError(f"no fitting configuration of {name} exports a training program that verifies: " + "; ".join(refused))
     k_best = max(best)
     chosen = best[k_best][0]
     alternatives: list[Candidate] = best[k_best][1:2]
@@ -371,4 +398,6 @@ def plan(
         c = next((c for b in reversed(sizes) if (c := score(k_best + 1, b)) is not None), None)
         if c is not None and not c.fits:
             over.append(c)
-    return Plan(profile, name, image_size, method, optimizer, num_blocks, chosen, tuple(alternatives[:runner_ups]), tuple(over), runtime)
+    return Plan(
+        profile, name, image_size, method, optimizer, num_blocks, chosen, tuple(alternatives[:runner_ups]), tuple(over), runtime, verified
+    )
