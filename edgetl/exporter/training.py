@@ -333,9 +333,11 @@ def verify_training(
     momentum: float,
     weight_decay: float,
     seed: int = 0,
+    batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> TrainingCheck:
     """Run ``steps`` SGD steps in the ExecuTorch program and in eager PyTorch from the same weights
-    on the same batches; raise :class:`VerificationError` when they disagree beyond tolerance.
+    on the same batches (random features, or ``batches`` of features and labels, e.g. a device's
+    epoch); raise :class:`VerificationError` when they disagree beyond tolerance.
 
     Eager side: ``net`` (dropout off) with ``torch.optim.SGD``. ExecuTorch side: the program and
     ExecuTorch's SGD. Also checks the running statistics (updated on the ExecuTorch side, equal to
@@ -357,12 +359,14 @@ def verify_training(
     of several steps cannot agree in float32 between any two implementations, while each step
     does. The tolerances are the plain comparison's, the update they allow being that step's.
     """
-    gen = torch.Generator().manual_seed(seed)
-    n = export.feature_shape[0]
-    batches = [
-        (torch.randn(export.feature_shape, generator=gen).abs(), torch.randint(0, export.num_classes, (n,), generator=gen))
-        for _ in range(steps)
-    ]
+    if batches is None:
+        gen = torch.Generator().manual_seed(seed)
+        n = export.feature_shape[0]
+        batches = [
+            (torch.randn(export.feature_shape, generator=gen).abs(), torch.randint(0, export.num_classes, (n,), generator=gen))
+            for _ in range(steps)
+        ]
+    steps = len(batches)
     settings = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
     result = _compare(net, export, pte, ptd, batches, **settings)
     if result.failures and _has_masks(net):
