@@ -78,7 +78,7 @@ def one(work: Path, family: str, data: Path, exe: Path) -> dict:
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     train = manifest["programs"]["training"]
-    classes = manifest["classes"]
+    classes = manifest["model"]["classes"]
     paths = images_of(data)
     labels = np.array([classes.index(p.parent.name) for p in paths])
     from PIL import Image
@@ -91,6 +91,7 @@ def one(work: Path, family: str, data: Path, exe: Path) -> dict:
     batches = [np.array(order[s * BATCH : (s + 1) * BATCH]) for s in range(len(paths) // BATCH)]
 
     opt = train["optimizer"]
+    et.load_native_kernels()  # the bundle's depthwise operators, as the device links them
     session = et.TrainingSession(bundle / "train.pte", bundle / "train.ptd", buffer_names=train["buffers"])
     sgd = None
     for idx in batches:

@@ -186,16 +186,22 @@ def export_training(
     )
 
 
+def _prepared(model: nn.Module, policy, batch_size: int, image_size: int) -> tuple[TransferModel, tuple[int, ...]]:
+    """``model`` prepared under ``policy``, and its frozen bottom's output shape for one batch."""
+    from edgetl.train.prepare import prepare
+
+    net = prepare(model, policy)
+    with torch.no_grad():
+        return net, tuple(inference.Bottom(without_dropout(net))(torch.zeros(batch_size, 3, image_size, image_size)).shape)
+
+
 def program_memory(model: nn.Module, policy, *, batch_size: int, image_size: int, num_classes: int):
     """The memory an exported training program of ``model`` under ``policy`` would cost on the
     device (its planned arena, weights file, trainable bytes, one image's features): the program
     is emitted, not lowered, verified or written. Seconds to a minute: the planner's native runtime."""
     from edgetl.profiler.native import ProgramMemory
-    from edgetl.train.prepare import prepare
 
-    net = prepare(model, policy)
-    with torch.no_grad():
-        feature_shape = tuple(inference.Bottom(without_dropout(net))(torch.zeros(batch_size, 3, image_size, image_size)).shape)
+    net, feature_shape = _prepared(model, policy, batch_size, image_size)
     ex = export_training(net, feature_shape=feature_shape, num_classes=num_classes)
     trainable = sum(ex.program.layout[name].nbytes for name in ex.parameter_names)
     return ProgramMemory(sum(ex.program.planned_bytes["forward"]), len(ex.program.ptd), trainable, 4 * math.prod(feature_shape[1:]))
@@ -207,11 +213,7 @@ def verify_program(
     """Export the training program of ``model`` under ``policy`` and verify it against eager, as
     ``edgetl export --training`` does, without writing a bundle (the native planner's check of
     its choice). Raises :class:`ExportError` (one line) for a program that cannot be made or is refused."""
-    from edgetl.train.prepare import prepare
-
-    net = prepare(model, policy)
-    with torch.no_grad():
-        feature_shape = tuple(inference.Bottom(without_dropout(net))(torch.zeros(batch_size, 3, image_size, image_size)).shape)
+    net, feature_shape = _prepared(model, policy, batch_size, image_size)
     ex = export_training(net, feature_shape=feature_shape, num_classes=num_classes)
     with tempfile.TemporaryDirectory() as tmp:
         pte, ptd = Path(tmp) / "train.pte", Path(tmp) / "train.ptd"

@@ -292,10 +292,13 @@ def plan(
     if not min_blocks <= max_blocks <= num_blocks:
         raise ConfigError(f"max_blocks must be in {min_blocks}..{num_blocks} (min_blocks..the blocks of {name}), got {max_blocks}")
 
+    def plain_policy(k: int) -> TrainPolicy:  # without memory options: what the native runtime trains
+        return TrainPolicy(k, method, activation_mask=activation_mask)
+
     @cache
     def memory_at(k: int, b: int) -> ProgramMemory | EdgetlError:
         try:
-            return program_memory(TrainPolicy(k, method, activation_mask=activation_mask), b)
+            return program_memory(plain_policy(k), b)
         except EdgetlError as exc:  # remembered: a failing K is not emitted twice
             return exc
 
@@ -318,7 +321,7 @@ def plan(
         )
 
     def score(k: int, b: int) -> Candidate | None:
-        policy = TrainPolicy(k, method, activation_mask=activation_mask)
+        policy = plain_policy(k)
         rows = predict_units(net, policy, batch_size=b, image_size=image_size)
         if trainable_shapes_problem(rows):
             return None  # cannot train at all (batch norm on one value)
@@ -375,7 +378,7 @@ def plan(
             k_best = max(best)
             candidate = best[k_best][0]
             try:
-                verify_program(TrainPolicy(candidate.blocks, method, activation_mask=activation_mask), candidate.batch_size)
+                verify_program(plain_policy(candidate.blocks), candidate.batch_size)
                 verified = True
             except EdgetlError as exc:  # never chosen: the exporter would refuse it
                 refused.append(f"K={candidate.blocks} batch {candidate.batch_size}: {exc}")
