@@ -161,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
             masks = "plain" if r["mask_flips"] is None else f"{r['mask_flips']} replayed"
             tail = f"verified | {r['loss']:.2g} | {r['weights']:.2g} | {r['running_stats']:.2g} | {masks}"
         else:
-            tail = f"refused: {r['reason'][:200]} | | | |"
+            tail = "refused (below) | | | |"
         same = "yes" if r["bit_identical"] else "NO"
         print(f"| {family} | {r['model']} | {r['K']} | {r['steps']} | {same} | {tail} | {r['seconds']:.0f} |", flush=True)
+        if not r["verified"]:
+            print(f"  {family}: {r['reason']}", flush=True)
     return 0
 
 
