@@ -1,6 +1,6 @@
 """The device runs what was verified: a deep-K bundle per family, one epoch on the device against eager.
 
-    .venv/bin/python benchmarks/device_epoch.py [--work DIR] [--images 80] [--families v2,v3,lite0]
+    .venv/bin/python benchmarks/device_epoch.py [--work DIR] [--images 80] [--families v2,v3,lite0] [--blocks v2=14]
 
 For each family (MobileNetV2 at K = all, random initialisation; MobileNetV3-Large at K=14, random
 initialisation; EfficientNet-Lite0 at K=12 with its ImageNet weights; 96 px, batch 8, SGD lr 0.01
@@ -50,7 +50,7 @@ def runner() -> Path:
     return exe
 
 
-def one(work: Path, family: str, data: Path, exe: Path) -> dict:
+def one(work: Path, family: str, data: Path, exe: Path, blocks: int | None = None) -> dict:
     import edgetl
     from edgetl.data.fashion_mnist import FashionMNIST
     from edgetl.exporter import _executorch as et
@@ -58,15 +58,16 @@ def one(work: Path, family: str, data: Path, exe: Path) -> dict:
     from tests.test_native import epoch_order, images_of
 
     name, k, weights = FAMILIES[family]
+    k = blocks or k
     torch.manual_seed(0)
     model = edgetl.load_model(name, weights=weights, num_classes=10)
     policy = edgetl.TrainPolicy(blocks=k)
-    bundle = work / f"{family}-bundle"
+    bundle = work / f"{family}-k{k}-bundle"
     t0 = time.perf_counter()
     if not (bundle / "manifest.json").is_file():
         config = edgetl.ExportConfig(image_size=IMAGE_SIZE, batch_size=BATCH, training=True)
         edgetl.export(model, policy, bundle, config, model_name=name, classes=FashionMNIST(split="test").classes, log=lambda _: None)
-    state = work / f"{family}-state"
+    state = work / f"{family}-k{k}-state"
     r = subprocess.run(
         [str(exe), "--threads", "1", "finetune", str(bundle), str(data), "--state", str(state), "--epochs", "1"],
         capture_output=True,
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("runs/bench-device-epoch"))
     ap.add_argument("--images", type=int, default=80)
     ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--blocks", default="", help="K per family instead of the default, e.g. v2=14,lite0=16")
     args = ap.parse_args(argv)
     from edgetl.data.fashion_mnist import FashionMNIST, write_image_folder
 
@@ -155,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     exe = runner()
     print("| family | model | K | steps | device = bindings | eager, step by step | loss | weights | running stats | masks | s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    blocks = {f: int(k) for f, k in (item.split("=") for item in args.blocks.split(",") if item)}
     for family in args.families.split(","):
-        r = one(args.work, family, data, exe)
+        r = one(args.work, family, data, exe, blocks.get(family))
         if r["verified"]:
             masks = "plain" if r["mask_flips"] is None else f"{r['mask_flips']} replayed"
             tail = f"verified | {r['loss']:.2g} | {r['weights']:.2g} | {r['running_stats']:.2g} | {masks}"
