@@ -343,14 +343,15 @@ class _DepthwiseOps(nn.Module):
 
 @pytest.mark.parametrize(("stride", "kernel"), [(1, 3), (2, 3), (1, 5), (2, 5)])
 def test_native_depthwise_kernels_match_convolution_and_its_gradients(tmp_path, stride, kernel):
-    """deploy/native/kernels, run by ExecuTorch, against conv2d and autograd in float64."""
+    """deploy/native/kernels, run by ExecuTorch, against conv2d and autograd in float64; the same
+    bits at 1 and 4 threads."""
     if et.load_native_kernels() is None:
         pytest.skip("the native kernel library is not built (deploy/native/build.sh)")
     torch.manual_seed(stride * 10 + kernel)
     pad = kernel // 2
-    x = torch.randn(2, 9, 11, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(6, 1, kernel, kernel, dtype=torch.float64, requires_grad=True)
-    ref = nn.functional.conv2d(x.permute(0, 3, 1, 2), w, stride=stride, padding=pad, groups=6).permute(0, 2, 3, 1)
+    x = torch.randn(2, 9, 11, 40, dtype=torch.float64, requires_grad=True)  # two channel groups
+    w = torch.randn(40, 1, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    ref = nn.functional.conv2d(x.permute(0, 3, 1, 2), w, stride=stride, padding=pad, groups=40).permute(0, 2, 3, 1)
     dy = torch.randn_like(ref)
     gx, gw = torch.autograd.grad(ref, (x, w), dy)
     args = (x.detach().float(), w.detach().float(), dy.float())
@@ -358,9 +359,59 @@ def test_native_depthwise_kernels_match_convolution_and_its_gradients(tmp_path, 
     pte = tmp_path / "dw.pte"
     pte.write_bytes(et.portable_program(ep))
     program = et.Program(pte)
-    got = program.run("forward", *(a.numpy() for a in args))
-    for value, want in zip(got, (ref, gx, gw), strict=True):
+    try:
+        runs = {}
+        for threads in (1, 4):
+            et.set_threads(threads)
+            runs[threads] = program.run("forward", *(a.numpy() for a in args))
+    finally:
+        et.set_threads(2)
+    for value, want in zip(runs[1], (ref, gx, gw), strict=True):
         np.testing.assert_allclose(value, want.detach().numpy(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(runs[1], runs[4], strict=True):
+        assert np.array_equal(a, b), "4 threads differ from 1"
+
+
+class _PointwiseOps(nn.Module):
+    """The three 1x1 operators as the training program calls them."""
+
+    def forward(self, x, w, dy):
+        return (
+            torch.ops.edgetl_export.pointwise_nhwc(x, w),
+            torch.ops.edgetl_export.pointwise_grad_input(dy, w),
+            torch.ops.edgetl_export.pointwise_grad_weight(dy, x),
+        )
+
+
+# pixels x channels in x channels out: tile edges (6 x 16 micro-tiles, 96 x 256 x 256 blocks), one
+# pixel (batch 1 at 1 x 1), depths past one packed block, and a V3-Large-like 7 x 7 expansion
+@pytest.mark.parametrize(("m", "cin", "cout"), [(1, 1, 1), (7, 5, 17), (97, 257, 33), (392, 160, 960), (600, 24, 300)])
+def test_native_pointwise_kernels_match_matrix_products_at_any_thread_count(tmp_path, m, cin, cout):
+    """deploy/native/kernels' 1x1 forward and both gradients, run by ExecuTorch, against float64
+    matrix products; the same bits at 1, 2 and 4 threads."""
+    if et.load_native_kernels() is None:
+        pytest.skip("the native kernel library is not built (deploy/native/build.sh)")
+    g = torch.Generator().manual_seed(m * 1000 + cin)
+    x, dy = torch.randn(m, cin, generator=g), torch.randn(m, cout, generator=g)
+    w = torch.randn(cout, cin, 1, 1, generator=g)
+    x64, w64, dy64 = x.double(), w[:, :, 0, 0].double(), dy.double()
+    want = (x64 @ w64.t(), dy64 @ w64, (dy64.t() @ x64)[:, :, None, None])
+    ep = torch.export.export(_PointwiseOps(), (x, w, dy))
+    pte = tmp_path / "pw.pte"
+    pte.write_bytes(et.portable_program(ep))
+    program = et.Program(pte)
+    runs = {}
+    try:
+        for threads in (1, 2, 4):
+            et.set_threads(threads)
+            runs[threads] = program.run("forward", x.numpy(), w.numpy(), dy.numpy())
+    finally:
+        et.set_threads(2)
+    for value, ref in zip(runs[1], want, strict=True):
+        np.testing.assert_allclose(value, ref.numpy(), rtol=1e-5, atol=1e-5 * max(cin, cout, m) ** 0.5)
+    for threads in (2, 4):
+        for a, b in zip(runs[1], runs[threads], strict=True):
+            assert np.array_equal(a, b), f"{threads} threads differ from 1"
 
 
 def test_verification_refuses_a_backward_that_differs_from_eager(tmp_path):

@@ -39,6 +39,8 @@ DW_OP = "edgetl_export::depthwise_nhwc"
 DW_GRAD_INPUT_OP = "edgetl_export::depthwise_grad_input"
 DW_GRAD_WEIGHT_OP = "edgetl_export::depthwise_grad_weight"
 PW_OP = "edgetl_export::pointwise_nhwc"
+PW_GRAD_INPUT_OP = "edgetl_export::pointwise_grad_input"
+PW_GRAD_WEIGHT_OP = "edgetl_export::pointwise_grad_weight"
 
 
 # --- depthwise convolution ---------------------------------------------------------------------
@@ -144,33 +146,6 @@ def _(dy: Tensor, x: Tensor, k: int, stride: int, padding: int) -> Tensor:
     return x.new_empty((x.shape[3], 1, k, k))
 
 
-def _define_out_variants() -> None:
-    """``.out`` overloads of the three depthwise operators: ExecuTorch emits out-variant calls,
-    which the device's native kernels (``deploy/native/kernels``) implement."""
-    lib = torch.library.Library("edgetl_export", "FRAGMENT")
-    specs = {
-        # SymInt: the schema torch.library.custom_op gives the functional operators' int arguments
-        "depthwise_nhwc": ("Tensor x, Tensor weight, SymInt stride, SymInt padding", depthwise_nhwc),
-        "depthwise_grad_input": ("Tensor dy, Tensor weight, SymInt h, SymInt w, SymInt stride, SymInt padding", depthwise_grad_input_op),
-        "depthwise_grad_weight": ("Tensor dy, Tensor x, SymInt k, SymInt stride, SymInt padding", depthwise_grad_weight_op),
-    }
-    for name, (args, functional) in specs.items():
-        lib.define(f"{name}.out({args}, *, Tensor(a!) out) -> Tensor(a!)")
-
-        def impl(*args, out, _f=functional):
-            return out.copy_(_f(*args))
-
-        def meta(*args, out, _f=functional):
-            return out
-
-        lib.impl(f"{name}.out", impl, "CPU")
-        lib.impl(f"{name}.out", meta, "Meta")
-    _define_out_variants.library = lib  # keep the registrations alive
-
-
-_define_out_variants()
-
-
 def _dw_setup(ctx, inputs, output) -> None:
     x, weight, ctx.stride, ctx.padding = inputs
     ctx.x_shape = list(x.shape)
@@ -200,12 +175,34 @@ def _decompose_depthwise(x: Tensor, weight: Tensor, stride: int, padding: int) -
 def pointwise_nhwc(x: Tensor, weight: Tensor) -> Tensor:
     """``x @ weight[:, :, 0, 0]^T`` for 2-D ``x`` (pixels x channels); backward keeps ``x`` and the
     weight itself, not a transposed copy of it."""
-    return torch.mm(x, weight.squeeze(3).squeeze(2).t())
+    return _pointwise_forward(x, weight)
 
 
 @pointwise_nhwc.register_fake
 def _(x: Tensor, weight: Tensor) -> Tensor:
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op(PW_GRAD_INPUT_OP, mutates_args=())
+def pointwise_grad_input_op(dy: Tensor, weight: Tensor) -> Tensor:
+    """dL/dx of :func:`pointwise_nhwc`: ``dy @ weight[:, :, 0, 0]``."""
+    return _pointwise_grad_input(dy, weight)
+
+
+@pointwise_grad_input_op.register_fake
+def _(dy: Tensor, weight: Tensor) -> Tensor:
+    return dy.new_empty((dy.shape[0], weight.shape[1]))
+
+
+@torch.library.custom_op(PW_GRAD_WEIGHT_OP, mutates_args=())
+def pointwise_grad_weight_op(dy: Tensor, x: Tensor) -> Tensor:
+    """dL/dweight of :func:`pointwise_nhwc`: ``dy^T @ x`` as a Cout x Cin x 1 x 1 weight."""
+    return _pointwise_grad_weight(dy, x)
+
+
+@pointwise_grad_weight_op.register_fake
+def _(dy: Tensor, x: Tensor) -> Tensor:
+    return x.new_empty((dy.shape[1], x.shape[1], 1, 1))
 
 
 def _pw_setup(ctx, inputs, output) -> None:
@@ -214,18 +211,56 @@ def _pw_setup(ctx, inputs, output) -> None:
 
 def _pw_backward(ctx, dy: Tensor):
     x, weight = ctx.saved_tensors
-    # squeeze, not view: ExecuTorch 1.5 cannot emit a view of an external (.ptd) weight
-    w2 = weight.squeeze(3).squeeze(2)
-    gx = torch.mm(dy, w2) if ctx.needs_input_grad[0] else None
-    gw = torch.mm(dy.t(), x).unsqueeze(2).unsqueeze(3) if ctx.needs_input_grad[1] else None
+    gx = pointwise_grad_input_op(dy, weight) if ctx.needs_input_grad[0] else None
+    gw = pointwise_grad_weight_op(dy, x) if ctx.needs_input_grad[1] else None
     return gx, gw
 
 
 pointwise_nhwc.register_autograd(_pw_backward, setup_context=_pw_setup)
 
 
-def _decompose_pointwise(x: Tensor, weight: Tensor) -> Tensor:
+# The matrix products in ATen, for programs without edgetl's kernels. squeeze, not view:
+# ExecuTorch 1.5 cannot emit a view of an external (.ptd) weight.
+def _pointwise_forward(x: Tensor, weight: Tensor) -> Tensor:
     return torch.mm(x, weight.squeeze(3).squeeze(2).t())
+
+
+def _pointwise_grad_input(dy: Tensor, weight: Tensor) -> Tensor:
+    return torch.mm(dy, weight.squeeze(3).squeeze(2))
+
+
+def _pointwise_grad_weight(dy: Tensor, x: Tensor) -> Tensor:
+    return torch.mm(dy.t(), x).unsqueeze(2).unsqueeze(3)
+
+
+def _define_out_variants() -> None:
+    """``.out`` overloads of the depthwise and 1x1 operators: ExecuTorch emits out-variant calls,
+    which the device's native kernels (``deploy/native/kernels``) implement."""
+    lib = torch.library.Library("edgetl_export", "FRAGMENT")
+    specs = {
+        # SymInt: the schema torch.library.custom_op gives the functional operators' int arguments
+        "depthwise_nhwc": ("Tensor x, Tensor weight, SymInt stride, SymInt padding", depthwise_nhwc),
+        "depthwise_grad_input": ("Tensor dy, Tensor weight, SymInt h, SymInt w, SymInt stride, SymInt padding", depthwise_grad_input_op),
+        "depthwise_grad_weight": ("Tensor dy, Tensor x, SymInt k, SymInt stride, SymInt padding", depthwise_grad_weight_op),
+        "pointwise_nhwc": ("Tensor x, Tensor weight", pointwise_nhwc),
+        "pointwise_grad_input": ("Tensor dy, Tensor weight", pointwise_grad_input_op),
+        "pointwise_grad_weight": ("Tensor dy, Tensor x", pointwise_grad_weight_op),
+    }
+    for name, (args, functional) in specs.items():
+        lib.define(f"{name}.out({args}, *, Tensor(a!) out) -> Tensor(a!)")
+
+        def impl(*args, out, _f=functional):
+            return out.copy_(_f(*args))
+
+        def meta(*args, out, _f=functional):
+            return out
+
+        lib.impl(f"{name}.out", impl, "CPU")
+        lib.impl(f"{name}.out", meta, "Meta")
+    _define_out_variants.library = lib  # keep the registrations alive
+
+
+_define_out_variants()
 
 
 # --- leaf modules --------------------------------------------------------------------------------
@@ -540,7 +575,7 @@ def trainable_top(net: TransferModel, *, label_smoothing: float = 0.0, record_ac
 
 #: Decompositions that turn edgetl's custom operators into ATen for ExecuTorch, after
 #: ``_export_forward_backward`` has recorded their custom backward formulas. With
-#: ``native_kernels`` the depthwise operators stay, for the device's kernels to run.
+#: ``native_kernels`` the depthwise and 1x1 operators stay, for the device's kernels to run.
 def decompositions(native_kernels: bool = False) -> dict:
     from edgetl.nn import ops
 
@@ -560,9 +595,11 @@ def decompositions(native_kernels: bool = False) -> dict:
         torch.ops.aten.empty_permuted.default: empty_permuted,
         torch.ops.edgetl.masked_act.default: masked_act,
         torch.ops.edgetl.masked_act_packed.default: masked_act_packed,
-        torch.ops.edgetl_export.pointwise_nhwc.default: _decompose_pointwise,
     }
     if not native_kernels:
+        table[torch.ops.edgetl_export.pointwise_nhwc.default] = _pointwise_forward
+        table[torch.ops.edgetl_export.pointwise_grad_input.default] = _pointwise_grad_input
+        table[torch.ops.edgetl_export.pointwise_grad_weight.default] = _pointwise_grad_weight
         table[torch.ops.edgetl_export.depthwise_nhwc.default] = _decompose_depthwise
         table[torch.ops.edgetl_export.depthwise_grad_input.default] = lambda dy, weight, h, w, stride, padding: depthwise_grad_input(
             dy, weight, [dy.shape[0], h, w, dy.shape[3]], stride, padding

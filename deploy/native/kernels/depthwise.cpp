@@ -4,16 +4,21 @@
 // Without them the exporter decomposes a k x k depthwise convolution into k*k slice / multiply /
 // add (and pad, in backward) operators over full feature maps: most of a step's time and, in
 // backward, full-size temporaries that set the program's memory peak. Here each is one pass with
-// the channel loop innermost (NHWC: contiguous, vectorised by the compiler).
+// the channel loop innermost (NHWC: contiguous, vectorised by the compiler), spread over
+// ExecuTorch's thread pool by output rows (forward, input gradient) or by channel groups (weight
+// gradient), so that every output element is summed in the same order at any thread count.
 //
 // Built into libedgetl_kernels.so, which edgetl-device links and the exporter loads into the
 // Python process (it links the same libexecutorch.so, whose registry the Python bindings use) so
 // that an export verifies the very kernels the device runs.
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
+
+#include "threadpool.h"
 
 namespace edgetl_kernels {
 
@@ -63,17 +68,18 @@ Tensor& depthwise_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
   const float* xp = x.const_data_ptr<float>();
   float* yp = out.mutable_data_ptr<float>();
   const std::vector<float> wt = taps_major(weight, g);
-  for (int64_t n = 0; n < g.n; ++n)
-    for (int64_t oy = 0; oy < g.ho; ++oy)
-      for (int64_t ox = 0; ox < g.wo; ++ox) {
-        float* y = yp + ((n * g.ho + oy) * g.wo + ox) * g.c;
-        std::memset(y, 0, sizeof(float) * g.c);
-        each_tap(g, n, oy, ox, [&](int64_t tap, int64_t pixel) {
-          const float* xr = xp + pixel * g.c;
-          const float* wr = wt.data() + tap * g.c;
-          for (int64_t c = 0; c < g.c; ++c) y[c] += xr[c] * wr[c];
-        });
-      }
+  parallel_for(static_cast<size_t>(g.n * g.ho), [&](size_t row) {
+    const int64_t n = static_cast<int64_t>(row) / g.ho, oy = static_cast<int64_t>(row) % g.ho;
+    for (int64_t ox = 0; ox < g.wo; ++ox) {
+      float* y = yp + ((n * g.ho + oy) * g.wo + ox) * g.c;
+      std::memset(y, 0, sizeof(float) * g.c);
+      each_tap(g, n, oy, ox, [&](int64_t tap, int64_t pixel) {
+        const float* xr = xp + pixel * g.c;
+        const float* wr = wt.data() + tap * g.c;
+        for (int64_t c = 0; c < g.c; ++c) y[c] += xr[c] * wr[c];
+      });
+    }
+  });
   return out;
 }
 
@@ -85,27 +91,28 @@ Tensor& depthwise_grad_input_out(KernelRuntimeContext& ctx, const Tensor& dy, co
   const float* dyp = dy.const_data_ptr<float>();
   float* dx = out.mutable_data_ptr<float>();
   const std::vector<float> wt = taps_major(weight, g);
-  for (int64_t n = 0; n < g.n; ++n)
-    for (int64_t iy = 0; iy < g.h; ++iy)
-      for (int64_t ix = 0; ix < g.w; ++ix) {
-        float* d = dx + ((n * g.h + iy) * g.w + ix) * g.c;
-        std::memset(d, 0, sizeof(float) * g.c);
-        for (int64_t i = 0; i < g.k; ++i) {
-          const int64_t ty = iy + g.pad - i;  // = oy * stride
-          if (ty < 0 || ty % g.stride) continue;
-          const int64_t oy = ty / g.stride;
-          if (oy >= g.ho) continue;
-          for (int64_t j = 0; j < g.k; ++j) {
-            const int64_t tx = ix + g.pad - j;
-            if (tx < 0 || tx % g.stride) continue;
-            const int64_t ox = tx / g.stride;
-            if (ox >= g.wo) continue;
-            const float* dr = dyp + ((n * g.ho + oy) * g.wo + ox) * g.c;
-            const float* wr = wt.data() + (i * g.k + j) * g.c;
-            for (int64_t c = 0; c < g.c; ++c) d[c] += dr[c] * wr[c];
-          }
+  parallel_for(static_cast<size_t>(g.n * g.h), [&](size_t row) {
+    const int64_t n = static_cast<int64_t>(row) / g.h, iy = static_cast<int64_t>(row) % g.h;
+    for (int64_t ix = 0; ix < g.w; ++ix) {
+      float* d = dx + ((n * g.h + iy) * g.w + ix) * g.c;
+      std::memset(d, 0, sizeof(float) * g.c);
+      for (int64_t i = 0; i < g.k; ++i) {
+        const int64_t ty = iy + g.pad - i;  // = oy * stride
+        if (ty < 0 || ty % g.stride) continue;
+        const int64_t oy = ty / g.stride;
+        if (oy >= g.ho) continue;
+        for (int64_t j = 0; j < g.k; ++j) {
+          const int64_t tx = ix + g.pad - j;
+          if (tx < 0 || tx % g.stride) continue;
+          const int64_t ox = tx / g.stride;
+          if (ox >= g.wo) continue;
+          const float* dr = dyp + ((n * g.ho + oy) * g.wo + ox) * g.c;
+          const float* wr = wt.data() + (i * g.k + j) * g.c;
+          for (int64_t c = 0; c < g.c; ++c) d[c] += dr[c] * wr[c];
         }
       }
+    }
+  });
   return out;
 }
 
@@ -116,20 +123,25 @@ Tensor& depthwise_grad_weight_out(KernelRuntimeContext& ctx, const Tensor& dy, c
   const Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), dy.size(1), dy.size(2), k, stride, padding};
   const float* dyp = dy.const_data_ptr<float>();
   const float* xp = x.const_data_ptr<float>();
-  std::vector<double> acc(g.k * g.k * g.c, 0.0);  // per-tap channel sums; double: many terms
-  for (int64_t n = 0; n < g.n; ++n)
-    for (int64_t oy = 0; oy < g.ho; ++oy)
-      for (int64_t ox = 0; ox < g.wo; ++ox) {
-        const float* dr = dyp + ((n * g.ho + oy) * g.wo + ox) * g.c;
-        each_tap(g, n, oy, ox, [&](int64_t tap, int64_t pixel) {
-          const float* xr = xp + pixel * g.c;
-          double* a = acc.data() + tap * g.c;
-          for (int64_t c = 0; c < g.c; ++c) a[c] += static_cast<double>(dr[c] * xr[c]);
-        });
-      }
   float* dw = out.mutable_data_ptr<float>();
-  for (int64_t c = 0; c < g.c; ++c)
-    for (int64_t t = 0; t < g.k * g.k; ++t) dw[c * g.k * g.k + t] = static_cast<float>(acc[t * g.c + c]);
+  // one task per group of channels: it sums every pixel for its channels, in pixel order
+  constexpr int64_t kGroup = 32;
+  parallel_for(static_cast<size_t>((g.c + kGroup - 1) / kGroup), [&](size_t group) {
+    const int64_t c0 = static_cast<int64_t>(group) * kGroup, cn = std::min(kGroup, g.c - c0);
+    std::vector<double> acc(g.k * g.k * cn, 0.0);  // per-tap channel sums; double: many terms
+    for (int64_t n = 0; n < g.n; ++n)
+      for (int64_t oy = 0; oy < g.ho; ++oy)
+        for (int64_t ox = 0; ox < g.wo; ++ox) {
+          const float* dr = dyp + ((n * g.ho + oy) * g.wo + ox) * g.c + c0;
+          each_tap(g, n, oy, ox, [&](int64_t tap, int64_t pixel) {
+            const float* xr = xp + pixel * g.c + c0;
+            double* a = acc.data() + tap * cn;
+            for (int64_t c = 0; c < cn; ++c) a[c] += static_cast<double>(dr[c] * xr[c]);
+          });
+        }
+    for (int64_t c = 0; c < cn; ++c)
+      for (int64_t t = 0; t < g.k * g.k; ++t) dw[(c0 + c) * g.k * g.k + t] = static_cast<float>(acc[t * cn + c]);
+  });
   return out;
 }
 

@@ -1,0 +1,38 @@
+// ExecuTorch's shared thread pool (libexecutorch_threadpool.so): the one place edgetl's C++
+// declares it. The wheel ships the library but not threadpool.h; these members are all edgetl
+// calls (a non-virtual member's symbol does not depend on the class layout). XNNPACK, ExecuTorch's
+// optimized kernels and edgetl's kernels share the pool, so `--threads` sizes all of them.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <executorch/runtime/core/function_ref.h>
+
+namespace executorch::extension::threadpool {
+class ThreadPool {
+ public:
+  bool _unsafe_reset_threadpool(uint32_t num_threads);
+  size_t get_thread_count() const;
+  // fn(i) for every i in [0, range), spread over the pool's threads; returns when all are done
+  void run(::executorch::runtime::FunctionRef<void(size_t)> fn, size_t range);
+};
+ThreadPool* get_threadpool();
+}  // namespace executorch::extension::threadpool
+
+namespace edgetl_kernels {
+
+// fn(i) for i in [0, range) on the shared pool (inline when range is 1). Callers make each i
+// write its own outputs only, with a fixed summation order, so results do not depend on the
+// number of threads.
+template <typename F>
+void parallel_for(size_t range, F&& fn) {
+  if (range == 0) return;
+  if (range == 1) {
+    fn(size_t{0});
+    return;
+  }
+  ::executorch::extension::threadpool::get_threadpool()->run(fn, range);
+}
+
+}  // namespace edgetl_kernels
