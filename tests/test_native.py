@@ -296,6 +296,21 @@ def test_a_bundle_whose_weights_belong_to_another_model_fails_with_one_line(runn
     assert not (tmp_path / "s" / "state.json").exists()
 
 
+def test_a_program_needing_kernels_the_runner_lacks_is_refused_with_one_line(runner, tmp_path, photos, training_bundle):
+    """The manifest lists edgetl's kernels the training program calls; the runner checks them before any work."""
+    manifest = json.loads((training_bundle / "manifest.json").read_text())
+    listed = manifest["programs"]["training"]["custom_operators"]
+    assert {f"edgetl_export::{op}.out" for op in ("pointwise_nhwc", "pointwise_grad_input", "pointwise_grad_weight")} <= set(listed)
+    other = tmp_path / "bundle"
+    shutil.copytree(training_bundle, other)
+    manifest["programs"]["training"]["custom_operators"] = [*listed, "edgetl_export::from_a_newer_edgetl.out"]
+    (other / "manifest.json").write_bytes(manifest_bytes(manifest))
+    for args in (["finetune", str(other), str(photos), "--state", str(tmp_path / "s"), "--epochs", "1"],
+                 ["classify", str(other), str(photos), "--trained", str(training_bundle / "train.ptd")]):  # fmt: skip
+        _one_line_error(run(runner, *args), "train.pte needs kernels this edgetl-device lacks: edgetl_export::from_a_newer_edgetl.out")
+    assert not (tmp_path / "s").exists()
+
+
 def test_state_of_another_bundle_unknown_classes_and_bad_values_fail_with_one_line(runner, tmp_path, photos, training_bundle):
     bundle = training_bundle
     state = tmp_path / "state"

@@ -102,6 +102,7 @@ Bundle::Bundle(const std::string& path) : dir(path) {
     const auto& o = t.at("optimizer");
     training_.optimizer = {o.at("lr").get<double>(), o.value("momentum", 0.0), o.value("dampening", 0.0), o.value("weight_decay", 0.0),
                            o.value("nesterov", false)};
+    training_.custom_operators = t.value("custom_operators", std::vector<std::string>{});
     ptd_sha256 = manifest.at("files").at(training_.ptd).at("sha256").get<std::string>();
     return 0;
   });

@@ -33,6 +33,7 @@ struct TrainingSpec {
   std::vector<std::string> buffers;               // running statistics, in forward's output order
   std::map<std::string, TensorSlot> weights_layout;
   SgdOptions optimizer;
+  std::vector<std::string> custom_operators;  // edgetl kernels the program calls (edgetl_export::*.out)
 };
 
 class Bundle {

@@ -48,6 +48,7 @@ int classify(const Bundle& bundle, const ClassifyOptions& o) {
     }
   } else {  // bottom.pte + train.pte's predict over the trained weights
     const auto& t = bundle.training();
+    require_kernels(t.custom_operators, t.pte);
     std::string weights = trained_weights(o.trained, bundle);
     Program bottom(bundle.file(bundle.bottom_pte));
     Program top(bundle.file(t.pte), weights);

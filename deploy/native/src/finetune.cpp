@@ -162,6 +162,7 @@ double accuracy_of(const Bundle& bundle, const std::string& weights, std::vector
 
 int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   const TrainingSpec& t = bundle.training();
+  require_kernels(t.custom_operators, t.pte);
   if (o.epochs < 1) throw DeviceError("--epochs must be at least 1");
   if (o.batch_size && *o.batch_size != t.batch_size)
     throw DeviceError("the training program was exported for batch " + std::to_string(t.batch_size) +

@@ -4,21 +4,14 @@
 #include <cstring>
 
 #include <executorch/extension/module/module.h>
+#include <executorch/runtime/kernel/operator_registry.h>
 #include <executorch/extension/tensor/tensor.h>
 #include <executorch/runtime/platform/platform.h>
 #include <executorch/runtime/platform/runtime.h>
 
+#include "../kernels/threadpool.h"
 #include "files.h"
 
-// The wheel ships libexecutorch_threadpool.so but not threadpool.h; these two members are all we
-// call (a non-virtual member's symbol does not depend on the class layout).
-namespace executorch::extension::threadpool {
-class ThreadPool {
- public:
-  bool _unsafe_reset_threadpool(uint32_t num_threads);
-};
-ThreadPool* get_threadpool();
-}  // namespace executorch::extension::threadpool
 
 namespace edgetl {
 
@@ -64,6 +57,15 @@ void init_runtime(bool verbose) {
 }
 
 void set_threads(unsigned n) { ::executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(n); }
+
+void require_kernels(const std::vector<std::string>& operators, const std::string& program) {
+  std::string missing;
+  for (const auto& op : operators)
+    if (!et::registry_has_op_function(op.c_str())) missing += (missing.empty() ? "" : ", ") + op;
+  if (!missing.empty())
+    throw DeviceError(program + " needs kernels this edgetl-device lacks: " + missing +
+                      " (build edgetl-device from the edgetl that exported the bundle: deploy/native/build.sh)");
+}
 
 struct Program::Impl {
   std::string path, data;

@@ -26,8 +26,11 @@ struct TensorView {
 
 // Routes ExecuTorch's log lines to stderr only when `verbose` (our own errors say what failed).
 void init_runtime(bool verbose);
-// Threads of ExecuTorch's shared pool (XNNPACK and the optimized kernels).
+// Threads of ExecuTorch's shared pool (XNNPACK, the optimized kernels and edgetl's kernels).
 void set_threads(unsigned n);
+// DeviceError naming the operators of `program` that no kernel linked into this runner implements
+// (a bundle exported by an edgetl whose kernels this build lacks), before anything runs.
+void require_kernels(const std::vector<std::string>& operators, const std::string& program);
 
 class Program {
  public:
