@@ -35,6 +35,7 @@ from edgetl.exporter.manifest import (
 )
 from edgetl.exporter.weights import apply_device_weights, load_weights
 from edgetl.models.zoo import architecture_mismatch, identify_model, load_model, model_spec
+from edgetl.nn import ops
 from edgetl.profiler.predict import predict_units
 from edgetl.train.run import read_weights
 from tests.conftest import CLASSES, EXPORT_BATCH, EXPORT_IMAGE_SIZE, calibrate, export_eager_net, export_policy
@@ -412,6 +413,39 @@ def test_native_pointwise_kernels_match_matrix_products_at_any_thread_count(tmp_
     for threads in (2, 4):
         for a, b in zip(runs[1], runs[threads], strict=True):
             assert np.array_equal(a, b), f"{threads} threads differ from 1"
+
+
+class _ActivationOps(nn.Module):
+    """The masked activation's operators as the training program calls them."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__()
+        self.code = code
+
+    def forward(self, x, dy, packed):
+        y = torch.ops.edgetl_export.activation(x, self.code)
+        return y, torch.ops.edgetl_export.mask_grad(dy, y, self.code), torch.ops.edgetl_export.packed_mask_grad(dy, packed)
+
+
+@pytest.mark.parametrize("kind", ops.ACTIVATION_KINDS)
+@pytest.mark.parametrize("rule", ops.GRAD_RULES)
+def test_native_activation_kernels_match_the_python_operators(tmp_path, kind, rule):
+    """deploy/native/kernels' masked activation (forward, mask from the output, packed mask) against
+    edgetl.nn.ops for every kind and rule, on values around 0 and 6 and an odd element count."""
+    if et.load_native_kernels() is None:
+        pytest.skip("the native kernel library is not built (deploy/native/build.sh)")
+    g = torch.Generator().manual_seed(len(kind) * 2 + len(rule))
+    x = torch.cat([torch.randn(3, 5, 7, 11, generator=g) * 4, torch.tensor([0.0, 6.0, -3.0, 3.0, 1e-30, -1e-30]).expand(3, 5, 7, 6)], -1)
+    dy = torch.randn(x.shape, generator=g)
+    packed = ops.pack_bits(ops.mask_from_input(x, kind, rule))
+    code = nhwc.activation_code(kind, rule)
+    y = ops.activation_forward(x, kind)
+    want = (y, ops.mask_grad(dy, y, kind, rule), ops.packed_mask_grad(dy, packed))
+    pte = tmp_path / "act.pte"
+    pte.write_bytes(et.portable_program(torch.export.export(_ActivationOps(code), (x, dy, packed))))
+    got = et.Program(pte).run("forward", x.numpy(), dy.numpy(), packed.numpy())
+    for value, ref in zip(got, want, strict=True):
+        np.testing.assert_allclose(value, ref.numpy(), rtol=2e-7, atol=1e-7)
 
 
 def test_verification_refuses_a_backward_that_differs_from_eager(tmp_path):

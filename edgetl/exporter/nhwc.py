@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from torchvision.ops import StochasticDepth
 
 from edgetl.exporter.errors import UnsupportedModelError
+from edgetl.nn import ops
 from edgetl.nn.layers import MaskedActivation, SamePad2d, ShiftOnlyNorm, activation_kind
 from edgetl.train.prepare import TransferModel
 
@@ -41,6 +42,9 @@ DW_GRAD_WEIGHT_OP = "edgetl_export::depthwise_grad_weight"
 PW_OP = "edgetl_export::pointwise_nhwc"
 PW_GRAD_INPUT_OP = "edgetl_export::pointwise_grad_input"
 PW_GRAD_WEIGHT_OP = "edgetl_export::pointwise_grad_weight"
+ACT_OP = "edgetl_export::activation"
+MASK_GRAD_OP = "edgetl_export::mask_grad"
+PACKED_MASK_GRAD_OP = "edgetl_export::packed_mask_grad"
 
 
 # --- depthwise convolution ---------------------------------------------------------------------
@@ -233,8 +237,54 @@ def _pointwise_grad_weight(dy: Tensor, x: Tensor) -> Tensor:
     return torch.mm(dy.t(), x).unsqueeze(2).unsqueeze(3)
 
 
+# --- masked activations -----------------------------------------------------------------------
+
+
+def activation_code(kind: str, rule: str) -> int:
+    """An activation kind and gradient rule as one integer, the native kernels' numbering:
+    ``2 * ACTIVATION_KINDS.index(kind) + GRAD_RULES.index(rule)``."""
+    return 2 * ops.ACTIVATION_KINDS.index(kind) + ops.GRAD_RULES.index(rule)
+
+
+def _kind_rule(code: int) -> tuple[str, str]:
+    return ops.ACTIVATION_KINDS[code // 2], ops.GRAD_RULES[code % 2]
+
+
+@torch.library.custom_op(ACT_OP, mutates_args=())
+def activation_op(x: Tensor, code: int) -> Tensor:
+    """The exact forward of the activation ``code`` (:func:`activation_code`)."""
+    return ops.activation_forward(x, _kind_rule(code)[0])
+
+
+@activation_op.register_fake
+def _(x: Tensor, code: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(MASK_GRAD_OP, mutates_args=())
+def mask_grad_op(dy: Tensor, y: Tensor, code: int) -> Tensor:
+    """:func:`edgetl.nn.ops.mask_grad` with kind and rule as one integer."""
+    return ops.mask_grad_aten(dy, y, *_kind_rule(code))
+
+
+@mask_grad_op.register_fake
+def _(dy: Tensor, y: Tensor, code: int) -> Tensor:
+    return torch.empty_like(dy)
+
+
+@torch.library.custom_op(PACKED_MASK_GRAD_OP, mutates_args=())
+def packed_mask_grad_op(dy: Tensor, packed: Tensor) -> Tensor:
+    """:func:`edgetl.nn.ops.packed_mask_grad`."""
+    return ops.packed_mask_grad_aten(dy, packed)
+
+
+@packed_mask_grad_op.register_fake
+def _(dy: Tensor, packed: Tensor) -> Tensor:
+    return torch.empty_like(dy)
+
+
 def _define_out_variants() -> None:
-    """``.out`` overloads of the depthwise and 1x1 operators: ExecuTorch emits out-variant calls,
+    """``.out`` overloads of the operators above: ExecuTorch emits out-variant calls,
     which the device's native kernels (``deploy/native/kernels``) implement."""
     lib = torch.library.Library("edgetl_export", "FRAGMENT")
     specs = {
@@ -245,6 +295,9 @@ def _define_out_variants() -> None:
         "pointwise_nhwc": ("Tensor x, Tensor weight", pointwise_nhwc),
         "pointwise_grad_input": ("Tensor dy, Tensor weight", pointwise_grad_input_op),
         "pointwise_grad_weight": ("Tensor dy, Tensor x", pointwise_grad_weight_op),
+        "activation": ("Tensor x, SymInt code", activation_op),
+        "mask_grad": ("Tensor dy, Tensor y, SymInt code", mask_grad_op),
+        "packed_mask_grad": ("Tensor dy, Tensor packed", packed_mask_grad_op),
     }
     for name, (args, functional) in specs.items():
         lib.define(f"{name}.out({args}, *, Tensor(a!) out) -> Tensor(a!)")
@@ -575,15 +628,14 @@ def trainable_top(net: TransferModel, *, label_smoothing: float = 0.0, record_ac
 
 #: Decompositions that turn edgetl's custom operators into ATen for ExecuTorch, after
 #: ``_export_forward_backward`` has recorded their custom backward formulas. With
-#: ``native_kernels`` the depthwise and 1x1 operators stay, for the device's kernels to run.
+#: ``native_kernels`` the depthwise, 1x1 and masked-activation operators stay (as
+#: ``edgetl_export::*``), for the device's kernels to run.
 def decompositions(native_kernels: bool = False) -> dict:
-    from edgetl.nn import ops
-
-    def masked_act(x: Tensor, kind: str, rule: str) -> Tensor:
-        return ops.activation_forward(x, kind)
+    def act(x: Tensor, kind: str, rule: str) -> Tensor:
+        return activation_op(x, activation_code(kind, rule)) if native_kernels else ops.activation_forward(x, kind)
 
     def masked_act_packed(x: Tensor, kind: str, rule: str) -> tuple[Tensor, Tensor]:
-        return ops.activation_forward(x, kind), ops.pack_bits(ops.mask_from_input(x, kind, rule))
+        return act(x, kind, rule), ops.pack_bits(ops.mask_from_input(x, kind, rule))
 
     def empty_permuted(size, physical_layout, **kwargs) -> Tensor:
         # SiLU's backward decomposition allocates through empty_permuted, which has no ExecuTorch kernel
@@ -593,10 +645,15 @@ def decompositions(native_kernels: bool = False) -> dict:
 
     table = {
         torch.ops.aten.empty_permuted.default: empty_permuted,
-        torch.ops.edgetl.masked_act.default: masked_act,
+        torch.ops.edgetl.masked_act.default: act,
         torch.ops.edgetl.masked_act_packed.default: masked_act_packed,
     }
-    if not native_kernels:
+    if native_kernels:
+        table[torch.ops.edgetl.mask_grad.default] = lambda dy, y, kind, rule: mask_grad_op(dy, y, activation_code(kind, rule))
+        table[torch.ops.edgetl.packed_mask_grad.default] = packed_mask_grad_op
+    else:
+        table[torch.ops.edgetl.mask_grad.default] = ops.mask_grad_aten
+        table[torch.ops.edgetl.packed_mask_grad.default] = ops.packed_mask_grad_aten
         table[torch.ops.edgetl_export.pointwise_nhwc.default] = _pointwise_forward
         table[torch.ops.edgetl_export.pointwise_grad_input.default] = _pointwise_grad_input
         table[torch.ops.edgetl_export.pointwise_grad_weight.default] = _pointwise_grad_weight

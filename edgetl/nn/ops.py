@@ -148,11 +148,30 @@ def _masked_act_setup(ctx, inputs, output) -> None:
 
 def _masked_act_backward(ctx, grad: Tensor):
     (y,) = ctx.saved_tensors
-    if ctx.kind in GATE_KINDS:
-        return _gate_grad(grad, y, ctx.kind), None, None
+    return mask_grad(grad, y, ctx.kind, ctx.rule), None, None
+
+
+# The backward formulas are operators of their own, so that an exported training program can run
+# each as one kernel (deploy/native/kernels) instead of its ATen decomposition.
+@torch.library.custom_op("edgetl::mask_grad", mutates_args=())
+def mask_grad(grad: Tensor, y: Tensor, kind: str, rule: str) -> Tensor:
+    """:func:`masked_act`'s backward: ``grad`` where the mask read off the output ``y`` is set, else 0
+    (a gate: its exact derivative from ``y``)."""
+    return mask_grad_aten(grad, y, kind, rule)
+
+
+@mask_grad.register_fake
+def _(grad: Tensor, y: Tensor, kind: str, rule: str) -> Tensor:
+    return torch.empty_like(grad)
+
+
+def mask_grad_aten(grad: Tensor, y: Tensor, kind: str, rule: str) -> Tensor:
+    """:func:`mask_grad` in ATen operators."""
+    if kind in GATE_KINDS:
+        return _gate_grad(grad, y, kind)
     # where, not grad * mask.to(dtype): the same values without a float copy of the mask (the
     # cast is the slowest kernel of an ExecuTorch training step on portable kernels)
-    return torch.where(mask_from_output(y, ctx.kind, ctx.rule), grad, 0.0), None, None
+    return torch.where(mask_from_output(y, kind, rule), grad, 0.0)
 
 
 masked_act.register_autograd(_masked_act_backward, setup_context=_masked_act_setup)
@@ -184,7 +203,23 @@ def _packed_setup(ctx, inputs, output) -> None:
 
 def _packed_backward(ctx, grad: Tensor, _grad_mask: Tensor | None):
     (packed,) = ctx.saved_tensors
-    return torch.where(unpack_bits(packed, ctx.shape), grad, 0.0), None, None
+    return packed_mask_grad(grad, packed), None, None
+
+
+@torch.library.custom_op("edgetl::packed_mask_grad", mutates_args=())
+def packed_mask_grad(grad: Tensor, packed: Tensor) -> Tensor:
+    """:func:`masked_act_packed`'s backward: ``grad`` where the bit-packed mask is set, else 0."""
+    return packed_mask_grad_aten(grad, packed)
+
+
+@packed_mask_grad.register_fake
+def _(grad: Tensor, packed: Tensor) -> Tensor:
+    return torch.empty_like(grad)
+
+
+def packed_mask_grad_aten(grad: Tensor, packed: Tensor) -> Tensor:
+    """:func:`packed_mask_grad` in ATen operators."""
+    return torch.where(unpack_bits(packed, grad.shape), grad, 0.0)
 
 
 masked_act_packed.register_autograd(_packed_backward, setup_context=_packed_setup)

@@ -1,0 +1,125 @@
+// edgetl's native kernels for MobileTL's masked activations, registered as `edgetl_export::*.out`:
+//
+//   activation(x, code)         y = act(x), the exact forward
+//   mask_grad(dy, y, code)      dx = dy where the 1-bit mask read off y is set, else 0
+//                               (a squeeze-excitation gate: dy times its exact derivative from y)
+//   packed_mask_grad(dy, bits)  dx = dy where the bit-packed mask is set (LSB first), else 0
+//
+// Each is one pass over the map. ExecuTorch's portable kernels need several (compare, where,
+// clamp, and hardswish's four), each converting dtypes element by element.
+//
+// `code` = 2 * kind + rule, in the order of edgetl/nn/ops.py: ACTIVATION_KINDS = (relu, relu6,
+// hardswish, silu, hardsigmoid, sigmoid), GRAD_RULES = (sign, exact); the kernel tests hold every
+// code against the Python operators.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
+#include <executorch/runtime/kernel/kernel_includes.h>
+
+#include "threadpool.h"
+
+namespace edgetl_kernels {
+
+using executorch::aten::Tensor;
+using executorch::runtime::KernelRuntimeContext;
+
+namespace {
+
+enum Kind : int64_t { kRelu, kRelu6, kHardswish, kSilu, kHardsigmoid, kSigmoid, kKinds };
+
+bool check(KernelRuntimeContext& ctx, bool ok) {
+  if (!ok) ctx.fail(executorch::runtime::Error::InvalidArgument);
+  return ok;
+}
+
+bool same_shape(const Tensor& a, const Tensor& b) {
+  if (a.dim() != b.dim()) return false;
+  for (ssize_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) != b.size(d)) return false;
+  return true;
+}
+
+// f(begin, end) over [0, n) in chunks spread over the pool (elementwise: any split gives the same bits)
+template <typename F>
+void chunked(int64_t n, F f) {
+  constexpr int64_t kChunk = 16384;
+  parallel_for(static_cast<size_t>((n + kChunk - 1) / kChunk), [&](size_t i) {
+    const int64_t b = static_cast<int64_t>(i) * kChunk;
+    f(b, std::min(n, b + kChunk));
+  });
+}
+
+template <typename F>
+void map(const float* x, float* y, int64_t n, F f) {
+  chunked(n, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) y[i] = f(x[i]);
+  });
+}
+
+template <typename F>
+void map2(const float* dy, const float* y, float* dx, int64_t n, F f) {
+  chunked(n, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) dx[i] = f(dy[i], y[i]);
+  });
+}
+
+inline float relu6(float v) { return std::min(std::max(v, 0.0f), 6.0f); }
+
+}  // namespace
+
+Tensor& activation_out(KernelRuntimeContext& ctx, const Tensor& x, int64_t code, Tensor& out) {
+  if (!check(ctx, code >= 0 && code < 2 * kKinds && same_shape(x, out))) return out;
+  const float* xp = x.const_data_ptr<float>();
+  float* yp = out.mutable_data_ptr<float>();
+  const int64_t n = x.numel();
+  switch (code / 2) {
+    case kRelu: map(xp, yp, n, [](float v) { return v > 0.0f ? v : 0.0f; }); break;
+    case kRelu6: map(xp, yp, n, relu6); break;
+    case kHardswish: map(xp, yp, n, [](float v) { return v * relu6(v + 3.0f) / 6.0f; }); break;
+    case kSilu: map(xp, yp, n, [](float v) { return v / (1.0f + std::exp(-v)); }); break;
+    case kHardsigmoid: map(xp, yp, n, [](float v) { return relu6(v + 3.0f) / 6.0f; }); break;
+    default: map(xp, yp, n, [](float v) { return 1.0f / (1.0f + std::exp(-v)); }); break;
+  }
+  return out;
+}
+
+Tensor& mask_grad_out(KernelRuntimeContext& ctx, const Tensor& dy, const Tensor& y, int64_t code, Tensor& out) {
+  if (!check(ctx, code >= 0 && code < 2 * kKinds && same_shape(dy, y) && same_shape(dy, out))) return out;
+  const float* dyp = dy.const_data_ptr<float>();
+  const float* yp = y.const_data_ptr<float>();
+  float* dx = out.mutable_data_ptr<float>();
+  const int64_t n = dy.numel();
+  const bool exact = code % 2 == 1;
+  switch (code / 2) {
+    case kHardsigmoid: map2(dyp, yp, dx, n, [](float g, float v) { return v > 0.0f && v < 1.0f ? g / 6.0f : 0.0f; }); break;
+    case kSigmoid: map2(dyp, yp, dx, n, [](float g, float v) { return g * v * (1.0f - v); }); break;
+    case kRelu6:
+      if (exact) {  // ReLU6's exact derivative: 1 on 0 < x < 6, i.e. 0 < y < 6
+        map2(dyp, yp, dx, n, [](float g, float v) { return v > 0.0f && v < 6.0f ? g : 0.0f; });
+        break;
+      }
+      [[fallthrough]];
+    default: map2(dyp, yp, dx, n, [](float g, float v) { return v > 0.0f ? g : 0.0f; }); break;  // the sign rule
+  }
+  return out;
+}
+
+Tensor& packed_mask_grad_out(KernelRuntimeContext& ctx, const Tensor& dy, const Tensor& packed, Tensor& out) {
+  const int64_t n = dy.numel();
+  if (!check(ctx, same_shape(dy, out) && packed.numel() == (n + 7) / 8)) return out;
+  const float* dyp = dy.const_data_ptr<float>();
+  const uint8_t* bits = packed.const_data_ptr<uint8_t>();
+  float* dx = out.mutable_data_ptr<float>();
+  chunked(n, [&](int64_t b, int64_t e) {  // chunks are multiples of 8: whole bytes
+    for (int64_t i = b; i < e; ++i) dx[i] = (bits[i >> 3] >> (i & 7)) & 1 ? dyp[i] : 0.0f;
+  });
+  return out;
+}
+
+}  // namespace edgetl_kernels
+
+EXECUTORCH_LIBRARY(edgetl_export, "activation.out", edgetl_kernels::activation_out);
+EXECUTORCH_LIBRARY(edgetl_export, "mask_grad.out", edgetl_kernels::mask_grad_out);
+EXECUTORCH_LIBRARY(edgetl_export, "packed_mask_grad.out", edgetl_kernels::packed_mask_grad_out);
