@@ -41,8 +41,13 @@ class Program;
 // at a time (the program's static batch; the last one zero-padded), so memory holds one batch of
 // pixels, never the data set. The features of the k-th readable image go to `row(k)`; unreadable
 // images are skipped with one warning each. Returns the indices into `paths` of the images kept.
+// With `seconds`: adds the time spent decoding (and preprocessing) and running the bottom.
+struct FeatureSeconds {
+  double decode = 0, bottom = 0;
+};
 std::vector<size_t> bottom_features(Program& bottom, const std::vector<std::string>& paths, const InputSpec& spec,
-                                    const std::vector<int64_t>& feature_shape, const std::function<float*(size_t)>& row);
+                                    const std::vector<int64_t>& feature_shape, const std::function<float*(size_t)>& row,
+                                    FeatureSeconds* seconds = nullptr);
 // Decodes and preprocesses one image into `out`; false (after one warning naming it) if unreadable.
 bool read_image(const std::string& path, const InputSpec& spec, float* out);
 size_t numel_per_item(const std::vector<int64_t>& shape);  // product of all dims but the first

@@ -193,10 +193,11 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
 
   auto t0 = Clock::now();
   std::unique_ptr<FeatureStore> cache;
+  FeatureSeconds feature_seconds;
   if (!o.augment) {  // the bottom is frozen: one pass serves every epoch
     const size_t rows = ((train.paths.size() + batch - 1) / batch) * batch;
     cache = std::make_unique<FeatureStore>(rows, per_feature, o.feature_budget, o.state);
-    keep(train, bottom_features(*bottom, train.paths, bundle.input, t.feature_shape, [&](size_t k) { return cache->row(k); }));
+    keep(train, bottom_features(*bottom, train.paths, bundle.input, t.feature_shape, [&](size_t k) { return cache->row(k); }, &feature_seconds));
   } else {  // features are recomputed every step: check once that every image decodes
     std::vector<float> pixels(per_image);
     std::vector<size_t> readable;
@@ -239,7 +240,7 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
     auto order = epoch_order(n, o.seed, epoch);
     SplitMix64 flips{~(o.seed * 1000003ULL + static_cast<uint64_t>(epoch))};
     auto e0 = Clock::now();
-    double loss_sum = 0;
+    double loss_sum = 0, step_seconds = 0, optimizer_seconds = 0;
     size_t correct = 0, seen = 0;
     for (size_t s = 0; s < steps; ++s) {
       for (size_t i = 0; i < batch; ++i) {
@@ -254,12 +255,16 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
         }
       }
       if (!cache) feats = bottom->run("forward", pixels.data(), image_shape);
+      auto s0 = Clock::now();
       float loss = session.step(feats.data(), t.feature_shape, labels.data(), &logits);
+      step_seconds += seconds_since(s0);
       if (!std::isfinite(loss))
         throw DeviceError("the loss became non-finite at epoch " + std::to_string(epoch + 1) + " step " + std::to_string(s + 1) +
                           " (learning rate too high?); the weights saved after epoch " + std::to_string(epoch) + " are kept");
       if (s == 0) log_memory(o.verbose, "first forward-backward");
+      s0 = Clock::now();
       sgd.step(session.parameters(), session.gradients());
+      optimizer_seconds += seconds_since(s0);
       if (s == 0) log_memory(o.verbose, "first SGD step");
       loss_sum += static_cast<double>(loss) * batch;
       for (size_t i = 0; i < batch; ++i) {
@@ -283,7 +288,11 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
     double secs = seconds_since(e0);
     nlohmann::json row = {{"epoch", epoch + 1}, {"loss", loss_sum / seen}, {"accuracy", static_cast<double>(correct) / seen}, {"images", n},
                           {"peak_rss_bytes", proc_status_bytes("VmHWM:")},
-                          {"seconds", secs}, {"images_per_s", seen / secs}};
+                          {"seconds", secs}, {"images_per_s", seen / secs},
+                          // where the epoch's time goes: forward-backward (the program) and SGD
+                          {"step_seconds", step_seconds}, {"optimizer_seconds", optimizer_seconds}};
+    if (epoch == start && cache)  // the feature pass before this process's first epoch
+      row["features_seconds"] = {{"decode", feature_seconds.decode}, {"bottom", feature_seconds.bottom}};
     state.save_epoch(epoch + 1, session, sgd.momentum_buffers(), row);
     log_memory(o.verbose, "saving the epoch");
     char line[256];
