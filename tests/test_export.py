@@ -459,6 +459,7 @@ def test_verification_refuses_a_backward_that_differs_from_eager(tmp_path):
     # the decomposed depthwise path (any ExecuTorch runtime): the kernels' path is the bundle's
     ex = training.export_training(sign, feature_shape=shape, num_classes=3, native_kernels=False)
     assert not any(op.startswith("edgetl_export::") for ops in ex.program.operators.values() for op in ops)
+    assert ex.kernel_library is None and "none of edgetl's" in training.describe_kernels(ex) and "slower" in training.describe_kernels(ex)
     pte, ptd = tmp_path / "train.pte", tmp_path / "train.ptd"
     pte.write_bytes(ex.program.pte)
     ptd.write_bytes(ex.program.ptd)

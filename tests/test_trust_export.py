@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import edgetl
+from edgetl.exporter import _executorch as et
 from edgetl.exporter import bundle as bundle_mod
 from edgetl.exporter.errors import ExportError
 from edgetl.exporter.weights import device_weights_file
@@ -298,13 +299,16 @@ def test_a_training_export_prints_edgetls_lines_only(cli_export):
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert done.stderr.strip() == "", done.stderr[-3000:]
     assert not [line for line in lines if "warn" in line.lower() or "failed to load" in line.lower()], lines
-    assert len(lines) <= 14, "\n".join(lines)
+    assert len(lines) <= 15, "\n".join(lines)
     # each long stage is announced before it starts, its result after
     order = ["lowering model.pte", "model.pte: XNNPACK", "lowering bottom.pte", "bottom.pte: frozen bottom"]
     order += ["exporting the training program"]
-    order += ["train.pte + train.ptd:", "verifying 3 SGD steps", "3 SGD steps, ExecuTorch vs eager", "verified and written", "bundle: "]
+    order += ["train.pte + train.ptd:", "device kernels: ", "verifying 3 SGD steps", "3 SGD steps, ExecuTorch vs eager", "verified and written", "bundle: "]
     at = [next((i for i, line in enumerate(lines) if stage in line), None) for stage in order]
     assert None not in at and at == sorted(at), list(zip(order, at, strict=True))
+    # the device kernels the program needs, and where they came from (the suite builds them)
+    kernels = next(line for line in lines if "device kernels: " in line)
+    assert "pointwise_grad_weight" in kernels and str(et.load_native_kernels()) in kernels, kernels
 
 
 _NOISY_CHILD = """

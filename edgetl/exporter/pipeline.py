@@ -390,6 +390,7 @@ def _export_training_part(
         f"  {TRAIN_PTE} + {TRAIN_PTD}: top {len(net.top_names)} units + head, {len(ex.parameter_names)} trainable tensors, "
         f"{len(ex.buffer_names)} running statistics, exported in {ex.seconds:.1f}s"
     )
+    log(f"  {training.describe_kernels(ex)}")
     log(f"  verifying {config.verify_steps} SGD steps of ExecuTorch against eager PyTorch ...")
     check = training.verify_training(net, ex, pte, ptd, steps=config.verify_steps, lr=lr, momentum=momentum, weight_decay=weight_decay)
     log(
@@ -432,7 +433,7 @@ def _export_training_part(
         weights_layout=dict(sorted(ex.program.layout.items())),
         optimizer=Optimizer(name="sgd", lr=lr, momentum=momentum, dampening=0.0, weight_decay=weight_decay, nesterov=False),
         loss=Loss(name="cross_entropy", label_smoothing=label_smoothing),
-        custom_operators=sorted({op for ops in ex.program.operators.values() for op in ops if op.startswith("edgetl_export::")}),
+        custom_operators=ex.custom_operators,
         operators=ex.program.operators,
         differences_from_eager=list(DIFFERENCES),
     )

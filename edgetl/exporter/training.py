@@ -108,9 +108,16 @@ class TrainingExport:
     saved: list[memory.SavedTensor]
     seconds: float
     label_smoothing: float = 0.0
-    native_kernels: bool = False
+    #: edgetl's kernel library the program's depthwise, 1x1 and activation operators run on
+    #: (``deploy/native/kernels``), or None: those operators decomposed into ATen
+    kernel_library: str | None = None
     #: with ``record_activations``: the masked activations whose inputs ``forward`` returns
     activation_names: list[str] = field(default_factory=list)
+
+    @property
+    def custom_operators(self) -> list[str]:
+        """The operators only edgetl's kernel library implements (``edgetl_export::*.out``)."""
+        return sorted({op for ops in self.program.operators.values() for op in ops if op.startswith("edgetl_export::")})
 
 
 def export_training(
@@ -125,16 +132,19 @@ def export_training(
     """Export ``net``'s top (trained per its policy) with a cross-entropy loss as a training program.
 
     ``feature_shape`` is the bottom's output for one batch (N x C x H x W). ``native_kernels``:
-    keep depthwise convolutions as edgetl's operators, run by ``deploy/native``'s kernels (default:
-    when that kernel library is built, see :func:`et.load_native_kernels`), else decompose them
-    into ATen operators any ExecuTorch runtime has. ``record_activations``: the verification's
+    keep depthwise and 1x1 convolutions and masked activations as edgetl's operators, run by
+    ``deploy/native``'s kernels (default: when that kernel library is built, see
+    :func:`et.load_native_kernels`), else decompose them into ATen operators any ExecuTorch
+    runtime has (a device step several times slower: ``benchmarks/device_step.py``). ``record_activations``: the verification's
     replay program (:class:`~edgetl.exporter.nhwc.TrainableTop`'s option; no ``predict`` method).
     Raises :class:`UnsupportedModelError` when a layer has no exportable form or an operator no
     kernel.
     """
     check_policy(net.policy)
-    if native_kernels is None:
-        native_kernels = et.load_native_kernels() is not None
+    library = None if native_kernels is False else et.load_native_kernels()
+    if native_kernels and library is None:
+        raise UnsupportedModelError("edgetl's kernel library is not built (deploy/native/build.sh)")
+    native_kernels = library is not None
     t0 = time.perf_counter()
     top = nhwc.trainable_top(net, label_smoothing=label_smoothing, record_activations=record_activations)
     features = torch.zeros(feature_shape)
@@ -182,7 +192,19 @@ def export_training(
         )
     seconds = time.perf_counter() - t0
     return TrainingExport(
-        program, grads, mutated, tuple(feature_shape), num_classes, saved, seconds, label_smoothing, native_kernels, activations
+        program, grads, mutated, tuple(feature_shape), num_classes, saved, seconds, label_smoothing, library and str(library), activations
+    )
+
+
+def describe_kernels(export: TrainingExport) -> str:
+    """Which device kernels the program calls and where they were found, or what their absence costs."""
+    if export.kernel_library is not None:
+        names = ", ".join(op.split("::")[1].removesuffix(".out") for op in export.custom_operators)
+        return f"device kernels: {len(export.custom_operators)} of edgetl's ({names}) from {export.kernel_library}"
+    return (
+        "device kernels: none of edgetl's (no kernel library: deploy/native/build.sh builds it, EDGETL_NATIVE_KERNELS names "
+        "another): depthwise and 1x1 convolutions and masked activations are decomposed into ATen operators, a device "
+        "step 2-3x slower than with the kernels (benchmarks/device_step.py)"
     )
 
 
@@ -377,7 +399,7 @@ def verify_training(
             feature_shape=export.feature_shape,
             num_classes=export.num_classes,
             label_smoothing=export.label_smoothing,
-            native_kernels=export.native_kernels,
+            native_kernels=export.kernel_library is not None,
             record_activations=True,
         )
         result = _compare(net, export, pte, ptd, batches, replay=replay, **settings)

@@ -142,11 +142,16 @@ void sgemm(int64_t m, int64_t n, int64_t k, MatrixRef a, MatrixRef b, float* c, 
     for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
     return;
   }
-  // one task per MC x NC block of c: it owns those elements and sums all of k for them in order
-  const int64_t row_blocks = (m + MC - 1) / MC, column_blocks = (n + NC - 1) / NC;
+  // One task per mc x nc block of c: it owns those elements and sums all of k for them in order,
+  // so the blocking (narrower blocks when a product has too few for the pool's threads) never
+  // changes a result.
+  const int64_t row_blocks = (m + MC - 1) / MC, threads = static_cast<int64_t>(thread_count());
+  const int64_t want_columns = std::max<int64_t>(1, (4 * threads + row_blocks - 1) / row_blocks);
+  const int64_t nc_max = std::min(NC, std::max(NR, round_up((n + want_columns - 1) / want_columns, NR)));
+  const int64_t column_blocks = (n + nc_max - 1) / nc_max;
   parallel_for(static_cast<size_t>(row_blocks * column_blocks), [&](size_t task) {
-    const int64_t i0 = static_cast<int64_t>(task) % row_blocks * MC, j0 = static_cast<int64_t>(task) / row_blocks * NC;
-    const int64_t mc = std::min(MC, m - i0), nc = std::min(NC, n - j0);
+    const int64_t i0 = static_cast<int64_t>(task) % row_blocks * MC, j0 = static_cast<int64_t>(task) / row_blocks * nc_max;
+    const int64_t mc = std::min(MC, m - i0), nc = std::min(nc_max, n - j0);
     // per pool thread, reused from call to call (at most MC x KC + NC x KC floats each)
     thread_local std::vector<float> pa, pb;
     pa.resize(static_cast<size_t>(round_up(mc, MR) * KC));

@@ -25,6 +25,8 @@ namespace edgetl_kernels {
 // fn(i) for i in [0, range) on the shared pool (inline when range is 1). Callers make each i
 // write its own outputs only, with a fixed summation order, so results do not depend on the
 // number of threads.
+inline size_t thread_count() { return ::executorch::extension::threadpool::get_threadpool()->get_thread_count(); }
+
 template <typename F>
 void parallel_for(size_t range, F&& fn) {
   if (range == 0) return;
