@@ -76,7 +76,7 @@ Tensor& activation_out(KernelRuntimeContext& ctx, const Tensor& x, int64_t code,
   const int64_t n = x.numel();
   switch (code / 2) {
     case kRelu: map(xp, yp, n, [](float v) { return v > 0.0f ? v : 0.0f; }); break;
-    case kRelu6: map(xp, yp, n, relu6); break;
+    case kRelu6: map(xp, yp, n, [](float v) { return relu6(v); }); break;
     case kHardswish: map(xp, yp, n, [](float v) { return v * relu6(v + 3.0f) / 6.0f; }); break;
     case kSilu: map(xp, yp, n, [](float v) { return v / (1.0f + std::exp(-v)); }); break;
     case kHardsigmoid: map(xp, yp, n, [](float v) { return relu6(v + 3.0f) / 6.0f; }); break;
