@@ -448,6 +448,57 @@ def test_native_activation_kernels_match_the_python_operators(tmp_path, kind, ru
         np.testing.assert_allclose(value, ref.numpy(), rtol=2e-7, atol=1e-7)
 
 
+class _ChannelOps(nn.Module):
+    """The norms' per-channel operators as the training program calls them."""
+
+    def forward(self, x, a, b, dy):
+        ops_ = torch.ops.edgetl_export
+        return ops_.channel_affine(x, a, b), ops_.channel_scale(dy, a), ops_.channel_sum(dy), ops_.channel_dot(dy, x)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 130), (1, 1, 1, 3), (8, 40)])
+def test_native_channel_kernels_match_float64_at_any_thread_count(tmp_path, shape):
+    """deploy/native/kernels' per-channel affine map, scale, sum and dot (NHWC maps, and N x C
+    pooled features) against float64; the same bits at 1 and 4 threads (130 channels: 3 groups)."""
+    if et.load_native_kernels() is None:
+        pytest.skip("the native kernel library is not built (deploy/native/build.sh)")
+    g = torch.Generator().manual_seed(sum(shape))
+    x, dy = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    a, b = torch.randn(shape[-1], generator=g), torch.randn(shape[-1], generator=g)
+    axes = tuple(range(len(shape) - 1))
+    x64, dy64, a64 = x.double(), dy.double(), a.double()
+    want = (x64 * a64 + b.double(), dy64 * a64, dy64.sum(axes), (dy64 * x64).sum(axes))
+    pte = tmp_path / "channel.pte"
+    pte.write_bytes(et.portable_program(torch.export.export(_ChannelOps(), (x, a, b, dy))))
+    program, runs = et.Program(pte), {}
+    try:
+        for threads in (1, 4):
+            et.set_threads(threads)
+            runs[threads] = program.run("forward", x.numpy(), a.numpy(), b.numpy(), dy.numpy())
+    finally:
+        et.set_threads(2)
+    for value, ref in zip(runs[1], want, strict=True):
+        np.testing.assert_allclose(value, ref.numpy(), rtol=1e-6, atol=1e-6)
+    for one, four in zip(runs[1], runs[4], strict=True):
+        assert np.array_equal(one, four), "4 threads differ from 1"
+
+
+def test_channel_affine_keeps_its_input_only_for_a_trained_scale():
+    """A shift-only norm (scale frozen) saves nothing for backward; a batch norm's trained scale needs x."""
+    x = torch.randn(2, 3, 3, 4, requires_grad=True)
+    frozen, trained, shift = torch.randn(4), torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    y = nhwc.channel_affine(x, frozen, shift)
+    assert all(t is None or t.numel() == 4 for t in y.grad_fn.saved_tensors)
+    dy = torch.randn_like(y)
+    gx, gs = torch.autograd.grad(y, (x, shift), dy)
+    torch.testing.assert_close(gx, dy * frozen)
+    torch.testing.assert_close(gs, dy.sum((0, 1, 2)))
+    y = nhwc.channel_affine(x, trained, shift)
+    assert any(t is not None and t.shape == x.shape for t in y.grad_fn.saved_tensors)
+    ga = torch.autograd.grad(y, trained, dy)[0]
+    torch.testing.assert_close(ga, (dy * x).sum((0, 1, 2)))
+
+
 def test_verification_refuses_a_backward_that_differs_from_eager(tmp_path):
     """The program's ReLU6 backward is MobileTL's sign rule; eager's is the exact one: three steps apart."""
     model = load_model("mobilenet_v2", num_classes=3)

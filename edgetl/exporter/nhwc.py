@@ -42,6 +42,10 @@ DW_GRAD_WEIGHT_OP = "edgetl_export::depthwise_grad_weight"
 PW_OP = "edgetl_export::pointwise_nhwc"
 PW_GRAD_INPUT_OP = "edgetl_export::pointwise_grad_input"
 PW_GRAD_WEIGHT_OP = "edgetl_export::pointwise_grad_weight"
+AFFINE_OP = "edgetl_export::channel_affine"
+SCALE_OP = "edgetl_export::channel_scale"
+SUM_OP = "edgetl_export::channel_sum"
+DOT_OP = "edgetl_export::channel_dot"
 ACT_OP = "edgetl_export::activation"
 MASK_GRAD_OP = "edgetl_export::mask_grad"
 PACKED_MASK_GRAD_OP = "edgetl_export::packed_mask_grad"
@@ -237,6 +241,76 @@ def _pointwise_grad_weight(dy: Tensor, x: Tensor) -> Tensor:
     return torch.mm(dy.t(), x).unsqueeze(2).unsqueeze(3)
 
 
+# --- per-channel affine maps (the norms) --------------------------------------------------------
+
+
+@torch.library.custom_op(AFFINE_OP, mutates_args=())
+def channel_affine(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``x * a + b`` with per-channel ``a``, ``b`` over the last axis: a norm's output in one pass.
+    Backward keeps ``x`` only when ``a`` is trained (a batch norm's scale), never for a shift-only norm."""
+    return _channel_affine(x, a, b)
+
+
+@channel_affine.register_fake
+def _(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(SCALE_OP, mutates_args=())
+def channel_scale(dy: Tensor, a: Tensor) -> Tensor:
+    """``dy * a`` with per-channel ``a``: dL/dx of :func:`channel_affine`."""
+    return dy * a
+
+
+@channel_scale.register_fake
+def _(dy: Tensor, a: Tensor) -> Tensor:
+    return torch.empty_like(dy)
+
+
+@torch.library.custom_op(SUM_OP, mutates_args=())
+def channel_sum(dy: Tensor) -> Tensor:
+    """``dy`` summed over every axis but the last: dL/db of :func:`channel_affine`."""
+    return _channel_sum(dy)
+
+
+@channel_sum.register_fake
+def _(dy: Tensor) -> Tensor:
+    return dy.new_empty(dy.shape[-1:])
+
+
+@torch.library.custom_op(DOT_OP, mutates_args=())
+def channel_dot(dy: Tensor, x: Tensor) -> Tensor:
+    """``dy * x`` summed over every axis but the last: dL/da of :func:`channel_affine`."""
+    return _channel_sum(dy * x)
+
+
+@channel_dot.register_fake
+def _(dy: Tensor, x: Tensor) -> Tensor:
+    return dy.new_empty(dy.shape[-1:])
+
+
+def _channel_affine(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    return x * a + b
+
+
+def _channel_sum(t: Tensor) -> Tensor:
+    return t.sum(dim=tuple(range(t.dim() - 1)))
+
+
+def _affine_setup(ctx, inputs, output) -> None:
+    x, a, _ = inputs
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, a)
+
+
+def _affine_backward(ctx, dy: Tensor):
+    x, a = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    return (channel_scale(dy, a) if needs[0] else None, channel_dot(dy, x) if needs[1] else None, channel_sum(dy) if needs[2] else None)
+
+
+channel_affine.register_autograd(_affine_backward, setup_context=_affine_setup)
+
+
 # --- masked activations -----------------------------------------------------------------------
 
 
@@ -295,6 +369,10 @@ def _define_out_variants() -> None:
         "pointwise_nhwc": ("Tensor x, Tensor weight", pointwise_nhwc),
         "pointwise_grad_input": ("Tensor dy, Tensor weight", pointwise_grad_input_op),
         "pointwise_grad_weight": ("Tensor dy, Tensor x", pointwise_grad_weight_op),
+        "channel_affine": ("Tensor x, Tensor a, Tensor b", channel_affine),
+        "channel_scale": ("Tensor dy, Tensor a", channel_scale),
+        "channel_sum": ("Tensor dy", channel_sum),
+        "channel_dot": ("Tensor dy, Tensor x", channel_dot),
         "activation": ("Tensor x, SymInt code", activation_op),
         "mask_grad": ("Tensor dy, Tensor y, SymInt code", mask_grad_op),
         "packed_mask_grad": ("Tensor dy, Tensor packed", packed_mask_grad_op),
@@ -376,7 +454,7 @@ class ShiftOnlyNormNHWC(nn.Module):
         self.register_buffer("offset", norm.offset, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.scale + (self.bias + self.offset)
+        return channel_affine(x, self.scale, self.bias + self.offset)
 
 
 class BatchNormNHWC(nn.Module):
@@ -412,7 +490,7 @@ class BatchNormNHWC(nn.Module):
         else:
             mean, var = self.running_mean, self.running_var
         a = self.weight * torch.rsqrt(var + self.eps)
-        return x * a + (self.bias - mean * a)
+        return channel_affine(x, a, self.bias - mean * a)
 
 
 class GlobalMean(nn.Module):
@@ -654,6 +732,10 @@ def decompositions(native_kernels: bool = False) -> dict:
     else:
         table[torch.ops.edgetl.mask_grad.default] = ops.mask_grad_aten
         table[torch.ops.edgetl.packed_mask_grad.default] = ops.packed_mask_grad_aten
+        table[torch.ops.edgetl_export.channel_affine.default] = _channel_affine
+        table[torch.ops.edgetl_export.channel_scale.default] = lambda dy, a: dy * a
+        table[torch.ops.edgetl_export.channel_sum.default] = _channel_sum
+        table[torch.ops.edgetl_export.channel_dot.default] = lambda dy, x: _channel_sum(dy * x)
         table[torch.ops.edgetl_export.pointwise_nhwc.default] = _pointwise_forward
         table[torch.ops.edgetl_export.pointwise_grad_input.default] = _pointwise_grad_input
         table[torch.ops.edgetl_export.pointwise_grad_weight.default] = _pointwise_grad_weight

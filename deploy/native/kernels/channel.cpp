@@ -1,0 +1,113 @@
+// edgetl's native kernels for per-channel affine maps (the norms of the training program, NHWC:
+// channels last), registered as `edgetl_export::*.out`:
+//
+//   channel_affine(x, a, b)  y = x * a + b      (a, b per channel)
+//   channel_scale(dy, a)     dx = dy * a
+//   channel_sum(dy)          db[c] = sum of dy over every pixel
+//   channel_dot(dy, x)       da[c] = sum of dy * x over every pixel
+//
+// One pass each. ExecuTorch's portable reduction over the leading axes walks the map with strided
+// index arithmetic per element; here rows are contiguous and the channel loop vectorises. Sums run
+// in double, one task per group of channels, in pixel order: the same bits at any thread count.
+#include <algorithm>
+#include <vector>
+
+#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
+#include <executorch/runtime/kernel/kernel_includes.h>
+
+#include "threadpool.h"
+
+namespace edgetl_kernels {
+
+using executorch::aten::Tensor;
+using executorch::runtime::KernelRuntimeContext;
+
+namespace {
+
+bool check(KernelRuntimeContext& ctx, bool ok) {
+  if (!ok) ctx.fail(executorch::runtime::Error::InvalidArgument);
+  return ok;
+}
+
+int64_t channels(const Tensor& t) { return t.dim() ? t.size(t.dim() - 1) : 1; }
+
+bool is_per_channel(const Tensor& v, const Tensor& map) { return v.dim() == 1 && v.size(0) == channels(map); }
+
+bool same_shape(const Tensor& a, const Tensor& b) {
+  if (a.dim() != b.dim()) return false;
+  for (ssize_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) != b.size(d)) return false;
+  return true;
+}
+
+// f(row) for every row (pixel) of a map with `c` channels, in chunks of rows spread over the pool
+template <typename F>
+void each_row(int64_t rows, int64_t c, F f) {
+  const int64_t per_task = std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));
+  parallel_for(static_cast<size_t>((rows + per_task - 1) / per_task), [&](size_t t) {
+    const int64_t r0 = static_cast<int64_t>(t) * per_task, r1 = std::min(rows, r0 + per_task);
+    for (int64_t r = r0; r < r1; ++r) f(r);
+  });
+}
+
+// out[c] = sum over rows of term(row, c), in double, one task per group of channels
+template <typename Term>
+void channel_reduce(int64_t rows, int64_t c, float* out, Term term) {
+  constexpr int64_t kGroup = 64;
+  parallel_for(static_cast<size_t>((c + kGroup - 1) / kGroup), [&](size_t g) {
+    const int64_t c0 = static_cast<int64_t>(g) * kGroup, cn = std::min(kGroup, c - c0);
+    double acc[kGroup] = {};
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < cn; ++j) acc[j] += static_cast<double>(term(r * c + c0 + j));
+    for (int64_t j = 0; j < cn; ++j) out[c0 + j] = static_cast<float>(acc[j]);
+  });
+}
+
+}  // namespace
+
+Tensor& channel_affine_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& a, const Tensor& b, Tensor& out) {
+  if (!check(ctx, same_shape(x, out) && is_per_channel(a, x) && is_per_channel(b, x))) return out;
+  const int64_t c = channels(x);
+  const float *xp = x.const_data_ptr<float>(), *ap = a.const_data_ptr<float>(), *bp = b.const_data_ptr<float>();
+  float* yp = out.mutable_data_ptr<float>();
+  each_row(x.numel() / std::max<int64_t>(c, 1), c, [&](int64_t r) {
+    const float* xr = xp + r * c;
+    float* yr = yp + r * c;
+    for (int64_t j = 0; j < c; ++j) yr[j] = xr[j] * ap[j] + bp[j];
+  });
+  return out;
+}
+
+Tensor& channel_scale_out(KernelRuntimeContext& ctx, const Tensor& dy, const Tensor& a, Tensor& out) {
+  if (!check(ctx, same_shape(dy, out) && is_per_channel(a, dy))) return out;
+  const int64_t c = channels(dy);
+  const float *dyp = dy.const_data_ptr<float>(), *ap = a.const_data_ptr<float>();
+  float* dx = out.mutable_data_ptr<float>();
+  each_row(dy.numel() / std::max<int64_t>(c, 1), c, [&](int64_t r) {
+    for (int64_t j = 0; j < c; ++j) dx[r * c + j] = dyp[r * c + j] * ap[j];
+  });
+  return out;
+}
+
+Tensor& channel_sum_out(KernelRuntimeContext& ctx, const Tensor& dy, Tensor& out) {
+  if (!check(ctx, is_per_channel(out, dy))) return out;
+  const int64_t c = channels(dy);
+  const float* dyp = dy.const_data_ptr<float>();
+  channel_reduce(dy.numel() / std::max<int64_t>(c, 1), c, out.mutable_data_ptr<float>(), [&](int64_t i) { return dyp[i]; });
+  return out;
+}
+
+Tensor& channel_dot_out(KernelRuntimeContext& ctx, const Tensor& dy, const Tensor& x, Tensor& out) {
+  if (!check(ctx, same_shape(dy, x) && is_per_channel(out, dy))) return out;
+  const int64_t c = channels(dy);
+  const float *dyp = dy.const_data_ptr<float>(), *xp = x.const_data_ptr<float>();
+  channel_reduce(dy.numel() / std::max<int64_t>(c, 1), c, out.mutable_data_ptr<float>(), [&](int64_t i) { return dyp[i] * xp[i]; });
+  return out;
+}
+
+}  // namespace edgetl_kernels
+
+EXECUTORCH_LIBRARY(edgetl_export, "channel_affine.out", edgetl_kernels::channel_affine_out);
+EXECUTORCH_LIBRARY(edgetl_export, "channel_scale.out", edgetl_kernels::channel_scale_out);
+EXECUTORCH_LIBRARY(edgetl_export, "channel_sum.out", edgetl_kernels::channel_sum_out);
+EXECUTORCH_LIBRARY(edgetl_export, "channel_dot.out", edgetl_kernels::channel_dot_out);
