@@ -66,11 +66,15 @@ def eager(export_run) -> edgetl.TransferModel:
 def test_manifest_describes_the_programs(bundle, eager):
     m = bundle.manifest
     train = m.programs.training
+    # scripts/test.sh builds the native kernels before the suite: every 1x1 and depthwise
+    # convolution, masked activation and norm of the top runs on them
     assert train.custom_operators == [
-        "edgetl_export::depthwise_grad_input.out",
-        "edgetl_export::depthwise_grad_weight.out",
-        "edgetl_export::depthwise_nhwc.out",
-    ]  # scripts/test.sh builds the native kernels before the suite
+        f"edgetl_export::{op}.out"
+        for op in (
+            "activation", "channel_affine", "channel_dot", "channel_scale", "channel_sum", "depthwise_grad_input",
+            "depthwise_grad_weight", "depthwise_nhwc", "mask_grad", "pointwise_grad_input", "pointwise_grad_weight", "pointwise_nhwc",
+        )
+    ]  # fmt: skip
     assert sorted(m.files) == ["bottom.pte", "model.pte", "train.ptd", "train.pte"]
     assert m.format == FORMAT and m.created.executorch == et.executorch_version() and m.created.edgetl == edgetl.__version__
     assert m.model == ModelInfo("mobilenet_v2", len(CLASSES), list(CLASSES), POLICY.to_dict())
@@ -380,23 +384,26 @@ class _PointwiseOps(nn.Module):
         return (
             torch.ops.edgetl_export.pointwise_nhwc(x, w),
             torch.ops.edgetl_export.pointwise_grad_input(dy, w),
-            torch.ops.edgetl_export.pointwise_grad_weight(dy, x),
+            torch.ops.edgetl_export.pointwise_grad_weight(dy, x, w.dim()),
         )
 
 
 # pixels x channels in x channels out: tile edges (6 x 16 micro-tiles, 96 x 256 x 256 blocks), one
-# pixel (batch 1 at 1 x 1), depths past one packed block, and a V3-Large-like 7 x 7 expansion
-@pytest.mark.parametrize(("m", "cin", "cout"), [(1, 1, 1), (7, 5, 17), (97, 257, 33), (392, 160, 960), (600, 24, 300)])
-def test_native_pointwise_kernels_match_matrix_products_at_any_thread_count(tmp_path, m, cin, cout):
+# pixel (batch 1 at 1 x 1), depths past one packed block, a V3-Large-like 7 x 7 expansion, and
+# linear layers (a Cout x Cin weight: V3-Large's classifier at batch 8)
+@pytest.mark.parametrize(
+    ("m", "cin", "cout", "rank"), [(1, 1, 1, 4), (7, 5, 17, 4), (97, 257, 33, 4), (392, 160, 960, 4), (600, 24, 300, 2), (8, 960, 1280, 2)]
+)
+def test_native_pointwise_kernels_match_matrix_products_at_any_thread_count(tmp_path, m, cin, cout, rank):
     """deploy/native/kernels' 1x1 forward and both gradients, run by ExecuTorch, against float64
     matrix products; the same bits at 1, 2 and 4 threads."""
     if et.load_native_kernels() is None:
         pytest.skip("the native kernel library is not built (deploy/native/build.sh)")
     g = torch.Generator().manual_seed(m * 1000 + cin)
     x, dy = torch.randn(m, cin, generator=g), torch.randn(m, cout, generator=g)
-    w = torch.randn(cout, cin, 1, 1, generator=g)
-    x64, w64, dy64 = x.double(), w[:, :, 0, 0].double(), dy.double()
-    want = (x64 @ w64.t(), dy64 @ w64, (dy64.t() @ x64)[:, :, None, None])
+    w = torch.randn((cout, cin, 1, 1)[:rank], generator=g)
+    x64, w64, dy64 = x.double(), w.reshape(cout, cin).double(), dy.double()
+    want = (x64 @ w64.t(), dy64 @ w64, (dy64.t() @ x64).reshape(w.shape))
     ep = torch.export.export(_PointwiseOps(), (x, w, dy))
     pte = tmp_path / "pw.pte"
     pte.write_bytes(et.portable_program(ep))

@@ -181,8 +181,9 @@ def _decompose_depthwise(x: Tensor, weight: Tensor, stride: int, padding: int) -
 
 @torch.library.custom_op(PW_OP, mutates_args=())
 def pointwise_nhwc(x: Tensor, weight: Tensor) -> Tensor:
-    """``x @ weight[:, :, 0, 0]^T`` for 2-D ``x`` (pixels x channels); backward keeps ``x`` and the
-    weight itself, not a transposed copy of it."""
+    """``x @ weight[:, :, 0, 0]^T`` for 2-D ``x`` (pixels x channels), a 1x1 convolution's weight or
+    a linear layer's (``Cout x Cin``); backward keeps ``x`` and the weight itself, not a transposed
+    copy of it."""
     return _pointwise_forward(x, weight)
 
 
@@ -203,14 +204,15 @@ def _(dy: Tensor, weight: Tensor) -> Tensor:
 
 
 @torch.library.custom_op(PW_GRAD_WEIGHT_OP, mutates_args=())
-def pointwise_grad_weight_op(dy: Tensor, x: Tensor) -> Tensor:
-    """dL/dweight of :func:`pointwise_nhwc`: ``dy^T @ x`` as a Cout x Cin x 1 x 1 weight."""
-    return _pointwise_grad_weight(dy, x)
+def pointwise_grad_weight_op(dy: Tensor, x: Tensor, rank: int) -> Tensor:
+    """dL/dweight of :func:`pointwise_nhwc`: ``dy^T @ x`` as a weight of ``rank`` 4 (Cout x Cin x 1 x 1)
+    or 2 (Cout x Cin)."""
+    return _pointwise_grad_weight(dy, x, rank)
 
 
 @pointwise_grad_weight_op.register_fake
-def _(dy: Tensor, x: Tensor) -> Tensor:
-    return x.new_empty((dy.shape[1], x.shape[1], 1, 1))
+def _(dy: Tensor, x: Tensor, rank: int) -> Tensor:
+    return x.new_empty((dy.shape[1], x.shape[1]) + (1, 1)[: rank - 2])
 
 
 def _pw_setup(ctx, inputs, output) -> None:
@@ -220,7 +222,7 @@ def _pw_setup(ctx, inputs, output) -> None:
 def _pw_backward(ctx, dy: Tensor):
     x, weight = ctx.saved_tensors
     gx = pointwise_grad_input_op(dy, weight) if ctx.needs_input_grad[0] else None
-    gw = pointwise_grad_weight_op(dy, x) if ctx.needs_input_grad[1] else None
+    gw = pointwise_grad_weight_op(dy, x, weight.dim()) if ctx.needs_input_grad[1] else None
     return gx, gw
 
 
@@ -229,16 +231,21 @@ pointwise_nhwc.register_autograd(_pw_backward, setup_context=_pw_setup)
 
 # The matrix products in ATen, for programs without edgetl's kernels. squeeze, not view:
 # ExecuTorch 1.5 cannot emit a view of an external (.ptd) weight.
+def _matrix(weight: Tensor) -> Tensor:
+    return weight.squeeze(3).squeeze(2) if weight.dim() == 4 else weight
+
+
 def _pointwise_forward(x: Tensor, weight: Tensor) -> Tensor:
-    return torch.mm(x, weight.squeeze(3).squeeze(2).t())
+    return torch.mm(x, _matrix(weight).t())
 
 
 def _pointwise_grad_input(dy: Tensor, weight: Tensor) -> Tensor:
-    return torch.mm(dy, weight.squeeze(3).squeeze(2))
+    return torch.mm(dy, _matrix(weight))
 
 
-def _pointwise_grad_weight(dy: Tensor, x: Tensor) -> Tensor:
-    return torch.mm(dy.t(), x).unsqueeze(2).unsqueeze(3)
+def _pointwise_grad_weight(dy: Tensor, x: Tensor, rank: int) -> Tensor:
+    gw = torch.mm(dy.t(), x)
+    return gw.unsqueeze(2).unsqueeze(3) if rank == 4 else gw
 
 
 # --- per-channel affine maps (the norms) --------------------------------------------------------
@@ -368,7 +375,7 @@ def _define_out_variants() -> None:
         "depthwise_grad_weight": ("Tensor dy, Tensor x, SymInt k, SymInt stride, SymInt padding", depthwise_grad_weight_op),
         "pointwise_nhwc": ("Tensor x, Tensor weight", pointwise_nhwc),
         "pointwise_grad_input": ("Tensor dy, Tensor weight", pointwise_grad_input_op),
-        "pointwise_grad_weight": ("Tensor dy, Tensor x", pointwise_grad_weight_op),
+        "pointwise_grad_weight": ("Tensor dy, Tensor x, SymInt rank", pointwise_grad_weight_op),
         "channel_affine": ("Tensor x, Tensor a, Tensor b", channel_affine),
         "channel_scale": ("Tensor dy, Tensor a", channel_scale),
         "channel_sum": ("Tensor dy", channel_sum),
@@ -411,6 +418,21 @@ class PointwiseConv(nn.Module):
             x = x[:, :: self.stride, :: self.stride, :]
         n, h, w, c = x.shape
         y = pointwise_nhwc(x.reshape(n * h * w, c), self.weight).view(n, h, w, -1)
+        return y if self.bias is None else y + self.bias
+
+
+class Linear(nn.Module):
+    """``nn.Linear`` on 2-D input through the 1x1 operators (the same ``weight`` / ``bias`` objects):
+    its backward reads the weight in place, where ATen's ``addmm`` / ``mm`` would transpose it."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 2:
+            return F.linear(x, self.weight, self.bias)
+        y = pointwise_nhwc(x, self.weight)
         return y if self.bias is None else y + self.bias
 
 
@@ -536,7 +558,7 @@ def _pad_nhwc(x: Tensor, padding: tuple[int, int, int, int]) -> Tensor:
 # --- conversion ------------------------------------------------------------------------------
 
 
-_PASS_THROUGH = (nn.Sequential, nn.Identity, nn.Flatten, nn.Linear, MaskedActivation)
+_PASS_THROUGH = (nn.Sequential, nn.Identity, nn.Flatten, MaskedActivation)
 
 
 def _convert_leaf(module: nn.Module, path: str, part: str) -> nn.Module | None:
@@ -570,6 +592,8 @@ def _convert_leaf(module: nn.Module, path: str, part: str) -> nn.Module | None:
         return SamePadNHWC(module)
     if isinstance(module, (nn.Dropout, StochasticDepth)):
         return nn.Identity()
+    if isinstance(module, nn.Linear):
+        return Linear(module)
     if isinstance(module, _PASS_THROUGH) or activation_kind(module) is not None:
         return None
     if any(True for _ in module.children()):

@@ -1,7 +1,7 @@
 // edgetl's native kernels for the 1x1 convolutions of the training program (NHWC: a 1x1
 // convolution is a matrix product over pixels x channels), registered as `edgetl_export::*.out`:
 //
-//   forward         y[M x Cout]  = x[M x Cin]   w^T   (w: Cout x Cin x 1 x 1)
+//   forward         y[M x Cout]  = x[M x Cin]   w^T   (w: Cout x Cin x 1 x 1, or Cout x Cin: a linear layer)
 //   input gradient  dx[M x Cin]  = dy[M x Cout] w
 //   weight gradient dw[Cout x Cin] = dy^T x
 //
@@ -24,8 +24,8 @@ bool check(KernelRuntimeContext& ctx, bool ok) {
   return ok;
 }
 
-// w as Cout x Cin (its trailing 1 x 1 dropped)
-bool is_pointwise_weight(const Tensor& w) { return w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1; }
+// Cout x Cin x 1 x 1 or Cout x Cin: read as Cout x Cin either way
+bool is_pointwise_weight(const Tensor& w) { return w.dim() == 2 || (w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1); }
 
 }  // namespace
 
@@ -49,8 +49,8 @@ Tensor& pointwise_grad_input_out(KernelRuntimeContext& ctx, const Tensor& dy, co
   return out;
 }
 
-Tensor& pointwise_grad_weight_out(KernelRuntimeContext& ctx, const Tensor& dy, const Tensor& x, Tensor& out) {
-  if (!check(ctx, dy.dim() == 2 && x.dim() == 2 && dy.size(0) == x.size(0) && is_pointwise_weight(out) &&
+Tensor& pointwise_grad_weight_out(KernelRuntimeContext& ctx, const Tensor& dy, const Tensor& x, int64_t rank, Tensor& out) {
+  if (!check(ctx, dy.dim() == 2 && x.dim() == 2 && dy.size(0) == x.size(0) && is_pointwise_weight(out) && out.dim() == rank &&
                       out.size(0) == dy.size(1) && out.size(1) == x.size(1)))
     return out;
   const int64_t m = dy.size(0), cout = dy.size(1), cin = x.size(1);
