@@ -11,12 +11,16 @@ A profile (``device_profiles/*.toml``) looks like::
     arch = "aarch64"
     cpu = "4x Cortex-A72 @ 1.8 GHz"  # optional
     unified_memory = false           # optional: CPU and GPU share this RAM
+    gemm_gflops = 24.0               # optional: edgetl-gemm-bench's sgemm rate on all cores
+    memory_gbps = 4.0                # optional: edgetl-gemm-bench's copy bandwidth on all cores
     notes = "why the budget is what it is"
 
 Sizes are an integer number of bytes or a string ``<number><unit>`` with a unit from
 :data:`UNITS` (``"1.5GiB"``, ``"350MiB"``, ``"2GB"``); anything else (``"1.5G"``, ``"1.5 gib"``,
 fractions of a byte) is an error. Unknown keys are errors too, so a typo cannot silently fall back
-to a default. Every error names the file and the field.
+to a default. Every error names the file and the field. With both rates, ``edgetl plan --runtime
+native`` predicts the device's step time (:mod:`edgetl.profiler.step_time`); measure them on the
+device with ``deploy/native``'s ``edgetl-gemm-bench CORES 1 1024 1024 1024 0 0`` and ``... copy 64``.
 """
 
 from __future__ import annotations
@@ -99,6 +103,9 @@ class DeviceProfile:
     cpu: str = ""
     unified_memory: bool = False
     runtime_overhead: int = PYTORCH_RUNTIME_OVERHEAD
+    #: sustained sgemm GFLOP/s and copy GB/s on all cores (0: not measured)
+    gemm_gflops: float = 0.0
+    memory_gbps: float = 0.0
     path: str = ""
 
     @property
@@ -121,7 +128,7 @@ def _require(values: dict[str, Any], field: str, kind: type | tuple[type, ...], 
 
 
 _REQUIRED = ("name", "memory_total", "memory_budget", "safety_margin", "cores", "arch", "notes")
-_OPTIONAL = ("cpu", "unified_memory", "runtime_overhead")
+_OPTIONAL = ("cpu", "unified_memory", "runtime_overhead", "gemm_gflops", "memory_gbps")
 
 
 def device_from_dict(values: dict[str, Any], *, where: str = "device profile") -> DeviceProfile:
@@ -158,7 +165,13 @@ def device_from_dict(values: dict[str, Any], *, where: str = "device profile") -
     if "runtime_overhead" in values:
         _require(values, "runtime_overhead", (int, str), where)
         runtime = parse_size(values["runtime_overhead"], field="runtime_overhead", where=where)
-    return DeviceProfile(name, total, budget, margin, cores, arch, notes, cpu, unified, runtime, path=where)
+    rates = {}
+    for field in ("gemm_gflops", "memory_gbps"):
+        if field in values:
+            rates[field] = float(_require(values, field, (float, int), where))
+            if not 0 < rates[field] < float("inf"):
+                raise DeviceProfileError(f"{where}: field {field!r} must be a positive number, got {values[field]!r}")
+    return DeviceProfile(name, total, budget, margin, cores, arch, notes, cpu, unified, runtime, path=where, **rates)
 
 
 def load_device(path: str | os.PathLike) -> DeviceProfile:

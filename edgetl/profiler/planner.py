@@ -34,6 +34,7 @@ from edgetl.profiler.device import DeviceProfile, load_device
 from edgetl.profiler.estimate import StepPeakEstimate, predict_step_peak, trainable_shapes_problem
 from edgetl.profiler.native import NativePeakEstimate, ProgramMemory, predict_native_peak
 from edgetl.profiler.predict import predict_units
+from edgetl.profiler.step_time import StepTimeEstimate, predict_native_step_time, step_work
 from edgetl.train.optim import check_optimizer, state_floats
 from edgetl.train.policy import METHODS, TrainPolicy
 
@@ -59,6 +60,8 @@ class Candidate:
     estimate: StepPeakEstimate | NativePeakEstimate
     usable: int
     policy: TrainPolicy | None = None  # with the memory options chosen (eager runtime)
+    #: predicted seconds of a native step (the device profile's rates; None without them)
+    step_time: StepTimeEstimate | None = None
 
     @property
     def time_cost(self) -> float:
@@ -99,6 +102,7 @@ class Candidate:
             "fits": self.fits,
             "policy": self.policy.to_dict() if self.policy else None,
             "time_cost": self.time_cost,
+            "step_time": self.step_time.to_dict() if self.step_time else None,
             "estimate": self.estimate.to_dict(),
         }
 
@@ -170,6 +174,7 @@ class Plan:
         def line(c: Candidate) -> str:
             share = 100 * c.peak / c.usable if c.usable > 0 else float("inf")
             options = f"; {c.options}, time x{c.time_cost:.2f}" if c.policy is not None else ""
+            options += f"; step {1000 * c.step_time.total:.0f} ms" if c.step_time else ""
             return (
                 f"K={c.blocks:<2d} batch {c.batch_size:<3d} predicted peak {format_size(c.peak):>10s} "
                 f"({share:5.1f}% of usable; {c.estimate.summary(format_size)}{options})"
@@ -199,6 +204,11 @@ class Plan:
             out.append(
                 "  Predicted peaks of edgetl-device finetune (edgetl.profiler.native): runtime + cached features + weights "
                 "file + the program's planned arena + momentum; check on the device with `edgetl-device --verbose finetune`."
+            )
+            out.append(
+                "  Step times (edgetl.profiler.step_time) from the profile's gemm_gflops and memory_gbps."
+                if d.gemm_gflops and d.memory_gbps
+                else "  No step times: the device profile has no gemm_gflops / memory_gbps (measure them with edgetl-gemm-bench)."
             )
         return "\n".join(out)
 
@@ -326,8 +336,12 @@ def plan(
         if trainable_shapes_problem(rows):
             return None  # cannot train at all (batch norm on one value)
         if runtime == "native":
+            step = None
+            if profile.gemm_gflops and profile.memory_gbps:
+                work = step_work(net, policy, batch_size=b, image_size=image_size)
+                step = predict_native_step_time(work, gemm_gflops=profile.gemm_gflops, memory_gbps=profile.memory_gbps)
             try:
-                return Candidate(k, b, native_estimate(k, b), profile.usable_bytes)
+                return Candidate(k, b, native_estimate(k, b), profile.usable_bytes, step_time=step)
             except EdgetlError:
                 return None  # no training program for this K (a layer or operator the exporter cannot carry)
         tried = option_policies(k, method, activation_mask, b, precisions) if memory_options else [policy]

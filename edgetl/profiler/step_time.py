@@ -1,0 +1,105 @@
+"""The native runner's training step time, predicted from shapes: a two-term roofline.
+
+A step of ``edgetl-device`` (MobileTL's trained top, batch N) is its GEMMs (every 1x1
+convolution and linear layer: forward, input gradient, weight gradient; edgetl's blocked GEMM) and
+everything else: depthwise convolutions, norms, masked activations, squeeze-excitation, residuals,
+the loss and SGD, which stream activation maps through memory. So
+
+    seconds = gemm_flops / gemm rate + MAP_PASSES x map_bytes / memory bandwidth
+
+with the device's two rates from its profile (``gemm_gflops``, ``memory_gbps``: what
+``edgetl-gemm-bench`` measures there) and :data:`MAP_PASSES`, the memory traffic of the non-GEMM
+work in units of the top's activation maps, fitted once side by side on x86-64
+(``benchmarks/device_step.py``). Pure functions of shapes and policy; nothing is run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from edgetl.models.blocks import feature_units, first_trained_unit
+from edgetl.profiler.shapes import Shape, float_bytes, walk
+from edgetl.profiler.units import head_layers, unit_layers
+from edgetl.train.policy import TrainPolicy
+
+#: full passes over the top's activation maps (forward outputs, fp32) that one step's non-GEMM
+#: work makes, forward and backward: fitted with benchmarks/device_step.py (demo and
+#: MobileNetV3-Large settings, 2 threads, x86-64)
+MAP_PASSES = 14.0
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """What one training step computes, from the trained top's shapes."""
+
+    gemm_flops: float  # 1x1 convolutions and linear layers: forward, input and weight gradients
+    depthwise_flops: float  # forward and both gradients
+    map_bytes: int  # every layer output of the trained top, fp32
+    forward_flops: float  # the convolutions and linear layers of the forward alone
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StepTimeEstimate:
+    """Predicted seconds of one native training step, by term. An estimate."""
+
+    gemm: float
+    streaming: float
+
+    @property
+    def total(self) -> float:
+        return self.gemm + self.streaming
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def _gemm(m: int, k: int, n: int, input_grad: bool) -> tuple[float, float]:
+    """FLOPs of y[m x n] = x[m x k] w^T, and with its gradients (dx only when the input is trained)."""
+    return 2.0 * m * k * n, 2.0 * m * k * n * (3 if input_grad else 2)
+
+
+def step_work(model: nn.Module, policy: TrainPolicy, *, batch_size: int, image_size: int) -> StepWork:
+    """The GEMM and depthwise FLOPs and activation-map bytes of one step training ``model``'s top K."""
+    units = feature_units(model)
+    trained_from = first_trained_unit(units, policy.blocks)
+    shape: Shape = (batch_size, 3, image_size, image_size)
+    gemm = depthwise = forward = 0.0
+    maps = 0
+    first = True  # the top's first layer reads the frozen bottom's features: no input gradient
+    layer_lists = [(i >= trained_from, unit_layers(name, unit)) for i, (name, unit) in enumerate(units)] + [(True, head_layers(model))]
+    for trained, layers in layer_lists:
+        for _, layer, _, y in walk(layers, shape):
+            if trained:
+                pixels = math.prod(y[:1] + y[2:])
+                products = []
+                if layer.op == "conv" and layer.groups > 1 and layer.groups == layer.in_channels:
+                    forward += 2.0 * math.prod(y) * layer.kernel**2
+                    depthwise += 3 * 2.0 * math.prod(y) * layer.kernel**2
+                elif layer.op == "conv":
+                    products = [_gemm(pixels, layer.in_channels // layer.groups * layer.kernel**2, layer.out_channels, not first)]
+                elif layer.op == "linear":
+                    products = [_gemm(y[0], layer.in_channels, layer.out_channels, not first)]
+                elif layer.op == "se":  # its two 1x1 convolutions on the pooled map
+                    products = [
+                        _gemm(y[0], layer.in_channels, layer.se_squeeze, True),
+                        _gemm(y[0], layer.se_squeeze, layer.in_channels, True),
+                    ]
+                forward += sum(f for f, _ in products)
+                gemm += sum(s for _, s in products)
+                maps += float_bytes(y)
+                first = first and layer.op not in ("conv", "linear")
+            shape = y
+    return StepWork(gemm, depthwise, maps, forward)
+
+
+def predict_native_step_time(work: StepWork, *, gemm_gflops: float, memory_gbps: float) -> StepTimeEstimate:
+    """Seconds of one ``edgetl-device`` training step on a device with these two rates."""
+    if not (gemm_gflops > 0 and memory_gbps > 0):
+        raise ValueError("gemm_gflops and memory_gbps must be positive")
+    return StepTimeEstimate(gemm=work.gemm_flops / (gemm_gflops * 1e9), streaming=MAP_PASSES * work.map_bytes / (memory_gbps * 1e9))
