@@ -354,9 +354,9 @@ def test_native_depthwise_kernels_match_convolution_and_its_gradients(tmp_path, 
         pytest.skip("the native kernel library is not built (deploy/native/build.sh)")
     torch.manual_seed(stride * 10 + kernel)
     pad = kernel // 2
-    x = torch.randn(2, 9, 11, 40, dtype=torch.float64, requires_grad=True)  # two channel groups
-    w = torch.randn(40, 1, kernel, kernel, dtype=torch.float64, requires_grad=True)
-    ref = nn.functional.conv2d(x.permute(0, 3, 1, 2), w, stride=stride, padding=pad, groups=40).permute(0, 2, 3, 1)
+    x = torch.randn(2, 9, 11, 136, dtype=torch.float64, requires_grad=True)  # two channel groups
+    w = torch.randn(136, 1, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    ref = nn.functional.conv2d(x.permute(0, 3, 1, 2), w, stride=stride, padding=pad, groups=136).permute(0, 2, 3, 1)
     dy = torch.randn_like(ref)
     gx, gw = torch.autograd.grad(ref, (x, w), dy)
     args = (x.detach().float(), w.detach().float(), dy.float())

@@ -124,21 +124,26 @@ Tensor& depthwise_grad_weight_out(KernelRuntimeContext& ctx, const Tensor& dy, c
   const float* dyp = dy.const_data_ptr<float>();
   const float* xp = x.const_data_ptr<float>();
   float* dw = out.mutable_data_ptr<float>();
-  // one task per group of channels: it sums every pixel for its channels, in pixel order
-  constexpr int64_t kGroup = 32;
+  // One task per group of channels: it sums every pixel for its channels, in pixel order. Each
+  // output row's terms are summed in float (vectorised), rows into double (many terms).
+  constexpr int64_t kGroup = 128;
   parallel_for(static_cast<size_t>((g.c + kGroup - 1) / kGroup), [&](size_t group) {
     const int64_t c0 = static_cast<int64_t>(group) * kGroup, cn = std::min(kGroup, g.c - c0);
-    std::vector<double> acc(g.k * g.k * cn, 0.0);  // per-tap channel sums; double: many terms
+    std::vector<double> acc(g.k * g.k * cn, 0.0);
+    std::vector<float> row(g.k * g.k * cn);
     for (int64_t n = 0; n < g.n; ++n)
-      for (int64_t oy = 0; oy < g.ho; ++oy)
+      for (int64_t oy = 0; oy < g.ho; ++oy) {
+        std::fill(row.begin(), row.end(), 0.0f);
         for (int64_t ox = 0; ox < g.wo; ++ox) {
           const float* dr = dyp + ((n * g.ho + oy) * g.wo + ox) * g.c + c0;
           each_tap(g, n, oy, ox, [&](int64_t tap, int64_t pixel) {
             const float* xr = xp + pixel * g.c + c0;
-            double* a = acc.data() + tap * cn;
-            for (int64_t c = 0; c < cn; ++c) a[c] += static_cast<double>(dr[c] * xr[c]);
+            float* r = row.data() + tap * cn;
+            for (int64_t c = 0; c < cn; ++c) r[c] += dr[c] * xr[c];
           });
         }
+        for (size_t i = 0; i < acc.size(); ++i) acc[i] += static_cast<double>(row[i]);
+      }
     for (int64_t c = 0; c < cn; ++c)
       for (int64_t t = 0; t < g.k * g.k; ++t) dw[(c0 + c) * g.k * g.k + t] = static_cast<float>(acc[t * cn + c]);
   });
