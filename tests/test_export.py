@@ -490,6 +490,27 @@ def test_native_channel_kernels_match_float64_at_any_thread_count(tmp_path, shap
         assert np.array_equal(one, four), "4 threads differ from 1"
 
 
+class _MeanOps(nn.Module):
+    def forward(self, x, dm):
+        return torch.ops.edgetl_export.spatial_mean(x), torch.ops.edgetl_export.spatial_mean_grad(dm, x.shape[1], x.shape[2])
+
+
+def test_native_global_average_pooling_matches_float64_and_autograd(tmp_path):
+    """deploy/native/kernels' spatial mean and its gradient against float64 and eager autograd."""
+    if et.load_native_kernels() is None:
+        pytest.skip("the native kernel library is not built (deploy/native/build.sh)")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 7, 5, 70, generator=g, requires_grad=True)
+    dm = torch.randn(3, 1, 1, 70, generator=g)
+    want_dx = torch.autograd.grad(nhwc.spatial_mean(x), x, dm)[0]
+    torch.testing.assert_close(want_dx, torch.autograd.grad(x.mean((1, 2), keepdim=True), x, dm)[0])
+    pte = tmp_path / "mean.pte"
+    pte.write_bytes(et.portable_program(torch.export.export(_MeanOps(), (x.detach(), dm))))
+    mean, dx = et.Program(pte).run("forward", x.detach().numpy(), dm.numpy())
+    np.testing.assert_allclose(mean, x.detach().double().mean((1, 2), keepdim=True).numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dx, want_dx.numpy(), rtol=1e-6, atol=1e-7)
+
+
 def test_channel_affine_keeps_its_input_only_for_a_trained_scale():
     """A shift-only norm (scale frozen) saves nothing for backward; a batch norm's trained scale needs x."""
     x = torch.randn(2, 3, 3, 4, requires_grad=True)

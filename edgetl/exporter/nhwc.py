@@ -42,6 +42,8 @@ DW_GRAD_WEIGHT_OP = "edgetl_export::depthwise_grad_weight"
 PW_OP = "edgetl_export::pointwise_nhwc"
 PW_GRAD_INPUT_OP = "edgetl_export::pointwise_grad_input"
 PW_GRAD_WEIGHT_OP = "edgetl_export::pointwise_grad_weight"
+MEAN_OP = "edgetl_export::spatial_mean"
+MEAN_GRAD_OP = "edgetl_export::spatial_mean_grad"
 AFFINE_OP = "edgetl_export::channel_affine"
 SCALE_OP = "edgetl_export::channel_scale"
 SUM_OP = "edgetl_export::channel_sum"
@@ -318,6 +320,39 @@ def _affine_backward(ctx, dy: Tensor):
 channel_affine.register_autograd(_affine_backward, setup_context=_affine_setup)
 
 
+@torch.library.custom_op(MEAN_OP, mutates_args=())
+def spatial_mean(x: Tensor) -> Tensor:
+    """The mean over height and width of an NHWC map, N x 1 x 1 x C (global average pooling)."""
+    return x.mean((1, 2), keepdim=True)
+
+
+@spatial_mean.register_fake
+def _(x: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], 1, 1, x.shape[3]))
+
+
+@torch.library.custom_op(MEAN_GRAD_OP, mutates_args=())
+def spatial_mean_grad(dy: Tensor, h: int, w: int) -> Tensor:
+    """dL/dx of :func:`spatial_mean`: ``dy`` spread over an h x w map, divided by h * w."""
+    return _spatial_mean_grad(dy, h, w)
+
+
+@spatial_mean_grad.register_fake
+def _(dy: Tensor, h: int, w: int) -> Tensor:
+    return dy.new_empty((dy.shape[0], h, w, dy.shape[3]))
+
+
+def _spatial_mean_grad(dy: Tensor, h: int, w: int) -> Tensor:
+    return dy.expand(dy.shape[0], h, w, dy.shape[3]) / (h * w)
+
+
+def _mean_setup(ctx, inputs, output) -> None:
+    ctx.hw = inputs[0].shape[1:3]
+
+
+spatial_mean.register_autograd(lambda ctx, dy: spatial_mean_grad(dy, *ctx.hw), setup_context=_mean_setup)
+
+
 # --- masked activations -----------------------------------------------------------------------
 
 
@@ -376,6 +411,8 @@ def _define_out_variants() -> None:
         "pointwise_nhwc": ("Tensor x, Tensor weight", pointwise_nhwc),
         "pointwise_grad_input": ("Tensor dy, Tensor weight", pointwise_grad_input_op),
         "pointwise_grad_weight": ("Tensor dy, Tensor x, SymInt rank", pointwise_grad_weight_op),
+        "spatial_mean": ("Tensor x", spatial_mean),
+        "spatial_mean_grad": ("Tensor dy, SymInt h, SymInt w", spatial_mean_grad),
         "channel_affine": ("Tensor x, Tensor a, Tensor b", channel_affine),
         "channel_scale": ("Tensor dy, Tensor a", channel_scale),
         "channel_sum": ("Tensor dy", channel_sum),
@@ -519,7 +556,7 @@ class GlobalMean(nn.Module):
     """``AdaptiveAvgPool2d(1)`` on NHWC input, keeping the 1 x 1 spatial dims."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return x.mean((1, 2), keepdim=True)
+        return spatial_mean(x)
 
 
 class PadNHWC(nn.Module):
@@ -756,6 +793,8 @@ def decompositions(native_kernels: bool = False) -> dict:
     else:
         table[torch.ops.edgetl.mask_grad.default] = ops.mask_grad_aten
         table[torch.ops.edgetl.packed_mask_grad.default] = ops.packed_mask_grad_aten
+        table[torch.ops.edgetl_export.spatial_mean.default] = lambda x: x.mean((1, 2), keepdim=True)
+        table[torch.ops.edgetl_export.spatial_mean_grad.default] = _spatial_mean_grad
         table[torch.ops.edgetl_export.channel_affine.default] = _channel_affine
         table[torch.ops.edgetl_export.channel_scale.default] = lambda dy, a: dy * a
         table[torch.ops.edgetl_export.channel_sum.default] = _channel_sum

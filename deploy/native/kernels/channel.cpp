@@ -1,10 +1,12 @@
-// edgetl's native kernels for per-channel affine maps (the norms of the training program, NHWC:
-// channels last), registered as `edgetl_export::*.out`:
+// edgetl's native kernels for per-channel maps and sums of the training program (NHWC: channels
+// last): the norms and global average pooling, registered as `edgetl_export::*.out`:
 //
 //   channel_affine(x, a, b)  y = x * a + b      (a, b per channel)
 //   channel_scale(dy, a)     dx = dy * a
 //   channel_sum(dy)          db[c] = sum of dy over every pixel
 //   channel_dot(dy, x)       da[c] = sum of dy * x over every pixel
+//   spatial_mean(x)          m[n, c] = mean of x[n, :, :, c]      (global average pooling)
+//   spatial_mean_grad(dm, h, w)  dx[n, y, x, c] = dm[n, c] / (h * w)
 //
 // One pass each. ExecuTorch's portable reduction over the leading axes walks the map with strided
 // index arithmetic per element; here rows are contiguous and the channel loop vectorises. Sums run
@@ -105,8 +107,38 @@ Tensor& channel_dot_out(KernelRuntimeContext& ctx, const Tensor& dy, const Tenso
   return out;
 }
 
+Tensor& spatial_mean_out(KernelRuntimeContext& ctx, const Tensor& x, Tensor& out) {
+  if (!check(ctx, x.dim() == 4 && out.dim() == 4 && out.size(0) == x.size(0) && out.size(1) == 1 && out.size(2) == 1 &&
+                      out.size(3) == x.size(3)))
+    return out;
+  const int64_t n = x.size(0), hw = x.size(1) * x.size(2), c = x.size(3);
+  const float* xp = x.const_data_ptr<float>();
+  float* mp = out.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {  // each image's pixels are a rows x c map of its own
+    channel_reduce(hw, c, mp + i * c, [&](int64_t k) { return xp[i * hw * c + k]; });
+    for (int64_t j = 0; j < c; ++j) mp[i * c + j] /= static_cast<float>(hw);
+  }
+  return out;
+}
+
+Tensor& spatial_mean_grad_out(KernelRuntimeContext& ctx, const Tensor& dy, int64_t h, int64_t w, Tensor& out) {
+  if (!check(ctx, dy.dim() == 4 && out.dim() == 4 && out.size(0) == dy.size(0) && out.size(1) == h && out.size(2) == w &&
+                      out.size(3) == dy.size(3)))
+    return out;
+  const int64_t c = dy.size(3), hw = h * w;
+  const float* dyp = dy.const_data_ptr<float>();
+  float* dx = out.mutable_data_ptr<float>();
+  each_row(dy.size(0) * hw, c, [&](int64_t r) {
+    const float* g = dyp + (r / hw) * c;
+    for (int64_t j = 0; j < c; ++j) dx[r * c + j] = g[j] / static_cast<float>(hw);
+  });
+  return out;
+}
+
 }  // namespace edgetl_kernels
 
+EXECUTORCH_LIBRARY(edgetl_export, "spatial_mean.out", edgetl_kernels::spatial_mean_out);
+EXECUTORCH_LIBRARY(edgetl_export, "spatial_mean_grad.out", edgetl_kernels::spatial_mean_grad_out);
 EXECUTORCH_LIBRARY(edgetl_export, "channel_affine.out", edgetl_kernels::channel_affine_out);
 EXECUTORCH_LIBRARY(edgetl_export, "channel_scale.out", edgetl_kernels::channel_scale_out);
 EXECUTORCH_LIBRARY(edgetl_export, "channel_sum.out", edgetl_kernels::channel_sum_out);
