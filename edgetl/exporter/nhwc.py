@@ -50,6 +50,7 @@ SUM_OP = "edgetl_export::channel_sum"
 DOT_OP = "edgetl_export::channel_dot"
 ACT_OP = "edgetl_export::activation"
 MASK_GRAD_OP = "edgetl_export::mask_grad"
+EXACT_ACT_GRAD_OP = "edgetl_export::exact_act_grad"
 PACKED_MASK_GRAD_OP = "edgetl_export::packed_mask_grad"
 
 
@@ -399,6 +400,68 @@ def _(dy: Tensor, packed: Tensor) -> Tensor:
     return torch.empty_like(dy)
 
 
+#: activations whose exact derivative autograd computes from the output; the others, from the input
+_FROM_OUTPUT = frozenset({"relu", "sigmoid"})
+
+
+@torch.library.custom_op("edgetl_export::exact_act", mutates_args=())
+def exact_act(x: Tensor, code: int) -> Tensor:
+    """An activation outside MobileTL's trained blocks (a conv stage's, the head's): the exact
+    forward and derivative, keeping for backward the tensor autograd keeps (output or input)."""
+    return ops.activation_forward(x, _kind_rule(code)[0])
+
+
+@exact_act.register_fake
+def _(x: Tensor, code: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(EXACT_ACT_GRAD_OP, mutates_args=())
+def exact_act_grad(dy: Tensor, t: Tensor, code: int) -> Tensor:
+    """dL/dx of :func:`exact_act` from the output ``t`` (ReLU, Sigmoid) or the input ``t``."""
+    return _exact_act_grad(dy, t, code)
+
+
+@exact_act_grad.register_fake
+def _(dy: Tensor, t: Tensor, code: int) -> Tensor:
+    return torch.empty_like(dy)
+
+
+def _exact_act_grad(dy: Tensor, t: Tensor, code: int) -> Tensor:
+    # PyTorch's derivative formulas (threshold, hardtanh, hardswish, silu, hardsigmoid, sigmoid backward)
+    kind = _kind_rule(code)[0]
+    if kind in ("relu", "sigmoid"):
+        return ops.mask_grad_aten(dy, t, kind, "exact")  # 1[y > 0]; y (1 - y)
+    x = t
+    if kind == "relu6":
+        return torch.where((x > 0) & (x < 6), dy, 0.0)
+    if kind == "hardswish":
+        return torch.where(x <= -3, 0.0, torch.where(x < 3, dy * (x / 3 + 0.5), dy))
+    if kind == "hardsigmoid":
+        return torch.where((x > -3) & (x < 3), dy / 6, 0.0)
+    s = torch.sigmoid(x)  # silu
+    return dy * (s * (1 + x * (1 - s)))
+
+
+def _exact_setup(ctx, inputs, output) -> None:
+    x, ctx.code = inputs
+    ctx.save_for_backward(output if _kind_rule(ctx.code)[0] in _FROM_OUTPUT else x)
+
+
+exact_act.register_autograd(lambda ctx, dy: (exact_act_grad(dy, ctx.saved_tensors[0], ctx.code), None), setup_context=_exact_setup)
+
+
+class ExactActivation(nn.Module):
+    """An activation module outside MobileTL's reach (:func:`exact_act`)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.code = activation_code(kind, "exact")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return exact_act(x, self.code)
+
+
 def _define_out_variants() -> None:
     """``.out`` overloads of the operators above: ExecuTorch emits out-variant calls,
     which the device's native kernels (``deploy/native/kernels``) implement."""
@@ -419,6 +482,8 @@ def _define_out_variants() -> None:
         "channel_dot": ("Tensor dy, Tensor x", channel_dot),
         "activation": ("Tensor x, SymInt code", activation_op),
         "mask_grad": ("Tensor dy, Tensor y, SymInt code", mask_grad_op),
+        "exact_act": ("Tensor x, SymInt code", exact_act),
+        "exact_act_grad": ("Tensor dy, Tensor t, SymInt code", exact_act_grad),
         "packed_mask_grad": ("Tensor dy, Tensor packed", packed_mask_grad_op),
     }
     for name, (args, functional) in specs.items():
@@ -631,8 +696,10 @@ def _convert_leaf(module: nn.Module, path: str, part: str) -> nn.Module | None:
         return nn.Identity()
     if isinstance(module, nn.Linear):
         return Linear(module)
-    if isinstance(module, _PASS_THROUGH) or activation_kind(module) is not None:
+    if isinstance(module, _PASS_THROUGH):
         return None
+    if activation_kind(module) is not None:
+        return ExactActivation(activation_kind(module))
     if any(True for _ in module.children()):
         return None  # a container (block, squeeze-excitation, conv-norm-act): its leaves are converted
     if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
@@ -793,6 +860,8 @@ def decompositions(native_kernels: bool = False) -> dict:
     else:
         table[torch.ops.edgetl.mask_grad.default] = ops.mask_grad_aten
         table[torch.ops.edgetl.packed_mask_grad.default] = ops.packed_mask_grad_aten
+        table[torch.ops.edgetl_export.exact_act.default] = lambda x, code: ops.activation_forward(x, _kind_rule(code)[0])
+        table[torch.ops.edgetl_export.exact_act_grad.default] = _exact_act_grad
         table[torch.ops.edgetl_export.spatial_mean.default] = lambda x: x.mean((1, 2), keepdim=True)
         table[torch.ops.edgetl_export.spatial_mean_grad.default] = _spatial_mean_grad
         table[torch.ops.edgetl_export.channel_affine.default] = _channel_affine

@@ -4,6 +4,9 @@
 //   mask_grad(dy, y, code)      dx = dy where the 1-bit mask read off y is set, else 0
 //                               (a squeeze-excitation gate: dy times its exact derivative from y)
 //   packed_mask_grad(dy, bits)  dx = dy where the bit-packed mask is set (LSB first), else 0
+//   exact_act(x, code)          y = act(x) outside MobileTL's blocks (the same forward)
+//   exact_act_grad(dy, t, code) dx = dy act'(x), from the output t (ReLU, Sigmoid) or the input t,
+//                               as PyTorch's derivative formulas
 //
 // Each is one pass over the map. ExecuTorch's portable kernels need several (compare, where,
 // clamp, and hardswish's four), each converting dtypes element by element.
@@ -118,8 +121,34 @@ Tensor& packed_mask_grad_out(KernelRuntimeContext& ctx, const Tensor& dy, const 
   return out;
 }
 
+Tensor& exact_act_grad_out(KernelRuntimeContext& ctx, const Tensor& dy, const Tensor& t, int64_t code, Tensor& out) {
+  if (!check(ctx, code >= 0 && code < 2 * kKinds && same_shape(dy, t) && same_shape(dy, out))) return out;
+  const float* dyp = dy.const_data_ptr<float>();
+  const float* tp = t.const_data_ptr<float>();
+  float* dx = out.mutable_data_ptr<float>();
+  const int64_t n = dy.numel();
+  switch (code / 2) {
+    case kRelu: map2(dyp, tp, dx, n, [](float g, float y) { return y > 0.0f ? g : 0.0f; }); break;
+    case kRelu6: map2(dyp, tp, dx, n, [](float g, float x) { return x > 0.0f && x < 6.0f ? g : 0.0f; }); break;
+    case kHardswish:
+      map2(dyp, tp, dx, n, [](float g, float x) { return x <= -3.0f ? 0.0f : x < 3.0f ? g * (x / 3.0f + 0.5f) : g; });
+      break;
+    case kSilu:
+      map2(dyp, tp, dx, n, [](float g, float x) {
+        const float s = 1.0f / (1.0f + std::exp(-x));
+        return g * (s * (1.0f + x * (1.0f - s)));
+      });
+      break;
+    case kHardsigmoid: map2(dyp, tp, dx, n, [](float g, float x) { return x > -3.0f && x < 3.0f ? g / 6.0f : 0.0f; }); break;
+    default: map2(dyp, tp, dx, n, [](float g, float y) { return g * y * (1.0f - y); }); break;
+  }
+  return out;
+}
+
 }  // namespace edgetl_kernels
 
 EXECUTORCH_LIBRARY(edgetl_export, "activation.out", edgetl_kernels::activation_out);
+EXECUTORCH_LIBRARY(edgetl_export, "exact_act.out", edgetl_kernels::activation_out);
+EXECUTORCH_LIBRARY(edgetl_export, "exact_act_grad.out", edgetl_kernels::exact_act_grad_out);
 EXECUTORCH_LIBRARY(edgetl_export, "mask_grad.out", edgetl_kernels::mask_grad_out);
 EXECUTORCH_LIBRARY(edgetl_export, "packed_mask_grad.out", edgetl_kernels::packed_mask_grad_out);
