@@ -14,10 +14,13 @@ thread count, in fresh processes, alternating ``--repeats`` times (medians):
 
 Step time is an epoch's training time over its steps. Then, from the trained top's layer shapes:
 the FLOPs of a step (1x1 convolutions and the classifier as GEMMs, forward, input gradient and
-weight gradient; depthwise convolutions apart), the time edgetl's GEMM takes at exactly those
-shapes (``edgetl-gemm-bench``), the machine's sgemm peak (the same GEMM at 1024 x 1024 x 1024),
-the step's achieved GFLOP/s, its share outside GEMMs, and the native epoch's split (decoding,
-the bottom, forward-backward, SGD) from the runner's ``state.json``.
+weight gradient; depthwise convolutions apart: ``edgetl.profiler.step_time.step_work``, checked
+against the exported top's own layers), the time edgetl's GEMM takes at exactly those shapes
+(``edgetl-gemm-bench``), the machine's sgemm peak (the best rate of the same GEMM over 1024^3 and
+the step's shapes), the step's achieved GFLOP/s, its share outside GEMMs, the native epoch's split
+(decoding, the bottom, forward-backward, SGD) from the runner's ``state.json``, and the step time
+``edgetl plan --runtime native`` predicts for this machine (its rates measured here:
+``edgetl-gemm-bench``'s 1024^3 GEMM and 64 MiB copy).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # device_memory's sett
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from device_memory import ROOT, SETTINGS, eager_finetune, native_finetune, prepare  # noqa: E402
+
+import edgetl  # noqa: E402
+from edgetl.profiler.step_time import predict_native_step_time, step_work  # noqa: E402
 
 BUILD = ROOT / "deploy" / "native" / "build"
 PEAK_SHAPE = (1024, 1024, 1024, 0, 0)
@@ -64,18 +70,25 @@ def step_shapes(s: dict) -> tuple[list[tuple[int, int, int, int, int]], float]:
         gemm(m, cin, y.shape[-1], input_grad=bool(gemms) or cin != features.shape[1])
 
     def on_linear(module, args, y) -> None:
-        gemm(y.shape[0], module.in_features, module.out_features, input_grad=True)
+        gemm(y.shape[0], module.weight.shape[1], module.weight.shape[0], input_grad=True)
 
     def on_depthwise(module, args, y) -> None:
         depthwise[0] += 3 * 2 * y.numel() * module.weight.shape[-1] ** 2  # forward, both gradients
 
     for module in top.modules():
-        hook = {nhwc.PointwiseConv: on_pointwise, torch.nn.Linear: on_linear, nhwc.DepthwiseConv: on_depthwise}.get(type(module))
+        hook = {nhwc.PointwiseConv: on_pointwise, nhwc.Linear: on_linear, nhwc.DepthwiseConv: on_depthwise}.get(type(module))
         if hook:
             module.register_forward_hook(hook)
     with torch.no_grad():
         top.logits(features)
     return gemms, depthwise[0]
+
+
+def copy_gbps(threads: int) -> float:
+    """The machine's copy bandwidth on the pool (``edgetl-gemm-bench ... copy 64``)."""
+    r = subprocess.run([str(BUILD / "edgetl-gemm-bench"), str(threads), "0.5", "copy", "64"], capture_output=True, text=True, check=True)
+    _, nbytes, seconds = r.stdout.split()
+    return int(nbytes) / float(seconds) / 1e9
 
 
 def gemm_seconds(threads: int, shapes: list[tuple[int, int, int, int, int]]) -> dict[tuple, float]:
@@ -117,7 +130,11 @@ def main() -> int:
         decomposed = prepare(work / "decomposed", name, s, 2)["mobiletl"]
         del os.environ["EDGETL_NATIVE_KERNELS"]
         shapes, depthwise_flops = step_shapes(s)
-        gemm_flops = sum(flops(shape) for shape in shapes)
+        work = step_work(edgetl.load_model(s["model"], num_classes=10), edgetl.TrainPolicy(blocks=s["blocks"]),
+                         batch_size=s["batch"], image_size=s["image_size"])  # fmt: skip
+        gemm_flops = work.gemm_flops
+        if abs(sum(flops(shape) for shape in shapes) - gemm_flops) > 0.02 * gemm_flops or depthwise_flops != work.depthwise_flops:
+            raise SystemExit(f"step_work {work} disagrees with the exported top's layers ({len(shapes)} GEMMs)")
         for threads in (int(t) for t in args.threads.split(",")):
             rows: dict[str, list[float]] = {}
             epochs = []
@@ -133,7 +150,10 @@ def main() -> int:
             step = {k: statistics.median(v) for k, v in rows.items()}
             timed = gemm_seconds(threads, [*shapes, PEAK_SHAPE])
             in_gemm = sum(timed[shape] for shape in shapes)
-            peak = flops(PEAK_SHAPE) / timed[PEAK_SHAPE] / 1e9
+            peak = max(flops(shape) / seconds for shape, seconds in timed.items()) / 1e9
+            square = flops(PEAK_SHAPE) / timed[PEAK_SHAPE] / 1e9
+            bandwidth = copy_gbps(threads)
+            predicted = predict_native_step_time(work, gemm_gflops=square, memory_gbps=bandwidth)
             steps = round(epochs[0]["images_per_s"] * epochs[0]["seconds"]) // s["batch"]
             split = {key: statistics.median(e[key] for e in epochs) / steps for key in ("step_seconds", "optimizer_seconds")}
             feature = {key: statistics.median(e["features_seconds"][key] for e in epochs) for key in ("decode", "bottom")}
@@ -146,13 +166,19 @@ def main() -> int:
             print(
                 f"\nFLOPs of a step: {gemm_flops / 1e9:.2f} G in {len(shapes)} GEMMs, {depthwise_flops / 1e9:.3f} G depthwise. "
                 f"Achieved: native {(gemm_flops + depthwise_flops) / n / 1e9:.1f} GFLOP/s, eager "
-                f"{(gemm_flops + depthwise_flops) / step['eager'] / 1e9:.1f}; sgemm peak (edgetl's GEMM, 1024^3) {peak:.1f} GFLOP/s; "
+                f"{(gemm_flops + depthwise_flops) / step['eager'] / 1e9:.1f}; sgemm peak (edgetl's GEMM) {peak:.1f} GFLOP/s "
+                f"(1024^3: {square:.1f}); "
                 f"edgetl's GEMM alone at the step's shapes: {1000 * in_gemm:.1f} ms ({gemm_flops / in_gemm / 1e9:.1f} GFLOP/s)."
             )
             print(
                 f"Native step: {100 * in_gemm / n:.0f}% in GEMMs, {100 * (1 - in_gemm / n):.0f}% outside (elementwise, depthwise, "
                 f"copies, the optimizer); forward-backward {1000 * split['step_seconds']:.1f} ms + SGD "
                 f"{1000 * split['optimizer_seconds']:.1f} ms."
+            )
+            print(
+                f"Predicted by edgetl plan (gemm_gflops {square:.1f}, memory_gbps {bandwidth:.1f}): "
+                f"{1000 * predicted.total:.1f} ms ({1000 * predicted.gemm:.1f} GEMM + {1000 * predicted.streaming:.1f} streaming), "
+                f"{predicted.total / n:.2f} of measured."
             )
             e = epochs[0]
             print(

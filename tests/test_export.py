@@ -18,7 +18,7 @@ import edgetl
 from edgetl.cli import main
 from edgetl.exporter import _executorch as et
 from edgetl.exporter import bundle as bundle_mod
-from edgetl.exporter import inference, memory, nhwc, training
+from edgetl.exporter import device_ops, inference, memory, nhwc, training
 from edgetl.exporter.errors import ExecutorchMissingError, ExportError, UnsupportedModelError, VerificationError
 from edgetl.exporter.manifest import (
     FORMAT,
@@ -270,7 +270,7 @@ def test_exported_backward_keeps_bit_packed_masks_not_float_maps(mask, num_masks
     shape = tuple(net.forward_bottom(torch.zeros(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE)).shape)
     top = nhwc.trainable_top(net)
     joint = et.export_forward_backward(torch.export.export(top, (torch.zeros(shape), torch.arange(BATCH) % 3)))
-    saved = memory.saved_for_backward(joint.run_decompositions(nhwc.decompositions()))
+    saved = memory.saved_for_backward(joint.run_decompositions(device_ops.decompositions()))
     expanded = BATCH * 960 * (IMAGE_SIZE // 32) ** 2  # features.17's expanded map
     # packed: the block's two masked activations, one bit per element; reuse: masks are read off
     # outputs the next convs keep anyway
@@ -318,13 +318,13 @@ def test_depthwise_and_pointwise_custom_ops_match_convolution(stride, kernel):
     ref = nn.functional.conv2d(x.permute(0, 3, 1, 2), w, stride=stride, padding=pad, groups=6).permute(0, 2, 3, 1)
     dy = torch.randn_like(ref)
     gx, gw = torch.autograd.grad(ref, (x, w), dy)
-    y = nhwc.depthwise_nhwc(x, w, stride, pad)
+    y = device_ops.depthwise_nhwc(x, w, stride, pad)
     torch.testing.assert_close(y, ref)
-    torch.testing.assert_close(nhwc.depthwise_forward(x, w, stride, pad), ref)  # the exported form
+    torch.testing.assert_close(device_ops.depthwise_forward(x, w, stride, pad), ref)  # the exported form
     torch.testing.assert_close(torch.autograd.grad(y, (x, w), dy), (gx, gw))
     v = torch.randn(4, 6, 1, 1, dtype=torch.float64, requires_grad=True)
     x2 = x.detach().reshape(-1, 6).requires_grad_()
-    out = nhwc.pointwise_nhwc(x2, v)
+    out = device_ops.pointwise_nhwc(x2, v)
     torch.testing.assert_close(out, x2 @ v[:, :, 0, 0].t())
     d = torch.randn_like(out)
     torch.testing.assert_close(torch.autograd.grad(out, (x2, v), d), torch.autograd.grad(x2 @ v[:, :, 0, 0].t(), (x2, v), d))
@@ -433,7 +433,7 @@ class _ActivationOps(nn.Module):
         e = torch.ops.edgetl_export
         y = e.activation(x, self.code)
         exact = e.exact_act(x, self.code)
-        t = exact if nhwc._FROM_OUTPUT.issuperset([ops.ACTIVATION_KINDS[self.code // 2]]) else x
+        t = exact if device_ops._FROM_OUTPUT.issuperset([ops.ACTIVATION_KINDS[self.code // 2]]) else x
         return y, e.mask_grad(dy, y, self.code), e.packed_mask_grad(dy, packed), exact, e.exact_act_grad(dy, t, self.code)
 
 
@@ -449,7 +449,7 @@ def test_native_activation_kernels_match_the_python_operators(tmp_path, kind, ru
     x = torch.cat([torch.randn(3, 5, 7, 11, generator=g) * 4, torch.tensor([0.0, 6.0, -3.0, 3.0, 1e-30, -1e-30]).expand(3, 5, 7, 6)], -1)
     dy = torch.randn(x.shape, generator=g)
     packed = ops.pack_bits(ops.mask_from_input(x, kind, rule))
-    code = nhwc.activation_code(kind, rule)
+    code = device_ops.activation_code(kind, rule)
     y = ops.activation_forward(x, kind)
     module = nhwc.ExactActivation(kind)
     xg = x.clone().requires_grad_()
@@ -509,7 +509,7 @@ def test_native_global_average_pooling_matches_float64_and_autograd(tmp_path):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(3, 7, 5, 70, generator=g, requires_grad=True)
     dm = torch.randn(3, 1, 1, 70, generator=g)
-    want_dx = torch.autograd.grad(nhwc.spatial_mean(x), x, dm)[0]
+    want_dx = torch.autograd.grad(device_ops.spatial_mean(x), x, dm)[0]
     torch.testing.assert_close(want_dx, torch.autograd.grad(x.mean((1, 2), keepdim=True), x, dm)[0])
     pte = tmp_path / "mean.pte"
     pte.write_bytes(et.portable_program(torch.export.export(_MeanOps(), (x.detach(), dm))))
@@ -522,13 +522,13 @@ def test_channel_affine_keeps_its_input_only_for_a_trained_scale():
     """A shift-only norm (scale frozen) saves nothing for backward; a batch norm's trained scale needs x."""
     x = torch.randn(2, 3, 3, 4, requires_grad=True)
     frozen, trained, shift = torch.randn(4), torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
-    y = nhwc.channel_affine(x, frozen, shift)
+    y = device_ops.channel_affine(x, frozen, shift)
     assert all(t is None or t.numel() == 4 for t in y.grad_fn.saved_tensors)
     dy = torch.randn_like(y)
     gx, gs = torch.autograd.grad(y, (x, shift), dy)
     torch.testing.assert_close(gx, dy * frozen)
     torch.testing.assert_close(gs, dy.sum((0, 1, 2)))
-    y = nhwc.channel_affine(x, trained, shift)
+    y = device_ops.channel_affine(x, trained, shift)
     assert any(t is not None and t.shape == x.shape for t in y.grad_fn.saved_tensors)
     ga = torch.autograd.grad(y, trained, dy)[0]
     torch.testing.assert_close(ga, (dy * x).sum((0, 1, 2)))

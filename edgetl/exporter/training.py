@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from torchvision.ops import StochasticDepth
 
 from edgetl.exporter import _executorch as et
-from edgetl.exporter import inference, memory, nhwc
+from edgetl.exporter import device_ops, inference, memory, nhwc
 from edgetl.exporter.errors import ExportError, UnsupportedModelError, VerificationError
 from edgetl.exporter.inference import locate_operator
 from edgetl.exporter.manifest import TrainingCheck
@@ -149,7 +149,7 @@ def export_training(
     top = nhwc.trainable_top(net, label_smoothing=label_smoothing, record_activations=record_activations)
     features = torch.zeros(feature_shape)
     labels = torch.arange(feature_shape[0]) % num_classes
-    decomps = nhwc.decompositions(native_kernels)
+    decomps = device_ops.decompositions(native_kernels)
     methods = {}
     if not record_activations:
         # eval first: the train-mode trace records running-statistic updates but must not see them
