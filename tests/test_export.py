@@ -497,6 +497,29 @@ def test_native_channel_kernels_match_float64_at_any_thread_count(tmp_path, shap
         assert np.array_equal(one, four), "4 threads differ from 1"
 
 
+class _GateOps(nn.Module):
+    def forward(self, x, s, dy):
+        return torch.ops.edgetl_export.channel_gate(x, s), torch.ops.edgetl_export.channel_gate_grad(dy, x)
+
+
+def test_native_squeeze_excitation_gate_matches_float64_and_autograd(tmp_path):
+    """deploy/native/kernels' gating multiply and its gradients against float64 and eager autograd."""
+    if et.load_native_kernels() is None:
+        pytest.skip("the native kernel library is not built (deploy/native/build.sh)")
+    g = torch.Generator().manual_seed(5)
+    x, s = torch.randn(3, 7, 5, 70, generator=g, requires_grad=True), torch.rand(3, 1, 1, 70, generator=g, requires_grad=True)
+    dy = torch.randn(3, 7, 5, 70, generator=g)
+    got_grads = torch.autograd.grad(device_ops.channel_gate(x, s), (x, s), dy)
+    want_grads = torch.autograd.grad(x * s, (x, s), dy)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want)
+    pte = tmp_path / "gate.pte"
+    pte.write_bytes(et.portable_program(torch.export.export(_GateOps(), (x.detach(), s.detach(), dy))))
+    y, ds = et.Program(pte).run("forward", x.detach().numpy(), s.detach().numpy(), dy.numpy())
+    np.testing.assert_allclose(y, (x * s).detach().numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ds, (dy.double() * x.detach().double()).sum((1, 2), keepdim=True).numpy(), rtol=1e-6, atol=1e-6)
+
+
 class _MeanOps(nn.Module):
     def forward(self, x, dm):
         return torch.ops.edgetl_export.spatial_mean(x), torch.ops.edgetl_export.spatial_mean_grad(dm, x.shape[1], x.shape[2])

@@ -11,7 +11,8 @@ and an ``.out`` overload (ExecuTorch emits out-variant calls). The channels-last
   backward recomputes the windows from the saved input (one tensor kept per convolution, as
   autograd does in eager, and not one per kernel tap);
 * 1x1 convolution and linear layer: ``x @ W^T`` and its two gradients, reading the weight in place;
-* per-channel affine maps (the norms) and global average pooling, with their gradients;
+* per-channel affine maps (the norms), squeeze-excitation's gating multiply and global average
+  pooling, with their gradients;
 * masked activations (MobileTL's 1-bit backward) and exact ones (outside the trained blocks).
 """
 
@@ -29,6 +30,8 @@ DW_GRAD_WEIGHT_OP = "edgetl_export::depthwise_grad_weight"
 PW_OP = "edgetl_export::pointwise_nhwc"
 PW_GRAD_INPUT_OP = "edgetl_export::pointwise_grad_input"
 PW_GRAD_WEIGHT_OP = "edgetl_export::pointwise_grad_weight"
+GATE_OP = "edgetl_export::channel_gate"
+GATE_GRAD_OP = "edgetl_export::channel_gate_grad"
 MEAN_OP = "edgetl_export::spatial_mean"
 MEAN_GRAD_OP = "edgetl_export::spatial_mean_grad"
 AFFINE_OP = "edgetl_export::channel_affine"
@@ -308,6 +311,42 @@ def _affine_backward(ctx, dy: Tensor):
 channel_affine.register_autograd(_affine_backward, setup_context=_affine_setup)
 
 
+@torch.library.custom_op(GATE_OP, mutates_args=())
+def channel_gate(x: Tensor, s: Tensor) -> Tensor:
+    """``x * s`` for an NHWC map and a per-image, per-channel ``s`` (N x 1 x 1 x C): the
+    squeeze-excitation's gating multiply."""
+    return x * s
+
+
+@channel_gate.register_fake
+def _(x: Tensor, s: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(GATE_GRAD_OP, mutates_args=())
+def channel_gate_grad(dy: Tensor, x: Tensor) -> Tensor:
+    """dL/ds of :func:`channel_gate`: ``dy * x`` summed over height and width, N x 1 x 1 x C."""
+    return (dy * x).sum((1, 2), keepdim=True)
+
+
+@channel_gate_grad.register_fake
+def _(dy: Tensor, x: Tensor) -> Tensor:
+    return dy.new_empty((dy.shape[0], 1, 1, dy.shape[3]))
+
+
+def _gate_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _gate_backward(ctx, dy: Tensor):
+    x, s = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    return channel_gate(dy, s) if needs[0] else None, channel_gate_grad(dy, x) if needs[1] else None
+
+
+channel_gate.register_autograd(_gate_backward, setup_context=_gate_setup)
+
+
 @torch.library.custom_op(MEAN_OP, mutates_args=())
 def spatial_mean(x: Tensor) -> Tensor:
     """The mean over height and width of an NHWC map, N x 1 x 1 x C (global average pooling)."""
@@ -450,6 +489,8 @@ def _define_out_variants() -> None:
         "pointwise_nhwc": ("Tensor x, Tensor weight", pointwise_nhwc),
         "pointwise_grad_input": ("Tensor dy, Tensor weight", pointwise_grad_input_op),
         "pointwise_grad_weight": ("Tensor dy, Tensor x, SymInt rank", pointwise_grad_weight_op),
+        "channel_gate": ("Tensor x, Tensor s", channel_gate),
+        "channel_gate_grad": ("Tensor dy, Tensor x", channel_gate_grad),
         "spatial_mean": ("Tensor x", spatial_mean),
         "spatial_mean_grad": ("Tensor dy, SymInt h, SymInt w", spatial_mean_grad),
         "channel_affine": ("Tensor x, Tensor a, Tensor b", channel_affine),
@@ -509,6 +550,8 @@ def decompositions(native_kernels: bool = False) -> dict:
         table[torch.ops.edgetl.packed_mask_grad.default] = ops.packed_mask_grad_aten
         table[torch.ops.edgetl_export.exact_act.default] = lambda x, code: ops.activation_forward(x, _kind_rule(code)[0])
         table[torch.ops.edgetl_export.exact_act_grad.default] = _exact_act_grad
+        table[torch.ops.edgetl_export.channel_gate.default] = lambda x, s: x * s
+        table[torch.ops.edgetl_export.channel_gate_grad.default] = lambda dy, x: (dy * x).sum((1, 2), keepdim=True)
         table[torch.ops.edgetl_export.spatial_mean.default] = lambda x: x.mean((1, 2), keepdim=True)
         table[torch.ops.edgetl_export.spatial_mean_grad.default] = _spatial_mean_grad
         table[torch.ops.edgetl_export.channel_affine.default] = _channel_affine

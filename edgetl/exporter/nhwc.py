@@ -6,9 +6,9 @@ edgetl's device operators (:mod:`edgetl.exporter.device_ops`): 1x1 and depthwise
 linear layers, norms, global pooling and activations, each with its own backward operators, run
 on the device by ``deploy/native/kernels``.
 
-The conversion swaps leaf modules only and keeps every parameter and buffer *object*, so names
-(``features.16.conv.0.0.weight``) are the torchvision state-dict keys and the blocks' own
-``forward`` code (residuals, squeeze-excitation gating) runs unchanged. What it stores for
+The conversion swaps leaf modules (and squeeze-excitation, for its gating multiply) and keeps
+every parameter and buffer *object*, so names (``features.16.conv.0.0.weight``) are the
+torchvision state-dict keys and the blocks' own ``forward`` code (residuals) runs unchanged. What it stores for
 backward matches the eager MobileTL model:
 
 * 1x1 conv: its input (as ``F.linear`` saves it); shift-only norm: nothing;
@@ -27,9 +27,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import StochasticDepth
+from torchvision.ops import SqueezeExcitation, StochasticDepth
 
-from edgetl.exporter.device_ops import activation_code, channel_affine, depthwise_nhwc, exact_act, pointwise_nhwc, spatial_mean
+from edgetl.exporter.device_ops import (
+    activation_code,
+    channel_affine,
+    channel_gate,
+    depthwise_nhwc,
+    exact_act,
+    pointwise_nhwc,
+    spatial_mean,
+)
 from edgetl.exporter.errors import UnsupportedModelError
 from edgetl.nn.layers import MaskedActivation, SamePad2d, ShiftOnlyNorm, activation_kind
 from edgetl.train.prepare import TransferModel
@@ -159,6 +167,20 @@ class ExactActivation(nn.Module):
         return exact_act(x, self.code)
 
 
+class SqueezeExcitationNHWC(nn.Module):
+    """torchvision's ``SqueezeExcitation`` (timm's is converted to it) on NHWC input: the same
+    children under the same names, its ``_scale`` computation, the gating multiply as one operator."""
+
+    def __init__(self, se: SqueezeExcitation) -> None:
+        super().__init__()
+        for name, child in se.named_children():
+            self.add_module(name, child)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+        return channel_gate(x, scale)
+
+
 class GlobalMean(nn.Module):
     """``AdaptiveAvgPool2d(1)`` on NHWC input, keeping the 1 x 1 spatial dims."""
 
@@ -266,6 +288,9 @@ def describe_part(net: TransferModel, qualified: str) -> str:
 def _convert(root: nn.Module, prefix: str, net: TransferModel) -> None:
     for name, child in list(root.named_children()):
         path = f"{prefix}.{name}" if prefix else name
+        if type(child) is SqueezeExcitation:  # a container whose own forward does the gating
+            child = SqueezeExcitationNHWC(child)
+            setattr(root, name, child)
         new = _convert_leaf(child, path, describe_part(net, path))
         if new is not None:
             setattr(root, name, new)

@@ -5,6 +5,8 @@
 //   channel_scale(dy, a)     dx = dy * a
 //   channel_sum(dy)          db[c] = sum of dy over every pixel
 //   channel_dot(dy, x)       da[c] = sum of dy * x over every pixel
+//   channel_gate(x, s)       y[n, y, x, c] = x[n, y, x, c] * s[n, c]   (squeeze-excitation)
+//   channel_gate_grad(dy, x) ds[n, c] = sum over the pixels of image n of dy * x
 //   spatial_mean(x)          m[n, c] = mean of x[n, :, :, c]      (global average pooling)
 //   spatial_mean_grad(dm, h, w)  dx[n, y, x, c] = dm[n, c] / (h * w)
 //
@@ -107,6 +109,35 @@ Tensor& channel_dot_out(KernelRuntimeContext& ctx, const Tensor& dy, const Tenso
   return out;
 }
 
+// a per-image, per-channel N x 1 x 1 x C tensor for the N x H x W x C map `x`
+bool is_per_image_channel(const Tensor& v, const Tensor& x) {
+  return x.dim() == 4 && v.dim() == 4 && v.size(0) == x.size(0) && v.size(1) == 1 && v.size(2) == 1 && v.size(3) == x.size(3);
+}
+
+Tensor& channel_gate_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& s, Tensor& out) {
+  if (!check(ctx, same_shape(x, out) && is_per_image_channel(s, x))) return out;
+  const int64_t c = x.size(3), hw = x.size(1) * x.size(2);
+  const float *xp = x.const_data_ptr<float>(), *sp = s.const_data_ptr<float>();
+  float* yp = out.mutable_data_ptr<float>();
+  each_row(x.size(0) * hw, c, [&](int64_t r) {
+    const float* g = sp + (r / hw) * c;
+    for (int64_t j = 0; j < c; ++j) yp[r * c + j] = xp[r * c + j] * g[j];
+  });
+  return out;
+}
+
+Tensor& channel_gate_grad_out(KernelRuntimeContext& ctx, const Tensor& dy, const Tensor& x, Tensor& out) {
+  if (!check(ctx, same_shape(dy, x) && is_per_image_channel(out, x))) return out;
+  const int64_t c = x.size(3), hw = x.size(1) * x.size(2);
+  const float *dyp = dy.const_data_ptr<float>(), *xp = x.const_data_ptr<float>();
+  float* sp = out.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < x.size(0); ++i) {
+    const int64_t base = i * hw * c;
+    channel_reduce(hw, c, sp + i * c, [&](int64_t k) { return dyp[base + k] * xp[base + k]; });
+  }
+  return out;
+}
+
 Tensor& spatial_mean_out(KernelRuntimeContext& ctx, const Tensor& x, Tensor& out) {
   if (!check(ctx, x.dim() == 4 && out.dim() == 4 && out.size(0) == x.size(0) && out.size(1) == 1 && out.size(2) == 1 &&
                       out.size(3) == x.size(3)))
@@ -137,6 +168,8 @@ Tensor& spatial_mean_grad_out(KernelRuntimeContext& ctx, const Tensor& dy, int64
 
 }  // namespace edgetl_kernels
 
+EXECUTORCH_LIBRARY(edgetl_export, "channel_gate.out", edgetl_kernels::channel_gate_out);
+EXECUTORCH_LIBRARY(edgetl_export, "channel_gate_grad.out", edgetl_kernels::channel_gate_grad_out);
 EXECUTORCH_LIBRARY(edgetl_export, "spatial_mean.out", edgetl_kernels::spatial_mean_out);
 EXECUTORCH_LIBRARY(edgetl_export, "spatial_mean_grad.out", edgetl_kernels::spatial_mean_grad_out);
 EXECUTORCH_LIBRARY(edgetl_export, "channel_affine.out", edgetl_kernels::channel_affine_out);
