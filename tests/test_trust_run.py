@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from edgetl.cli import main
-from edgetl.errors import DivergedError
+from edgetl.errors import ConfigError, DivergedError
 from edgetl.train.config import FinetuneConfig
 from edgetl.train.run import CHECKPOINT, FINAL_WEIGHTS
 from edgetl.train.trainer import finetune
@@ -32,3 +32,36 @@ def test_weights_that_diverge_at_the_end_of_an_epoch_are_one_line(tmp_path, imag
     assert code == 2 and err.startswith("edgetl: error: training diverged: non-finite ") and err.count("\n") == 1, err
     assert "nothing was saved" in err
     assert not (tmp_path / "run" / CHECKPOINT).exists() and not (tmp_path / "run" / FINAL_WEIGHTS).exists()
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (b"epochs = 1\n# caf\xe9\n", "is not UTF-8 text"),
+        (b"seed = 18446744073709551616\n", "seed must be in [0, "),
+        (b"seed = -1\n", "seed must be in [0, "),
+        (b"warmup_epochs = inf\n", "warmup_epochs must be a finite number, got inf"),
+        (b"momentum = inf\n", "momentum must be a finite number, got inf"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_and_writes_nothing(tmp_path, image_folder, capsys, text, message):
+    config = tmp_path / "settings.toml"
+    config.write_bytes(text)
+    out = tmp_path / "run"
+    code = main(["finetune", "--config", str(config), "--data", str(image_folder), "--out", str(out), "--image-size", "32"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("edgetl: error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_a_device_profile_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    device = tmp_path / "pi.toml"
+    device.write_bytes(b'name = "Pi \xff"\n')
+    code = main(["plan", "--device", str(device), "--model", "mobilenet_v2", "--image-size", "32"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"edgetl: error: device profile {device} is not UTF-8 text (byte 11)\n", err
+
+
+def test_an_image_size_beyond_the_image_limit_is_refused():
+    with pytest.raises(ConfigError, match=r"image_size must be <= 65535"):
+        FinetuneConfig(image_size=65536)

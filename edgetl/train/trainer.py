@@ -236,9 +236,7 @@ def _finetune(config: FinetuneConfig, *, resume: bool, on_step, log) -> Finetune
         }
         bad = [name for name, p in model.trainable_parameters() if not bool(torch.isfinite(p).all())]
         if bad or not math.isfinite(val_loss):
-            raise _diverged(
-                f"non-finite {'weights (' + bad[0] + ')' if bad else 'validation loss'} after epoch {epoch + 1}", epoch, run
-            )
+            raise _diverged(f"non-finite {'weights (' + bad[0] + ')' if bad else 'validation loss'} after epoch {epoch + 1}", epoch, run)
         history.append(row)
         run.save_checkpoint(
             {
