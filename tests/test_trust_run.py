@@ -4,13 +4,24 @@ limits refused up front, divergence reported as one line."""
 
 from __future__ import annotations
 
-import pytest
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
+import torch
+
+from edgetl._files import LOCK_FILE, lock_directory, unlock_directory
 from edgetl.cli import main
-from edgetl.errors import ConfigError, DivergedError
+from edgetl.errors import ConfigError, DirectoryLockedError, RunError
 from edgetl.train.config import FinetuneConfig
-from edgetl.train.run import CHECKPOINT, FINAL_WEIGHTS
+from edgetl.train.run import CHECKPOINT, DIGESTS, FINAL_WEIGHTS, PREVIOUS_CHECKPOINT, read_weights
 from edgetl.train.trainer import finetune
+
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 SMALL = dict(model="mobilenet_v2", image_size=32, batch_size=8, blocks=2, val_fraction=0.25, label_smoothing=0.0, augment=False)
 
@@ -65,3 +76,144 @@ def test_a_device_profile_that_is_not_utf8_is_one_line(tmp_path, capsys):
 def test_an_image_size_beyond_the_image_limit_is_refused():
     with pytest.raises(ConfigError, match=r"image_size must be <= 65535"):
         FinetuneConfig(image_size=65536)
+
+
+# --- one writer per run directory ------------------------------------------------------------------
+
+_HOLD = (
+    "import sys, time; from edgetl._files import lock_directory; lock_directory(sys.argv[1]); print('locked', flush=True); time.sleep(600)"
+)
+
+
+def _holder(directory: Path) -> subprocess.Popen:
+    """Another process holding ``directory``'s lock (as a running `edgetl finetune` does)."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(directory)], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_locked_directory_names_its_holder_and_kill_9_frees_it(tmp_path):
+    proc = _holder(tmp_path / "dir")
+    try:
+        assert (tmp_path / "dir" / LOCK_FILE).read_text() == f"{proc.pid}\n"
+        with pytest.raises(DirectoryLockedError, match=rf"in use by another process \(pid {proc.pid}, "):
+            lock_directory(tmp_path / "dir")
+    finally:
+        proc.kill()
+        proc.wait()
+    fd = lock_directory(tmp_path / "dir")  # the kernel dropped the dead holder's lock
+    assert (tmp_path / "dir" / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    unlock_directory(fd)
+
+
+def test_a_second_writer_of_a_run_is_refused_with_the_holders_pid(tmp_path, image_folder, capsys):
+    config = _config(tmp_path, image_folder)
+    finetune(config, log=_quiet)
+    run = tmp_path / "run"
+    before = {name: (run / name).read_bytes() for name in ("config.json", CHECKPOINT, FINAL_WEIGHTS, "metrics.csv")}
+    proc = _holder(run)
+    try:
+        code = main(["finetune", "--resume", "--out", str(run), "--data", str(image_folder), "--epochs", "2"])
+    finally:
+        proc.kill()
+        proc.wait()
+    err = capsys.readouterr().err
+    holder = f"(pid {proc.pid}, which holds {run / LOCK_FILE})"
+    assert code == 2 and err == f"edgetl: error: {run} is in use by another process {holder}; wait for it to end or stop it\n"
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_a_run_is_locked_while_it_trains_and_released_after(tmp_path, image_folder):
+    seen: list[str] = []
+
+    def try_to_lock(epoch, step):
+        with pytest.raises(DirectoryLockedError) as refused:
+            lock_directory(tmp_path / "run")
+        seen.append(str(refused.value))
+
+    finetune(_config(tmp_path, image_folder), on_step=try_to_lock, log=_quiet)
+    assert seen and f"(pid {os.getpid()}," in seen[0]
+    unlock_directory(lock_directory(tmp_path / "run"))  # released when finetune returned
+
+
+# --- resume never starts a finished run over ---------------------------------------------------------
+
+
+def test_resume_of_a_finished_run_without_its_checkpoint_is_refused(tmp_path, image_folder, capsys):
+    finetune(_config(tmp_path, image_folder), log=_quiet)
+    run = tmp_path / "run"
+    (run / CHECKPOINT).unlink()
+    before = {name: (run / name).read_bytes() for name in (FINAL_WEIGHTS, "metrics.csv")}
+    code = main(["finetune", "--resume", "--out", str(run), "--data", str(image_folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"edgetl: error: cannot resume {run}: it holds a finished {FINAL_WEIGHTS} but no {CHECKPOINT}")
+    assert err.count("\n") == 1, err
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+# --- weights bound to their sha256 -------------------------------------------------------------------
+
+
+def _flip(path: Path, at: float = 0.6) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_every_weights_file_is_recorded_with_its_sha256(tmp_path, image_folder):
+    finetune(_config(tmp_path, image_folder, epochs=2), log=_quiet)
+    run = tmp_path / "run"
+    digests = json.loads((run / DIGESTS).read_text())
+    assert set(digests) == {CHECKPOINT, PREVIOUS_CHECKPOINT, FINAL_WEIGHTS}
+    for name, digest in digests.items():
+        assert hashlib.sha256((run / name).read_bytes()).hexdigest() == digest, name
+    assert torch.load(run / PREVIOUS_CHECKPOINT, weights_only=True)["epoch"] == 1
+    assert torch.load(run / CHECKPOINT, weights_only=True)["epoch"] == 2
+
+
+def test_a_flipped_bit_in_model_pt_is_refused_by_export(tmp_path, image_folder, capsys):
+    finetune(_config(tmp_path, image_folder), log=_quiet)
+    run = tmp_path / "run"
+    _flip(run / FINAL_WEIGHTS)
+    with pytest.raises(RunError, match=rf"{run / FINAL_WEIGHTS} does not match its sha256 in {run / DIGESTS}"):
+        read_weights(run)
+    code = main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "bundle")])
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and err
+        == f"edgetl: error: {run / FINAL_WEIGHTS} does not match its sha256 in {run / DIGESTS}: the file changed after edgetl wrote it\n"
+    )
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_a_damaged_checkpoint_resumes_from_the_epoch_before(tmp_path, image_folder):
+    finetune(_config(tmp_path, image_folder, epochs=2), log=_quiet)
+    run = tmp_path / "run"
+    _flip(run / CHECKPOINT)
+    lines: list[str] = []
+    result = finetune(_config(tmp_path, image_folder, epochs=3), resume=True, log=lines.append)
+    assert lines[0] == (
+        f"warning: {run / CHECKPOINT} does not match its sha256 in {run / DIGESTS}: the file changed after edgetl wrote it; "
+        f"using {PREVIOUS_CHECKPOINT} (epoch 1) instead"
+    )
+    assert lines[1] == f"resuming {run} after epoch 1"
+    assert [int(row["epoch"]) for row in result.history] == [1, 2, 3]
+    digests = json.loads((run / DIGESTS).read_text())
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):  # the damaged file was not kept as the previous one
+        assert hashlib.sha256((run / name).read_bytes()).hexdigest() == digests[name], name
+    assert torch.load(run / PREVIOUS_CHECKPOINT, weights_only=True)["epoch"] == 2
+
+
+def test_a_damaged_checkpoint_without_a_previous_one_is_refused(tmp_path, image_folder, capsys):
+    finetune(_config(tmp_path, image_folder), log=_quiet)
+    run = tmp_path / "run"
+    _flip(run / CHECKPOINT)
+    (run / FINAL_WEIGHTS).unlink()
+    code = main(["finetune", "--resume", "--out", str(run), "--data", str(image_folder), "--epochs", "2"])
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and err
+        == f"edgetl: error: {run / CHECKPOINT} does not match its sha256 in {run / DIGESTS}: the file changed after edgetl wrote it\n"
+    )

@@ -23,7 +23,6 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
-import hashlib
 import json
 import os
 import re
@@ -33,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgetl._files import atomic_write
+from edgetl._files import atomic_write, sha256_bytes, sha256_file
 from edgetl.exporter.errors import ExportError
 from edgetl.exporter.manifest import FORMAT, FileEntry, Manifest
 
@@ -67,18 +66,6 @@ def unseal(text: bytes) -> tuple[str | None, str | None]:
         return None, None
     m = found[0]
     return m.group(1).decode(), sha256_bytes(text[: m.start()] + text[m.end() :])
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

@@ -141,12 +141,11 @@ def finetune(
         on_step: called as ``on_step(epoch, step)`` after every optimizer step.
         log: where progress lines go.
     """
-    with torch.random.fork_rng(devices=[]):
-        return _finetune(config, resume=resume, on_step=on_step, log=log)
+    with torch.random.fork_rng(devices=[]), Run(config.out) as run:  # the run's lock is released on the way out
+        return _finetune(config, run, resume=resume, on_step=on_step, log=log)
 
 
-def _finetune(config: FinetuneConfig, *, resume: bool, on_step, log) -> FinetuneResult:
-    run = Run(config.out)
+def _finetune(config: FinetuneConfig, run: Run, *, resume: bool, on_step, log) -> FinetuneResult:
     policy = config.policy
     data = build_datasets(
         config.data,
@@ -163,7 +162,7 @@ def _finetune(config: FinetuneConfig, *, resume: bool, on_step, log) -> Finetune
         raise DataError(f"{len(data.train)} training images is fewer than one batch of {config.batch_size}")
     torch.manual_seed(config.seed)  # the new classifier's initialisation (inside the forked generator)
     model = prepare(load_model(config.model, weights=config.weights, num_classes=len(data.classes)), policy)
-    state = run.start(config, data.classes, resume=resume)  # after the model loads: a failed start leaves no run
+    state = run.start(config, data.classes, resume=resume, log=log)  # after the model loads: a failed start leaves no run
     optimizer = build_optimizer(
         config.optimizer, model.trainable_parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
