@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from edgetl._files import LOCK_FILE, lock_directory, unlock_directory
+from edgetl._rss import available_memory_bytes, cgroup_headroom_bytes
 from edgetl.cli import main
 from edgetl.errors import ConfigError, DirectoryLockedError, RunError
 from edgetl.train.config import FinetuneConfig
@@ -217,3 +219,86 @@ def test_a_damaged_checkpoint_without_a_previous_one_is_refused(tmp_path, image_
         and err
         == f"edgetl: error: {run / CHECKPOINT} does not match its sha256 in {run / DIGESTS}: the file changed after edgetl wrote it\n"
     )
+
+
+# --- bounded by the machine ----------------------------------------------------------------------------
+
+
+def _limited(gib: int):
+    """preexec_fn: the child's address space capped (what `ulimit -v` does), so nothing here can exhaust the machine."""
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (gib * 2**30, gib * 2**30))
+
+
+def test_workers_beyond_the_cpus_are_refused_before_any_work(tmp_path, image_folder, monkeypatch, capsys):
+    from edgetl.train import trainer
+
+    with pytest.raises(ConfigError, match=r"workers = 100000000000000000000 is more than the \d+ CPU\(s\) this process may use"):
+        trainer.check_resources(FinetuneConfig(workers=10**20))
+    monkeypatch.setattr(trainer, "usable_cpus", lambda: 1)  # a 1-CPU machine: 2 workers are already too many
+    out = tmp_path / "run"
+    code = main(["finetune", "--data", str(image_folder), "--out", str(out), "--image-size", "32", "--epochs", "1", "--workers", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "edgetl: error: workers = 2 is more than the 1 CPU(s) this process may use\n", err
+    assert not out.exists()
+
+
+def test_an_image_size_the_memory_cannot_hold_is_one_line_and_writes_nothing(tmp_path, image_folder):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "edgetl", "finetune", "--data", str(image_folder), "--out", str(out), "--image-size", "60000"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=ENV, preexec_fn=_limited(8), timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("edgetl: error: a batch of 8 at 60000 px needs at least ") and done.stderr.count("\n") == 1, done.stderr
+    assert not out.exists()
+
+
+def test_the_memory_check_honours_ulimit_v(tmp_path, image_folder):
+    """8000 px x 8 images need ~14 GiB: refused under a 6 GiB address-space limit whatever the machine has."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "edgetl", "finetune", "--data", str(image_folder), "--out", str(out), "--image-size", "8000"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=ENV, preexec_fn=_limited(6), timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
+    available = done.stderr.split(" but ")[1].split(" is available to this process")[0]
+    number, unit = available.split()
+    assert unit in ("GiB", "MiB", "KiB", "B") and (unit != "GiB" or float(number) < 6), done.stderr
+    assert not out.exists()
+    profile = [
+        sys.executable,
+        "-m",
+        "edgetl",
+        "profile",
+        "--model",
+        "mobilenet_v2",
+        "--blocks",
+        "2",
+        "--batch-size",
+        "8",
+        "--image-size",
+        "3000",
+    ]
+    done = subprocess.run(profile, capture_output=True, text=True, env=ENV, preexec_fn=_limited(6), timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith("edgetl: error: measuring batch 8 at 3000 px needs about"), done.stderr[-2000:]
+    assert "is available to this process" in done.stderr and done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_the_memory_check_honours_the_cgroup_limit(tmp_path, version):
+    """A fake cgroup tree: the process's group allows 3 GiB and uses 2 (0.5 of it inactive page cache); its parent allows 10."""
+    gib = 2**30
+    if version == "v2":
+        proc = "0::/user/job\n"
+        leaf, parent = tmp_path / "user" / "job", tmp_path / "user"
+        files = ("memory.max", "memory.current", "inactive_file")
+    else:
+        proc = "4:memory:/user/job\n1:cpu:/\n"
+        leaf, parent = tmp_path / "memory" / "user" / "job", tmp_path / "memory" / "user"
+        files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+    for directory, limit, usage in ((leaf, 3 * gib, 2 * gib), (parent, 10 * gib, 2 * gib)):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / files[0]).write_text(f"{limit}\n")
+        (directory / files[1]).write_text(f"{usage}\n")
+        (directory / "memory.stat").write_text(f"anon 1\n{files[2]} {gib // 2}\n")
+    (tmp_path / "cgroup").write_text(proc)
+    assert cgroup_headroom_bytes(tmp_path, tmp_path / "cgroup") == 3 * gib - (2 * gib - gib // 2)
+    assert available_memory_bytes(cgroup_root=tmp_path, proc_cgroup=tmp_path / "cgroup") <= 3 * gib - (2 * gib - gib // 2)
+    (leaf / files[0]).write_text("max\n" if version == "v2" else f"{2**63 - 4096}\n")  # no limit of its own: the parent's counts
+    assert cgroup_headroom_bytes(tmp_path, tmp_path / "cgroup") == 10 * gib - (2 * gib - gib // 2)

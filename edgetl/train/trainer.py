@@ -10,6 +10,7 @@ bit for bit, as an uninterrupted run.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -20,9 +21,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from edgetl._rss import peak_rss_bytes
+from edgetl._format import format_size
+from edgetl._rss import available_memory_bytes, peak_rss_bytes
 from edgetl.data.folder import build_datasets
-from edgetl.errors import DataError, DivergedError
+from edgetl.errors import ConfigError, DataError, DivergedError
 from edgetl.models.zoo import load_model, transforms_for
 from edgetl.train.cache import FeatureCache, cache_features
 from edgetl.train.config import FinetuneConfig
@@ -145,7 +147,37 @@ def finetune(
         return _finetune(config, run, resume=resume, on_step=on_step, log=log)
 
 
+#: a lower bound on a training step's bytes per input pixel of a batch: the float32 image (3
+#: channels) and the stem's output (every supported network's stem has at least 16 channels at
+#: half resolution: 4 values per input pixel)
+_STEP_BYTES_PER_PIXEL = 4 * (3 + 4)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_resources(config: FinetuneConfig) -> None:
+    """Refuse, before any work, settings this machine cannot run: more data-loading workers than
+    the CPUs this process may use (each is a process of its own), or a batch whose images and
+    first layer alone exceed the memory available to this process (its ``ulimit -v`` and cgroup
+    limit included)."""
+    cpus = usable_cpus()
+    if config.workers > cpus:
+        raise ConfigError(f"workers = {config.workers} is more than the {cpus} CPU(s) this process may use")
+    batch = max(config.batch_size, 32) if config.cache_features else config.batch_size  # the cache's batches
+    need = batch * config.image_size**2 * _STEP_BYTES_PER_PIXEL
+    available = available_memory_bytes()
+    if need > available:
+        raise ConfigError(
+            f"a batch of {batch} at {config.image_size} px needs at least {format_size(need)} (the images and the first layer's "
+            f"output) but {format_size(available)} is available to this process; lower --batch-size or --image-size"
+        )
+
+
 def _finetune(config: FinetuneConfig, run: Run, *, resume: bool, on_step, log) -> FinetuneResult:
+    check_resources(config)
     policy = config.policy
     data = build_datasets(
         config.data,
