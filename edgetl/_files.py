@@ -23,7 +23,7 @@ from edgetl.errors import DirectoryLockedError, FileWriteError
 LOCK_FILE = ".edgetl.lock"
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process's umask, read without changing it (Linux); else the usual 0o022."""
     try:
         with open("/proc/self/status") as status:
@@ -48,7 +48,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
