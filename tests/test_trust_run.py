@@ -20,7 +20,7 @@ from edgetl._rss import available_memory_bytes, cgroup_headroom_bytes
 from edgetl.cli import main
 from edgetl.errors import ConfigError, DirectoryLockedError, RunError
 from edgetl.train.config import FinetuneConfig
-from edgetl.train.run import CHECKPOINT, DIGESTS, FINAL_WEIGHTS, PREVIOUS_CHECKPOINT, read_weights
+from edgetl.train.run import CHECKPOINT, DIGESTS, FINAL_WEIGHTS, PREVIOUS_CHECKPOINT, Run, read_weights
 from edgetl.train.trainer import finetune
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -151,6 +151,16 @@ def test_resume_of_a_finished_run_without_its_checkpoint_is_refused(tmp_path, im
     assert code == 2 and err.startswith(f"edgetl: error: cannot resume {run}: it holds a finished {FINAL_WEIGHTS} but no {CHECKPOINT}")
     assert err.count("\n") == 1, err
     assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_resume_of_a_run_that_never_ended_an_epoch_says_it_starts_at_epoch_1(tmp_path, image_folder):
+    config = _config(tmp_path, image_folder)
+    with Run(config.out) as run:
+        run.start(config, ["blue", "green", "red"], resume=False)  # what a run killed in its first epoch leaves
+    lines: list[str] = []
+    result = finetune(config, resume=True, log=lines.append)
+    assert lines[0] == f"resuming {run.path}: it holds no checkpoint (no epoch had ended), so training starts at epoch 1"
+    assert [int(row["epoch"]) for row in result.history] == [1]
 
 
 # --- weights bound to their sha256 -------------------------------------------------------------------

@@ -208,6 +208,8 @@ def _finetune(config: FinetuneConfig, run: Run, *, resume: bool, on_step, log) -
         scheduler.load_state_dict(state["scheduler"])
         history, start_epoch = list(state["history"]), int(state["epoch"])
         log(f"resuming {run.path} after epoch {start_epoch}")
+    elif resume:
+        log(f"resuming {run.path}: it holds no checkpoint (no epoch had ended), so training starts at epoch 1")
 
     train_source = data.train if config.augment else data.train_eval
     cache: FeatureCache | None = None
