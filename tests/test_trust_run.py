@@ -290,6 +290,16 @@ def test_the_memory_check_honours_ulimit_v(tmp_path, image_folder):
     assert "is available to this process" in done.stderr and done.stderr.count("\n") == 1
 
 
+def test_a_feature_cache_the_memory_cannot_hold_is_refused_before_it_is_built(tmp_path, image_folder, monkeypatch):
+    from edgetl.train import trainer
+
+    monkeypatch.setattr(trainer, "available_memory_bytes", lambda: 2 * 2**20)  # 2 MiB: a batch fits, 100 views do not
+    config = _config(tmp_path, image_folder, cache_features=True, cache_views=100, augment=True)
+    with pytest.raises(ConfigError, match=r"caching 100 view\(s\) of the bottom's features needs .* but 2\.0 MiB is available"):
+        finetune(config, log=_quiet)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_the_memory_check_honours_the_cgroup_limit(tmp_path, version):
     """A fake cgroup tree: the process's group allows 3 GiB and uses 2 (0.5 of it inactive page cache); its parent allows 10."""

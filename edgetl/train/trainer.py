@@ -176,6 +176,21 @@ def check_resources(config: FinetuneConfig) -> None:
         )
 
 
+def _check_cache_memory(model: TransferModel, data, *, views: int) -> None:
+    """Refuse a feature cache larger than the memory available to this process, before it is
+    built: one image's features (an evaluation view through the frozen bottom) times the images
+    cached (``views`` per training image, one per validation image)."""
+    model.eval()
+    per_image = model.forward_bottom(data.train_eval[0][0].unsqueeze(0)).numel() * 4  # float32
+    images = views * len(data.train_eval) + len(data.val)
+    need, available = per_image * images, available_memory_bytes()
+    if need > available:
+        raise ConfigError(
+            f"caching {views} view(s) of the bottom's features needs {format_size(need)} ({images} images) but "
+            f"{format_size(available)} is available to this process; lower --cache-views or train without --cache-features"
+        )
+
+
 def _finetune(config: FinetuneConfig, run: Run, *, resume: bool, on_step, log) -> FinetuneResult:
     check_resources(config)
     policy = config.policy
@@ -194,6 +209,8 @@ def _finetune(config: FinetuneConfig, run: Run, *, resume: bool, on_step, log) -
         raise DataError(f"{len(data.train)} training images is fewer than one batch of {config.batch_size}")
     torch.manual_seed(config.seed)  # the new classifier's initialisation (inside the forked generator)
     model = prepare(load_model(config.model, weights=config.weights, num_classes=len(data.classes)), policy)
+    if config.cache_features:
+        _check_cache_memory(model, data, views=config.cache_views if config.augment else 1)
     state = run.start(config, data.classes, resume=resume, log=log)  # after the model loads: a failed start leaves no run
     optimizer = build_optimizer(
         config.optimizer, model.trainable_parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
