@@ -35,8 +35,12 @@ def umask() -> int:
     return 0o022
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, before_replace: Callable[[Path], None] | None = None
+) -> Path:
     """Call ``write(f)`` on a temporary file beside ``path``, fsync it, and rename it to ``path``.
+    ``before_replace(tmp)`` runs on the complete temporary just before the rename (to record its
+    digest, say).
 
     The file gets the permissions the user's umask gives a new file (``mkstemp`` alone would make
     it 0600). A failure to write (full disk, read-only directory, file-size limit) raises
@@ -53,6 +57,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(Path(tmp))
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
         if tmp is not None:
@@ -88,10 +94,10 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def save_torch(path: str | os.PathLike, obj: Any) -> Path:
-    """``torch.save`` atomically. Keep ``obj`` to tensors, numbers, strings, lists and dicts so it
-    loads back with ``weights_only=True``."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+def save_torch(path: str | os.PathLike, obj: Any, *, before_replace: Callable[[Path], None] | None = None) -> Path:
+    """``torch.save`` atomically (``before_replace`` as in :func:`atomic_write`). Keep ``obj`` to
+    tensors, numbers, strings, lists and dicts so it loads back with ``weights_only=True``."""
+    return atomic_write(path, lambda f: torch.save(obj, f), before_replace=before_replace)
 
 
 def load_torch(path: str | os.PathLike) -> Any:

@@ -217,6 +217,36 @@ def test_a_damaged_checkpoint_resumes_from_the_epoch_before(tmp_path, image_fold
     assert torch.load(run / PREVIOUS_CHECKPOINT, weights_only=True)["epoch"] == 2
 
 
+class _Died(BaseException):
+    """The process ends here (as under kill -9, nothing after it runs)."""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_crash_while_a_checkpoint_is_replaced_resumes_without_a_warning(tmp_path, image_folder, monkeypatch, when):
+    """Killed just before or just after epoch 2's checkpoint is renamed into place: whichever
+    checkpoint.pt is on disk is recorded, so the resume takes it as it is, with no false alarm."""
+    import edgetl._files as files
+
+    real_replace, run = os.replace, tmp_path / "run"
+
+    def dying_replace(src, dst, *args, **kwargs):
+        if Path(dst) == run / CHECKPOINT and torch.load(src, weights_only=True)["epoch"] == 2:
+            if when == "after":
+                real_replace(src, dst, *args, **kwargs)
+            raise _Died
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(files.os, "replace", dying_replace)
+    with pytest.raises(_Died):
+        finetune(_config(tmp_path, image_folder, epochs=3), log=_quiet)
+    monkeypatch.setattr(files.os, "replace", real_replace)
+    assert read_weights(run).state_dict  # a reader meanwhile takes it too
+    lines: list[str] = []
+    finetune(_config(tmp_path, image_folder, epochs=3), resume=True, log=lines.append)
+    assert lines[0] == f"resuming {run} after epoch {1 if when == 'before' else 2}", lines[0]
+    assert not any(line.startswith("warning") for line in lines)
+
+
 def test_a_damaged_checkpoint_without_a_previous_one_is_refused(tmp_path, image_folder, capsys):
     finetune(_config(tmp_path, image_folder), log=_quiet)
     run = tmp_path / "run"

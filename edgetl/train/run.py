@@ -8,7 +8,7 @@
       checkpoint.prev.pt  the epoch before: what a resume falls back to when checkpoint.pt is damaged
       metrics.csv         one row an epoch
       model.pt            the final weights: state dict, model name, class names, policy
-      sha256.json         the sha256 of each weights file above, written after the file
+      sha256.json         the sha256 of each weights file above (two while one is being replaced)
       .edgetl.lock        the writer's lock and pid (``edgetl._files.lock_directory``)
 
 Every file is written atomically (:mod:`edgetl._files`) and holds only tensors and plain values
@@ -32,6 +32,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -144,13 +145,14 @@ class Run:
             raise RunError(f"{self.path / CONFIG} holds no list of class names")
         return classes
 
-    def digests(self) -> dict[str, str] | None:
-        """``sha256.json``: file name -> sha256 of the weights files written; None without one."""
+    def digests(self) -> dict[str, list[str]] | None:
+        """``sha256.json``: file name -> the sha256 digests its bytes may have (one; two while it is
+        being replaced); None without the file."""
         path = self.path / DIGESTS
         if not path.is_file():
             return None
-        values = _read_json(path)
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in values.items()):
+        values = {k: [v] if isinstance(v, str) else v for k, v in _read_json(path).items()}
+        if not all(isinstance(v, list) and v and all(isinstance(d, str) for d in v) for v in values.values()):
             raise RunError(f"{path} does not map file names to sha256 digests")
         return values
 
@@ -169,7 +171,7 @@ class Run:
                 raise RunError(
                     f"{path} has no sha256 in {self.path / DIGESTS} (interrupted while saving it?); resume the run to rewrite it"
                 )
-            if sha256_bytes(data) == digests[name]:
+            if sha256_bytes(data) in digests[name]:
                 break
             if attempt < 2:  # a writer may be between the file and its digest: read both again
                 time.sleep(0.2)
@@ -262,22 +264,42 @@ class Run:
     def save_checkpoint(self, state: dict[str, Any], config: FinetuneConfig) -> None:
         """``state`` (model, optimizer, scheduler, epoch, history) and the config, atomically; the
         checkpoint it replaces becomes ``checkpoint.prev.pt`` when it was intact."""
-        digests = self.digests() or {}
-        if self._checkpoint_good and CHECKPOINT in digests:
-            # the digest first: a crash between the two leaves checkpoint.prev.pt recorded and checkpoint.pt missing
-            self._record(PREVIOUS_CHECKPOINT, digests[CHECKPOINT])
-            os.replace(self.path / CHECKPOINT, self.path / PREVIOUS_CHECKPOINT)
+        current = (self.digests() or {}).get(CHECKPOINT, [])
+        if self._checkpoint_good and len(current) == 1:
+            self._keep_as_previous(current[0])
         self._save(CHECKPOINT, {**state, "config": config.to_dict()})
         self._checkpoint_good = True
 
+    def _keep_as_previous(self, digest: str) -> None:
+        """``checkpoint.pt`` also as ``checkpoint.prev.pt`` (a hard link, a copy where the file
+        system has none), recorded first: at every instant each file on disk has its digest."""
+        self._record(PREVIOUS_CHECKPOINT, [digest])
+        source, tmp = self.path / CHECKPOINT, self.path / f".{PREVIOUS_CHECKPOINT}.link.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, self.path / PREVIOUS_CHECKPOINT)
+
     def _save(self, name: str, obj: dict[str, Any]) -> Path:
-        """Write weights file ``name``, then its sha256 into ``sha256.json``."""
-        path = save_torch(self.path / name, obj)
-        self._record(name, sha256_file(path))
+        """Write weights file ``name`` with its sha256 in ``sha256.json``: while the new file
+        replaces the old one, both digests are recorded, so a reader (or a resume after a crash)
+        finds whichever is on disk recorded."""
+        old = [d for d in (self.digests() or {}).get(name, []) if (self.path / name).is_file()][:1]
+        new: list[str] = []
+
+        def record(tmp: Path) -> None:
+            new.append(sha256_file(tmp))
+            self._record(name, old + new)
+
+        path = save_torch(self.path / name, obj, before_replace=record)
+        self._record(name, new)
         return path
 
-    def _record(self, name: str, digest: str) -> None:
-        atomic_write_json(self.path / DIGESTS, {**(self.digests() or {}), name: digest})
+    def _record(self, name: str, digests: list[str]) -> None:
+        values = {**(self.digests() or {}), name: digests}
+        atomic_write_json(self.path / DIGESTS, {k: v[0] if len(v) == 1 else v for k, v in values.items()})
 
     def write_metrics(self, history: list[dict[str, float]]) -> None:
         if not history:
