@@ -41,6 +41,13 @@ def test_a_link_inside_a_class_folder_is_not_followed(data):
     assert _labels(data) == expected
 
 
+@pytest.mark.parametrize("target", [".", "..", "red"], ids=["the-root", "above-it", "another-class"])
+def test_a_class_folder_linking_back_or_into_another_class_is_refused(data, target):
+    (data / "zloop").symlink_to(target, target_is_directory=True)
+    with pytest.raises(DataError, match=r"class folders? .*zloop.* (links back to the data folder|overlap)"):
+        build_datasets(str(data), train_transform=None, eval_transform=None)
+
+
 def test_a_link_to_an_image_file_is_an_image(data):
     expected = _on_disk(data)
     (data / "red" / "linked.png").symlink_to(data / "red" / "000.png")

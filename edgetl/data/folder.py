@@ -19,13 +19,13 @@ Cost: the up-front check decodes every image once more than training does; for t
 fine-tuned on a device (hundreds to a few thousand images) that is seconds.
 
 What is a class, what is an image: the classes are the subfolders of the root (a link to a
-directory counts), hidden ones (``.ipynb_checkpoints``, ``.git``) left out; a folder of one class
-is refused. Under a class folder every file is listed, but links to directories are not followed,
-as the device runner lists a class (``list_images`` in ``deploy/native/src/files.cpp``): a link
-``loop -> ..`` neither repeats images under another label nor walks forever, and both sides see
-the same dataset. Image dimensions are read from the header and checked against
-:mod:`edgetl.data.limits` before any pixel is decoded; an image beyond them is skipped like an
-unreadable one.
+directory counts, unless it leads back to the root or into another class: refused), hidden ones
+(``.ipynb_checkpoints``, ``.git``) left out; a folder of one class is refused. Under a class
+folder every file is listed, but links to directories are not followed, as the device runner lists
+a class (``list_images`` in ``deploy/native/src/files.cpp``): a link ``loop -> ..`` neither
+repeats images under another label nor walks forever, and both sides see the same dataset.
+Image dimensions are read from the header and checked against :mod:`edgetl.data.limits` before
+any pixel is decoded; an image beyond them is skipped like an unreadable one.
 
 Pixel depth: :func:`load_image` scales 16-bit grayscale (PIL modes ``I;16*`` and ``I``) to 8 bits
 (``value >> 8``) before the RGB conversion, which would otherwise clip nearly every pixel to white.
@@ -152,6 +152,19 @@ class ImageTree(ImageFolder):
         ]
 
 
+def _refuse_overlapping_classes(root: Path, class_dirs: list[str]) -> None:
+    """A class folder that is a link must not lead back to the data folder (or above it) nor into
+    another class: its images would be counted twice, under two labels."""
+    real = {name: (root / name).resolve() for name in class_dirs}
+    top = root.resolve()
+    for name, path in real.items():
+        if path == top or path in top.parents:
+            raise DataError(f"class folder {root / name} links back to the data folder {root} (its images would be counted twice)")
+        for other, other_path in real.items():
+            if other != name and (other_path == path or path in other_path.parents):
+                raise DataError(f"class folders {root / name} and {root / other} overlap (its images would be counted twice)")
+
+
 def _image_folder(root: str | os.PathLike, log: Callable[[str], None]) -> ImageFolder:
     """One ``ImageFolder`` over ``root`` (no transform), unreadable images left out and logged."""
     root = Path(root)
@@ -162,6 +175,7 @@ def _image_folder(root: str | os.PathLike, log: Callable[[str], None]) -> ImageF
         raise DataError(f"data folder {root} has no class subfolders (expected {root}/<class>/<image>)")
     if len(class_dirs) == 1:
         raise DataError(f"data folder {root} has one class ({class_dirs[0]}); a classifier needs two or more class subfolders")
+    _refuse_overlapping_classes(root, class_dirs)
     for name in class_dirs:
         if not any(has_file_allowed_extension(f, IMG_EXTENSIONS) for f in _files_under(str(root / name))):
             raise DataError(f"class '{name}' in {root} has no images ({', '.join(IMG_EXTENSIONS)})")
