@@ -12,7 +12,7 @@ from PIL import Image, ImageFile
 
 from edgetl.data import folder
 from edgetl.data.folder import build_datasets, load_image
-from edgetl.data.limits import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
+from edgetl.data.limits import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
 from edgetl.errors import DataError
 
 
@@ -81,11 +81,11 @@ def test_an_image_too_wide_is_skipped_with_its_reason(data, tmp_path):
     assert len(lines) == 1 and f"{wide} (DataError: image too large, not decoded: {MAX_IMAGE_SIDE + 1}x1 pixels" in lines[0], lines
 
 
-@pytest.mark.parametrize("size", [(MAX_IMAGE_SIDE + 1, 1), (1, MAX_IMAGE_SIDE + 1), (8193, 8193)])
+@pytest.mark.parametrize("size", [(MAX_IMAGE_SIDE + 1, 1), (1, MAX_IMAGE_SIDE + 1), (8193, 8193), (1, MAX_ASPECT_RATIO + 1), (65, 1)])
 def test_dimensions_are_checked_before_any_pixel_is_decoded(tmp_path, monkeypatch, size):
     path = tmp_path / "big.png"
     Image.new("1", size).save(path)  # 1 bit a pixel: small to write, 8193 x 8193 is 2**26 + 16385 pixels
-    assert size[0] * size[1] > MAX_IMAGE_PIXELS or max(size) > MAX_IMAGE_SIDE
+    assert 8193 * 8193 > MAX_IMAGE_PIXELS
 
     def no_decoding(self):
         raise AssertionError("pixels decoded")
@@ -95,10 +95,19 @@ def test_dimensions_are_checked_before_any_pixel_is_decoded(tmp_path, monkeypatc
         load_image(str(path))
 
 
-def test_an_image_at_the_limit_is_read(tmp_path):
+@pytest.mark.parametrize("size", [(MAX_IMAGE_SIDE, MAX_IMAGE_SIDE // MAX_ASPECT_RATIO + 1), (MAX_ASPECT_RATIO, 1), (2, 2)])
+def test_an_image_at_the_limits_is_read(tmp_path, size):
     path = tmp_path / "edge.png"
-    Image.new("L", (MAX_IMAGE_SIDE, 2)).save(path)
-    assert load_image(str(path)).size == (MAX_IMAGE_SIDE, 2)
+    Image.new("1", size).save(path)
+    assert load_image(str(path)).size == size
+
+
+def test_a_strip_one_pixel_high_is_refused_before_its_resize_grows_it(tmp_path):
+    """1 x 65535 is within the side and pixel limits; resized for evaluation it would be 12 GiB."""
+    path = tmp_path / "strip.png"
+    Image.new("L", (MAX_IMAGE_SIDE, 1)).save(path)
+    with pytest.raises(DataError, match=rf"{MAX_IMAGE_SIDE}x1 pixels: one side more than {MAX_ASPECT_RATIO} times the other"):
+        load_image(str(path))
 
 
 def test_the_scan_and_the_loader_are_one_listing(data):
