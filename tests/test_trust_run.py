@@ -75,9 +75,14 @@ def test_a_device_profile_that_is_not_utf8_is_one_line(tmp_path, capsys):
     assert code == 2 and err == f"edgetl: error: device profile {device} is not UTF-8 text (byte 11)\n", err
 
 
-def test_an_image_size_beyond_the_image_limit_is_refused():
+def test_an_image_size_beyond_the_image_limit_is_refused(tmp_path, image_folder, capsys):
     with pytest.raises(ConfigError, match=r"image_size must be <= 65535"):
         FinetuneConfig(image_size=65536)
+    out = tmp_path / "run"
+    code = main(["finetune", "--data", str(image_folder), "--out", str(out), "--image-size", "100000"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "edgetl: error: image_size must be <= 65535 (the largest image side), got 100000\n", err
+    assert not out.exists()
 
 
 # --- one writer per run directory ------------------------------------------------------------------
