@@ -17,7 +17,9 @@ Every file is written atomically (:mod:`edgetl._files`) and holds only tensors a
 
 One writer: :meth:`Run.start` locks the directory until :meth:`Run.release` (the trainer holds it
 for the whole run; the kernel drops it when the process dies), so a second ``--resume`` of the same
-run is refused with the first one's pid.
+run is refused with the first one's pid. Readers take no lock: ``edgetl export`` and ``profile``
+read a run while it trains (every file is replaced atomically, and checked against its digest), and
+what they write into it (``RUN/bundle``, ``RUN/memory.json``) is none of the trainer's files.
 
 Integrity: a weights file is read only when its bytes match the sha256 recorded for it in
 ``sha256.json``; otherwise it is one :class:`~edgetl.errors.RunError` line naming the file. A
