@@ -245,11 +245,15 @@ def test_a_crash_while_a_checkpoint_is_replaced_resumes_without_a_warning(tmp_pa
     with pytest.raises(_Died):
         finetune(_config(tmp_path, image_folder, epochs=3), log=_quiet)
     monkeypatch.setattr(files.os, "replace", real_replace)
+    assert isinstance(json.loads((run / DIGESTS).read_text())[CHECKPOINT], list)  # both digests, the old and the new
     assert read_weights(run).state_dict  # a reader meanwhile takes it too
     lines: list[str] = []
-    finetune(_config(tmp_path, image_folder, epochs=3), resume=True, log=lines.append)
+    finetune(_config(tmp_path, image_folder, epochs=2), resume=True, log=lines.append)  # "after": nothing left to train
     assert lines[0] == f"resuming {run} after epoch {1 if when == 'before' else 2}", lines[0]
     assert not any(line.startswith("warning") for line in lines)
+    digests = json.loads((run / DIGESTS).read_text())
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT, FINAL_WEIGHTS):  # one digest each again, the file's own
+        assert digests[name] == hashlib.sha256((run / name).read_bytes()).hexdigest(), name
 
 
 def test_a_damaged_checkpoint_without_a_previous_one_is_refused(tmp_path, image_folder, capsys):

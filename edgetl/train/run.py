@@ -236,6 +236,7 @@ class Run:
 
     def _start(self, config: FinetuneConfig, classes: list[str], *, resume: bool, log) -> dict[str, Any] | None:
         state = None
+        self._settle_digests()
         if resume and self.is_run():
             saved = self.config()  # through the config type: settings added since the run default alike
             diff = [f for f in config.to_dict() if f not in RESUME_FREE and getattr(saved, f) != getattr(config, f)]
@@ -258,6 +259,15 @@ class Run:
             remove_stale_temporaries(self.path / name)
         atomic_write_json(self.path / CONFIG, {**config.to_dict(), "classes": list(classes)})  # also proves it is writable
         return state
+
+    def _settle_digests(self) -> None:
+        """A writer killed while it replaced a file left two digests for it: keep the one of the
+        file on disk (a damaged file keeps both, and fails its check)."""
+        for name, digests in (self.digests() or {}).items():
+            if len(digests) > 1 and (self.path / name).is_file():
+                actual = sha256_file(self.path / name)
+                if actual in digests:
+                    self._record(name, [actual])
 
     def _refuse_other_files(self) -> None:
         if self.path.is_dir() and any(p.name != LOCK_FILE for p in self.path.iterdir()):
