@@ -139,6 +139,8 @@ def lock_directory(directory: str | os.PathLike) -> int:
     except BlockingIOError:
         holder = _lock_holder(fd)
         os.close(fd)
+        if holder == str(os.getpid()):  # a Python caller that left a Run open
+            raise DirectoryLockedError(f"{directory} is already locked by this process (pid {holder}): release it first") from None
         raise DirectoryLockedError(
             f"{directory} is in use by another process (pid {holder}, which holds {path}); wait for it to end or stop it"
         ) from None

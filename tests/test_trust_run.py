@@ -139,7 +139,7 @@ def test_a_run_is_locked_while_it_trains_and_released_after(tmp_path, image_fold
         seen.append(str(refused.value))
 
     finetune(_config(tmp_path, image_folder), on_step=try_to_lock, log=_quiet)
-    assert seen and f"(pid {os.getpid()}," in seen[0]
+    assert seen and seen[0] == f"{tmp_path / 'run'} is already locked by this process (pid {os.getpid()}): release it first"
     unlock_directory(lock_directory(tmp_path / "run"))  # released when finetune returned
 
 
