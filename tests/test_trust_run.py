@@ -158,6 +158,16 @@ def test_resume_of_a_finished_run_without_its_checkpoint_is_refused(tmp_path, im
     assert {name: (run / name).read_bytes() for name in before} == before
 
 
+def test_resume_for_fewer_epochs_than_the_run_has_trained_is_refused(tmp_path, image_folder, capsys):
+    finetune(_config(tmp_path, image_folder, epochs=2), log=_quiet)
+    run = tmp_path / "run"
+    before = {name: (run / name).read_bytes() for name in ("config.json", FINAL_WEIGHTS, "metrics.csv")}
+    code = main(["finetune", "--resume", "--out", str(run), "--data", str(image_folder), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"edgetl: error: cannot resume {run} for 1 epoch(s): it has trained 2 already\n", err
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
 def test_resume_of_a_run_that_never_ended_an_epoch_says_it_starts_at_epoch_1(tmp_path, image_folder):
     config = _config(tmp_path, image_folder)
     with Run(config.out) as run:

@@ -253,6 +253,9 @@ class Run:
                     "starting over would overwrite it, so choose another --out"
                 )
             state = self.checkpoint(fallback=True, log=log)
+            done = int(state.get("epoch", 0)) if state else 0
+            if done > config.epochs:  # config.json would then disagree with the weights and metrics
+                raise RunError(f"cannot resume {self.path} for {config.epochs} epoch(s): it has trained {done} already")
         elif not resume:
             self._refuse_other_files()  # again, now that no other writer can add any
         for name in (CONFIG, CHECKPOINT, PREVIOUS_CHECKPOINT, FINAL_WEIGHTS, METRICS, DIGESTS):  # what a killed run left half-written
