@@ -36,8 +36,19 @@
 namespace edgetl {
 namespace {
 
-// Pillow refuses images above 2 * Image.MAX_IMAGE_PIXELS (DecompressionBombError); so do we.
-constexpr long long kMaxPixels = 2LL * 89478485LL;
+// The largest image decoded, checked from the header before any pixel memory is asked for (a
+// 244-byte PNG can claim 170000 x 1): each side at most 65535, at most 2^26 pixels (64 MP, 192 MiB
+// of RGB). The Python side refuses by the same numbers.
+constexpr long long kMaxSide = 65535;
+constexpr long long kMaxPixels = 1LL << 26;
+
+// True (with the reason in `message`) when a width x height image is above the limit. No
+// std::string: the decoders call it in frames a longjmp may leave.
+bool too_large(long long width, long long height, char* message, size_t size) {
+  if (width <= kMaxSide && height <= kMaxSide && width * height <= kMaxPixels) return false;
+  std::snprintf(message, size, "image too large (%lldx%lld; the limit is %lld per side and %lld pixels)", width, height, kMaxSide, kMaxPixels);
+  return true;
+}
 
 void set_error(std::string* error, const std::string& message) {
   if (error != nullptr) *error = message;
@@ -186,10 +197,7 @@ bool decode_jpeg_protected(JpegJob* job) {
     jpeg_destroy_decompress(&job->cinfo);
     return false;
   }
-  const long long pixels = static_cast<long long>(job->cinfo.image_width) * job->cinfo.image_height;
-  if (pixels > kMaxPixels) {
-    std::snprintf(job->err.message, sizeof(job->err.message), "image too large (%ux%u)",
-                  job->cinfo.image_width, job->cinfo.image_height);
+  if (too_large(job->cinfo.image_width, job->cinfo.image_height, job->err.message, sizeof(job->err.message))) {
     jpeg_destroy_decompress(&job->cinfo);
     return false;
   }
@@ -320,8 +328,7 @@ bool decode_png_protected(PngJob* job) {
   const png_uint_32 height = png_get_image_height(job->png, job->info);
   const int bit_depth = png_get_bit_depth(job->png, job->info);
   const int color_type = png_get_color_type(job->png, job->info);
-  if (static_cast<long long>(width) * height > kMaxPixels) {
-    std::snprintf(job->state.message, sizeof(job->state.message), "image too large (%ux%u)", width, height);
+  if (too_large(width, height, job->state.message, sizeof(job->state.message))) {
     png_destroy_read_struct(&job->png, &job->info, nullptr);
     return false;
   }
