@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgetl: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("edgetl: interrupted (the last completed epoch is saved; continue with --resume)", file=sys.stderr)
+        # what the interrupted command left and how to continue, where it has something to say (on_interrupt)
+        hint = getattr(args, "on_interrupt", None)
+        print(f"edgetl: interrupted{f' ({hint})' if hint else ''}", file=sys.stderr)
         return 130
 
 

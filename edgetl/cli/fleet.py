@@ -82,7 +82,7 @@ def add_fleet_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     _add_settings(sim)
     sim.add_argument("--workers", type=int, default=1, help="ClientApps running at once, one CPU each (default: 1)")
-    sim.set_defaults(handler=_simulate)
+    sim.set_defaults(handler=_simulate, on_interrupt=_ON_INTERRUPT)
     loc = cmds.add_parser(
         "local",
         help="Flower's deployment engine on loopback: a SuperLink and --clients SuperNodes as processes",
@@ -90,7 +90,7 @@ def add_fleet_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     _add_settings(loc)
     loc.add_argument("--workdir", default=None, help="logs and Flower's state (default: OUT/flower)")
-    loc.set_defaults(handler=_local)
+    loc.set_defaults(handler=_local, on_interrupt=_ON_INTERRUPT)
     app = cmds.add_parser(
         "app", help="write the Flower App a real fleet runs with `flwr run DIR CONNECTION`", argument_default=argparse.SUPPRESS
     )
@@ -135,13 +135,23 @@ def _logging() -> None:
     logger.setLevel(logging.INFO)
 
 
+#: what Ctrl-C leaves (printed by the CLI's interrupt handler): the server resumes after its last saved round
+_ON_INTERRUPT = "the completed rounds are saved in --out; the same command continues after the last one"
+
+
 def _summary(history: list[dict[str, Any]], out: str) -> int:
+    from edgetl.errors import RunError
+    from edgetl.fleet.server import no_reply_problem
+
     for row in history:
         acc = row.get("test_acc", row.get("federated_acc"))
         print(
             f"round {row['round']}: {row['accepted']}/{row['sampled']} replies used, accuracy {'-' if acc is None else f'{100 * acc:.2f}%'}"
         )
     print(f"global model: {out}/global.pt  history: {out}/history.json")
+    problem = no_reply_problem(history)
+    if problem:
+        raise RunError(problem)
     return 0
 
 
