@@ -57,7 +57,9 @@ def test_fleet_simulate_checks_its_inputs_before_starting_ray(tmp_path, image_fo
     from edgetl.cli import main
 
     for args, needle in (
-        (["--data", str(tmp_path / "no" / "such" / "dir")], "is not a directory"),
+        # with a readable test set the server starts: only the clients would fail, inside Ray
+        (["--data", str(tmp_path / "no" / "such" / "dir"), "--test-data", str(image_folder)], "data "),
+        (["--test-data", str(tmp_path / "no" / "such" / "dir")], "test_data "),
         (["--alpha", "inf"], "alpha must be a finite number > 0"),
         (["--alpha", "nan"], "alpha must be a finite number > 0"),
         (["--workers", "0"], "workers must be in 1.."),
@@ -68,6 +70,7 @@ def test_fleet_simulate_checks_its_inputs_before_starting_ray(tmp_path, image_fo
         assert main([*_simulate_args(image_folder, out, "--rounds", "1"), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("edgetl: error: ") and needle in err[0], err
+        assert "is not a directory" in err[0] or "workers" in needle or "alpha" in needle, err
         assert not out.exists()  # nothing ran, nothing saved
 
 
