@@ -228,8 +228,11 @@ def test_images_too_large_are_refused_from_their_header_naming_the_file(runner, 
     folder.mkdir()
     wide = folder / "wide.png"
     Image.new("RGB", (170000, 1), (90, 10, 10)).save(wide)  # 1 x 170000 pixels in a few hundred bytes
+    long_jpeg = folder / "long.jpg"
+    Image.new("RGB", (65000, 1), (90, 10, 10)).save(long_jpeg)  # decodable, but resized to a short side of 73: 4745000 x 73
     claims = [
         wide,
+        long_jpeg,
         _png_claiming(folder / "claims.png", 9000, 9000),  # 81 M pixels > 2^26
         _jpeg_claiming(folder / "claims.jpg", 9000, 9000),
     ]

@@ -710,6 +710,16 @@ void preprocess(const RgbImage& image, const InputSpec& spec, float* out) {
 bool load_image(const std::string& path, const InputSpec& spec, float* out, std::string* error) {
   RgbImage image;
   if (!decode_image(path, &image, error)) return false;
+  // The resize's working image grows with the aspect ratio (65000 x 1 resized to a short side of
+  // 73 is 4745000 x 73): bounded by the same pixel limit as a decoded image.
+  int rh = 0, rw = 0;
+  resized_size(image.height, image.width, spec.resize_short_side, &rh, &rw);
+  char message[160];
+  if (too_large(rw, rh, message, sizeof message)) {
+    set_error(error, std::string(message) + " after resizing " + std::to_string(image.width) + "x" + std::to_string(image.height) +
+                         " to a short side of " + std::to_string(spec.resize_short_side) + ": " + path);
+    return false;
+  }
   try {
     preprocess(image, spec, out);
   } catch (...) {
