@@ -138,6 +138,7 @@ def test_state_json_names_outside_the_directory_and_bad_epochs_are_refused(runne
             ({"epoch": -5}, "epoch -5"),
             ({"epoch": 10**12}, "epoch 1000000000000"),
             ({"epoch": "3"}, "epoch"),
+            ({"history": {"1": 2}}, "history is not a list"),
         )
     ):
         b = _copy_state(trained, tmp_path / f"sB{i}")

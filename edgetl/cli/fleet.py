@@ -90,7 +90,7 @@ def add_fleet_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     _add_settings(loc)
     loc.add_argument("--workdir", default=None, help="logs and Flower's state (default: OUT/flower)")
-    loc.set_defaults(handler=_local, on_interrupt=_ON_INTERRUPT)
+    loc.set_defaults(handler=_local)
     app = cmds.add_parser(
         "app", help="write the Flower App a real fleet runs with `flwr run DIR CONNECTION`", argument_default=argparse.SUPPRESS
     )

@@ -48,6 +48,7 @@ void check_fields(const nlohmann::json& s, const std::string& path) {
     if (!s.contains(sha) || !s[sha].is_string())
       throw DeviceError(path + " names " + key + " without its " + sha + " (written by an older edgetl-device)" + fix);
   }
+  if (s.contains("history") && !s["history"].is_array()) throw DeviceError(path + ": history is not a list" + fix);
   if (epoch.get<int64_t>() > 0 && !(s.contains("weights") && s["weights"].is_string()))
     throw DeviceError(path + ": epoch " + epoch.dump() + " but no weights" + fix);
 }
