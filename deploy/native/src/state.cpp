@@ -3,9 +3,12 @@
 #include <cstdio>
 #include <cstring>
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 
 #include "files.h"
+
+namespace fs = std::filesystem;
 
 namespace edgetl {
 
@@ -23,7 +26,8 @@ std::string numbered(const char* stem, int epoch, const char* suffix) {
 // sha256) it was trained from: another export of the same network (other classes, another --lr)
 // has another manifest_sha256 even when its train.ptd is the same.
 void check_bound(const nlohmann::json& s, const Bundle& bundle, const std::string& what, const std::string& hint) {
-  const std::string id = s.is_object() && s.value("bundle_manifest_sha256", nlohmann::json()).is_string() ? s["bundle_manifest_sha256"].get<std::string>() : "";
+  const nlohmann::json recorded = s.is_object() ? s.value("bundle_manifest_sha256", nlohmann::json()) : nlohmann::json();
+  const std::string id = recorded.is_string() ? recorded.get<std::string>() : "";
   if (id == bundle.manifest_sha256) return;
   std::string why;
   if (id.empty())
@@ -65,9 +69,9 @@ nlohmann::json read_state(const std::string& path, const Bundle& bundle, const s
   return s;
 }
 
-// `dir`/s["weights"] after checking it against s["weights_sha256"].
-std::string checked_weights(const std::string& dir, const nlohmann::json& s) {
-  const std::string p = join(dir, s["weights"].get<std::string>());
+// `dir`/`name` (default: the weights s names) after checking it against s["weights_sha256"].
+std::string checked_weights(const std::string& dir, const nlohmann::json& s, const std::string& name = "") {
+  const std::string p = join(dir, name.empty() ? s["weights"].get<std::string>() : name);
   if (!is_file(p)) throw DeviceError("state directory " + dir + " names " + p + ", which is missing");
   if (sha256_file(p) != s["weights_sha256"].get<std::string>())
     throw DeviceError(p + " is damaged (sha256 mismatch with state.json); no earlier epoch is kept: remove " + dir + " to start over");
@@ -210,7 +214,14 @@ void StateDir::annotate_last(const std::string& key, double value) {
 }
 
 std::string trained_weights(const std::string& path, const Bundle& bundle) {
-  if (is_file(path)) return path;
+  if (is_file(path)) {  // a state directory's weights or trained.ptd (a link to them) is checked against its state.json
+    const std::string dir = fs::path(path).parent_path().empty() ? "." : fs::path(path).parent_path().string();
+    const std::string name = fs::path(path).filename().string();
+    if (!is_file(join(dir, kState))) return path;
+    nlohmann::json s = read_state(join(dir, kState), bundle, path + " is in the state directory of another bundle, not " + bundle.dir, "");
+    if (s["weights"].is_string() && (name == s["weights"].get<std::string>() || name == kTrained)) checked_weights(dir, s, name);
+    return path;
+  }
   if (!is_dir(path)) throw DeviceError("no trained weights at " + path + ": run finetune first");
   std::string state = join(path, kState);
   if (is_file(state)) {
