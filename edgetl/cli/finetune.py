@@ -72,7 +72,7 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
         help="the process's malloc: jemalloc lowers the peak RSS ~5-10%% for ~10%% more time, jemalloc-eager ~20%% for 1.3-1.8x; "
         f"auto: jemalloc where installed, else glibc; not part of the run's settings (default: {DEFAULT_ALLOCATOR})",
     )
-    p.set_defaults(handler=run_finetune, on_interrupt="the last completed epoch is saved; continue with --resume")
+    p.set_defaults(handler=run_finetune)
     return p
 
 

@@ -82,7 +82,7 @@ def add_fleet_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     _add_settings(sim)
     sim.add_argument("--workers", type=int, default=1, help="ClientApps running at once, one CPU each (default: 1)")
-    sim.set_defaults(handler=_simulate, on_interrupt=_ON_INTERRUPT)
+    sim.set_defaults(handler=_simulate)
     loc = cmds.add_parser(
         "local",
         help="Flower's deployment engine on loopback: a SuperLink and --clients SuperNodes as processes",
@@ -133,10 +133,6 @@ def _logging() -> None:
     logger = logging.getLogger("edgetl.fleet")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-
-
-#: what Ctrl-C leaves (printed by the CLI's interrupt handler): the server resumes after its last saved round
-_ON_INTERRUPT = "the completed rounds are saved in --out; the same command continues after the last one"
 
 
 def _summary(history: list[dict[str, Any]], out: str) -> int:
