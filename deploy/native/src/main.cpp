@@ -23,7 +23,7 @@ const char* kUsage = R"(usage: edgetl-device [--threads N] [--verbose] COMMAND .
 
   info      BUNDLE
   classify  BUNDLE IMAGE_OR_DIR... [--trained STATE_DIR|PTD] [--top-k N (3)] [--json]
-  finetune  BUNDLE DATA_DIR --state STATE_DIR [--epochs N (5)] [--batch-size B (the bundle's)]
+  finetune  BUNDLE DATA_DIR --state STATE_DIR [--epochs N (5; at most 1000000)] [--batch-size B (the bundle's)]
             [--lr X] [--momentum X] [--weight-decay X] (default: the bundle's optimizer)
             [--seed N (0)] [--augment] [--val DIR] [--feature-budget MIB (64)]
   import-weights  BUNDLE NPY_DIR --state STATE_DIR
