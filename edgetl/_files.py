@@ -15,12 +15,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
-from edgetl.errors import DirectoryLockedError, FileWriteError
+from edgetl.errors import DirectoryLockedError, EdgetlError, FileWriteError
 
 #: the lock file inside a locked directory (the device runner uses the same name and content)
 LOCK_FILE = ".edgetl.lock"
+
+# torch is imported by the two functions that need it: the torch-free device fleet client uses
+# plain_name.
+
+
+def plain_name(name: object, what: str, error: type[EdgetlError] = EdgetlError) -> str:
+    """``name`` when it is a plain file name (a non-empty string, no ``/``, not ``.`` or ``..``, no
+    NUL byte); else ``error`` naming ``what``. Every file name read from a manifest or a state
+    passes here before it is joined to a directory, so none reaches outside it (the device runner
+    checks the same in ``deploy/native/src/files.cpp`` ``plain_name``)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise error(f"{what}: {name!r} is not a plain file name (no '/', not '..', not empty)")
+    return name
 
 
 def umask() -> int:
@@ -97,11 +108,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def save_torch(path: str | os.PathLike, obj: Any, *, before_replace: Callable[[Path], None] | None = None) -> Path:
     """``torch.save`` atomically (``before_replace`` as in :func:`atomic_write`). Keep ``obj`` to
     tensors, numbers, strings, lists and dicts so it loads back with ``weights_only=True``."""
+    import torch
+
     return atomic_write(path, lambda f: torch.save(obj, f), before_replace=before_replace)
 
 
 def load_torch(path: str | os.PathLike) -> Any:
     """Load a file written by :func:`save_torch`, never unpickling arbitrary objects."""
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
