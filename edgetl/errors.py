@@ -32,3 +32,7 @@ class DivergedError(EdgetlError):
 class FileWriteError(EdgetlError, OSError):
     """A file could not be written (full disk, read-only directory, file-size limit); whatever was
     there before is left as it was."""
+
+
+class DirectoryLockedError(EdgetlError):
+    """Another process holds the directory's lock (``.edgetl.lock``): one writer per directory."""

@@ -202,14 +202,12 @@ def test_class_left_without_readable_images_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("separate_val", [False, True], ids=["held-out", "val-folder"])
 def test_each_root_is_scanned_once_and_each_image_decoded_once(folder_copy, tmp_path, monkeypatch, separate_val):
-    from torchvision.datasets import ImageFolder
-
     (folder_copy / "red" / "notes.txt").write_text("not an image: never decoded")
     val_root = make_image_folder(tmp_path / "val", per_class=2, seed=3) if separate_val else None
     built: list[str] = []
     decoded: list[str] = []
 
-    class CountingImageFolder(ImageFolder):
+    class CountingImageFolder(folder.ImageTree):
         def __init__(self, root, *args, **kwargs):
             built.append(str(root))
             super().__init__(root, *args, **kwargs)
@@ -220,7 +218,7 @@ def test_each_root_is_scanned_once_and_each_image_decoded_once(folder_copy, tmp_
         decoded.append(path)
         return real_load(path)
 
-    monkeypatch.setattr(folder, "ImageFolder", CountingImageFolder)
+    monkeypatch.setattr(folder, "ImageTree", CountingImageFolder)
     monkeypatch.setattr(folder, "load_image", counting_load)
     data = build_datasets(
         str(folder_copy),

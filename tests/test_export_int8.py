@@ -93,9 +93,9 @@ def fashion_run(tmp_path_factory) -> Path:
         loss.backward()
         opt.step()
     calibrate(model, images.images)
-    run = Run(config.out)
-    run.start(config, classes, resume=False)
-    run.save_final(model.state_dict(), model_name="mobilenet_v2", classes=classes, policy=config.policy)
+    with Run(config.out) as run:
+        run.start(config, classes, resume=False)
+        run.save_final(model.state_dict(), model_name="mobilenet_v2", classes=classes, policy=config.policy)
     return Path(config.out)
 
 

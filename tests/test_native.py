@@ -256,7 +256,8 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(runner, many_p
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
     assert (tmp_path / "whole" / "trained.ptd").read_bytes() == (state / "trained.ptd").read_bytes()
     assert (tmp_path / "whole" / a["momentum"]).read_bytes() == (state / b["momentum"]).read_bytes()
-    assert sorted(p.name for p in state.iterdir()) == sorted(["state.json", "trained.ptd", b["weights"], b["momentum"]])
+    # .edgetl.lock: the one-writer lock, released by the kill (the resume above took it)
+    assert sorted(p.name for p in state.iterdir()) == sorted(["state.json", "trained.ptd", b["weights"], b["momentum"], ".edgetl.lock"])
 
 
 def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
@@ -357,7 +358,7 @@ def test_a_full_disk_keeps_the_previous_epoch(runner, tmp_path, photos, training
     state = tmp_path / "state"
     ok = run(runner, "finetune", str(bundle), str(photos), "--state", str(state), "--epochs", "1")
     assert ok.returncode == 0, ok.stderr
-    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    before = {p.name: p.read_bytes() for p in state.iterdir() if p.name != ".edgetl.lock"}  # the lock holds each run's pid
     limit = (bundle / "train.ptd").stat().st_size // 2
 
     def small_files():
@@ -366,7 +367,7 @@ def test_a_full_disk_keeps_the_previous_epoch(runner, tmp_path, photos, training
 
     r = run(runner, "finetune", str(bundle), str(photos), "--state", str(state), "--epochs", "2", preexec_fn=small_files)
     _one_line_error(r, "cannot write", "previous file is kept")
-    after = {p.name: p.read_bytes() for p in state.iterdir()}
+    after = {p.name: p.read_bytes() for p in state.iterdir() if p.name != ".edgetl.lock"}
     assert after == before  # no temporary file left, nothing half-written, epoch 1 still current
     assert json.loads(after["state.json"])["epoch"] == 1
 

@@ -512,7 +512,8 @@ def test_cli_profile_takes_settings_from_a_run_and_flags_override_them(cli, tmp_
         optimizer="sgd",
         out=str(run),
     )
-    Run(run).start(config, ["a", "b", "c", "d"], resume=False)
+    with Run(run) as opened:
+        opened.start(config, ["a", "b", "c", "d"], resume=False)
     out = tmp_path / "r.json"
     assert cli("profile", "--run", str(run), "--json", str(out))[0] == 0
     assert _report_settings(out) == dict(

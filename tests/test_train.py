@@ -48,7 +48,8 @@ def test_training_reduces_loss_and_beats_chance(tmp_path, image_folder, pretrain
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_acc"] >= 0.6  # 3 classes: chance is 1/3
     run = Path(config.out)
-    assert {p.name for p in run.iterdir()} == {"config.json", "metrics.csv", "checkpoint.pt", "model.pt"}
+    files = {"config.json", "metrics.csv", "checkpoint.pt", "checkpoint.prev.pt", "model.pt", "sha256.json", ".edgetl.lock"}
+    assert {p.name for p in run.iterdir()} == files
     assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + config.epochs
     assert json.loads((run / "config.json").read_text())["policy"]["method"] == method
     # the final weights load back into the plain torchvision architecture

@@ -3,6 +3,7 @@ resumed run keeps its classes (issue 12's cases that live in the trainer and the
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -14,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from edgetl._files import sha256_file
 from edgetl.cli import main
 from edgetl.errors import DivergedError, RunError
 from edgetl.train.config import FinetuneConfig
-from edgetl.train.run import CHECKPOINT, FINAL_WEIGHTS, Run
+from edgetl.train.run import CHECKPOINT, DIGESTS, FINAL_WEIGHTS, Run
 from edgetl.train.trainer import finetune
 
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -42,6 +44,8 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_p
     state["optimizer"]["param_groups"][1]["lr"] = 1e12
     state["scheduler"]["base_lrs"] = [1e12, 1e12]
     torch.save(state, tmp_path / "run" / CHECKPOINT)
+    digests = json.loads((tmp_path / "run" / DIGESTS).read_text())  # the edit is deliberate: record it
+    (tmp_path / "run" / DIGESTS).write_text(json.dumps({**digests, CHECKPOINT: sha256_file(tmp_path / "run" / CHECKPOINT)}))
     with pytest.raises(DivergedError, match=r"diverged: .* the checkpoint of epoch 1 .* is kept"):
         finetune(exploding, resume=True, log=lambda _: None)
     after = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
@@ -85,7 +89,8 @@ def test_resume_refuses_changed_classes(tmp_path, image_folder, pretrained_file)
     data = tmp_path / "data"
     shutil.copytree(image_folder, data)
     config = _config(tmp_path, data, pretrained_file("mobilenet_v3_small"), blocks=1, epochs=2)
-    Run(config.out).start(config, ["blue", "green", "red"], resume=False)
+    with Run(config.out) as run:
+        run.start(config, ["blue", "green", "red"], resume=False)
     (data / "red").rename(data / "azure")  # sorts first now: every label would shift
     with pytest.raises(RunError, match=r"classes changed \(new: azure; gone: red\)"):
         finetune(config, resume=True, log=lambda _: None)
@@ -110,7 +115,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporaries(tmp_path, image_folde
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"edgetl: error: cannot write {out / CHECKPOINT}:"), done.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # no half-written hidden temporaries
+    assert sorted(p.name for p in out.iterdir()) == [".edgetl.lock", "config.json"]  # no half-written hidden temporaries
 
 
 def test_files_honour_the_umask_and_stale_temporaries_are_removed(tmp_path, image_folder, pretrained_file):

@@ -12,6 +12,7 @@ import random
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -193,6 +194,39 @@ def test_force_never_deletes_the_users_files(export_run, tmp_path):
     assert edgetl.ExportBundle.load(out).manifest.files["a.bin"].bytes == 4
 
 
+def test_force_never_deletes_hidden_files_that_look_like_temporaries(tmp_path):
+    """The user's `.a.bin.backup.tmp` inside the bundle and `.dist.notes.tmp` beside it are the user's:
+    the exporter's temporaries live only in its own `.partial` directory."""
+    out = tmp_path / "dist"
+    _tiny_bundle(out, b"old", overwrite=False)
+    mine = {out / ".a.bin.backup.tmp": b"backup", out / ".manifest.json.old.tmp": b"old manifest"}
+    beside = {tmp_path / ".dist.notes.tmp": b"notes", tmp_path / ".dist.4194999.album.partial" / "2026" / "cat.jpg": b"\xff\xd8"}
+    for path, data in {**mine, **beside}.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    with pytest.raises(
+        ExportError, match=r"holds files that are not part of its bundle \(\.a\.bin\.backup\.tmp, \.manifest\.json\.old\.tmp\)"
+    ):
+        _tiny_bundle(out, b"new")
+    assert edgetl.ExportBundle.load(out).manifest.files["a.bin"].bytes == 3
+    for path in mine:
+        path.unlink()
+    _tiny_bundle(out, b"new!")  # only the bundle's own files now: replaced
+    assert edgetl.ExportBundle.load(out).manifest.files["a.bin"].bytes == 4
+    assert {path: path.read_bytes() for path in beside} == beside
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077], ids=["022", "027", "077"])
+def test_the_bundle_directory_follows_the_umask_like_its_files(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        _tiny_bundle(tmp_path / "dist", b"x", overwrite=False)
+    finally:
+        os.umask(old)
+    assert oct(stat.S_IMODE((tmp_path / "dist").stat().st_mode)) == oct(0o777 & ~mask)
+    assert oct(stat.S_IMODE((tmp_path / "dist" / "a.bin").stat().st_mode)) == oct(0o666 & ~mask)
+
+
 _SWAP_CHILD = """
 import os, signal, sys
 from pathlib import Path
@@ -246,8 +280,8 @@ def test_replacing_a_bundle_leaves_a_complete_one_in_place_at_every_instant(tmp_
         assert missing == 0
         edgetl.ExportBundle.load(out)  # complete: the manifest and every file it lists, hashes matching
     # what the kills left beside the target (hidden .partial directories) goes with the next export
-    (tmp_path / ".dist.abc.tmp").write_bytes(b"x")
     (tmp_path / ".dist.4194999.q1w2e3.partial").mkdir()  # no such process
+    (tmp_path / ".dist.4194999.q1w2e3.partial" / "a.bin").write_bytes(b"x")
     assert len(list(tmp_path.iterdir())) > 1
     _tiny_bundle(out, b"last")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dist"]

@@ -65,6 +65,13 @@ def _run_on_allocator(argv: list[str]) -> None:
         os.execve(sys.executable, new_argv, allocator.env())
 
 
+#: what an interrupted command leaves and how it continues (a fleet's server resumes after its last saved round)
+_ON_INTERRUPT = {
+    "finetune": "the last completed epoch is saved; continue with --resume",
+    "fleet simulate": "the completed rounds are saved in --out; the same command continues after the last one",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see the module docstring
     if argv is None:
@@ -80,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgetl: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("edgetl: interrupted (the last completed epoch is saved; continue with --resume)", file=sys.stderr)
+        hint = _ON_INTERRUPT.get(" ".join(filter(None, (getattr(args, "command", None), getattr(args, "fleet_command", None)))))
+        print(f"edgetl: interrupted{f' ({hint})' if hint else ''}", file=sys.stderr)
         return 130
 
 

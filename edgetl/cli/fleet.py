@@ -136,12 +136,18 @@ def _logging() -> None:
 
 
 def _summary(history: list[dict[str, Any]], out: str) -> int:
+    from edgetl.errors import RunError
+    from edgetl.fleet.server import no_reply_problem
+
     for row in history:
         acc = row.get("test_acc", row.get("federated_acc"))
         print(
             f"round {row['round']}: {row['accepted']}/{row['sampled']} replies used, accuracy {'-' if acc is None else f'{100 * acc:.2f}%'}"
         )
     print(f"global model: {out}/global.pt  history: {out}/history.json")
+    problem = no_reply_problem(history)
+    if problem:
+        raise RunError(problem)
     return 0
 
 

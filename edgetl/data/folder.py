@@ -18,6 +18,15 @@ A class left without any readable image is a :class:`~edgetl.errors.DataError`.
 Cost: the up-front check decodes every image once more than training does; for the datasets
 fine-tuned on a device (hundreds to a few thousand images) that is seconds.
 
+What is a class, what is an image: the classes are the subfolders of the root (a link to a
+directory counts, unless it leads back to the root or into another class: refused), hidden ones
+(``.ipynb_checkpoints``, ``.git``) left out; a folder of one class is refused. Under a class
+folder every file is listed, but links to directories are not followed, as the device runner lists
+a class (``list_images`` in ``deploy/native/src/files.cpp``): a link ``loop -> ..`` neither
+repeats images under another label nor walks forever, and both sides see the same dataset.
+Image dimensions are read from the header and checked against :mod:`edgetl.data.limits` before
+any pixel is decoded; an image beyond them is skipped like an unreadable one.
+
 Pixel depth: :func:`load_image` scales 16-bit grayscale (PIL modes ``I;16*`` and ``I``) to 8 bits
 (``value >> 8``) before the RGB conversion, which would otherwise clip nearly every pixel to white.
 """
@@ -38,6 +47,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from edgetl.data.fashion_mnist import FashionMNIST
+from edgetl.data.limits import image_size_problem
 from edgetl.errors import DataError
 
 if TYPE_CHECKING:
@@ -68,12 +78,16 @@ def load_image(path: str) -> Image.Image:
     mode, read as 16-bit values clipped to 0..65535) becomes 8-bit by ``value >> 8``, then RGB by
     replicating the channel. Everything else goes through PIL's ``convert("RGB")`` as in
     torchvision's default loader. Raises what PIL raises for an unreadable file (``OSError`` for a
-    truncated one).
+    truncated one), and :class:`~edgetl.errors.DataError` for dimensions beyond
+    :mod:`edgetl.data.limits`, read from the header before any pixel is decoded.
     """
     from PIL import Image
 
     with open(path, "rb") as f:
-        image = Image.open(f)
+        image = Image.open(f)  # reads the header only
+        problem = image_size_problem(*image.size)
+        if problem:
+            raise DataError(f"image too large, not decoded: {problem}")
         image.load()  # decode every pixel now: a truncated file fails here, inside the with
         if image.mode.startswith("I;16") or image.mode == "I":
             wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
@@ -107,16 +121,63 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _class_names(root: Path) -> list[str]:
+    """The class folders of ``root``, sorted: its subdirectories (links to directories included),
+    hidden ones (``.ipynb_checkpoints``, ``.git``) left out."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _files_under(class_dir: str) -> list[str]:
+    """Every file under ``class_dir``, in torchvision's order. Links to directories below it are
+    not followed (as the device runner's listing): a link back up (``loop -> ..``) neither repeats
+    nor relabels images, nor walks forever. Links to files are files."""
+    return [os.path.join(top, name) for top, _, names in sorted(os.walk(class_dir, followlinks=False)) for name in sorted(names)]
+
+
+class ImageTree(ImageFolder):
+    """torchvision's ``ImageFolder`` over :func:`_class_names` and :func:`_files_under`."""
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        classes = _class_names(Path(directory))
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False) -> list[tuple[str, int]]:
+        valid = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions))
+        return [
+            (path, class_to_idx[name])
+            for name in sorted(class_to_idx)
+            for path in _files_under(os.path.join(directory, name))
+            if valid(path)
+        ]
+
+
+def _refuse_overlapping_classes(root: Path, class_dirs: list[str]) -> None:
+    """A class folder that is a link must not lead back to the data folder (or above it) nor into
+    another class: its images would be counted twice, under two labels."""
+    real = {name: (root / name).resolve() for name in class_dirs}
+    top = root.resolve()
+    for name, path in real.items():
+        if path == top or path in top.parents:
+            raise DataError(f"class folder {root / name} links back to the data folder {root} (its images would be counted twice)")
+        for other, other_path in real.items():
+            if other != name and (other_path == path or path in other_path.parents):
+                raise DataError(f"class folders {root / name} and {root / other} overlap (its images would be counted twice)")
+
+
 def _image_folder(root: str | os.PathLike, log: Callable[[str], None]) -> ImageFolder:
     """One ``ImageFolder`` over ``root`` (no transform), unreadable images left out and logged."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
-    class_dirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = _class_names(root)
     if not class_dirs:
         raise DataError(f"data folder {root} has no class subfolders (expected {root}/<class>/<image>)")
+    if len(class_dirs) == 1:
+        raise DataError(f"data folder {root} has one class ({class_dirs[0]}); a classifier needs two or more class subfolders")
+    _refuse_overlapping_classes(root, class_dirs)
     for name in class_dirs:
-        if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (root / name).rglob("*") if f.is_file()):
+        if not any(has_file_allowed_extension(f, IMG_EXTENSIONS) for f in _files_under(str(root / name))):
             raise DataError(f"class '{name}' in {root} has no images ({', '.join(IMG_EXTENSIONS)})")
 
     skipped: dict[str, str] = {}  # path -> why it cannot be read
@@ -131,7 +192,7 @@ def _image_folder(root: str | os.PathLike, log: Callable[[str], None]) -> ImageF
             return False
         return True
 
-    dataset = ImageFolder(str(root), loader=load_image, is_valid_file=is_valid_file, allow_empty=True)
+    dataset = ImageTree(str(root), loader=load_image, is_valid_file=is_valid_file, allow_empty=True)
     if skipped:
         named = [f"{path} ({why})" for path, why in list(skipped.items())[:_NAMED_SKIPS]]
         more = len(skipped) - len(named)

@@ -10,11 +10,13 @@ Layout (``--training`` adds the last three)::
 
 The bundle is built in a hidden directory beside the target (``.NAME.PID.*.partial``) and put in
 place at the end, every file written atomically, so an interrupted export leaves no half-written
-bundle behind. Replacing an earlier bundle (``overwrite``, ``--force``) exchanges the two
-directories in one ``renameat2(RENAME_EXCHANGE)``: the target holds the old bundle or the new one
-at every instant (where the file system cannot exchange, two renames leave it briefly absent). Only
-a directory holding nothing but a bundle's own files is replaced: the user's other files are never
-deleted. Hidden leftovers of an interrupted export to the same target are removed by the next one.
+bundle behind. The directory gets the permissions the umask gives a new directory, as its files
+do. Replacing an earlier bundle (``overwrite``, ``--force``) exchanges the two directories in one
+``renameat2(RENAME_EXCHANGE)``: the target holds the old bundle or the new one at every instant
+(where the file system cannot exchange, two renames leave it briefly absent). Only a directory
+holding nothing but a bundle's own files is replaced: the user's other files are never deleted,
+hidden ones included. The hidden directories an interrupted export to the same target
+left beside it are removed by the next one (:func:`remove_stale_bundle_temporaries`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
-import hashlib
 import json
 import os
 import re
@@ -33,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgetl._files import atomic_write
+from edgetl._files import atomic_write, sha256_bytes, sha256_file, umask
 from edgetl.exporter.errors import ExportError
 from edgetl.exporter.manifest import FORMAT, FileEntry, Manifest
 
@@ -67,18 +68,6 @@ def unseal(text: bytes) -> tuple[str | None, str | None]:
         return None, None
     m = found[0]
     return m.group(1).decode(), sha256_bytes(text[: m.start()] + text[m.end() :])
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -164,27 +153,34 @@ def _bundle_names(out: Path) -> set[str]:
         files = json.loads((out / MANIFEST).read_text()).get("files", {})
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         files = {}
-    names = {MANIFEST, *(files if isinstance(files, dict) else {})}
-    return names | {p.name for p in out.glob(".*.tmp") if any(p.name.startswith(f".{n}.") for n in names)}
+    # its temporaries never live here (they are written in the .partial directory): a hidden file
+    # that looks like one is the user's
+    return {MANIFEST, *(files if isinstance(files, dict) else {})}
 
 
 def remove_stale_bundle_temporaries(out: Path) -> None:
-    """Remove what an interrupted export to ``out`` left beside it: ``.NAME.PID.*.partial`` and
-    ``.NAME.PID.old`` directories of processes that are gone, ``.NAME.*.tmp`` files."""
-    prefix = f".{out.name}."
+    """Remove what an interrupted export to ``out`` left beside it: the directories a
+    :class:`BundleWriter` names ``.NAME.PID.XXXXXXXX.partial`` (``mkdtemp``) and ``.NAME.PID.old``
+    (:func:`replace_dir`), of a process that is gone, holding nothing but files (a bundle is flat).
+    Nothing else is touched, whatever its name."""
+    leftover = re.compile(rf"\.{re.escape(out.name)}\.(\d+)\.(?:[a-z0-9_]+\.partial|old)")
     try:
-        entries = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]
+        entries = list(out.parent.iterdir())
     except OSError:
         return
     for p in entries:
-        rest = p.name[len(prefix) :]
-        if p.is_dir() and (rest.endswith(".partial") or rest.endswith(".old")):
-            pid = rest.split(".", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-                continue  # another export to the same target is running
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.is_file() and rest.endswith(".tmp"):
-            p.unlink(missing_ok=True)
+        m = leftover.fullmatch(p.name)
+        if m is None or p.is_symlink() or not p.is_dir():
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _alive(pid):
+            continue  # this process's own, or another export to the same target is running
+        try:
+            if not all(entry.is_file(follow_symlinks=False) for entry in os.scandir(p)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -207,6 +203,7 @@ class BundleWriter:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_bundle_temporaries(self.out)
             self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}.", suffix=".partial", dir=self.out.parent))
+            os.chmod(self.dir, 0o777 & ~umask())  # mkdtemp's 0700; the bundle directory follows the umask as its files do
         self.overwrite = overwrite
         self.files: dict[str, FileEntry] = {}
 

@@ -24,6 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgetl._files import plain_name
 from edgetl.exporter._executorch import TensorSlot
 from edgetl.exporter.errors import ExportError
 
@@ -287,9 +288,28 @@ class Manifest:
     def from_json(cls, data: Any, *, source: str = "manifest.json") -> Manifest:
         """Read the JSON object of ``manifest.json``; :class:`ExportError` when it does not fit."""
         try:
-            return _load(cls, data, "")
+            manifest = _load(cls, data, "")
         except _Misfit as exc:
             raise ExportError(f"{source} is damaged or from another edgetl: {exc}") from None
+        manifest.check_names(source)
+        return manifest
+
+    def check_names(self, source: str) -> None:
+        """Raise :class:`ExportError` unless every name used as a file name is a plain name (the
+        seal does not protect them: anyone can recompute it, see docs/threat-model.md). A program's
+        file must also be one of ``files`` to be opened (:meth:`ExportBundle.file`)."""
+        for name in self.files:
+            plain_name(name, f"{source}: files", ExportError)
+        p = self.programs
+        programs = {"programs.inference.file": p.inference.file}
+        if p.bottom is not None:
+            programs["programs.bottom.file"] = p.bottom.file
+        if p.training is not None:
+            programs |= {"programs.training.file": p.training.file, "programs.training.data": p.training.data}
+            for name in p.training.weights_layout:  # export-weights writes NAME.npy
+                plain_name(name, f"{source}: programs.training.weights_layout", ExportError)
+        for key, name in programs.items():
+            plain_name(name, f"{source}: {key}", ExportError)
 
 
 class _Misfit(Exception):

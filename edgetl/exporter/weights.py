@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgetl._files import plain_name
 from edgetl.errors import EdgetlError
 from edgetl.exporter import _executorch as et
+from edgetl.exporter.bundle import sha256_file
 from edgetl.exporter.errors import ExportError
 from edgetl.models.zoo import MODELS, architecture_mismatch, load_model
 
@@ -65,9 +67,10 @@ def device_weights_file(path: str | Path, *, model_name: str, classes: Sequence[
     ``PATH`` is a state directory of ``edgetl-device finetune --state`` (its last saved weights) or
     a ``.ptd`` file. Where a ``state.json`` is there (the directory's, or beside the file), the
     model and the class list it records (those of the bundle the device trained from) must be the
-    checkpoint's: a device trained on other classes, or another network, is refused. A bare
-    ``.ptd`` records neither; :func:`apply_device_weights` then checks only that its tensors'
-    names and sizes fit the checkpoint.
+    checkpoint's: a device trained on other classes, or another network, is refused; the weights
+    file it names (a plain name inside the directory) and ``trained.ptd`` must match its
+    ``weights_sha256``. A bare ``.ptd`` records neither; :func:`apply_device_weights` then checks
+    only that its tensors' names and sizes fit the checkpoint.
     """
     path = Path(path)
     state_dir = path if path.is_dir() else path.parent
@@ -96,9 +99,15 @@ def device_weights_file(path: str | Path, *, model_name: str, classes: Sequence[
         raise ExportError(f"{what} were trained for the classes {state['classes']}, the checkpoint has {list(classes)}")
     if path.is_dir():
         name = state.get("weights")
-        if not isinstance(name, str):
+        if name is None:
             raise ExportError(f"{path} holds no trained weights yet (state.json names none): run edgetl-device finetune first")
-        path = path / name
+        path = path / plain_name(name, f"{state_file}: weights", ExportError)
         if not path.is_file():
             raise ExportError(f"{state_file} names {path}, which is missing")
+    if path.name in (state.get("weights"), "trained.ptd"):  # the weights state.json records (trained.ptd: a link to them)
+        recorded = state.get("weights_sha256")
+        if not isinstance(recorded, str):
+            raise ExportError(f"{state_file} records no weights_sha256 (written by an older edgetl-device): fine-tune again")
+        if sha256_file(path) != recorded:
+            raise ExportError(f"device weights {path} are damaged (sha256 mismatch with {state_file}); the device keeps no earlier epoch")
     return path

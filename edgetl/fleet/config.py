@@ -9,6 +9,7 @@ reconfigured in one place, and a device never trains with a recipe the server di
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,7 +94,10 @@ class FleetConfig:
             _check_type(f.name, getattr(self, f.name), f.type)
         checks = [
             (self.clients >= 1, f"clients must be >= 1, got {self.clients}"),
-            (self.alpha is None or self.alpha > 0, f"alpha must be > 0 (or None for IID), got {self.alpha}"),
+            (
+                self.alpha is None or (math.isfinite(self.alpha) and self.alpha > 0),
+                f"alpha must be a finite number > 0 (or None for IID), got {self.alpha}",
+            ),
             (0.0 < self.fraction <= 1.0, f"fraction must be in (0, 1], got {self.fraction}"),
             (self.min_clients >= 1, f"min_clients must be >= 1, got {self.min_clients}"),
             (1 <= self.min_replies <= self.min_clients, f"min_replies must be in 1..min_clients, got {self.min_replies}"),

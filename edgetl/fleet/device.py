@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetl._files import plain_name
 from edgetl._rss import peak_rss_bytes
 from edgetl.errors import EdgetlError
 from edgetl.fleet.payload import RoundResult, is_stat_key
@@ -81,7 +82,9 @@ class DeviceClient:
         layout = self.manifest["programs"].get("training", {}).get("weights_layout")
         if not layout:
             raise DeviceClientError(f"{self.bundle} has no training program (export it with --training)")
-        return sorted(name for name in layout if not name.endswith(_COUNTER_SUFFIX))
+        # each becomes a file name NAME.npy: a manifest cannot name a path outside the round's directory
+        names = [plain_name(name, f"{self.bundle / 'manifest.json'}: weights_layout", DeviceClientError) for name in layout]
+        return sorted(name for name in names if not name.endswith(_COUNTER_SUFFIX))
 
     def check_fits(
         self, *, model: str, method: str, image_size: int, classes: list[str], offered: Mapping[str, np.ndarray], fedbn: bool = False

@@ -11,12 +11,15 @@ logged reason (:mod:`~edgetl.fleet.validate`), averages the rest per key
 
 A client that dies mid-round, errs or is too slow is simply missing from the round's replies;
 with fewer than ``min_replies`` valid replies the round changes nothing (logged) and the next starts.
+A run in which no round used any reply is an error (:func:`no_reply_problem`). A ``stop`` event
+(the simulation engine's Ctrl-C) ends the loop at once; the round in progress is not saved.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +41,7 @@ log = logging.getLogger("edgetl.fleet")
 #: settings a resumed run must share with the checkpoint (others, e.g. rounds, may change)
 _IDENTITY = ("model", "weights", "blocks", "method", "fedbn", "image_size", "data", "seed")
 _NODE_POLL_SECONDS = 0.5
+_PULL_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ def parse_reply(msg: Message) -> Parsed:
     """Decode a train reply (``.npy`` arrays, never pickles); a malformed one carries its problem."""
     node = int(msg.metadata.src_node_id)
     if msg.has_error():
-        return Parsed(node, {}, None, {}, f"client error: {msg.error.reason}")
+        return Parsed(node, {}, None, {}, f"client error: {_error_line(msg.error.reason)}")
     try:
         metrics = dict(msg.content["metrics"])
         arrays = {key: array.numpy() for key, array in msg.content["arrays"].items()}
@@ -64,8 +68,19 @@ def parse_reply(msg: Message) -> Parsed:
     return Parsed(node, arrays, metrics.get("num-examples"), metrics)
 
 
-def run_fleet(grid: Grid, config: FleetConfig) -> list[dict[str, Any]]:
-    """Run ``config.rounds`` rounds over ``grid`` (resuming after the last saved one); the history."""
+def _error_line(reason: str) -> str:
+    """A client's error reason as one line. Flower's simulation engine wraps the ClientApp's
+    exception in Ray's multi-line report, whose last ``Message: ...`` carries the exception's own text."""
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Message: " in line:
+            return line.split("Message: ", 1)[1].rstrip("'>")
+    return lines[-1] if lines else str(reason)
+
+
+def run_fleet(grid: Grid, config: FleetConfig, stop: threading.Event | None = None) -> list[dict[str, Any]]:
+    """Run ``config.rounds`` rounds over ``grid`` (resuming after the last saved one); the history.
+    When ``stop`` is set the loop ends without saving the round in progress."""
     from edgetl.fleet.local import accuracy, build_network, classes_for, test_set
 
     classes = classes_for(config)
@@ -84,14 +99,17 @@ def run_fleet(grid: Grid, config: FleetConfig) -> list[dict[str, Any]]:
 
     for rnd in range(state.round + 1, config.rounds + 1):
         t0 = time.perf_counter()
-        nodes = _wait_for_nodes(grid, config)
+        nodes = _wait_for_nodes(grid, config, stop)
         rng = np.random.default_rng([config.seed, rnd])
         count = min(len(nodes), max(config.min_clients, math.ceil(config.fraction * len(nodes))))
         # node ids are uint64: sample positions, never the ids themselves (numpy would turn them into floats)
         sampled = sorted(nodes[int(i)] for i in rng.choice(len(nodes), size=count, replace=False)) if nodes else []
         content = train_message_content({k: state.arrays[k] for k in broadcast}, config, rnd, classes)
         messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in sampled]
-        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout)) if sampled else []
+        replies = _send_and_receive(grid, messages, config.round_timeout, stop) if sampled else []
+        if stop is not None and stop.is_set():
+            log.warning("round %d interrupted: not saved (%d saved rounds kept)", rnd, state.round)
+            break
 
         accepted: list[Reply] = []
         metrics: list[dict[str, Any]] = []
@@ -132,7 +150,10 @@ def run_fleet(grid: Grid, config: FleetConfig) -> list[dict[str, Any]]:
             load_arrays(net, state.arrays)
             row["test_loss"], row["test_acc"] = accuracy(net, evaluation[0])
         if (config.fedbn or config.federated_eval) and sampled:
-            row["federated_acc"] = _federated_accuracy(grid, config, state, broadcast, rnd, classes, sampled)
+            row["federated_acc"] = _federated_accuracy(grid, config, state, broadcast, rnd, classes, sampled, stop)
+            if stop is not None and stop.is_set():
+                log.warning("round %d interrupted: not saved (%d saved rounds kept)", rnd, state.round)
+                break
         row["seconds"] = time.perf_counter() - t0
         state.history.append(row)
         state.round = rnd
@@ -141,24 +162,54 @@ def run_fleet(grid: Grid, config: FleetConfig) -> list[dict[str, Any]]:
     return state.history
 
 
-def _wait_for_nodes(grid: Grid, config: FleetConfig) -> list[int]:
+def no_reply_problem(history: list[dict[str, Any]]) -> str | None:
+    """Why a run whose rounds all went without a usable reply trained nothing (None when one was used)."""
+    if not history or any(row["accepted"] for row in history):
+        return None
+    last = history[-1]
+    if last["rejected"]:
+        why = last["rejected"][0]
+    elif not last["sampled"]:
+        why = "no client connected"
+    else:
+        why = f"{last['sampled'] - last['replies']} of {last['sampled']} sampled clients did not reply within the round timeout"
+    return f"no round used any client reply (last round: {why}); the global model is untrained"
+
+
+def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, stop: threading.Event | None) -> list[Message]:
+    """The replies to ``messages`` within ``timeout``; with ``stop``, those received until it is set."""
+    if stop is None:
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline and not stop.is_set():
+        for reply in grid.pull_messages(list(pending)):
+            replies.append(reply)
+            pending.discard(reply.metadata.reply_to_message_id)
+        if pending:
+            stop.wait(_PULL_SECONDS)
+    return replies
+
+
+def _wait_for_nodes(grid: Grid, config: FleetConfig, stop: threading.Event | None = None) -> list[int]:
     """Connected clients, waiting up to ``round_timeout`` for ``min_clients`` of them."""
     deadline = time.monotonic() + config.round_timeout
     while True:
         nodes = sorted(int(n) for n in grid.get_node_ids())
-        if len(nodes) >= config.min_clients or time.monotonic() > deadline:
+        if len(nodes) >= config.min_clients or time.monotonic() > deadline or (stop is not None and stop.is_set()):
             if len(nodes) < config.min_clients:
                 log.warning("only %d clients connected (min_clients=%d) after %gs", len(nodes), config.min_clients, config.round_timeout)
             return nodes
         time.sleep(_NODE_POLL_SECONDS)
 
 
-def _federated_accuracy(grid, config, state, broadcast, rnd, classes, nodes) -> float | None:
+def _federated_accuracy(grid, config, state, broadcast, rnd, classes, nodes, stop=None) -> float | None:
     """Example-weighted accuracy the clients measure on their own held-out images (FedBN: with their own statistics)."""
     content = train_message_content({k: state.arrays[k] for k in broadcast}, config, rnd, classes)
     messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node) for node in nodes]
     pairs = []
-    for reply in grid.send_and_receive(messages, timeout=config.round_timeout):
+    for reply in _send_and_receive(grid, messages, config.round_timeout, stop):
         if reply.has_error():
             log.warning("round %d: evaluation failed on node %d: %s", rnd, reply.metadata.src_node_id, reply.error.reason)
             continue
@@ -184,9 +235,9 @@ def _round_line(row: dict[str, Any]) -> str:
     return ", ".join(parts) + f", {row['seconds']:.1f}s"
 
 
-def server_app(config: FleetConfig | None = None) -> ServerApp:
+def server_app(config: FleetConfig | None = None, stop: threading.Event | None = None) -> ServerApp:
     """A ServerApp running :func:`run_fleet` with ``config`` (None: from the run config, as
-    ``flwr run`` passes it: :meth:`FleetConfig.from_record` of ``context.run_config``)."""
+    ``flwr run`` passes it: :meth:`FleetConfig.from_record` of ``context.run_config``) and ``stop``."""
     app = ServerApp()
 
     @app.main()
@@ -194,7 +245,7 @@ def server_app(config: FleetConfig | None = None) -> ServerApp:
         if not log.handlers:  # in a ServerApp process of its own (deployment): its lines reach `flwr run --stream`
             log.addHandler(logging.StreamHandler())
             log.setLevel(logging.INFO)
-        run_fleet(grid, config if config is not None else FleetConfig.from_record(dict(context.run_config)))
+        run_fleet(grid, config if config is not None else FleetConfig.from_record(dict(context.run_config)), stop)
 
     return app
 

@@ -188,6 +188,8 @@ def load_device(path: str | os.PathLike) -> DeviceProfile:
         raise DeviceProfileError(f"device profile not found: {p}") from None
     except OSError as exc:
         raise DeviceProfileError(f"cannot read device profile {p}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise DeviceProfileError(f"device profile {p} is not UTF-8 text (byte {exc.start})") from None
     try:
         values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -30,11 +30,11 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import psutil
 import torch
 from torch import nn
 
 from edgetl._format import format_size
+from edgetl._rss import available_memory_bytes
 from edgetl.errors import ConfigError
 from edgetl.models.blocks import block_spec, feature_units, find_blocks, is_irb
 from edgetl.profiler.analytic import paper_saved_for_backward, total_bytes
@@ -249,13 +249,14 @@ def _resolve_model(model_or_name: str | nn.Module, num_classes: int, seed: int) 
 
 def _check_memory(model: nn.Module, policy: TrainPolicy, batch_size: int, image_size: int) -> None:
     """Refuse a measurement this machine cannot hold (``--image-size 100000`` would ask for hundreds
-    of GiB and die in the allocator): the predicted vanilla step, against the memory available now."""
+    of GiB and die in the allocator): the predicted vanilla step, against the memory available to
+    this process now (its ``ulimit -v`` and cgroup limit included)."""
     need = predict_step_peak(model, replace(policy, method="vanilla"), batch_size=batch_size, image_size=image_size).live_peak
-    available = psutil.virtual_memory().available
+    available = available_memory_bytes()
     if need > available:
         raise ConfigError(
             f"measuring batch {batch_size} at {image_size} px needs about {format_size(need)} but {format_size(available)} "
-            "is available here; lower --batch-size or --image-size"
+            "is available to this process; lower --batch-size or --image-size"
         )
 
 

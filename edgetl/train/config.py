@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgetl.data.limits import MAX_IMAGE_SIDE
 from edgetl.errors import ConfigError
 from edgetl.train.optim import OPTIMIZERS
 from edgetl.train.policy import TrainPolicy
@@ -24,6 +26,8 @@ FASHION_MNIST = "fashion-mnist"
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 #: policy fields that may be given flat, beside the config's own fields
 POLICY_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainPolicy))
+#: ``seed`` and ``seed + 1`` (the validation subset's) must fit torch's 64-bit seeds
+MAX_SEED = 2**63 - 2
 
 
 @dataclass(frozen=True)
@@ -78,12 +82,18 @@ class FinetuneConfig:
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
             (0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
             (self.image_size >= 8, f"image_size must be >= 8, got {self.image_size}"),
+            (self.image_size <= MAX_IMAGE_SIDE, f"image_size must be <= {MAX_IMAGE_SIDE} (the largest image side), got {self.image_size}"),
+            (0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], got {self.seed}"),
             (self.cache_views >= 1, f"cache_views must be >= 1, got {self.cache_views}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        for f in dataclasses.fields(self):  # inf warmup epochs, inf momentum: no range above catches them all
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values, the policy as a nested dict."""
@@ -136,9 +146,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """The settings in a TOML or JSON file, as plain values (checked by :meth:`FinetuneConfig.from_dict`)."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {exc.start})") from None
     kind = "TOML" if p.suffix == ".toml" else "JSON"
     try:
         values = tomllib.loads(text) if kind == "TOML" else json.loads(text)

@@ -10,6 +10,7 @@ bit for bit, as an uninterrupted run.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -20,9 +21,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from edgetl._rss import peak_rss_bytes
+from edgetl._format import format_size
+from edgetl._rss import available_memory_bytes, peak_rss_bytes
 from edgetl.data.folder import build_datasets
-from edgetl.errors import DataError, DivergedError
+from edgetl.errors import ConfigError, DataError, DivergedError
 from edgetl.models.zoo import load_model, transforms_for
 from edgetl.train.cache import FeatureCache, cache_features
 from edgetl.train.config import FinetuneConfig
@@ -141,12 +143,56 @@ def finetune(
         on_step: called as ``on_step(epoch, step)`` after every optimizer step.
         log: where progress lines go.
     """
-    with torch.random.fork_rng(devices=[]):
-        return _finetune(config, resume=resume, on_step=on_step, log=log)
+    with torch.random.fork_rng(devices=[]), Run(config.out) as run:  # the run's lock is released on the way out
+        return _finetune(config, run, resume=resume, on_step=on_step, log=log)
 
 
-def _finetune(config: FinetuneConfig, *, resume: bool, on_step, log) -> FinetuneResult:
-    run = Run(config.out)
+#: a lower bound on a training step's bytes per input pixel of a batch: the float32 image (3
+#: channels) and the stem's output (every supported network's stem has at least 16 channels at
+#: half resolution: 4 values per input pixel)
+_STEP_BYTES_PER_PIXEL = 4 * (3 + 4)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_resources(config: FinetuneConfig) -> None:
+    """Refuse, before any work, settings this machine cannot run: more data-loading workers than
+    the CPUs this process may use (each is a process of its own), or a batch whose images and
+    first layer alone exceed the memory available to this process (its ``ulimit -v`` and cgroup
+    limit included)."""
+    cpus = usable_cpus()
+    if config.workers > cpus:
+        raise ConfigError(f"workers = {config.workers} is more than the {cpus} CPU(s) this process may use")
+    batch = max(config.batch_size, 32) if config.cache_features else config.batch_size  # the cache's batches
+    need = batch * config.image_size**2 * _STEP_BYTES_PER_PIXEL
+    available = available_memory_bytes()
+    if need > available:
+        raise ConfigError(
+            f"a batch of {batch} at {config.image_size} px needs at least {format_size(need)} (the images and the first layer's "
+            f"output) but {format_size(available)} is available to this process; lower --batch-size or --image-size"
+        )
+
+
+def _check_cache_memory(model: TransferModel, data, *, views: int) -> None:
+    """Refuse a feature cache larger than the memory available to this process, before it is
+    built: one image's features (an evaluation view through the frozen bottom) times the images
+    cached (``views`` per training image, one per validation image)."""
+    model.eval()
+    per_image = model.forward_bottom(data.train_eval[0][0].unsqueeze(0)).numel() * 4  # float32
+    images = views * len(data.train_eval) + len(data.val)
+    need, available = per_image * images, available_memory_bytes()
+    if need > available:
+        raise ConfigError(
+            f"caching {views} view(s) of the bottom's features needs {format_size(need)} ({images} images) but "
+            f"{format_size(available)} is available to this process; lower --cache-views or train without --cache-features"
+        )
+
+
+def _finetune(config: FinetuneConfig, run: Run, *, resume: bool, on_step, log) -> FinetuneResult:
+    check_resources(config)
     policy = config.policy
     data = build_datasets(
         config.data,
@@ -163,7 +209,9 @@ def _finetune(config: FinetuneConfig, *, resume: bool, on_step, log) -> Finetune
         raise DataError(f"{len(data.train)} training images is fewer than one batch of {config.batch_size}")
     torch.manual_seed(config.seed)  # the new classifier's initialisation (inside the forked generator)
     model = prepare(load_model(config.model, weights=config.weights, num_classes=len(data.classes)), policy)
-    state = run.start(config, data.classes, resume=resume)  # after the model loads: a failed start leaves no run
+    if config.cache_features:
+        _check_cache_memory(model, data, views=config.cache_views if config.augment else 1)
+    state = run.start(config, data.classes, resume=resume, log=log)  # after the model loads: a failed start leaves no run
     optimizer = build_optimizer(
         config.optimizer, model.trainable_parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
@@ -177,6 +225,8 @@ def _finetune(config: FinetuneConfig, *, resume: bool, on_step, log) -> Finetune
         scheduler.load_state_dict(state["scheduler"])
         history, start_epoch = list(state["history"]), int(state["epoch"])
         log(f"resuming {run.path} after epoch {start_epoch}")
+    elif resume:
+        log(f"resuming {run.path}: it holds no checkpoint (no epoch had ended), so training starts at epoch 1")
 
     train_source = data.train if config.augment else data.train_eval
     cache: FeatureCache | None = None
@@ -236,9 +286,7 @@ def _finetune(config: FinetuneConfig, *, resume: bool, on_step, log) -> Finetune
         }
         bad = [name for name, p in model.trainable_parameters() if not bool(torch.isfinite(p).all())]
         if bad or not math.isfinite(val_loss):
-            raise _diverged(
-                f"non-finite {'weights (' + bad[0] + ')' if bad else 'validation loss'} after epoch {epoch + 1}", start_epoch, epoch, run
-            )
+            raise _diverged(f"non-finite {'weights (' + bad[0] + ')' if bad else 'validation loss'} after epoch {epoch + 1}", epoch, run)
         history.append(row)
         run.save_checkpoint(
             {

@@ -44,6 +44,13 @@ void check_seal(const std::string& mpath, const std::string& text) {
 }
 }  // namespace
 
+// A program's file: a plain name the manifest lists under "files" (so its sha256 has been checked).
+std::string Bundle::listed_file(const std::string& mpath, const std::string& name, const char* key) const {
+  plain_name(name, mpath + ": " + key);
+  if (!manifest.at("files").contains(name)) throw DeviceError(mpath + ": " + key + " '" + name + "' is not listed in its files");
+  return name;
+}
+
 Bundle::Bundle(const std::string& path) : dir(path) {
   std::string mpath = join(dir, "manifest.json");
   if (!is_dir(dir)) throw DeviceError(dir + " is not a directory (expected an edgetl bundle)");
@@ -60,7 +67,7 @@ Bundle::Bundle(const std::string& path) : dir(path) {
   check_seal(mpath, text);
   field(mpath, "files", [&] {
     for (const auto& [name, meta] : manifest.at("files").items()) {
-      std::string p = join(dir, name);
+      std::string p = join(dir, plain_name(name, mpath + ": files"));
       if (!is_file(p)) throw DeviceError("bundle file " + p + " is missing");
       if (sha256_file(p) != meta.at("sha256").get<std::string>())
         throw DeviceError("bundle file " + p + " is damaged (sha256 mismatch with manifest.json)");
@@ -81,23 +88,23 @@ Bundle::Bundle(const std::string& path) : dir(path) {
       input.mean[c] = in.at("mean").at(c).get<float>();
       input.std[c] = in.at("std").at(c).get<float>();
     }
-    inference_pte = manifest.at("programs").at("inference").at("file").get<std::string>();
+    inference_pte = listed_file(mpath, manifest.at("programs").at("inference").at("file").get<std::string>(), "programs.inference.file");
     return 0;
   });
   const auto& programs = manifest["programs"];
   has_training_ = programs.contains("training") && programs.contains("bottom");
   if (!has_training_) return;
   field(mpath, "programs/training", [&] {
-    bottom_pte = programs.at("bottom").at("file").get<std::string>();
+    bottom_pte = listed_file(mpath, programs.at("bottom").at("file").get<std::string>(), "programs.bottom.file");
     const auto& t = programs.at("training");
-    training_.pte = t.at("file").get<std::string>();
-    training_.ptd = t.at("data").get<std::string>();
+    training_.pte = listed_file(mpath, t.at("file").get<std::string>(), "programs.training.file");
+    training_.ptd = listed_file(mpath, t.at("data").get<std::string>(), "programs.training.data");
     training_.batch_size = t.at("batch_size").get<int>();
     training_.feature_shape = t.at("methods").at("forward").at("inputs").at(0).at("shape").get<std::vector<int64_t>>();
     training_.trainable_parameters = t.at("trainable_parameters").get<std::vector<std::string>>();
     training_.buffers = t.at("buffers").get<std::vector<std::string>>();
-    for (const auto& [name, s] : t.at("weights_layout").items())
-      training_.weights_layout[name] = {s.at("offset").get<uint64_t>(), s.at("nbytes").get<uint64_t>(), s.at("dtype").get<std::string>(),
+    for (const auto& [name, s] : t.at("weights_layout").items())  // export-weights writes NAME.npy
+      training_.weights_layout[plain_name(name, mpath + ": programs.training.weights_layout")] = {s.at("offset").get<uint64_t>(), s.at("nbytes").get<uint64_t>(), s.at("dtype").get<std::string>(),
                                         s.at("shape").get<std::vector<int64_t>>()};
     const auto& o = t.at("optimizer");
     training_.optimizer = {o.at("lr").get<double>(), o.value("momentum", 0.0), o.value("dampening", 0.0), o.value("weight_decay", 0.0),

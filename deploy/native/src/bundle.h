@@ -57,6 +57,7 @@ class Bundle {
   std::string model_name;
 
  private:
+  std::string listed_file(const std::string& mpath, const std::string& name, const char* key) const;
   bool has_training_ = false;
   TrainingSpec training_;
 };

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <openssl/evp.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -35,6 +36,41 @@ void fsync_dir(const std::string& dir) {
 }  // namespace
 
 std::string join(const std::string& a, const std::string& b) { return (fs::path(a) / b).string(); }
+
+const std::string& plain_name(const std::string& name, const std::string& what) {
+  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos || name.find('\0') != std::string::npos)
+    throw DeviceError(what + ": '" + name + "' is not a plain file name (no '/', not '..', not empty)");
+  return name;
+}
+
+DirLock::DirLock(const std::string& dir) {
+  const std::string path = join(dir, ".edgetl.lock");
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd_ < 0) throw DeviceError("cannot open the lock " + path + ": " + std::strerror(errno));
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    char pid[32] = {0};
+    const ssize_t n = ::pread(fd_, pid, sizeof pid - 1, 0);
+    std::string holder = n > 0 ? std::string(pid, static_cast<size_t>(n)) : "";
+    holder.erase(std::find_if(holder.begin(), holder.end(), [](char c) { return c < '0' || c > '9'; }), holder.end());
+    ::close(fd_);
+    fd_ = -1;
+    if (err != EWOULDBLOCK) throw DeviceError("cannot lock " + path + ": " + std::strerror(err));
+    throw DeviceError(dir + " is in use by another process (pid " + (holder.empty() ? "unknown" : holder) +
+                      " holds " + path + "); wait for it to finish or use another directory");
+  }
+  const std::string pid = std::to_string(::getpid()) + "\n";
+  if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
+    const int err = errno;
+    ::close(fd_);
+    fd_ = -1;
+    throw DeviceError("cannot write the lock " + path + ": " + std::strerror(err));
+  }
+}
+
+DirLock::~DirLock() {
+  if (fd_ >= 0) ::close(fd_);  // releases the lock; the file stays (removing it would race a waiting writer)
+}
 
 bool is_file(const std::string& path) {
   std::error_code ec;

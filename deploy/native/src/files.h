@@ -32,5 +32,24 @@ std::vector<std::string> list_images(const std::string& dir);
 // Sorted names of the subdirectories of `dir`.
 std::vector<std::string> subdirectories(const std::string& dir);
 std::string join(const std::string& a, const std::string& b);
+// `name` when it is a plain file name (not empty, no '/', not "." or "..", no NUL byte); else
+// DeviceError naming `what`. Every name read from a manifest or a state.json passes through here
+// before it is joined to a directory, so none can reach outside it.
+const std::string& plain_name(const std::string& name, const std::string& what);
+
+// One writer per directory: an advisory flock(LOCK_EX) on DIR/.edgetl.lock, held while this object
+// lives (the OS releases it when the process dies, kill -9 included, so no lock is ever stale).
+// The holder's pid is written into the file as decimal text and a newline (the Python side uses
+// the same file and convention for run directories). A second writer gets DeviceError naming it.
+class DirLock {
+ public:
+  explicit DirLock(const std::string& dir);
+  ~DirLock();
+  DirLock(const DirLock&) = delete;
+  DirLock& operator=(const DirLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
 
 }  // namespace edgetl

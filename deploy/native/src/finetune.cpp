@@ -62,11 +62,15 @@ class FeatureStore {
       return;
     }
     path_ = join(dir, ".features.cache");
-    fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
-    if (fd_ < 0 || ::ftruncate(fd_, static_cast<off_t>(bytes)) != 0)
-      throw DeviceError("cannot create the feature cache " + path_ + ": " + std::strerror(errno));
+    fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd_ < 0) throw DeviceError("cannot create the feature cache " + path_ + ": " + std::strerror(errno));
+    // Reserve every block now: a sparse file's pages would fail when first written on a full
+    // disk, and a mapped page that cannot be backed is SIGBUS (a "Bus error"), not an error line.
+    if (int err = ::posix_fallocate(fd_, 0, static_cast<off_t>(bytes)); err != 0)
+      fail("cannot reserve " + std::to_string((bytes + (1 << 20) - 1) >> 20) + " MiB for the feature cache " + path_ + ": " + std::strerror(err) +
+           " (free disk space, or raise --feature-budget to keep the features in memory)");
     void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
-    if (p == MAP_FAILED) throw DeviceError("cannot map the feature cache " + path_ + ": " + std::strerror(errno));
+    if (p == MAP_FAILED) fail("cannot map the feature cache " + path_ + ": " + std::strerror(errno));
     data_ = static_cast<float*>(p);
     mapped_ = bytes;
   }
@@ -79,6 +83,12 @@ class FeatureStore {
   bool on_disk() const { return mapped_ != 0; }
 
  private:
+  // A constructor that throws runs no destructor: close and remove the file here.
+  [[noreturn]] void fail(const std::string& message) {
+    ::close(fd_);
+    ::unlink(path_.c_str());
+    throw DeviceError(message);
+  }
   size_t per_;
   std::vector<float> memory_;
   float* data_ = nullptr;

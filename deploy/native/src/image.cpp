@@ -36,8 +36,25 @@
 namespace edgetl {
 namespace {
 
-// Pillow refuses images above 2 * Image.MAX_IMAGE_PIXELS (DecompressionBombError); so do we.
-constexpr long long kMaxPixels = 2LL * 89478485LL;
+// The largest image decoded, checked from the header before any pixel memory is asked for (a
+// 244-byte PNG can claim 170000 x 1): each side at most 65535, at most 2^26 pixels (64 MP, 192 MiB
+// of RGB), the longer side at most 64 times the shorter (the resize to the input size would grow a
+// one-pixel strip by its whole length). edgetl/data/limits.py refuses by the same numbers.
+constexpr long long kMaxSide = 65535;
+constexpr long long kMaxPixels = 1LL << 26;
+constexpr long long kMaxAspect = 64;
+
+// True (with the reason in `message`) when a width x height image is above the limit (the ratio
+// is the decoded image's: its resize may round past it). No std::string: the decoders call it in
+// frames a longjmp may leave.
+bool too_large(long long width, long long height, char* message, size_t size, bool check_ratio = true) {
+  if (width <= kMaxSide && height <= kMaxSide && width * height <= kMaxPixels &&
+      (!check_ratio || std::max(width, height) <= kMaxAspect * std::min(width, height)))
+    return false;
+  std::snprintf(message, size, "image too large (%lldx%lld; the limit is %lld per side, %lld pixels and %lld:1)", width, height, kMaxSide,
+                kMaxPixels, kMaxAspect);
+  return true;
+}
 
 void set_error(std::string* error, const std::string& message) {
   if (error != nullptr) *error = message;
@@ -186,10 +203,7 @@ bool decode_jpeg_protected(JpegJob* job) {
     jpeg_destroy_decompress(&job->cinfo);
     return false;
   }
-  const long long pixels = static_cast<long long>(job->cinfo.image_width) * job->cinfo.image_height;
-  if (pixels > kMaxPixels) {
-    std::snprintf(job->err.message, sizeof(job->err.message), "image too large (%ux%u)",
-                  job->cinfo.image_width, job->cinfo.image_height);
+  if (too_large(job->cinfo.image_width, job->cinfo.image_height, job->err.message, sizeof(job->err.message))) {
     jpeg_destroy_decompress(&job->cinfo);
     return false;
   }
@@ -320,8 +334,7 @@ bool decode_png_protected(PngJob* job) {
   const png_uint_32 height = png_get_image_height(job->png, job->info);
   const int bit_depth = png_get_bit_depth(job->png, job->info);
   const int color_type = png_get_color_type(job->png, job->info);
-  if (static_cast<long long>(width) * height > kMaxPixels) {
-    std::snprintf(job->state.message, sizeof(job->state.message), "image too large (%ux%u)", width, height);
+  if (too_large(width, height, job->state.message, sizeof(job->state.message))) {
     png_destroy_read_struct(&job->png, &job->info, nullptr);
     return false;
   }
@@ -703,6 +716,16 @@ void preprocess(const RgbImage& image, const InputSpec& spec, float* out) {
 bool load_image(const std::string& path, const InputSpec& spec, float* out, std::string* error) {
   RgbImage image;
   if (!decode_image(path, &image, error)) return false;
+  // The resize's working image grows with the short side asked for (a 64:1 image resized to a
+  // short side of 2000 is 128000 x 2000): bounded by the same limits as a decoded image.
+  int rh = 0, rw = 0;
+  resized_size(image.height, image.width, spec.resize_short_side, &rh, &rw);
+  char message[160];
+  if (too_large(rw, rh, message, sizeof message, false)) {
+    set_error(error, std::string(message) + " after resizing " + std::to_string(image.width) + "x" + std::to_string(image.height) +
+                         " to a short side of " + std::to_string(spec.resize_short_side) + ": " + path);
+    return false;
+  }
   try {
     preprocess(image, spec, out);
   } catch (...) {

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <functional>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "commands.h"
 #include "files.h"
 #include "runtime.h"
+#include "state.h"
 
 namespace {
 
@@ -21,7 +23,7 @@ const char* kUsage = R"(usage: edgetl-device [--threads N] [--verbose] COMMAND .
 
   info      BUNDLE
   classify  BUNDLE IMAGE_OR_DIR... [--trained STATE_DIR|PTD] [--top-k N (3)] [--json]
-  finetune  BUNDLE DATA_DIR --state STATE_DIR [--epochs N (5)] [--batch-size B (the bundle's)]
+  finetune  BUNDLE DATA_DIR --state STATE_DIR [--epochs N (5; at most 1000000)] [--batch-size B (the bundle's)]
             [--lr X] [--momentum X] [--weight-decay X] (default: the bundle's optimizer)
             [--seed N (0)] [--augment] [--val DIR] [--feature-budget MIB (64)]
   import-weights  BUNDLE NPY_DIR --state STATE_DIR
@@ -41,6 +43,9 @@ state-dict name; tensors without a file keep the bundle's values); finetune then
 export-weights writes every training tensor as NPY_DIR/NAME.npy. A fleet client does both each round.
 Exit status: 0 ok, 2 a user error (one line on stderr), 1 an internal error.
 )";
+
+constexpr long long kMaxInt = std::numeric_limits<int>::max();
+constexpr long long kMaxThreads = 1024;  // far above any device's cores; the runtime's pool allocates per thread
 
 constexpr const char* kCommands = "info, classify, finetune, import-weights, export-weights";
 
@@ -107,14 +112,16 @@ Args parse(int argc, char** argv, std::string* command) {
   return a;
 }
 
-long long to_int(const Args& a, const std::string& opt, long long fallback, long long min) {
+// The integer value of `opt` in [min, max] (checked before any narrowing, so 4294967297 is no 1).
+long long to_int(const Args& a, const std::string& opt, long long fallback, long long min, long long max) {
   auto it = a.values.find(opt);
   if (it == a.values.end()) return fallback;
   char* end = nullptr;
   errno = 0;
   long long v = std::strtoll(it->second.c_str(), &end, 10);
-  if (errno || end == it->second.c_str() || *end || v < min)
-    throw edgetl::DeviceError(opt + " must be an integer >= " + std::to_string(min) + ", got '" + it->second + "'");
+  if (errno || end == it->second.c_str() || *end || v < min || v > max)
+    throw edgetl::DeviceError(opt + " must be an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "], got '" +
+                              it->second + "'");
   return v;
 }
 
@@ -122,8 +129,9 @@ std::optional<double> to_double(const Args& a, const std::string& opt) {
   auto it = a.values.find(opt);
   if (it == a.values.end()) return std::nullopt;
   char* end = nullptr;
+  errno = 0;
   double v = std::strtod(it->second.c_str(), &end);
-  if (end == it->second.c_str() || *end) throw edgetl::DeviceError(opt + " must be a number, got '" + it->second + "'");
+  if (errno || end == it->second.c_str() || *end) throw edgetl::DeviceError(opt + " must be a number, got '" + it->second + "'");
   return v;
 }
 
@@ -135,7 +143,7 @@ int run(int argc, char** argv) {
   std::string command;
   Args a = parse(argc, argv, &command);
   edgetl::init_runtime(a.flags.count("--verbose") > 0);
-  if (a.values.count("--threads")) edgetl::set_threads(static_cast<unsigned>(to_int(a, "--threads", 0, 1)));
+  if (a.values.count("--threads")) edgetl::set_threads(static_cast<unsigned>(to_int(a, "--threads", 0, 1, kMaxThreads)));
   need(a, 1, "BUNDLE");
   edgetl::Bundle bundle(a.positional[0]);
   const bool verbose = a.flags.count("--verbose") > 0;
@@ -148,7 +156,7 @@ int run(int argc, char** argv) {
     edgetl::ClassifyOptions o;
     o.images.assign(a.positional.begin() + 1, a.positional.end());
     o.trained = a.values.count("--trained") ? a.values.at("--trained") : "";
-    o.top_k = static_cast<int>(to_int(a, "--top-k", 3, 1));
+    o.top_k = static_cast<int>(to_int(a, "--top-k", 3, 1, kMaxInt));
     o.json = a.flags.count("--json") > 0;
     int code = edgetl::classify(bundle, o);
     edgetl::log_memory(verbose, "classifying");
@@ -170,14 +178,14 @@ int run(int argc, char** argv) {
   o.data = a.positional[1];
   o.state = a.values.at("--state");
   o.val = a.values.count("--val") ? a.values.at("--val") : "";
-  o.epochs = static_cast<int>(to_int(a, "--epochs", 5, 1));
-  if (a.values.count("--batch-size")) o.batch_size = static_cast<int>(to_int(a, "--batch-size", 0, 1));
+  o.epochs = static_cast<int>(to_int(a, "--epochs", 5, 1, edgetl::kMaxEpochs));
+  if (a.values.count("--batch-size")) o.batch_size = static_cast<int>(to_int(a, "--batch-size", 0, 1, kMaxInt));
   o.lr = to_double(a, "--lr");
   o.momentum = to_double(a, "--momentum");
   o.weight_decay = to_double(a, "--weight-decay");
-  o.seed = static_cast<uint64_t>(to_int(a, "--seed", 0, 0));
+  o.seed = static_cast<uint64_t>(to_int(a, "--seed", 0, 0, std::numeric_limits<long long>::max()));
   o.augment = a.flags.count("--augment") > 0;
-  o.feature_budget = to_int(a, "--feature-budget", 64, 0) << 20;
+  o.feature_budget = to_int(a, "--feature-budget", 64, 0, std::numeric_limits<int64_t>::max() >> 20) << 20;
   o.verbose = verbose;
   return edgetl::finetune(bundle, o);
 }

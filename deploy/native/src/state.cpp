@@ -3,9 +3,12 @@
 #include <cstdio>
 #include <cstring>
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 
 #include "files.h"
+
+namespace fs = std::filesystem;
 
 namespace edgetl {
 
@@ -19,18 +22,12 @@ std::string numbered(const char* stem, int epoch, const char* suffix) {
   return name;
 }
 
-nlohmann::json read_state(const std::string& path) {
-  try {
-    return nlohmann::json::parse(read_file(path));
-  } catch (const nlohmann::json::exception& e) {
-    throw DeviceError(path + " is damaged (" + e.what() + "); remove the state directory to start over");
-  }
-}
 // A state directory belongs to the bundle whose manifest (classes, model, optimizer, every file's
 // sha256) it was trained from: another export of the same network (other classes, another --lr)
 // has another manifest_sha256 even when its train.ptd is the same.
 void check_bound(const nlohmann::json& s, const Bundle& bundle, const std::string& what, const std::string& hint) {
-  const std::string id = s.is_object() ? s.value("bundle_manifest_sha256", "") : "";
+  const nlohmann::json recorded = s.is_object() ? s.value("bundle_manifest_sha256", nlohmann::json()) : nlohmann::json();
+  const std::string id = recorded.is_string() ? recorded.get<std::string>() : "";
   if (id == bundle.manifest_sha256) return;
   std::string why;
   if (id.empty())
@@ -38,6 +35,47 @@ void check_bound(const nlohmann::json& s, const Bundle& bundle, const std::strin
   else if (s.contains("classes") && s["classes"] != nlohmann::json(bundle.classes))
     why = " (classes " + s["classes"].dump() + ", the bundle's " + nlohmann::json(bundle.classes).dump() + ")";
   throw DeviceError(what + why + hint);
+}
+
+// The fields the runner acts on: file names stay inside the directory, the epoch is in range, and
+// every file named has the sha256 it is checked against.
+void check_fields(const nlohmann::json& s, const std::string& path) {
+  const std::string fix = "; remove the state directory to start over";
+  const auto& epoch = s.contains("epoch") ? s["epoch"] : nlohmann::json();
+  if (!epoch.is_number_integer() || epoch.get<int64_t>() < 0 || epoch.get<int64_t>() > kMaxEpochs)
+    throw DeviceError(path + ": epoch " + epoch.dump() + " is not an integer in [0, " + std::to_string(kMaxEpochs) + "]" + fix);
+  for (const char* key : {"weights", "momentum"}) {
+    if (!s.contains(key) || s[key].is_null()) continue;
+    if (!s[key].is_string()) throw DeviceError(path + ": " + key + " is " + s[key].dump() + ", not a file name" + fix);
+    plain_name(s[key].get<std::string>(), path + ": " + key);
+    const std::string sha = std::string(key) + "_sha256";
+    if (!s.contains(sha) || !s[sha].is_string())
+      throw DeviceError(path + " names " + key + " without its " + sha + " (written by an older edgetl-device)" + fix);
+  }
+  if (s.contains("history") && !s["history"].is_array()) throw DeviceError(path + ": history is not a list" + fix);
+  if (epoch.get<int64_t>() > 0 && !(s.contains("weights") && s["weights"].is_string()))
+    throw DeviceError(path + ": epoch " + epoch.dump() + " but no weights" + fix);
+}
+
+nlohmann::json read_state(const std::string& path, const Bundle& bundle, const std::string& what, const std::string& hint) {
+  nlohmann::json s;
+  try {
+    s = nlohmann::json::parse(read_file(path));
+  } catch (const nlohmann::json::exception& e) {
+    throw DeviceError(path + " is damaged (" + e.what() + "); remove the state directory to start over");
+  }
+  check_bound(s, bundle, what, hint);
+  check_fields(s, path);
+  return s;
+}
+
+// `dir`/`name` (default: the weights s names) after checking it against s["weights_sha256"].
+std::string checked_weights(const std::string& dir, const nlohmann::json& s, const std::string& name = "") {
+  const std::string p = join(dir, name.empty() ? s["weights"].get<std::string>() : name);
+  if (!is_file(p)) throw DeviceError("state directory " + dir + " names " + p + ", which is missing");
+  if (sha256_file(p) != s["weights_sha256"].get<std::string>())
+    throw DeviceError(p + " is damaged (sha256 mismatch with state.json); no earlier epoch is kept: remove " + dir + " to start over");
+  return p;
 }
 }  // namespace
 
@@ -75,12 +113,11 @@ void write_ptd(const std::string& path, const std::string& base, const std::map<
   });
 }
 
-StateDir::StateDir(std::string dir, const Bundle& bundle) : dir_(std::move(dir)), bundle_(bundle) {
+StateDir::StateDir(std::string dir, const Bundle& bundle) : dir_(std::move(dir)), lock_(dir_), bundle_(bundle) {
   remove_stale_temporaries(dir_, {"weights-epoch", "momentum-epoch", kState, kTrained});
   std::string path = join(dir_, kState);
   if (is_file(path)) {
-    state_ = read_state(path);
-    check_bound(state_, bundle, dir_ + " holds training state of another bundle", "; use another --state directory");
+    state_ = read_state(path, bundle, dir_ + " holds training state of another bundle", "; use another --state directory");
   } else {
     // the bundle's identity and what the exporter checks a checkpoint against (edgetl export --device-weights)
     state_ = {{"epoch", 0},
@@ -95,8 +132,8 @@ StateDir::StateDir(std::string dir, const Bundle& bundle) : dir_(std::move(dir))
 
 std::string StateDir::weights_path() const {
   if (state_.contains("weights") && state_["weights"].is_string()) {
-    std::string p = join(dir_, state_["weights"].get<std::string>());
-    if (!is_file(p)) throw DeviceError("state directory " + dir_ + " names " + p + ", which is missing");
+    const std::string p = join(dir_, state_["weights"].get<std::string>());
+    if (p != verified_) verified_ = checked_weights(dir_, state_);
     return p;
   }
   return bundle_.file(bundle_.training().ptd);
@@ -144,9 +181,11 @@ void StateDir::save_epoch(int epoch, const TrainingSession& session, const std::
     if (state_.contains(key) && state_[key].is_string()) previous.push_back(state_[key].get<std::string>());
   next["epoch"] = epoch;
   next["weights"] = wname;
+  next["weights_sha256"] = sha256_file(join(dir_, wname));
   next["history"].push_back(row);
   atomic_write(join(dir_, kState), next.dump(2) + "\n");  // the commit point
   state_ = std::move(next);
+  verified_ = join(dir_, wname);
   atomic_link(join(dir_, wname), join(dir_, kTrained));
   for (const auto& name : previous)
     if (name != state_["weights"] && name != state_.value("momentum", "")) std::remove(join(dir_, name).c_str());
@@ -160,8 +199,10 @@ void StateDir::start_from(const std::vector<TensorView>& tensors) {
   write_ptd(join(dir_, wname), bundle_.file(t.ptd), t.weights_layout, tensors);
   nlohmann::json next = state_;
   next["weights"] = wname;
+  next["weights_sha256"] = sha256_file(join(dir_, wname));
   atomic_write(join(dir_, kState), next.dump(2) + "\n");  // the commit point
   state_ = std::move(next);
+  verified_ = join(dir_, wname);
   atomic_link(join(dir_, wname), join(dir_, kTrained));
 }
 
@@ -173,13 +214,19 @@ void StateDir::annotate_last(const std::string& key, double value) {
 }
 
 std::string trained_weights(const std::string& path, const Bundle& bundle) {
-  if (is_file(path)) return path;
+  if (is_file(path)) {  // a state directory's weights or trained.ptd (a link to them) is checked against its state.json
+    const std::string dir = fs::path(path).parent_path().empty() ? "." : fs::path(path).parent_path().string();
+    const std::string name = fs::path(path).filename().string();
+    if (!is_file(join(dir, kState))) return path;
+    nlohmann::json s = read_state(join(dir, kState), bundle, path + " is in the state directory of another bundle, not " + bundle.dir, "");
+    if (s["weights"].is_string() && (name == s["weights"].get<std::string>() || name == kTrained)) checked_weights(dir, s, name);
+    return path;
+  }
   if (!is_dir(path)) throw DeviceError("no trained weights at " + path + ": run finetune first");
   std::string state = join(path, kState);
   if (is_file(state)) {
-    nlohmann::json s = read_state(state);
-    check_bound(s, bundle, path + " holds weights trained from another bundle, not " + bundle.dir, "");
-    if (s.contains("weights") && s["weights"].is_string()) return join(path, s["weights"].get<std::string>());
+    nlohmann::json s = read_state(state, bundle, path + " holds weights trained from another bundle, not " + bundle.dir, "");
+    if (s.contains("weights") && s["weights"].is_string()) return checked_weights(path, s);
   }
   std::string trained = join(path, kTrained);
   if (!is_file(trained)) throw DeviceError("no trained weights in " + path + ": run finetune first");

@@ -5,6 +5,12 @@
 //   weights-epochNNNN.ptd  a complete train.ptd: trainable parameters and running statistics
 //   momentum-epochNNNN.bin SGD momentum buffers, float32, in the program's parameter order
 //   trained.ptd            the last weights under a stable name (a hard link)
+//   .edgetl.lock           held (flock) by the one process writing the directory; its pid inside
+//
+// state.json records the sha256 of the weights and momentum files it names (weights_sha256,
+// momentum_sha256), checked before either is used; its names are plain names inside the directory
+// and its epoch lies in [0, kMaxEpochs]. Only the last epoch's files are kept (a device has little
+// disk), so damaged weights have no earlier epoch to fall back to: the error says so.
 //
 // `import-weights` starts a directory at epoch 0 with given weights (weights-epoch0000.ptd): a
 // fleet client trains each round from the server's tensors that way.
@@ -18,17 +24,22 @@
 #include <nlohmann/json.hpp>
 
 #include "bundle.h"
+#include "files.h"
 #include "runtime.h"
 
 namespace edgetl {
 
+// The most epochs a run may train (--epochs) and a state.json may record.
+constexpr int kMaxEpochs = 1000000;
+
 class StateDir {
  public:
-  // Reads `dir`/state.json when present; DeviceError if it belongs to another bundle.
+  // Locks `dir` (DirLock) and reads `dir`/state.json when present; DeviceError if another process
+  // writes it, if it belongs to another bundle or if its fields are invalid.
   StateDir(std::string dir, const Bundle& bundle);
 
   int epoch() const { return state_.value("epoch", 0); }
-  // The weights to start from: the last saved epoch's, else the bundle's train.ptd.
+  // The weights to start from: the last saved epoch's (checked against weights_sha256), else the bundle's train.ptd.
   std::string weights_path() const;
   // Saved momentum buffers (empty when none were saved: the run starts with zero momentum).
   std::vector<std::vector<float>> momentum(const std::vector<std::string>& parameter_names) const;
@@ -42,8 +53,10 @@ class StateDir {
 
  private:
   std::string dir_;
+  DirLock lock_;  // before anything reads or writes the directory
   const Bundle& bundle_;
   nlohmann::json state_;
+  mutable std::string verified_;  // the weights file whose sha256 has been checked (or that this process wrote)
 };
 
 // The weights `classify --trained PATH` means: a .ptd file, or a state directory's last saved weights.
