@@ -260,6 +260,21 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(runner, many_p
     assert sorted(p.name for p in state.iterdir()) == sorted(["state.json", "trained.ptd", b["weights"], b["momentum"], ".edgetl.lock"])
 
 
+def test_training_gives_the_same_bits_at_any_thread_count(runner, photos, tmp_path, training_bundle):
+    """edgetl's kernels sum every output element in one order whatever the pool's size: two epochs
+    at 1, 2 and 4 threads end with the same weights and momentum, byte for byte."""
+    runs = {}
+    for threads in (1, 2, 4):
+        state = tmp_path / f"t{threads}"
+        cmd = _finetune_cmd(runner, training_bundle, photos, state, 2)
+        cmd[cmd.index("--threads") + 1] = str(threads)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        s = json.loads((state / "state.json").read_text())
+        runs[threads] = ((state / s["weights"]).read_bytes(), (state / s["momentum"]).read_bytes(), [h["loss"] for h in s["history"]])
+    assert runs[1] == runs[2] == runs[4]
+
+
 def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     lines = [line for line in r.stderr.strip().splitlines() if not re.match(r"epoch \d+/\d+ step", line)]  # progress
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("edgetl-device: error: "), r.stderr

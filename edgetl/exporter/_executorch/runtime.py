@@ -252,7 +252,8 @@ class SGD:
 def profile_operators(
     pte: str | os.PathLike, ptd: str | os.PathLike | None, method: str, inputs: Sequence[Any], runs: int = 3
 ) -> dict[str, float]:
-    """Milliseconds per operator kernel over ``runs`` executions of ``method`` (ETDump + Inspector)."""
+    """Milliseconds per operator kernel over ``runs`` executions of ``method`` (ETDump + Inspector),
+    ATen's (``mm.out``) and custom operators' (``edgetl_export::pointwise_nhwc.out``)."""
     import collections
 
     from executorch.devtools import Inspector
@@ -267,7 +268,7 @@ def profile_operators(
     totals: dict[str, float] = collections.Counter()
     for block in inspector.event_blocks:
         for event in block.events:
-            if event.perf_data is not None and event.name.startswith("native_call_"):
+            if event.perf_data is not None and (event.name.startswith("native_call_") or "::" in event.name):
                 totals[event.name.removeprefix("native_call_")] += float(event.perf_data.avg)
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
