@@ -130,11 +130,11 @@ def main() -> int:
         decomposed = prepare(work / "decomposed", name, s, 2)["mobiletl"]
         del os.environ["EDGETL_NATIVE_KERNELS"]
         shapes, depthwise_flops = step_shapes(s)
-        work = step_work(edgetl.load_model(s["model"], num_classes=10), edgetl.TrainPolicy(blocks=s["blocks"]),
-                         batch_size=s["batch"], image_size=s["image_size"])  # fmt: skip
-        gemm_flops = work.gemm_flops
-        if abs(sum(flops(shape) for shape in shapes) - gemm_flops) > 0.02 * gemm_flops or depthwise_flops != work.depthwise_flops:
-            raise SystemExit(f"step_work {work} disagrees with the exported top's layers ({len(shapes)} GEMMs)")
+        analytic = step_work(edgetl.load_model(s["model"], num_classes=10), edgetl.TrainPolicy(blocks=s["blocks"]),
+                             batch_size=s["batch"], image_size=s["image_size"])  # fmt: skip
+        gemm_flops = analytic.gemm_flops
+        if abs(sum(flops(shape) for shape in shapes) - gemm_flops) > 0.02 * gemm_flops or depthwise_flops != analytic.depthwise_flops:
+            raise SystemExit(f"step_work {analytic} disagrees with the exported top's layers ({len(shapes)} GEMMs)")
         for threads in (int(t) for t in args.threads.split(",")):
             rows: dict[str, list[float]] = {}
             epochs = []
@@ -153,7 +153,7 @@ def main() -> int:
             peak = max(flops(shape) / seconds for shape, seconds in timed.items()) / 1e9
             square = flops(PEAK_SHAPE) / timed[PEAK_SHAPE] / 1e9
             bandwidth = copy_gbps(threads)
-            predicted = predict_native_step_time(work, gemm_gflops=square, memory_gbps=bandwidth)
+            predicted = predict_native_step_time(analytic, gemm_gflops=square, memory_gbps=bandwidth)
             steps = round(epochs[0]["images_per_s"] * epochs[0]["seconds"]) // s["batch"]
             split = {key: statistics.median(e[key] for e in epochs) / steps for key in ("step_seconds", "optimizer_seconds")}
             feature = {key: statistics.median(e["features_seconds"][key] for e in epochs) for key in ("decode", "bottom")}
