@@ -1,5 +1,8 @@
 #include "sgd.h"
 
+#include <algorithm>
+
+#include "../kernels/threadpool.h"
 #include "files.h"
 
 namespace edgetl {
@@ -22,23 +25,29 @@ void Sgd::step(const std::vector<TensorView>& params, const std::vector<TensorVi
     float* p = params[i].f32();
     float* d = grads[i].f32();
     const size_t n = params[i].numel;
-    if (o.weight_decay != 0.0)
-      for (size_t k = 0; k < n; ++k) d[k] = add_scaled(d[k], o.weight_decay, p[k]);
+    float* m = nullptr;
+    bool seed = false;  // the first step seeds the momentum buffer with the gradient
     if (o.momentum != 0.0) {
       auto& buf = momentum_[i];
-      if (buf.empty()) {
-        buf.assign(d, d + n);  // the first step seeds the buffer with the gradient
-      } else {
-        if (buf.size() != n) throw DeviceError("SGD: momentum buffer of " + params[i].name + " has the wrong size");
-        for (size_t k = 0; k < n; ++k) buf[k] = add_scaled(static_cast<float>(buf[k] * o.momentum), 1.0 - o.dampening, d[k]);
-      }
-      if (o.nesterov) {
-        for (size_t k = 0; k < n; ++k) d[k] = add_scaled(d[k], o.momentum, buf[k]);
-      } else {
-        d = buf.data();
-      }
+      seed = buf.empty();
+      if (seed) buf.resize(n);
+      if (buf.size() != n) throw DeviceError("SGD: momentum buffer of " + params[i].name + " has the wrong size");
+      m = buf.data();
     }
-    for (size_t k = 0; k < n; ++k) p[k] = add_scaled(p[k], -o.lr, d[k]);
+    // One pass per element, in chunks over the thread pool: each element's arithmetic is
+    // torch.optim.SGD's, in its order, whatever the chunking.
+    constexpr size_t kChunk = 16384;
+    edgetl_kernels::parallel_for((n + kChunk - 1) / kChunk, [&](size_t c) {
+      for (size_t k = c * kChunk, end = std::min(n, k + kChunk); k < end; ++k) {
+        float g = d[k];
+        if (o.weight_decay != 0.0) g = d[k] = add_scaled(g, o.weight_decay, p[k]);
+        if (m != nullptr) {
+          m[k] = seed ? g : add_scaled(static_cast<float>(m[k] * o.momentum), 1.0 - o.dampening, g);
+          g = o.nesterov ? (d[k] = add_scaled(g, o.momentum, m[k])) : m[k];
+        }
+        p[k] = add_scaled(p[k], -o.lr, g);
+      }
+    });
   }
 }
 
