@@ -4,7 +4,7 @@
 // Without them the exporter decomposes a k x k depthwise convolution into k*k slice / multiply /
 // add (and pad, in backward) operators over full feature maps: most of a step's time and, in
 // backward, full-size temporaries that set the program's memory peak. Here each is one pass with
-// the channel loop innermost (NHWC: contiguous, vectorised by the compiler), spread over
+// the channel loop innermost (NHWC: contiguous, vectorised for AVX2+FMA or NEON), spread over
 // ExecuTorch's thread pool by output rows (forward, input gradient) or by channel groups (weight
 // gradient), so that every output element is summed in the same order at any thread count.
 //
@@ -12,12 +12,12 @@
 // Python process (it links the same libexecutorch.so, whose registry the Python bindings use) so
 // that an export verifies the very kernels the device runs.
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 
+#include "isa.h"
 #include "threadpool.h"
 
 namespace edgetl_kernels {
@@ -36,20 +36,6 @@ bool check(KernelRuntimeContext& ctx, bool ok) {
   return ok;
 }
 
-// Calls f(tap, input pixel) for each kernel tap of output pixel (n, oy, ox) that falls inside the
-// image (zero padding contributes nothing): the window walk of the forward and of dL/dweight.
-template <typename F>
-inline void each_tap(const Geometry& g, int64_t n, int64_t oy, int64_t ox, F f) {
-  for (int64_t i = 0; i < g.k; ++i) {
-    const int64_t iy = oy * g.stride + i - g.pad;
-    if (iy < 0 || iy >= g.h) continue;
-    for (int64_t j = 0; j < g.k; ++j) {
-      const int64_t ix = ox * g.stride + j - g.pad;
-      if (ix >= 0 && ix < g.w) f(i * g.k + j, (n * g.h + iy) * g.w + ix);
-    }
-  }
-}
-
 // The C x 1 x k x k weight, taps-major (w[tap][c]): contiguous over channels for each tap.
 std::vector<float> taps_major(const Tensor& weight, const Geometry& g) {
   const float* wp = weight.const_data_ptr<float>();
@@ -57,6 +43,73 @@ std::vector<float> taps_major(const Tensor& weight, const Geometry& g) {
   for (int64_t c = 0; c < g.c; ++c)
     for (int64_t t = 0; t < g.k * g.k; ++t) wt[t * g.c + c] = wp[c * g.k * g.k + t];
   return wt;
+}
+
+// The output row r = (n, oy) of the forward: y[c] = sum over the taps inside the image of x[c] w[c]
+// (zero padding contributes nothing).
+EDGETL_CLONES void forward_row(const Geometry& g, const float* xp, const float* wt, float* yp, int64_t r) {
+  const int64_t n = r / g.ho, oy = r % g.ho;
+  for (int64_t ox = 0; ox < g.wo; ++ox) {
+    float* y = yp + (r * g.wo + ox) * g.c;
+    for (int64_t c = 0; c < g.c; ++c) y[c] = 0.0f;
+    for (int64_t i = 0; i < g.k; ++i) {
+      const int64_t iy = oy * g.stride + i - g.pad;
+      if (iy < 0 || iy >= g.h) continue;
+      for (int64_t j = 0; j < g.k; ++j) {
+        const int64_t ix = ox * g.stride + j - g.pad;
+        if (ix < 0 || ix >= g.w) continue;
+        const float* xr = xp + ((n * g.h + iy) * g.w + ix) * g.c;
+        const float* wr = wt + (i * g.k + j) * g.c;
+        for (int64_t c = 0; c < g.c; ++c) y[c] += xr[c] * wr[c];
+      }
+    }
+  }
+}
+
+// The input row r = (n, iy) of dL/dx: every output pixel whose window covers the input pixel.
+EDGETL_CLONES void grad_input_row(const Geometry& g, const float* dyp, const float* wt, float* dx, int64_t r) {
+  const int64_t n = r / g.h, iy = r % g.h;
+  for (int64_t ix = 0; ix < g.w; ++ix) {
+    float* d = dx + (r * g.w + ix) * g.c;
+    for (int64_t c = 0; c < g.c; ++c) d[c] = 0.0f;
+    for (int64_t i = 0; i < g.k; ++i) {
+      const int64_t ty = iy + g.pad - i;  // = oy * stride
+      if (ty < 0 || ty % g.stride) continue;
+      const int64_t oy = ty / g.stride;
+      if (oy >= g.ho) continue;
+      for (int64_t j = 0; j < g.k; ++j) {
+        const int64_t tx = ix + g.pad - j;
+        if (tx < 0 || tx % g.stride) continue;
+        const int64_t ox = tx / g.stride;
+        if (ox >= g.wo) continue;
+        const float* dr = dyp + ((n * g.ho + oy) * g.wo + ox) * g.c;
+        const float* wr = wt + (i * g.k + j) * g.c;
+        for (int64_t c = 0; c < g.c; ++c) d[c] += dr[c] * wr[c];
+      }
+    }
+  }
+}
+
+// dL/dw's terms of output row r = (n, oy) for channels [c0, c0 + cn): row[tap][c] = sum over the
+// row's pixels of dy[c] x[c], in pixel order.
+EDGETL_CLONES void grad_weight_row(const Geometry& g, const float* dyp, const float* xp, int64_t c0, int64_t cn, int64_t r,
+                                   float* row) {
+  const int64_t n = r / g.ho, oy = r % g.ho;
+  for (int64_t i = 0; i < g.k * g.k * cn; ++i) row[i] = 0.0f;
+  for (int64_t ox = 0; ox < g.wo; ++ox) {
+    const float* dr = dyp + (r * g.wo + ox) * g.c + c0;
+    for (int64_t i = 0; i < g.k; ++i) {
+      const int64_t iy = oy * g.stride + i - g.pad;
+      if (iy < 0 || iy >= g.h) continue;
+      for (int64_t j = 0; j < g.k; ++j) {
+        const int64_t ix = ox * g.stride + j - g.pad;
+        if (ix < 0 || ix >= g.w) continue;
+        const float* xr = xp + ((n * g.h + iy) * g.w + ix) * g.c + c0;
+        float* acc = row + (i * g.k + j) * cn;
+        for (int64_t c = 0; c < cn; ++c) acc[c] += dr[c] * xr[c];
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -68,18 +121,7 @@ Tensor& depthwise_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
   const float* xp = x.const_data_ptr<float>();
   float* yp = out.mutable_data_ptr<float>();
   const std::vector<float> wt = taps_major(weight, g);
-  parallel_for(static_cast<size_t>(g.n * g.ho), [&](size_t row) {
-    const int64_t n = static_cast<int64_t>(row) / g.ho, oy = static_cast<int64_t>(row) % g.ho;
-    for (int64_t ox = 0; ox < g.wo; ++ox) {
-      float* y = yp + ((n * g.ho + oy) * g.wo + ox) * g.c;
-      std::memset(y, 0, sizeof(float) * g.c);
-      each_tap(g, n, oy, ox, [&](int64_t tap, int64_t pixel) {
-        const float* xr = xp + pixel * g.c;
-        const float* wr = wt.data() + tap * g.c;
-        for (int64_t c = 0; c < g.c; ++c) y[c] += xr[c] * wr[c];
-      });
-    }
-  });
+  parallel_for(static_cast<size_t>(g.n * g.ho), [&](size_t row) { forward_row(g, xp, wt.data(), yp, static_cast<int64_t>(row)); });
   return out;
 }
 
@@ -91,28 +133,7 @@ Tensor& depthwise_grad_input_out(KernelRuntimeContext& ctx, const Tensor& dy, co
   const float* dyp = dy.const_data_ptr<float>();
   float* dx = out.mutable_data_ptr<float>();
   const std::vector<float> wt = taps_major(weight, g);
-  parallel_for(static_cast<size_t>(g.n * g.h), [&](size_t row) {
-    const int64_t n = static_cast<int64_t>(row) / g.h, iy = static_cast<int64_t>(row) % g.h;
-    for (int64_t ix = 0; ix < g.w; ++ix) {
-      float* d = dx + ((n * g.h + iy) * g.w + ix) * g.c;
-      std::memset(d, 0, sizeof(float) * g.c);
-      for (int64_t i = 0; i < g.k; ++i) {
-        const int64_t ty = iy + g.pad - i;  // = oy * stride
-        if (ty < 0 || ty % g.stride) continue;
-        const int64_t oy = ty / g.stride;
-        if (oy >= g.ho) continue;
-        for (int64_t j = 0; j < g.k; ++j) {
-          const int64_t tx = ix + g.pad - j;
-          if (tx < 0 || tx % g.stride) continue;
-          const int64_t ox = tx / g.stride;
-          if (ox >= g.wo) continue;
-          const float* dr = dyp + ((n * g.ho + oy) * g.wo + ox) * g.c;
-          const float* wr = wt.data() + (i * g.k + j) * g.c;
-          for (int64_t c = 0; c < g.c; ++c) d[c] += dr[c] * wr[c];
-        }
-      }
-    }
-  });
+  parallel_for(static_cast<size_t>(g.n * g.h), [&](size_t row) { grad_input_row(g, dyp, wt.data(), dx, static_cast<int64_t>(row)); });
   return out;
 }
 
@@ -131,19 +152,10 @@ Tensor& depthwise_grad_weight_out(KernelRuntimeContext& ctx, const Tensor& dy, c
     const int64_t c0 = static_cast<int64_t>(group) * kGroup, cn = std::min(kGroup, g.c - c0);
     std::vector<double> acc(g.k * g.k * cn, 0.0);
     std::vector<float> row(g.k * g.k * cn);
-    for (int64_t n = 0; n < g.n; ++n)
-      for (int64_t oy = 0; oy < g.ho; ++oy) {
-        std::fill(row.begin(), row.end(), 0.0f);
-        for (int64_t ox = 0; ox < g.wo; ++ox) {
-          const float* dr = dyp + ((n * g.ho + oy) * g.wo + ox) * g.c + c0;
-          each_tap(g, n, oy, ox, [&](int64_t tap, int64_t pixel) {
-            const float* xr = xp + pixel * g.c + c0;
-            float* r = row.data() + tap * cn;
-            for (int64_t c = 0; c < cn; ++c) r[c] += dr[c] * xr[c];
-          });
-        }
-        for (size_t i = 0; i < acc.size(); ++i) acc[i] += static_cast<double>(row[i]);
-      }
+    for (int64_t r = 0; r < g.n * g.ho; ++r) {
+      grad_weight_row(g, dyp, xp, c0, cn, r, row.data());
+      for (size_t i = 0; i < acc.size(); ++i) acc[i] += static_cast<double>(row[i]);
+    }
     for (int64_t c = 0; c < cn; ++c)
       for (int64_t t = 0; t < g.k * g.k; ++t) dw[(c0 + c) * g.k * g.k + t] = static_cast<float>(acc[t * cn + c]);
   });

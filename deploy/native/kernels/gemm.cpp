@@ -13,6 +13,7 @@
 #include <cstring>
 #include <vector>
 
+#include "isa.h"
 #include "threadpool.h"
 
 // The vector helpers below are always inlined into the clones: the ABI GCC warns about (a 32-byte
@@ -71,15 +72,9 @@ __attribute__((always_inline)) inline void micro_tile(int64_t kc, const float* a
     for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i][j] : tile[i][j];
 }
 
-#if defined(__x86_64__)
-#define EDGETL_GEMM_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define EDGETL_GEMM_CLONES
-#endif
-
 // c[mc x nc] (+)= packed A block (mc x kc) times packed B block (kc x nc); the micro-kernel is
 // inlined into each clone, so it is compiled for that clone's instruction set.
-EDGETL_GEMM_CLONES void block_product(int64_t mc, int64_t nc, int64_t kc, const float* pa, const float* pb, float* c,
+EDGETL_CLONES void block_product(int64_t mc, int64_t nc, int64_t kc, const float* pa, const float* pb, float* c,
                                       int64_t ldc, bool accumulate) {
   for (int64_t j = 0; j < nc; j += NR)
     for (int64_t i = 0; i < mc; i += MR)
