@@ -177,7 +177,8 @@ def main() -> int:
             )
             print(
                 f"Predicted by edgetl plan (gemm_gflops {square:.1f}, memory_gbps {bandwidth:.1f}): "
-                f"{1000 * predicted.total:.1f} ms ({1000 * predicted.gemm:.1f} GEMM + {1000 * predicted.streaming:.1f} streaming), "
+                f"{1000 * predicted.total:.1f} ms ({1000 * predicted.gemm:.1f} GEMM + {1000 * predicted.streaming:.1f} streaming "
+                f"+ {1000 * predicted.layers:.1f} per-layer), "
                 f"{predicted.total / n:.2f} of measured."
             )
             e = epochs[0]

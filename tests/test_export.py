@@ -72,7 +72,8 @@ def test_manifest_describes_the_programs(bundle, eager):
         f"edgetl_export::{op}.out"
         for op in (
             "activation", "channel_affine", "channel_dot", "channel_scale", "channel_sum", "depthwise_grad_input",
-            "depthwise_grad_weight", "depthwise_nhwc", "mask_grad", "pointwise_grad_input", "pointwise_grad_weight", "pointwise_nhwc",
+            "depthwise_grad_weight", "depthwise_nhwc", "exact_act", "exact_act_grad", "mask_grad", "pointwise_grad_input",
+            "pointwise_grad_weight", "pointwise_nhwc",
         )
     ]  # fmt: skip
     assert sorted(m.files) == ["bottom.pte", "model.pte", "train.ptd", "train.pte"]

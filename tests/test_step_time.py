@@ -11,7 +11,7 @@ import edgetl
 from edgetl.profiler.device import DeviceProfileError, device_from_dict
 from edgetl.profiler.native import ProgramMemory
 from edgetl.profiler.planner import plan
-from edgetl.profiler.step_time import MAP_PASSES, predict_native_step_time, step_work
+from edgetl.profiler.step_time import LAYER_COST, MAP_PASSES, predict_native_step_time, step_work
 
 BOARD = {
     "name": "board",
@@ -45,7 +45,8 @@ def test_step_time_is_the_two_term_roofline():
     work = step_work(edgetl.load_model("mobilenet_v2", num_classes=10), edgetl.TrainPolicy(blocks=2), batch_size=8, image_size=64)
     t = predict_native_step_time(work, gemm_gflops=50.0, memory_gbps=5.0)
     assert t.gemm == pytest.approx(work.gemm_flops / 50e9) and t.streaming == pytest.approx(MAP_PASSES * work.map_bytes / 5e9)
-    assert t.total == pytest.approx(t.gemm + t.streaming)
+    assert t.layers == pytest.approx(LAYER_COST * work.layers / 50e9) and work.layers > 10
+    assert t.total == pytest.approx(t.gemm + t.streaming + t.layers)
     assert predict_native_step_time(work, gemm_gflops=25.0, memory_gbps=2.5).total == pytest.approx(2 * t.total)
     with pytest.raises(ValueError):
         predict_native_step_time(work, gemm_gflops=0.0, memory_gbps=5.0)

@@ -1,16 +1,18 @@
-"""The native runner's training step time, predicted from shapes: a two-term roofline.
+"""The native runner's training step time, predicted from shapes: a roofline with a per-layer cost.
 
 A step of ``edgetl-device`` (MobileTL's trained top, batch N) is its GEMMs (every 1x1
-convolution and linear layer: forward, input gradient, weight gradient; edgetl's blocked GEMM) and
-everything else: depthwise convolutions, norms, masked activations, squeeze-excitation, residuals,
-the loss and SGD, which stream activation maps through memory. So
+convolution and linear layer: forward, input gradient, weight gradient; edgetl's blocked GEMM),
+the streaming of activation maps through memory by everything else (depthwise convolutions,
+norms, activations, squeeze-excitation, residuals), and a fixed cost per layer (a dozen operator
+calls, forward and backward, each dispatched and spread over the threads). So
 
-    seconds = gemm_flops / gemm rate + MAP_PASSES x map_bytes / memory bandwidth
+    seconds = (gemm_flops + LAYER_COST x layers) / gemm rate + MAP_PASSES x map_bytes / memory bandwidth
 
 with the device's two rates from its profile (``gemm_gflops``, ``memory_gbps``: what
-``edgetl-gemm-bench`` measures there) and :data:`MAP_PASSES`, the memory traffic of the non-GEMM
-work in units of the top's activation maps, fitted once side by side on x86-64
-(``benchmarks/device_step.py``). Pure functions of shapes and policy; nothing is run.
+``edgetl-gemm-bench`` measures there). :data:`MAP_PASSES` (traffic in units of the top's
+activation maps) and :data:`LAYER_COST` (in GEMM FLOPs, so it scales with the CPU) are fitted
+side by side on x86-64 (``benchmarks/device_step.py``, both settings, 2 threads). Pure functions
+of shapes and policy; nothing is run.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from edgetl.profiler.units import head_layers, unit_layers
 from edgetl.train.policy import TrainPolicy
 
 #: full passes over the top's activation maps (forward outputs, fp32) that one step's non-GEMM
-#: work makes, forward and backward: fitted with benchmarks/device_step.py (demo and
-#: MobileNetV3-Large settings, 2 threads, x86-64)
-MAP_PASSES = 14.0
+#: work makes, forward and backward; and the fixed cost of one layer's operators, in GEMM FLOPs:
+#: fitted with benchmarks/device_step.py (demo and MobileNetV3-Large settings, 2 threads, x86-64)
+MAP_PASSES = 9.2
+LAYER_COST = 31.5e6
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class StepWork:
     depthwise_flops: float  # forward and both gradients
     map_bytes: int  # every layer output of the trained top, fp32
     forward_flops: float  # the convolutions and linear layers of the forward alone
+    layers: int  # layers of the trained top (convolutions, norms, activations, ...)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,10 +54,11 @@ class StepTimeEstimate:
 
     gemm: float
     streaming: float
+    layers: float
 
     @property
     def total(self) -> float:
-        return self.gemm + self.streaming
+        return self.gemm + self.streaming + self.layers
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
@@ -70,7 +75,7 @@ def step_work(model: nn.Module, policy: TrainPolicy, *, batch_size: int, image_s
     trained_from = first_trained_unit(units, policy.blocks)
     shape: Shape = (batch_size, 3, image_size, image_size)
     gemm = depthwise = forward = 0.0
-    maps = 0
+    maps = count = 0
     first = True  # the top's first layer reads the frozen bottom's features: no input gradient
     layer_lists = [(i >= trained_from, unit_layers(name, unit)) for i, (name, unit) in enumerate(units)] + [(True, head_layers(model))]
     for trained, layers in layer_lists:
@@ -93,13 +98,18 @@ def step_work(model: nn.Module, policy: TrainPolicy, *, batch_size: int, image_s
                 forward += sum(f for f, _ in products)
                 gemm += sum(s for _, s in products)
                 maps += float_bytes(y)
+                count += 1
                 first = first and layer.op not in ("conv", "linear")
             shape = y
-    return StepWork(gemm, depthwise, maps, forward)
+    return StepWork(gemm, depthwise, maps, forward, count)
 
 
 def predict_native_step_time(work: StepWork, *, gemm_gflops: float, memory_gbps: float) -> StepTimeEstimate:
     """Seconds of one ``edgetl-device`` training step on a device with these two rates."""
     if not (gemm_gflops > 0 and memory_gbps > 0):
         raise ValueError("gemm_gflops and memory_gbps must be positive")
-    return StepTimeEstimate(gemm=work.gemm_flops / (gemm_gflops * 1e9), streaming=MAP_PASSES * work.map_bytes / (memory_gbps * 1e9))
+    return StepTimeEstimate(
+        gemm=work.gemm_flops / (gemm_gflops * 1e9),
+        streaming=MAP_PASSES * work.map_bytes / (memory_gbps * 1e9),
+        layers=LAYER_COST * work.layers / (gemm_gflops * 1e9),
+    )
