@@ -27,7 +27,11 @@ IMAGE_SIZE, BATCH = 64, 2
 
 #: K = 1 and all blocks of every registry model, in the suite's budget (an all-blocks export
 #: takes 40-100 s); every K at the models' usual sizes is benchmarks/training_export_sweep.py.
-DEPTHS = [(name, k) for name in MODELS for k in (1, num_blocks(name))]
+#: Not MobileNetV2 with every block trained from random initialisation: one eager step of it moves
+#: its weights by 0.02-0.1 when they are perturbed by 1e-7 (batch 2-4, 64-96 px), so whether the
+#: program's step lands within 1e-4 of eager's depends on rounding; the export refuses it with the
+#: edgetl kernels and happens to pass without them (the test below measures the amplification).
+DEPTHS = [(name, k) for name in MODELS for k in (1, num_blocks(name)) if (name, k) != ("mobilenet_v2", num_blocks("mobilenet_v2"))]
 
 
 @pytest.mark.parametrize("name,k", DEPTHS)
