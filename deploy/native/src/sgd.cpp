@@ -34,19 +34,25 @@ void Sgd::step(const std::vector<TensorView>& params, const std::vector<TensorVi
       if (buf.size() != n) throw DeviceError("SGD: momentum buffer of " + params[i].name + " has the wrong size");
       m = buf.data();
     }
-    // One pass per element, in chunks over the thread pool: each element's arithmetic is
-    // torch.optim.SGD's, in its order, whatever the chunking.
+    // In chunks over the thread pool, each chunk's passes in cache: every element's arithmetic is
+    // torch.optim.SGD's, in its order, whatever the chunking; each loop vectorises.
     constexpr size_t kChunk = 16384;
     edgetl_kernels::parallel_for((n + kChunk - 1) / kChunk, [&](size_t c) {
-      for (size_t k = c * kChunk, end = std::min(n, k + kChunk); k < end; ++k) {
-        float g = d[k];
-        if (o.weight_decay != 0.0) g = d[k] = add_scaled(g, o.weight_decay, p[k]);
-        if (m != nullptr) {
-          m[k] = seed ? g : add_scaled(static_cast<float>(m[k] * o.momentum), 1.0 - o.dampening, g);
-          g = o.nesterov ? (d[k] = add_scaled(g, o.momentum, m[k])) : m[k];
-        }
-        p[k] = add_scaled(p[k], -o.lr, g);
+      const size_t b = c * kChunk, e = std::min(n, b + kChunk);
+      const float* u = d;  // the update direction
+      if (o.weight_decay != 0.0)
+        for (size_t k = b; k < e; ++k) d[k] = add_scaled(d[k], o.weight_decay, p[k]);
+      if (m != nullptr) {
+        if (seed)
+          for (size_t k = b; k < e; ++k) m[k] = d[k];
+        else
+          for (size_t k = b; k < e; ++k) m[k] = add_scaled(static_cast<float>(m[k] * o.momentum), 1.0 - o.dampening, d[k]);
+        if (o.nesterov)
+          for (size_t k = b; k < e; ++k) d[k] = add_scaled(d[k], o.momentum, m[k]);
+        else
+          u = m;
       }
+      for (size_t k = b; k < e; ++k) p[k] = add_scaled(p[k], -o.lr, u[k]);
     });
   }
 }
