@@ -30,8 +30,8 @@ from edgetl.train.policy import TrainPolicy
 #: full passes over the top's activation maps (forward outputs, fp32) that one step's non-GEMM
 #: work makes, forward and backward; and the fixed cost of one layer's operators, in GEMM FLOPs:
 #: fitted with benchmarks/device_step.py (demo and MobileNetV3-Large settings, 2 threads, x86-64)
-MAP_PASSES = 9.2
-LAYER_COST = 31.5e6
+MAP_PASSES = 5.6
+LAYER_COST = 22e6
 
 
 @dataclass(frozen=True)
