@@ -21,6 +21,7 @@
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 
+#include "checks.h"
 #include "threadpool.h"
 
 namespace edgetl_kernels {
@@ -31,18 +32,6 @@ using executorch::runtime::KernelRuntimeContext;
 namespace {
 
 enum Kind : int64_t { kRelu, kRelu6, kHardswish, kSilu, kHardsigmoid, kSigmoid, kKinds };
-
-bool check(KernelRuntimeContext& ctx, bool ok) {
-  if (!ok) ctx.fail(executorch::runtime::Error::InvalidArgument);
-  return ok;
-}
-
-bool same_shape(const Tensor& a, const Tensor& b) {
-  if (a.dim() != b.dim()) return false;
-  for (ssize_t d = 0; d < a.dim(); ++d)
-    if (a.size(d) != b.size(d)) return false;
-  return true;
-}
 
 // f(begin, end) over [0, n) in chunks spread over the pool (elementwise: any split gives the same bits)
 template <typename F>

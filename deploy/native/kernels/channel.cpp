@@ -19,6 +19,7 @@
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 
+#include "checks.h"
 #include "threadpool.h"
 
 namespace edgetl_kernels {
@@ -28,21 +29,9 @@ using executorch::runtime::KernelRuntimeContext;
 
 namespace {
 
-bool check(KernelRuntimeContext& ctx, bool ok) {
-  if (!ok) ctx.fail(executorch::runtime::Error::InvalidArgument);
-  return ok;
-}
-
 int64_t channels(const Tensor& t) { return t.dim() ? t.size(t.dim() - 1) : 1; }
 
 bool is_per_channel(const Tensor& v, const Tensor& map) { return v.dim() == 1 && v.size(0) == channels(map); }
-
-bool same_shape(const Tensor& a, const Tensor& b) {
-  if (a.dim() != b.dim()) return false;
-  for (ssize_t d = 0; d < a.dim(); ++d)
-    if (a.size(d) != b.size(d)) return false;
-  return true;
-}
 
 // f(row) for every row (pixel) of a map with `c` channels, in chunks of rows spread over the pool
 template <typename F>

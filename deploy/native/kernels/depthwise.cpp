@@ -17,6 +17,7 @@
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 
+#include "checks.h"
 #include "isa.h"
 #include "threadpool.h"
 
@@ -30,11 +31,6 @@ namespace {
 struct Geometry {
   int64_t n, h, w, c, ho, wo, k, stride, pad;
 };
-
-bool check(KernelRuntimeContext& ctx, bool ok) {
-  if (!ok) ctx.fail(executorch::runtime::Error::InvalidArgument);
-  return ok;
-}
 
 // The C x 1 x k x k weight, taps-major (w[tap][c]): contiguous over channels for each tap.
 std::vector<float> taps_major(const Tensor& weight, const Geometry& g) {

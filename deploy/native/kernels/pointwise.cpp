@@ -10,6 +10,7 @@
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 
+#include "checks.h"
 #include "gemm.h"
 
 namespace edgetl_kernels {
@@ -18,11 +19,6 @@ using executorch::aten::Tensor;
 using executorch::runtime::KernelRuntimeContext;
 
 namespace {
-
-bool check(KernelRuntimeContext& ctx, bool ok) {
-  if (!ok) ctx.fail(executorch::runtime::Error::InvalidArgument);
-  return ok;
-}
 
 // Cout x Cin x 1 x 1 or Cout x Cin: read as Cout x Cin either way
 bool is_pointwise_weight(const Tensor& w) { return w.dim() == 2 || (w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1); }
