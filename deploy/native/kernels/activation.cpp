@@ -33,26 +33,18 @@ namespace {
 
 enum Kind : int64_t { kRelu, kRelu6, kHardswish, kSilu, kHardsigmoid, kSigmoid, kKinds };
 
-// f(begin, end) over [0, n) in chunks spread over the pool (elementwise: any split gives the same bits)
-template <typename F>
-void chunked(int64_t n, F f) {
-  constexpr int64_t kChunk = 16384;
-  parallel_for(static_cast<size_t>((n + kChunk - 1) / kChunk), [&](size_t i) {
-    const int64_t b = static_cast<int64_t>(i) * kChunk;
-    f(b, std::min(n, b + kChunk));
-  });
-}
+constexpr int64_t kChunk = 16384;  // elements per task (a multiple of 8: whole bytes of a packed mask)
 
 template <typename F>
 void map(const float* x, float* y, int64_t n, F f) {
-  chunked(n, [&](int64_t b, int64_t e) {
+  parallel_ranges(n, kChunk, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) y[i] = f(x[i]);
   });
 }
 
 template <typename F>
 void map2(const float* dy, const float* y, float* dx, int64_t n, F f) {
-  chunked(n, [&](int64_t b, int64_t e) {
+  parallel_ranges(n, kChunk, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) dx[i] = f(dy[i], y[i]);
   });
 }
@@ -104,7 +96,7 @@ Tensor& packed_mask_grad_out(KernelRuntimeContext& ctx, const Tensor& dy, const 
   const float* dyp = dy.const_data_ptr<float>();
   const uint8_t* bits = packed.const_data_ptr<uint8_t>();
   float* dx = out.mutable_data_ptr<float>();
-  chunked(n, [&](int64_t b, int64_t e) {  // chunks are multiples of 8: whole bytes
+  parallel_ranges(n, kChunk, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) dx[i] = (bits[i >> 3] >> (i & 7)) & 1 ? dyp[i] : 0.0f;
   });
   return out;

@@ -36,9 +36,7 @@ bool is_per_channel(const Tensor& v, const Tensor& map) { return v.dim() == 1 &&
 // f(row) for every row (pixel) of a map with `c` channels, in chunks of rows spread over the pool
 template <typename F>
 void each_row(int64_t rows, int64_t c, F f) {
-  const int64_t per_task = std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));
-  parallel_for(static_cast<size_t>((rows + per_task - 1) / per_task), [&](size_t t) {
-    const int64_t r0 = static_cast<int64_t>(t) * per_task, r1 = std::min(rows, r0 + per_task);
+  parallel_ranges(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) f(r);
   });
 }

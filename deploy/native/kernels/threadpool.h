@@ -37,4 +37,14 @@ void parallel_for(size_t range, F&& fn) {
   ::executorch::extension::threadpool::get_threadpool()->run(fn, range);
 }
 
+// f(begin, end) over [0, n) in ranges of `size` (the last one shorter), spread over the pool:
+// for elementwise work, where any split gives the same bits.
+template <typename F>
+void parallel_ranges(int64_t n, int64_t size, F&& f) {
+  parallel_for(static_cast<size_t>((n + size - 1) / size), [&](size_t i) {
+    const int64_t b = static_cast<int64_t>(i) * size;
+    f(b, b + size < n ? b + size : n);
+  });
+}
+
 }  // namespace edgetl_kernels

@@ -1,7 +1,5 @@
 #include "sgd.h"
 
-#include <algorithm>
-
 #include "../kernels/threadpool.h"
 #include "files.h"
 
@@ -36,23 +34,21 @@ void Sgd::step(const std::vector<TensorView>& params, const std::vector<TensorVi
     }
     // In chunks over the thread pool, each chunk's passes in cache: every element's arithmetic is
     // torch.optim.SGD's, in its order, whatever the chunking; each loop vectorises.
-    constexpr size_t kChunk = 16384;
-    edgetl_kernels::parallel_for((n + kChunk - 1) / kChunk, [&](size_t c) {
-      const size_t b = c * kChunk, e = std::min(n, b + kChunk);
+    edgetl_kernels::parallel_ranges(static_cast<int64_t>(n), 16384, [&](int64_t b, int64_t e) {
       const float* u = d;  // the update direction
       if (o.weight_decay != 0.0)
-        for (size_t k = b; k < e; ++k) d[k] = add_scaled(d[k], o.weight_decay, p[k]);
+        for (int64_t k = b; k < e; ++k) d[k] = add_scaled(d[k], o.weight_decay, p[k]);
       if (m != nullptr) {
         if (seed)
-          for (size_t k = b; k < e; ++k) m[k] = d[k];
+          for (int64_t k = b; k < e; ++k) m[k] = d[k];
         else
-          for (size_t k = b; k < e; ++k) m[k] = add_scaled(static_cast<float>(m[k] * o.momentum), 1.0 - o.dampening, d[k]);
+          for (int64_t k = b; k < e; ++k) m[k] = add_scaled(static_cast<float>(m[k] * o.momentum), 1.0 - o.dampening, d[k]);
         if (o.nesterov)
-          for (size_t k = b; k < e; ++k) d[k] = add_scaled(d[k], o.momentum, m[k]);
+          for (int64_t k = b; k < e; ++k) d[k] = add_scaled(d[k], o.momentum, m[k]);
         else
           u = m;
       }
-      for (size_t k = b; k < e; ++k) p[k] = add_scaled(p[k], -o.lr, u[k]);
+      for (int64_t k = b; k < e; ++k) p[k] = add_scaled(p[k], -o.lr, u[k]);
     });
   }
 }
