@@ -34,18 +34,27 @@ MAP_PASSES = 5.6
 LAYER_COST = 22e6
 
 
+#: one matrix product c[m x n] = a[m x k] b[k x n], with a (b) read transposed when flagged
+GemmShape = tuple[int, int, int, bool, bool]
+
+
 @dataclass(frozen=True)
 class StepWork:
     """What one training step computes, from the trained top's shapes."""
 
-    gemm_flops: float  # 1x1 convolutions and linear layers: forward, input and weight gradients
+    #: the 1x1 convolutions' and linear layers' products: forward, input and weight gradients
+    gemms: tuple[GemmShape, ...]
     depthwise_flops: float  # forward and both gradients
     map_bytes: int  # every layer output of the trained top, fp32
     forward_flops: float  # the convolutions and linear layers of the forward alone
     layers: int  # layers of the trained top (convolutions, norms, activations, ...)
 
+    @property
+    def gemm_flops(self) -> float:
+        return sum(2.0 * m * n * k for m, n, k, _, _ in self.gemms)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "gemm_flops": self.gemm_flops}
 
 
 @dataclass(frozen=True)
@@ -64,9 +73,10 @@ class StepTimeEstimate:
         return {**asdict(self), "total": self.total}
 
 
-def _gemm(m: int, k: int, n: int, input_grad: bool) -> tuple[float, float]:
-    """FLOPs of y[m x n] = x[m x k] w^T, and with its gradients (dx only when the input is trained)."""
-    return 2.0 * m * k * n, 2.0 * m * k * n * (3 if input_grad else 2)
+def _gemm(m: int, k: int, n: int, input_grad: bool) -> list[GemmShape]:
+    """y[m x n] = x[m x k] w^T (w: n x k) and its gradients: dx = dy w only when the input is trained,
+    dw = dy^T x; as the device's kernels run them (``deploy/native/kernels/pointwise.cpp``)."""
+    return [(m, n, k, False, True)] + ([(m, k, n, False, False)] if input_grad else []) + [(n, k, m, True, False)]
 
 
 def step_work(model: nn.Module, policy: TrainPolicy, *, batch_size: int, image_size: int) -> StepWork:
@@ -74,7 +84,8 @@ def step_work(model: nn.Module, policy: TrainPolicy, *, batch_size: int, image_s
     units = feature_units(model)
     trained_from = first_trained_unit(units, policy.blocks)
     shape: Shape = (batch_size, 3, image_size, image_size)
-    gemm = depthwise = forward = 0.0
+    gemms: list[GemmShape] = []
+    depthwise = forward = 0.0
     maps = count = 0
     first = True  # the top's first layer reads the frozen bottom's features: no input gradient
     layer_lists = [(i >= trained_from, unit_layers(name, unit)) for i, (name, unit) in enumerate(units)] + [(True, head_layers(model))]
@@ -82,26 +93,24 @@ def step_work(model: nn.Module, policy: TrainPolicy, *, batch_size: int, image_s
         for _, layer, _, y in walk(layers, shape):
             if trained:
                 pixels = math.prod(y[:1] + y[2:])
-                products = []
+                products = []  # (m, k, n) of each y = x w^T
                 if layer.op == "conv" and layer.groups > 1 and layer.groups == layer.in_channels:
                     forward += 2.0 * math.prod(y) * layer.kernel**2
                     depthwise += 3 * 2.0 * math.prod(y) * layer.kernel**2
                 elif layer.op == "conv":
-                    products = [_gemm(pixels, layer.in_channels // layer.groups * layer.kernel**2, layer.out_channels, not first)]
+                    products = [(pixels, layer.in_channels // layer.groups * layer.kernel**2, layer.out_channels)]
                 elif layer.op == "linear":
-                    products = [_gemm(y[0], layer.in_channels, layer.out_channels, not first)]
+                    products = [(y[0], layer.in_channels, layer.out_channels)]
                 elif layer.op == "se":  # its two 1x1 convolutions on the pooled map
-                    products = [
-                        _gemm(y[0], layer.in_channels, layer.se_squeeze, True),
-                        _gemm(y[0], layer.se_squeeze, layer.in_channels, True),
-                    ]
-                forward += sum(f for f, _ in products)
-                gemm += sum(s for _, s in products)
+                    products = [(y[0], layer.in_channels, layer.se_squeeze), (y[0], layer.se_squeeze, layer.in_channels)]
+                for m, k, n in products:
+                    forward += 2.0 * m * k * n
+                    gemms += _gemm(m, k, n, input_grad=layer.op == "se" or not first)
                 maps += float_bytes(y)
                 count += 1
                 first = first and layer.op not in ("conv", "linear")
             shape = y
-    return StepWork(gemm, depthwise, maps, forward, count)
+    return StepWork(tuple(gemms), depthwise, maps, forward, count)
 
 
 def predict_native_step_time(work: StepWork, *, gemm_gflops: float, memory_gbps: float) -> StepTimeEstimate:
