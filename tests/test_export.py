@@ -6,6 +6,7 @@ The MobileNetV2 training bundle (K=2, 64 px, batch 4) is exported once per sessi
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -71,7 +72,8 @@ def test_manifest_describes_the_programs(bundle, eager):
     assert train.custom_operators == [
         f"edgetl_export::{op}.out"
         for op in (
-            "activation", "channel_affine", "channel_dot", "channel_scale", "channel_sum", "depthwise_grad_input",
+            "activation", "channel_affine", "channel_center", "channel_dot", "channel_scale", "channel_sum", "channel_sumsq",
+            "depthwise_grad_input",
             "depthwise_grad_weight", "depthwise_nhwc", "exact_act", "exact_act_grad", "mask_grad", "pointwise_grad_input",
             "pointwise_grad_weight", "pointwise_nhwc",
         )
@@ -468,13 +470,21 @@ class _ChannelOps(nn.Module):
 
     def forward(self, x, a, b, dy):
         ops_ = torch.ops.edgetl_export
-        return ops_.channel_affine(x, a, b), ops_.channel_scale(dy, a), ops_.channel_sum(dy), ops_.channel_dot(dy, x)
+        return (
+            ops_.channel_affine(x, a, b),
+            ops_.channel_scale(dy, a),
+            ops_.channel_sum(dy),
+            ops_.channel_dot(dy, x),
+            ops_.channel_center(x + b),
+            ops_.channel_sumsq(x),
+        )
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 130), (1, 1, 1, 3), (8, 40)])
 def test_native_channel_kernels_match_float64_at_any_thread_count(tmp_path, shape):
-    """deploy/native/kernels' per-channel affine map, scale, sum and dot (NHWC maps, and N x C
-    pooled features) against float64; the same bits at 1 and 4 threads (130 channels: 3 groups)."""
+    """deploy/native/kernels' per-channel affine map, scale, sum, dot, centring and sum of squares
+    (NHWC maps, and N x C pooled features) against float64; the same bits at 1 and 4 threads (130
+    channels: 3 groups)."""
     if et.load_native_kernels() is None:
         pytest.skip("the native kernel library is not built (deploy/native/build.sh)")
     g = torch.Generator().manual_seed(sum(shape))
@@ -482,7 +492,8 @@ def test_native_channel_kernels_match_float64_at_any_thread_count(tmp_path, shap
     a, b = torch.randn(shape[-1], generator=g), torch.randn(shape[-1], generator=g)
     axes = tuple(range(len(shape) - 1))
     x64, dy64, a64 = x.double(), dy.double(), a.double()
-    want = (x64 * a64 + b.double(), dy64 * a64, dy64.sum(axes), (dy64 * x64).sum(axes))
+    shifted = (x + b).double()
+    want = (x64 * a64 + b.double(), dy64 * a64, dy64.sum(axes), (dy64 * x64).sum(axes), shifted - shifted.mean(axes), (x64 * x64).sum(axes))
     pte = tmp_path / "channel.pte"
     pte.write_bytes(et.portable_program(torch.export.export(_ChannelOps(), (x, a, b, dy))))
     program, runs = et.Program(pte), {}
@@ -540,6 +551,36 @@ def test_native_global_average_pooling_matches_float64_and_autograd(tmp_path):
     mean, dx = et.Program(pte).run("forward", x.detach().numpy(), dm.numpy())
     np.testing.assert_allclose(mean, x.detach().double().mean((1, 2), keepdim=True).numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(dx, want_dx.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_train_mode_norm_keeps_float32_accuracy_when_a_channel_mean_dwarfs_its_spread():
+    """The program's train-mode batch norm normalises the centred map: over the raw input its
+    scale gradient is sum(dy * x) - mean * sum(dy), which cancels in float32 when a channel's mean
+    is thousands of times its spread (the inputs of a deep top's lowest norms at random
+    initialisation; 8x eager PyTorch's error). Over the centred map it stays within eager's."""
+    g = torch.Generator().manual_seed(3)
+    bn = nn.BatchNorm2d(32).train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g)
+        bn.bias.uniform_(-0.1, 0.1, generator=g)
+    x = torch.randn(8, 32, 14, 14, generator=g, dtype=torch.float64) * 0.01 + 30.0  # mean / std = 3000
+    dy = torch.randn(8, 32, 14, 14, generator=g, dtype=torch.float64)
+
+    def grads(module: nn.Module, dtype: torch.dtype, channels_last: bool = False) -> list[torch.Tensor]:
+        xin = x.to(dtype).clone().requires_grad_(True)
+        y = module(xin.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if channels_last else module(xin)
+        y.backward(dy.to(dtype))
+        return [t.double() for t in (xin.grad, module.weight.grad, module.bias.grad)]
+
+    exact = grads(copy.deepcopy(bn).double(), torch.float64)
+    eager = grads(copy.deepcopy(bn), torch.float32)
+    program = grads(nhwc.BatchNormNHWC(copy.deepcopy(bn)), torch.float32, channels_last=True)
+
+    def error(got: torch.Tensor, want: torch.Tensor) -> float:
+        return float((got - want).abs().max() / want.abs().max())
+
+    for name, got, ref, want in zip(("dx", "dweight", "dbias"), program, eager, exact, strict=True):
+        assert error(got, want) <= max(2 * error(ref, want), 1e-6), name
 
 
 def test_channel_affine_keeps_its_input_only_for_a_trained_scale():

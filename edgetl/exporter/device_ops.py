@@ -11,7 +11,7 @@ and an ``.out`` overload (ExecuTorch emits out-variant calls). The channels-last
   backward recomputes the windows from the saved input (one tensor kept per convolution, as
   autograd does in eager, and not one per kernel tap);
 * 1x1 convolution and linear layer: ``x @ W^T`` and its two gradients, reading the weight in place;
-* per-channel affine maps (the norms), squeeze-excitation's gating multiply and global average
+* per-channel affine maps (the norms), centring and sums of squares (a train-mode norm's statistics), squeeze-excitation's gating multiply and global average
   pooling, with their gradients;
 * masked activations (MobileTL's 1-bit backward) and exact ones (outside the trained blocks).
 """
@@ -38,6 +38,8 @@ AFFINE_OP = "edgetl_export::channel_affine"
 SCALE_OP = "edgetl_export::channel_scale"
 SUM_OP = "edgetl_export::channel_sum"
 DOT_OP = "edgetl_export::channel_dot"
+CENTER_OP = "edgetl_export::channel_center"
+SUMSQ_OP = "edgetl_export::channel_sumsq"
 ACT_OP = "edgetl_export::activation"
 MASK_GRAD_OP = "edgetl_export::mask_grad"
 EXACT_ACT_GRAD_OP = "edgetl_export::exact_act_grad"
@@ -311,6 +313,53 @@ def _affine_backward(ctx, dy: Tensor):
 channel_affine.register_autograd(_affine_backward, setup_context=_affine_setup)
 
 
+# A train-mode batch norm normalises the centred map: with y = x * a + b over the raw input, dL/da
+# is sum(dy * x) - mean * sum(dy), two large sums cancelling when a channel's mean is large against
+# its spread (float32 loses ~log10((mean/std)^2) digits); over the centred map it is sum(dy * xc).
+
+
+@torch.library.custom_op(CENTER_OP, mutates_args=())
+def channel_center(x: Tensor) -> Tensor:
+    """``x`` minus its per-channel mean over every axis but the last. Its own backward: centring is
+    a symmetric projection, so dL/dx is the centred dL/dy."""
+    return _channel_center(x)
+
+
+@channel_center.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _channel_center(x: Tensor) -> Tensor:
+    x64 = x.double()  # as the native kernel: the mean and the difference in double, rounded once
+    return (x64 - x64.mean(dim=tuple(range(x.dim() - 1)))).to(x.dtype)
+
+
+channel_center.register_autograd(lambda ctx, dy: channel_center(dy), setup_context=lambda ctx, inputs, output: None)
+
+
+@torch.library.custom_op(SUMSQ_OP, mutates_args=())
+def channel_sumsq(x: Tensor) -> Tensor:
+    """``x * x`` summed over every axis but the last (a centred map's: n times its variance)."""
+    return _channel_sumsq(x)
+
+
+def _channel_sumsq(x: Tensor) -> Tensor:
+    return _channel_sum(x.double().square()).to(x.dtype)
+
+
+@channel_sumsq.register_fake
+def _(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[-1:])
+
+
+def _sumsq_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+channel_sumsq.register_autograd(lambda ctx, g: channel_scale(ctx.saved_tensors[0], 2 * g), setup_context=_sumsq_setup)
+
+
 @torch.library.custom_op(GATE_OP, mutates_args=())
 def channel_gate(x: Tensor, s: Tensor) -> Tensor:
     """``x * s`` for an NHWC map and a per-image, per-channel ``s`` (N x 1 x 1 x C): the
@@ -497,6 +546,8 @@ def _define_out_variants() -> None:
         "channel_scale": ("Tensor dy, Tensor a", channel_scale),
         "channel_sum": ("Tensor dy", channel_sum),
         "channel_dot": ("Tensor dy, Tensor x", channel_dot),
+        "channel_center": ("Tensor x", channel_center),
+        "channel_sumsq": ("Tensor x", channel_sumsq),
         "activation": ("Tensor x, SymInt code", activation_op),
         "mask_grad": ("Tensor dy, Tensor y, SymInt code", mask_grad_op),
         "exact_act": ("Tensor x, SymInt code", exact_act),
@@ -558,6 +609,8 @@ def decompositions(native_kernels: bool = False) -> dict:
         table[torch.ops.edgetl_export.channel_scale.default] = lambda dy, a: dy * a
         table[torch.ops.edgetl_export.channel_sum.default] = _channel_sum
         table[torch.ops.edgetl_export.channel_dot.default] = lambda dy, x: _channel_sum(dy * x)
+        table[torch.ops.edgetl_export.channel_center.default] = _channel_center
+        table[torch.ops.edgetl_export.channel_sumsq.default] = _channel_sumsq
         table[torch.ops.edgetl_export.pointwise_nhwc.default] = _pointwise_forward
         table[torch.ops.edgetl_export.pointwise_grad_input.default] = _pointwise_grad_input
         table[torch.ops.edgetl_export.pointwise_grad_weight.default] = _pointwise_grad_weight

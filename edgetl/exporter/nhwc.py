@@ -12,8 +12,8 @@ torchvision state-dict keys and the blocks' own ``forward`` code (residuals) run
 backward matches the eager MobileTL model:
 
 * 1x1 conv: its input (as ``F.linear`` saves it); shift-only norm: nothing;
-* train-mode batch norm: written out so autograd keeps only its input (``x * a + b`` with
-  per-channel ``a``, ``b`` from ``var_mean``); running statistics update in place, as
+* train-mode batch norm: written out so autograd keeps one map, its centred input ``xc``
+  (``xc * a + bias``, ``a`` from ``xc``'s sum of squares); running statistics update in place, as
   ``nn.BatchNorm2d`` does (momentum, unbiased variance);
 * masked activations: unchanged (layout-agnostic custom ops); other activations: what autograd
   keeps for them (the output of a ReLU or Sigmoid, else the input).
@@ -32,7 +32,10 @@ from torchvision.ops import SqueezeExcitation, StochasticDepth
 from edgetl.exporter.device_ops import (
     activation_code,
     channel_affine,
+    channel_center,
     channel_gate,
+    channel_sum,
+    channel_sumsq,
     depthwise_nhwc,
     exact_act,
     pointwise_nhwc,
@@ -142,18 +145,19 @@ class BatchNormNHWC(nn.Module):
         self.train(bn.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
-            var, mean = torch.var_mean(x, dim=tuple(range(x.dim() - 1)), correction=0)
-            n = x.numel() // x.shape[-1]
-            with torch.no_grad():
-                m = self.momentum
-                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
-                self.running_var.mul_(1 - m).add_(var * (n / max(n - 1, 1)), alpha=m)  # unbiased, as nn.BatchNorm2d
-                self.num_batches_tracked.add_(1)
-        else:
-            mean, var = self.running_mean, self.running_var
-        a = self.weight * torch.rsqrt(var + self.eps)
-        return channel_affine(x, a, self.bias - mean * a)
+        if not self.training:
+            a = self.weight * torch.rsqrt(self.running_var + self.eps)
+            return channel_affine(x, a, self.bias - self.running_mean * a)
+        # normalise the centred map (see device_ops.channel_center): dL/da sums dy * xc, not dy * x
+        n = x.numel() // x.shape[-1]
+        xc = channel_center(x)
+        var = channel_sumsq(xc) / n
+        with torch.no_grad():
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(channel_sum(x) / n, alpha=m)
+            self.running_var.mul_(1 - m).add_(var * (n / max(n - 1, 1)), alpha=m)  # unbiased, as nn.BatchNorm2d
+            self.num_batches_tracked.add_(1)
+        return channel_affine(xc, self.weight * torch.rsqrt(var + self.eps), self.bias)
 
 
 class ExactActivation(nn.Module):

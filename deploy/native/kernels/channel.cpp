@@ -5,6 +5,8 @@
 //   channel_scale(dy, a)     dx = dy * a
 //   channel_sum(dy)          db[c] = sum of dy over every pixel
 //   channel_dot(dy, x)       da[c] = sum of dy * x over every pixel
+//   channel_center(x)        y = x - mean of x over every pixel  (its own backward)
+//   channel_sumsq(x)         s[c] = sum of x * x over every pixel
 //   channel_gate(x, s)       y[n, y, x, c] = x[n, y, x, c] * s[n, c]   (squeeze-excitation)
 //   channel_gate_grad(dy, x) ds[n, c] = sum over the pixels of image n of dy * x
 //   spatial_mean(x)          m[n, c] = mean of x[n, :, :, c]      (global average pooling)
@@ -42,15 +44,15 @@ void each_row(int64_t rows, int64_t c, F f) {
 }
 
 // out[c] = sum over rows of term(row, c), in double, one task per group of channels
-template <typename Term>
-void channel_reduce(int64_t rows, int64_t c, float* out, Term term) {
+template <typename Out, typename Term>
+void channel_reduce(int64_t rows, int64_t c, Out* out, Term term) {
   constexpr int64_t kGroup = 64;
   parallel_for(static_cast<size_t>((c + kGroup - 1) / kGroup), [&](size_t g) {
     const int64_t c0 = static_cast<int64_t>(g) * kGroup, cn = std::min(kGroup, c - c0);
     double acc[kGroup] = {};
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < cn; ++j) acc[j] += static_cast<double>(term(r * c + c0 + j));
-    for (int64_t j = 0; j < cn; ++j) out[c0 + j] = static_cast<float>(acc[j]);
+    for (int64_t j = 0; j < cn; ++j) out[c0 + j] = static_cast<Out>(acc[j]);
   });
 }
 
@@ -93,6 +95,28 @@ Tensor& channel_dot_out(KernelRuntimeContext& ctx, const Tensor& dy, const Tenso
   const int64_t c = channels(dy);
   const float *dyp = dy.const_data_ptr<float>(), *xp = x.const_data_ptr<float>();
   channel_reduce(dy.numel() / std::max<int64_t>(c, 1), c, out.mutable_data_ptr<float>(), [&](int64_t i) { return dyp[i] * xp[i]; });
+  return out;
+}
+
+Tensor& channel_center_out(KernelRuntimeContext& ctx, const Tensor& x, Tensor& out) {
+  if (!check(ctx, same_shape(x, out))) return out;
+  const int64_t c = channels(x), rows = x.numel() / std::max<int64_t>(c, 1);
+  const float* xp = x.const_data_ptr<float>();
+  std::vector<double> mean(static_cast<size_t>(c));
+  channel_reduce(rows, c, mean.data(), [&](int64_t i) { return xp[i]; });
+  for (double& m : mean) m /= static_cast<double>(std::max<int64_t>(rows, 1));
+  float* yp = out.mutable_data_ptr<float>();
+  each_row(rows, c, [&](int64_t r) {
+    for (int64_t j = 0; j < c; ++j) yp[r * c + j] = static_cast<float>(xp[r * c + j] - mean[j]);
+  });
+  return out;
+}
+
+Tensor& channel_sumsq_out(KernelRuntimeContext& ctx, const Tensor& x, Tensor& out) {
+  if (!check(ctx, is_per_channel(out, x))) return out;
+  const int64_t c = channels(x);
+  const float* xp = x.const_data_ptr<float>();
+  channel_reduce(x.numel() / std::max<int64_t>(c, 1), c, out.mutable_data_ptr<float>(), [&](int64_t i) { return static_cast<double>(xp[i]) * xp[i]; });
   return out;
 }
 
@@ -163,3 +187,5 @@ EXECUTORCH_LIBRARY(edgetl_export, "channel_affine.out", edgetl_kernels::channel_
 EXECUTORCH_LIBRARY(edgetl_export, "channel_scale.out", edgetl_kernels::channel_scale_out);
 EXECUTORCH_LIBRARY(edgetl_export, "channel_sum.out", edgetl_kernels::channel_sum_out);
 EXECUTORCH_LIBRARY(edgetl_export, "channel_dot.out", edgetl_kernels::channel_dot_out);
+EXECUTORCH_LIBRARY(edgetl_export, "channel_center.out", edgetl_kernels::channel_center_out);
+EXECUTORCH_LIBRARY(edgetl_export, "channel_sumsq.out", edgetl_kernels::channel_sumsq_out);
