@@ -11,7 +11,8 @@ and an ``.out`` overload (ExecuTorch emits out-variant calls). The channels-last
   backward recomputes the windows from the saved input (one tensor kept per convolution, as
   autograd does in eager, and not one per kernel tap);
 * 1x1 convolution and linear layer: ``x @ W^T`` and its two gradients, reading the weight in place;
-* per-channel affine maps (the norms), centring and sums of squares (a train-mode norm's statistics), squeeze-excitation's gating multiply and global average
+* per-channel affine maps (the norms), centring and sums of squares (a train-mode norm's
+  statistics), squeeze-excitation's gating multiply and global average
   pooling, with their gradients;
 * masked activations (MobileTL's 1-bit backward) and exact ones (outside the trained blocks).
 """
