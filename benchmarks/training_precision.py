@@ -56,12 +56,13 @@ def main(argv: list[str] | None = None) -> None:
     masks = {dtype: training._replaying(e, replay.activation_names) for dtype, e in eager.items()}
     gen = torch.Generator().manual_seed(0)
     loss_fn = nn.CrossEntropyLoss()
-    sgd = session.sgd(0.01, momentum=0.9)
+    sgd = None
     print(f"{args.model} K={k} {args.image_size} px batch {args.batch_size}: gradient error relative to float64, per tensor")
     for step in range(1, args.steps + 1):
         x, y = torch.randn(shape, generator=gen).abs(), torch.randint(0, 3, (shape[0],), generator=gen)
-        for e in eager.values():
-            training._take_state(e, session.state())
+        if sgd is not None:  # from the program's state (the first step starts from the net's)
+            for e in eager.values():
+                training._take_state(e, session.state())
         out = session.forward_backward(x.numpy(), y.numpy())
         for name, value in zip(replay.activation_names, out[2 : 2 + len(replay.activation_names)], strict=True):
             for m in masks.values():
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  largest over all tensors: program {max(r[0] for r in rows):.2e}, eager float32 {max(r[1] for r in rows):.2e}")
         for a, b, n in rows[: args.worst]:
             print(f"  {n}: program {a:.2e}, eager float32 {b:.2e}")
+        sgd = sgd or session.sgd(0.01, momentum=0.9)
         sgd.step()
 
 
