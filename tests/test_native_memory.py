@@ -10,6 +10,7 @@ the runner from the manifest; the limit is the cgroup's (``memory.limit_in_bytes
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgetl.profiler.native import native_peak_of_bundle
@@ -138,3 +140,56 @@ def test_with_the_plans_margin_it_completes_inside_the_limit(runner, training_bu
           f"cgroup max usage {max_usage / MIB:.1f} MiB, limit hits {failures}")  # fmt: skip
     assert f"limit {limit / MIB:.2f} MiB ({group}/memory.limit_in_bytes)" in r.stderr
     assert peak <= limit and max_usage <= limit
+
+
+@needs_cgroup
+def test_the_planners_choice_for_a_small_budget_completes_inside_that_budget(runner, training_bundle, photos, need, tmp_path):
+    """``edgetl plan --runtime native`` (the planner over the exporter's memory plans) on a board
+    whose budget the shared bundle's configuration (K=2, batch 4) fits and batch 8 does not: the
+    planner's figure is the runner's, and the run completes in a cgroup limited to the board's budget."""
+    import edgetl
+    from edgetl.exporter.training import program_memory
+    from edgetl.profiler.native import ProgramMemory
+    from edgetl.profiler.planner import NATIVE_ANCHORS, plan
+
+    manifest = json.loads((training_bundle / "manifest.json").read_text())
+    train = manifest["programs"]["training"]
+    bundle_memory = ProgramMemory(
+        arena_bytes=manifest["memory"]["planned_arena_bytes"]["forward"],
+        weights_file_bytes=manifest["files"][train["data"]]["bytes"],
+        trainable_bytes=manifest["memory"]["trainable_parameter_bytes"],
+        feature_bytes=4 * int(np.prod(train["methods"]["forward"]["inputs"][0]["shape"][1:])),
+    )
+    assert NATIVE_ANCHORS[1] == train["batch_size"] == 4
+
+    def memory(policy, batch_size):  # the bundle's own figures at its batch, the exporter's emission at the other anchor
+        assert policy == edgetl.TrainPolicy(blocks=2)
+        if batch_size == 4:
+            return bundle_memory
+        model = edgetl.load_model("mobilenet_v2", num_classes=3)
+        return program_memory(model, policy, batch_size=batch_size, image_size=64, num_classes=3)
+
+    # usable memory halfway between the needs at batch 4 and 8 (the arena grows by what the
+    # planner extrapolates from its two anchors): only batch 4 fits
+    lo = memory(edgetl.TrainPolicy(blocks=2), NATIVE_ANCHORS[0])
+    need_at_8 = need + (8 - 4) * (bundle_memory.arena_bytes - lo.arena_bytes) // (4 - NATIVE_ANCHORS[0])
+    assert need_at_8 > need
+    margin = 0.15
+    budget = math.ceil((need + need_at_8) / 2 / (1 - margin))
+    board = tmp_path / "board.toml"
+    board.write_text(
+        f'name = "small board"\nmemory_total = "512MiB"\nmemory_budget = {budget}\nsafety_margin = {margin}\n'
+        'cores = 4\narch = "aarch64"\nnotes = "a board with little memory to spare"\n'
+    )
+    result = plan(
+        board, "mobilenet_v2", image_size=64, num_classes=3, optimizer="sgd", runtime="native", program_memory=memory,
+        images=12, runner_ups=0, min_blocks=2, max_blocks=2, batch_sizes=(4, 8),
+    )  # fmt: skip
+    chosen = result.chosen
+    assert (chosen.blocks, chosen.batch_size) == (2, 4) and chosen.fits and chosen.peak == need
+    assert any(c.batch_size == 8 and not c.fits for c in result.over_budget)  # the next batch would not fit
+    with memory_cgroup(budget) as (enter, group):
+        r = _finetune(runner, training_bundle, photos, tmp_path / "s", preexec_fn=enter)
+    assert r.returncode == 0, r.stderr
+    assert f"fine-tuning needs {chosen.peak / MIB:.2f} MiB, limit {budget / MIB:.2f} MiB" in r.stderr
+    assert json.loads((tmp_path / "s" / "state.json").read_text())["epoch"] == 1
