@@ -66,9 +66,13 @@ def extracted(deb: Path, into: Path) -> Path:
     return into
 
 
+def _readelf(path: Path, option: str) -> str:
+    return subprocess.run(["readelf", option, str(path)], capture_output=True, text=True, check=True).stdout
+
+
 def dynamic(path: Path, tag: str) -> list[str]:
     """A dynamic-section entry of an ELF file (NEEDED: every library; RUNPATH: its directories)."""
-    out = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True).stdout
+    out = _readelf(path, "-d")
     values = re.findall(rf"\({tag}\)\s+\S+ \S+: \[(.*)\]", out)
     return [d for v in values for d in (v.split(":") if tag == "RUNPATH" else [v])]
 
@@ -106,6 +110,10 @@ def test_the_package_holds_the_runtime_privately_and_depends_on_debian_packages_
         assert found.returncode == 0, f"no {arch} package of this machine provides {lib}"
         providers.add(found.stdout.split(":")[0])
     assert providers <= depends, (providers, depends)
+    # libc6's minimum is the newest glibc symbol version any file uses (Bookworm has 2.36)
+    versions = {v for p in private.iterdir() for v in re.findall(r"GLIBC_2\.(\d+)", _readelf(p, "-V"))}
+    newest = max(int(v) for v in versions)
+    assert f"libc6 (>= 2.{newest})" in field(deb, "Depends") and newest <= 36, field(deb, "Depends")
     assert {"libjpeg62-turbo", "libpng16-16", "libssl3", "libc6"} <= providers
     # apt resolves those dependencies on this Debian 12 machine (simulated: nothing is installed)
     if shutil.which("apt-get"):

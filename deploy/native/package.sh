@@ -32,15 +32,17 @@ trap 'rm -rf "$STAGE"' EXIT
 cmake --install "$BUILD" --prefix "$STAGE/usr" --strip >/dev/null
 mkdir -p "$STAGE/usr/bin" "$STAGE/DEBIAN"
 ln -s ../lib/edgetl-device/edgetl-device "$STAGE/usr/bin/edgetl-device"
-# Bookworm's packages of the libraries outside the private directory (glibc 2.34+: the runner's
-# symbol versions; Bullseye's 2.31 cannot run it)
+# Bookworm's packages of the libraries outside the private directory; libc6 at the newest glibc
+# symbol version the files use (2.34: Bullseye's 2.31 cannot run the runner), libstdc++6 at GCC 9's
+# (GLIBCXX_3.4.26)
+GLIBC="$(readelf -V "$STAGE"/usr/lib/edgetl-device/* | grep -o 'GLIBC_2\.[0-9]*' | sort -t. -k2 -n | tail -1 | cut -d_ -f2)"
 cat > "$STAGE/DEBIAN/control" <<CONTROL
 Package: edgetl-device
 Version: $VERSION
 Architecture: $ARCH
 Maintainer: edgetl <edgetl@localhost>
 Installed-Size: $(du -sk "$STAGE/usr" | cut -f1)
-Depends: libc6 (>= 2.34), libstdc++6 (>= 11), libgcc-s1 (>= 3.0), libjpeg62-turbo (>= 1:1.3.1), libpng16-16 (>= 1.6.2), libssl3 (>= 3.0.0)
+Depends: libc6 (>= $GLIBC), libstdc++6 (>= 9), libgcc-s1 (>= 3.0), libjpeg62-turbo (>= 1:1.3.1), libpng16-16 (>= 1.6.2), libssl3 (>= 3.0.0)
 Section: science
 Priority: optional
 Homepage: https://github.com/edgetl/edgetl
