@@ -141,3 +141,12 @@ def test_the_extracted_packages_run(packages, runner, training_bundle, tmp_path)
             assert g["top"][0]["label"] == w["top"][0]["label"]
             probs = {e["label"]: e["prob"] for e in w["top"]}
             assert max(abs(e["prob"] - probs[e["label"]]) for e in g["top"]) <= 1e-5
+
+
+def test_bad_arguments_are_one_line_and_status_2(tmp_path):
+    for args, needle in (([], "usage: package.sh ARCH OUT_DIR"), (["i386", str(tmp_path)], "unknown ARCH 'i386'")):
+        r = subprocess.run(["bash", str(NATIVE / "package.sh"), *args], capture_output=True, text=True)
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and needle in r.stderr, r.stderr
+    r = subprocess.run(["bash", str(NATIVE / "build.sh"), "--target", "riscv64", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "build.sh: unknown --target 'riscv64' (aarch64)"
+    assert not any(tmp_path.iterdir())

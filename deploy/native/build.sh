@@ -21,6 +21,7 @@ case "$TARGET" in
   native|aarch64) ;;
   *) echo "build.sh: unknown --target '$TARGET' (aarch64)" >&2; exit 2 ;;
 esac
+[ "$TARGET" = aarch64 ] && [ "$(uname -m)" = aarch64 ] && TARGET=native  # on the device itself: a native build
 BUILD="${1:-$HERE/build}"
 PY="${PYTHON:-python3}"
 ET_VERSION="${EXECUTORCH_VERSION:-1.5.1}"
