@@ -10,6 +10,12 @@ EXTRAS="weights,test,plot,fleet,timm" source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 # the native device runner and edgetl's ExecuTorch kernels: exports then run (and verify) them
 PYTHON="$VENV/bin/python" bash deploy/native/build.sh deploy/native/build >/dev/null
+# ... and cross-built for 64-bit ARM (a Raspberry Pi), run under qemu-aarch64 by tests/test_native_aarch64.py
+# and packaged (.deb) by tests/test_native_package.py; installs the cross toolchain, qemu-user and the
+# arm64 libraries with apt on first use
+if [ "$(uname -m)" = x86_64 ] && command -v apt-get >/dev/null; then
+  PYTHON="$VENV/bin/python" bash deploy/native/build.sh --target aarch64 deploy/native/build-aarch64 >/dev/null
+fi
 # lint and formatting are part of the suite: a red ruff is a red CI
 "$VENV/bin/ruff" check edgetl tests benchmarks
 "$VENV/bin/ruff" format --check -q edgetl tests benchmarks

@@ -37,6 +37,7 @@ from edgetl.exporter.manifest import (
 from edgetl.exporter.weights import apply_device_weights, load_weights
 from edgetl.models.zoo import architecture_mismatch, identify_model, load_model, model_spec
 from edgetl.nn import ops
+from edgetl.profiler.native import NATIVE_RUNTIME_BYTES
 from edgetl.profiler.predict import predict_units
 from edgetl.train.run import read_weights
 from tests.conftest import CLASSES, EXPORT_BATCH, EXPORT_IMAGE_SIZE, calibrate, export_eager_net, export_policy
@@ -95,6 +96,7 @@ def test_manifest_describes_the_programs(bundle, eager):
     assert sorted(train.buffers) == sorted(f"{n}.{s}" for n in ("features.16.conv.3", "features.17.conv.3", "features.18.1") for s in stats)
     assert set(train.weights_layout) == set(expected) | set(train.buffers)
     assert sum(train.weights_layout[n].nbytes for n in expected) == m.memory.trainable_parameter_bytes
+    assert m.memory.native_runtime_bytes == NATIVE_RUNTIME_BYTES  # the runner's memory check adds it
     for name, entry in m.files.items():
         assert bundle_mod.sha256_file(bundle.path / name) == entry.sha256 and (bundle.path / name).stat().st_size == entry.bytes
     check = m.verification.training

@@ -327,6 +327,31 @@ def test_a_program_needing_kernels_the_runner_lacks_is_refused_with_one_line(run
     assert not (tmp_path / "s").exists()
 
 
+def test_info_names_the_runner_and_a_bundle_for_a_newer_runtime_is_refused(runner, tmp_path, training_bundle):
+    import importlib.metadata
+    import platform
+
+    built = importlib.metadata.version("executorch").split("+")[0]  # the wheel the suite builds against
+    info = json.loads(run(runner, "info", str(training_bundle)).stdout)
+    assert info["runner"] == {"arch": platform.machine(), "executorch": built}
+    assert run(runner, "--version").stdout.strip() == f"edgetl-device {platform.machine()}, ExecuTorch {built}"
+    major, minor = (int(v) for v in built.split(".")[:2])
+    manifest = json.loads((training_bundle / "manifest.json").read_text())
+    assert manifest["runtime"]["executorch_series"] == f"{major}.{minor}"
+    other = tmp_path / "bundle"
+    shutil.copytree(training_bundle, other)
+    for series, refused in ((f"{major}.{minor + 1}", True), (f"{major + 1}.0", True), (f"{major}.{minor - 1}", False), ("1.x", True)):
+        manifest["runtime"]["executorch_series"] = series
+        (other / "manifest.json").write_bytes(manifest_bytes(manifest))
+        r = run(runner, "info", str(other))
+        if not refused:
+            assert r.returncode == 0, r.stderr
+        elif series == "1.x":
+            _one_line_error(r, "runtime.executorch_series '1.x' is not MAJOR.MINOR")
+        else:
+            _one_line_error(r, f"needs ExecuTorch {series} (runtime.executorch_series), this edgetl-device is built against {built}")
+
+
 def test_state_of_another_bundle_unknown_classes_and_bad_values_fail_with_one_line(runner, tmp_path, photos, training_bundle):
     bundle = training_bundle
     state = tmp_path / "state"

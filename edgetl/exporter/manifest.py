@@ -7,7 +7,8 @@ The exporter builds a :class:`Manifest` and writes it as JSON (:meth:`Manifest.t
 ``model.classes``, ``input``,
 ``programs.inference.file``, ``programs.bottom.file`` and ``programs.training`` (``file``,
 ``data``, ``batch_size``, ``methods.forward.inputs[0].shape``, ``trainable_parameters``,
-``buffers``, ``weights_layout``, ``optimizer``), and shows ``quantization`` (int8 exports); renaming
+``buffers``, ``weights_layout``, ``optimizer``), ``runtime.executorch_series`` (a newer series than
+the runner's is refused), ``memory`` (its fine-tuning need, against its memory limit), and shows ``quantization`` (int8 exports); renaming
 one of those is a format change. An int8 export changes no field the runner relies on: its
 programs take and return float32 like the others.
 
@@ -204,6 +205,10 @@ class MemoryFigures:
     #: planned (non-constant) arena per method
     planned_arena_bytes: dict[str, int]
     trainable_parameter_bytes: int
+    #: the device runner's own resident set (binary + ExecuTorch's libraries): with the arena, the
+    #: weights file and the momentum, the runner's fine-tuning need, checked against its memory
+    #: limit before it starts (``edgetl.profiler.native``, ``deploy/native/src/memory.cpp``)
+    native_runtime_bytes: int | None = _optional()
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from edgetl.exporter.manifest import (
 )
 from edgetl.exporter.weights import check_architecture, load_weights
 from edgetl.models.zoo import classifier_linear, identify_model, model_spec
+from edgetl.profiler.native import NATIVE_RUNTIME_BYTES
 from edgetl.profiler.predict import predict_units
 from edgetl.train.policy import TrainPolicy
 from edgetl.train.prepare import TransferModel, prepare
@@ -115,6 +116,7 @@ def _memory_figures(plain: nn.Module, policy: TrainPolicy, ex: training.Training
         "predicted = edgetl.profiler.predict.predict_units without dropout noise",
         planned_arena_bytes={m: sum(v) for m, v in ex.program.planned_bytes.items()},
         trainable_parameter_bytes=sum(s.nbytes for k, s in ex.program.layout.items() if k in ex.parameter_names),
+        native_runtime_bytes=NATIVE_RUNTIME_BYTES,
     )
 
 

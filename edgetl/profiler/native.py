@@ -13,7 +13,10 @@ features are cached and the bottom program is freed):
 * SGD's momentum buffers (one float per trainable parameter; none without momentum).
 
 The terms are summed; nothing is measured here (``benchmarks/device_memory.py`` and
-``tests/test_native.py`` hold this against the process's VmHWM).
+``tests/test_native.py`` hold this against the process's VmHWM). The runner makes the same sum
+before it starts (``deploy/native/src/memory.cpp``: the exporter writes the runtime term into the
+manifest, ``memory.native_runtime_bytes``, beside the arena, weights and trainable bytes) and
+refuses to fine-tune when it exceeds its memory limit (cgroup or ``--memory-limit``).
 """
 
 from __future__ import annotations
@@ -97,10 +100,11 @@ def native_peak_of_bundle(
     images: int,
     momentum: bool | None = None,
     feature_budget: int = FEATURE_BUDGET_BYTES,
-    runtime_bytes: int = NATIVE_RUNTIME_BYTES,
+    runtime_bytes: int | None = None,
 ) -> NativePeakEstimate:
     """:func:`predict_native_peak` for an exported bundle's ``manifest.json`` (its memory plan,
-    file sizes and optimizer)."""
+    file sizes and optimizer); ``runtime_bytes`` defaults to the manifest's
+    ``memory.native_runtime_bytes`` (:data:`NATIVE_RUNTIME_BYTES` in bundles without it)."""
     train = manifest["programs"]["training"]
     shape = train["methods"]["forward"]["inputs"][0]["shape"]
     per_image = 4 * math.prod(int(s) for s in shape[1:])  # one fp32 feature map
@@ -114,5 +118,5 @@ def native_peak_of_bundle(
         images=images,
         momentum=momentum,
         feature_budget=feature_budget,
-        runtime_bytes=runtime_bytes,
+        runtime_bytes=int(manifest["memory"].get("native_runtime_bytes", NATIVE_RUNTIME_BYTES)) if runtime_bytes is None else runtime_bytes,
     )

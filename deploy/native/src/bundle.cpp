@@ -1,8 +1,10 @@
 #include "bundle.h"
 
 #include <cctype>
+#include <cstdlib>
 #include <utility>
 
+#include "build_info.h"
 #include "files.h"
 
 namespace edgetl {
@@ -65,6 +67,10 @@ Bundle::Bundle(const std::string& path) : dir(path) {
     throw DeviceError(mpath + " has format '" + (manifest.is_object() ? manifest.value("format", "") : "") + "', this runner reads '" +
                       kFormat + "'");
   check_seal(mpath, text);
+  field(mpath, "runtime", [&] {
+    check_runtime_series(manifest.at("runtime").at("executorch_series").get<std::string>(), mpath);
+    return 0;
+  });
   field(mpath, "files", [&] {
     for (const auto& [name, meta] : manifest.at("files").items()) {
       std::string p = join(dir, plain_name(name, mpath + ": files"));
@@ -113,6 +119,27 @@ Bundle::Bundle(const std::string& path) : dir(path) {
     ptd_sha256 = manifest.at("files").at(training_.ptd).at("sha256").get<std::string>();
     return 0;
   });
+}
+
+namespace {
+// "MAJOR.MINOR[.PATCH...]" -> {MAJOR, MINOR}; {-1, -1} when it does not start so
+std::pair<long, long> major_minor(const std::string& v) {
+  char* end = nullptr;
+  const long major = std::strtol(v.c_str(), &end, 10);
+  if (end == v.c_str() || *end != '.') return {-1, -1};
+  const char* start = end + 1;
+  const long minor = std::strtol(start, &end, 10);
+  if (end == start) return {-1, -1};
+  return {major, minor};
+}
+}  // namespace
+
+void check_runtime_series(const std::string& series, const std::string& mpath) {
+  const auto wanted = major_minor(series), have = major_minor(kExecutorchVersion);
+  if (wanted.first < 0) throw DeviceError(mpath + ": runtime.executorch_series '" + series + "' is not MAJOR.MINOR");
+  if (wanted > have)
+    throw DeviceError(mpath + " needs ExecuTorch " + series + " (runtime.executorch_series), this edgetl-device is built against " +
+                      kExecutorchVersion + ": install a newer edgetl-device");
 }
 
 std::string Bundle::file(const std::string& name) const { return join(dir, name); }

@@ -4,6 +4,7 @@
 #include <iostream>
 #include <numeric>
 
+#include "build_info.h"
 #include "commands.h"
 #include "files.h"
 #include "runtime.h"
@@ -15,7 +16,8 @@ void info(const Bundle& bundle) {
   const auto& m = bundle.manifest;
   nlohmann::json programs = nlohmann::json::array();
   for (const auto& [name, _] : m.at("programs").items()) programs.push_back(name);
-  nlohmann::json out = {{"model", m.at("model")}, {"input", m.at("input")}, {"programs", programs},
+  nlohmann::json out = {{"runner", {{"arch", kArch}, {"executorch", kExecutorchVersion}}},
+                        {"model", m.at("model")}, {"input", m.at("input")}, {"programs", programs},
                         {"created", m.value("created", nlohmann::json())}, {"verification", m.value("verification", nlohmann::json())}};
   // int8 bundles: the scheme, calibration set and accuracy checks (the programs still take and return float32)
   if (m.contains("quantization")) out["quantization"] = m.at("quantization");

@@ -26,6 +26,7 @@ struct FinetuneOptions {
   bool augment = false;
   int64_t feature_budget = int64_t{64} << 20;  // bytes of bottom features kept in memory; more go to a mapped file
   bool verbose = false;                         // also log the process's memory after each phase
+  std::optional<int64_t> memory_limit;          // bytes; default: the cgroup's limit (memory.h)
 };
 
 void info(const Bundle& bundle);

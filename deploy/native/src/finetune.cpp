@@ -17,6 +17,7 @@
 
 #include "commands.h"
 #include "files.h"
+#include "memory.h"
 #include "runtime.h"
 #include "sgd.h"
 #include "state.h"
@@ -188,6 +189,16 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   Dataset train = read_folder(o.data, bundle.classes, "data");
   Dataset val;
   if (!o.val.empty()) val = read_folder(o.val, bundle.classes, "validation");
+  const std::optional<MemoryNeed> need = fine_tune_need(bundle, train.paths.size(), opt.momentum != 0, o.feature_budget);
+  const std::optional<MemoryLimit> limit = memory_limit(o.memory_limit);
+  if (limit && need) check_fits(*need, *limit, train.paths.size());
+  if (limit && !need && o.memory_limit)
+    throw DeviceError("the bundle's manifest states no memory need (memory.native_runtime_bytes): export it again to check --memory-limit");
+  if (o.verbose && need && limit)
+    std::fprintf(stderr, "memory: fine-tuning needs %.2f MiB, limit %.2f MiB (%s)\n", need->total() / 1048576.0, limit->bytes / 1048576.0,
+                 limit->source.c_str());
+  else if (o.verbose && need)
+    std::fprintf(stderr, "memory: fine-tuning needs %.2f MiB, no memory limit\n", need->total() / 1048576.0);
   ensure_writable_dir(o.state);
   StateDir state(o.state, bundle);
   const int start = state.epoch();

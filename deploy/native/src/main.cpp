@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "build_info.h"
 #include "bundle.h"
 #include "commands.h"
 #include "files.h"
@@ -26,18 +27,23 @@ const char* kUsage = R"(usage: edgetl-device [--threads N] [--verbose] COMMAND .
   finetune  BUNDLE DATA_DIR --state STATE_DIR [--epochs N (5; at most 1000000)] [--batch-size B (the bundle's)]
             [--lr X] [--momentum X] [--weight-decay X] (default: the bundle's optimizer)
             [--seed N (0)] [--augment] [--val DIR] [--feature-budget MIB (64)]
+            [--memory-limit MIB (the cgroup's memory.max / memory.limit_in_bytes)]
   import-weights  BUNDLE NPY_DIR --state STATE_DIR
   export-weights  BUNDLE STATE_DIR|PTD --out NPY_DIR
 
   --threads N   ExecuTorch thread-pool size (default: the runtime's, one per core)
   --verbose     show ExecuTorch's own log lines and, in finetune, memory after each phase
+  --version     the runner's architecture and the ExecuTorch release it is built against
 
 classify prints "PATH: LABEL PROB, ..." per image (--json: one JSON object per line, full precision).
 DATA_DIR and --val hold one subfolder per class, named like the bundle's classes (JPEG or PNG).
 finetune computes the frozen bottom's features once per image (in memory up to --feature-budget
 MiB, beyond it in a memory-mapped file in STATE_DIR; --augment adds random horizontal flips and
 recomputes them every step), trains with SGD, and saves weights and momentum atomically after
-every epoch: running the same command again resumes after the last saved epoch.
+every epoch: running the same command again resumes after the last saved epoch. Before it starts,
+finetune compares its memory need (runtime, weights, the program's planned arena, momentum and the
+features within --feature-budget: edgetl plan --runtime native's sum) with its memory limit and
+refuses when it does not fit.
 import-weights starts a new STATE_DIR at epoch 0 from NPY_DIR/NAME.npy (NAME: a training tensor's
 state-dict name; tensors without a file keep the bundle's values); finetune then trains from them.
 export-weights writes every training tensor as NPY_DIR/NAME.npy. A fleet client does both each round.
@@ -59,7 +65,7 @@ struct Args {
 const std::map<std::string, std::vector<std::string>> kValueOptions = {
     {"", {"--threads"}},
     {"classify", {"--trained", "--top-k"}},
-    {"finetune", {"--state", "--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay", "--seed", "--val", "--feature-budget"}},
+    {"finetune", {"--state", "--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay", "--seed", "--val", "--feature-budget", "--memory-limit"}},
     {"import-weights", {"--state"}},
     {"export-weights", {"--out"}},
     {"info", {}}};
@@ -87,6 +93,10 @@ Args parse(int argc, char** argv, std::string* command) {
     }
     if (arg == "--help" || arg == "-h") {
       std::cout << kUsage;
+      std::exit(0);
+    }
+    if (arg == "--version") {
+      std::cout << "edgetl-device " << edgetl::kArch << ", ExecuTorch " << edgetl::kExecutorchVersion << "\n";
       std::exit(0);
     }
     if (arg.rfind("--", 0) != 0) {
@@ -186,6 +196,8 @@ int run(int argc, char** argv) {
   o.seed = static_cast<uint64_t>(to_int(a, "--seed", 0, 0, std::numeric_limits<long long>::max()));
   o.augment = a.flags.count("--augment") > 0;
   o.feature_budget = to_int(a, "--feature-budget", 64, 0, std::numeric_limits<int64_t>::max() >> 20) << 20;
+  if (a.values.count("--memory-limit"))
+    o.memory_limit = to_int(a, "--memory-limit", 0, 1, std::numeric_limits<int64_t>::max() >> 20) << 20;
   o.verbose = verbose;
   return edgetl::finetune(bundle, o);
 }
