@@ -599,7 +599,7 @@ def test_cli_rejects_bad_flags_before_running(cli, argv):
 def test_predicted_step_peak_is_within_10_percent_of_the_measured_live_bytes(name, method):
     """predict_step_peak (pure) against measure_step_timeline (torch's allocation events), phase by phase."""
     policy = TrainPolicy(4, method)
-    measured = measure_step_timeline(name, policy, batch_size=8, image_size=96)
+    measured = measure_step_timeline(name, policy, batch_size=8, image_size=96, num_classes=10)
     est = predict_step_peak(load_model(name, num_classes=10), policy, batch_size=8, image_size=96)
     assert abs(est.live_peak - measured.peak_bytes) <= 0.10 * measured.peak_bytes, (est.phases(), measured.phase_peaks())
     for phase, predicted in est.phases().items():
@@ -617,7 +617,7 @@ INT8_V3_LARGE = TrainPolicy(5, saved_precision="int8")
 @pytest.fixture(scope="module")
 def int8_v3_large_phases() -> dict[str, int]:
     """Measured phase peaks of one step of INT8_V3_LARGE (MobileNetV3-Large, batch 8, 224 px): shared."""
-    return measure_step_timeline("mobilenet_v3_large", INT8_V3_LARGE, batch_size=8, image_size=224).phase_peaks()
+    return measure_step_timeline("mobilenet_v3_large", INT8_V3_LARGE, batch_size=8, image_size=224, num_classes=10).phase_peaks()
 
 
 def test_compressed_inputs_top_forward_and_backward_are_predicted_within_3_percent(int8_v3_large_phases):

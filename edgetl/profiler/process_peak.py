@@ -28,6 +28,7 @@ from edgetl._allocator import DEFAULT as DEFAULT_ALLOCATOR
 from edgetl._allocator import resolve as resolve_allocator
 from edgetl.errors import ConfigError, EdgetlError
 from edgetl.profiler.estimate import predict_step_peak
+from edgetl.profiler.settings import StepSettings
 from edgetl.train.optim import check_optimizer
 from edgetl.train.policy import TrainPolicy
 
@@ -111,8 +112,8 @@ def measure_process_peak(
     *,
     batch_size: int,
     image_size: int,
-    num_classes: int = 1000,
-    optimizer: str = "adam",
+    num_classes: int = StepSettings.num_classes,
+    optimizer: str = StepSettings.optimizer,
     steps: int = 2,
     timeout: float = 600.0,
     allocator: str = DEFAULT_ALLOCATOR,

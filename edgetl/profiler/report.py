@@ -48,6 +48,7 @@ from edgetl.profiler.estimate import (
 from edgetl.profiler.measure import UnitMeasurement, measure_saved_bytes
 from edgetl.profiler.predict import UnitPrediction, predict_units
 from edgetl.profiler.process_peak import ProcessPeak
+from edgetl.profiler.settings import StepSettings
 from edgetl.profiler.units import HEAD, head_layers, unit_layers
 from edgetl.train.optim import check_optimizer, state_floats
 from edgetl.train.policy import METHODS, TrainPolicy, uses_mobiletl
@@ -275,8 +276,8 @@ def profile(
     *,
     batch_size: int,
     image_size: int,
-    num_classes: int = 1000,
-    optimizer: str = "adam",
+    num_classes: int = StepSettings.num_classes,
+    optimizer: str = StepSettings.optimizer,
     measure_process: bool = False,
     allocator: str = "glibc",
     seed: int = 0,

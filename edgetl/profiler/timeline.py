@@ -22,6 +22,7 @@ from edgetl._rss import current_rss_bytes
 from edgetl.models.zoo import load_model
 from edgetl.profiler._torch_memory import CATEGORIES, Recorder, Recording
 from edgetl.profiler.estimate import PHASES as STEP_PHASES
+from edgetl.profiler.settings import StepSettings
 from edgetl.train.optim import build_optimizer
 from edgetl.train.policy import TrainPolicy
 from edgetl.train.prepare import prepare
@@ -133,8 +134,8 @@ def measure_step_timeline(
     *,
     batch_size: int,
     image_size: int,
-    num_classes: int = 10,
-    optimizer: str = "adam",
+    num_classes: int = StepSettings.num_classes,
+    optimizer: str = StepSettings.optimizer,
     weights: str | None = None,
     seed: int = 0,
     runtime_rss: int = 0,
@@ -194,8 +195,8 @@ def measure_step_timelines(
     *,
     batch_size: int,
     image_size: int,
-    num_classes: int = 10,
-    optimizer: str = "adam",
+    num_classes: int = StepSettings.num_classes,
+    optimizer: str = StepSettings.optimizer,
     timeout: float = 900.0,
     allocator: str = "glibc",
 ) -> dict[str, StepTimeline]:
