@@ -11,7 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 #: lower layers first; a module may import its own layer and those below it
 LAYERS = {
-    **dict.fromkeys(["_files", "_rss", "_format", "_allocator", "errors", "_torchvision_compat", "_torchvision_hook"], 0),
+    **dict.fromkeys(
+        ["_files", "_rss", "_format", "_allocator", "errors", "_torchvision_compat", "_torchvision_hook", "_typed_json", "_device_state"], 0
+    ),
     "nn": 1,
     "models": 2,
     "data": 2,
