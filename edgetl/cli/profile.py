@@ -122,6 +122,7 @@ def profile_command(args: argparse.Namespace) -> int:
     """Handler of ``edgetl profile``."""
     from edgetl.models.zoo import num_blocks
     from edgetl.profiler.plot import plot_report
+    from edgetl.profiler.render import render_report
     from edgetl.profiler.report import profile
     from edgetl.train.policy import TrainPolicy
 
@@ -146,7 +147,7 @@ def profile_command(args: argparse.Namespace) -> int:
         measure_process=args.process,
         allocator=args.allocator,
     )
-    print(report.render(collapse_frozen=not args.all_rows))
+    print(render_report(report, collapse_frozen=not args.all_rows))
     if args.json:
         write_text(args.json, report.to_json() + "\n")
         print(f"JSON report written to {args.json}")

@@ -41,8 +41,8 @@ import functools
 import torch
 from torch import Tensor, nn
 
-#: ``TrainPolicy.saved_precision`` values these convs implement ("fp32" is the plain conv)
-COMPRESSED_PRECISIONS = ("bf16", "int8")
+from edgetl.nn.choices import COMPRESSED_PRECISIONS
+
 INT8_MAX = 127
 #: the most fp32 bytes one chunk of a stored input takes while backward decompresses it (at least
 #: one image a chunk): a byte limit rather than a number of chunks, so the small maps of small

@@ -70,7 +70,7 @@ class ProcessPeak:
     platform: str
     step_seconds: float = 0.0  # median wall time of the steps after the first (the first allocates state)
     warm_rss: int = 0
-    allocator: str = "glibc"  # the malloc the child ran on (edgetl._allocator.active)
+    allocator: str = DEFAULT_ALLOCATOR  # the malloc the child ran on (edgetl._allocator.active)
 
     @property
     def warm_delta(self) -> int:

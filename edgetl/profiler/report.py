@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgetl._allocator import DEFAULT as DEFAULT_ALLOCATOR
 from edgetl._format import format_size
 from edgetl._rss import available_memory_bytes
 from edgetl.errors import ConfigError
@@ -183,15 +184,6 @@ class MemoryReport:
         """:meth:`to_dict` as JSON text."""
         return json.dumps(self.to_dict(), indent=indent)
 
-    def render(self, *, collapse_frozen: bool = True) -> str:
-        """The report as a text table (:func:`edgetl.profiler.render.render_report`)."""
-        from edgetl.profiler.render import render_report  # it reads this module's types
-
-        return render_report(self, collapse_frozen=collapse_frozen)
-
-    def __str__(self) -> str:
-        return self.render()
-
 
 # --- building the report ---------------------------------------------------------------------------
 
@@ -279,7 +271,7 @@ def profile(
     num_classes: int = StepSettings.num_classes,
     optimizer: str = StepSettings.optimizer,
     measure_process: bool = False,
-    allocator: str = "glibc",
+    allocator: str = DEFAULT_ALLOCATOR,
     seed: int = 0,
 ) -> MemoryReport:
     """Profile the memory of training the top ``policy.blocks`` blocks, vanilla and MobileTL.

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgetl._allocator import DEFAULT as DEFAULT_ALLOCATOR
 from edgetl._rss import current_rss_bytes
 from edgetl.models.zoo import load_model
 from edgetl.profiler._torch_memory import CATEGORIES, Recorder, Recording
@@ -198,7 +199,7 @@ def measure_step_timelines(
     num_classes: int = StepSettings.num_classes,
     optimizer: str = StepSettings.optimizer,
     timeout: float = 900.0,
-    allocator: str = "glibc",
+    allocator: str = DEFAULT_ALLOCATOR,
 ) -> dict[str, StepTimeline]:
     """:func:`measure_step_timeline` for vanilla and MobileTL (``policy`` with each method), each in a
     fresh child process so the RSS figures are each method's own, on the ``malloc`` ``allocator``
