@@ -50,7 +50,7 @@ INT8_MAX = 127
 #: benchmarks/decompress_chunks.py (int8, whole training steps, limits alternating, median step time
 #: to the whole batch in one chunk): MobileNetV3-Large K=5 b=8 224 px 1.010 (512 KiB 1.038, one
 #: image a chunk 1.085), Lite0 K=8 b=32 64 px 1.012 (512 KiB 1.030, one image 1.433: the many tiny
-#: calls); the 4.0 MiB map at 224 px is then held 0.5 MiB at a time. See README, "Backward
+#: calls); the 4.0 MiB map at 224 px is then held 0.5 MiB at a time. See docs/memory.md, "Backward
 #: decompresses in chunks".
 DECOMPRESS_CHUNK_BYTES = 2**20
 
