@@ -113,7 +113,8 @@ auto field(const std::string& manifest_path, const char* what, F get) -> decltyp
 }
 // nlohmann converts 4.5 to 4 for get<int>(): a size must be written as an integer.
 int integer(const nlohmann::json& j, const std::string& mpath, const char* key) {
-  if (!j.is_number_integer()) throw DeviceError(mpath + " is not a valid edgetl manifest (" + key + " is " + j.dump() + ", not an integer)");
+  if (!j.is_number_integer())
+    throw DeviceError(mpath + " is not a valid edgetl manifest (" + key + " is " + j.dump() + ", not an integer)");
   return j.get<int>();
 }
 
@@ -188,8 +189,9 @@ Bundle::Bundle(const std::string& path) : dir(path) {
     training_.trainable_parameters = t.at("trainable_parameters").get<std::vector<std::string>>();
     training_.buffers = t.at("buffers").get<std::vector<std::string>>();
     for (const auto& [name, s] : t.at("weights_layout").items())  // export-weights writes NAME.npy
-      training_.weights_layout[plain_name(name, mpath + ": programs.training.weights_layout")] = {s.at("offset").get<uint64_t>(), s.at("nbytes").get<uint64_t>(), s.at("dtype").get<std::string>(),
-                                        s.at("shape").get<std::vector<int64_t>>()};
+      training_.weights_layout[plain_name(name, mpath + ": programs.training.weights_layout")] = {
+          s.at("offset").get<uint64_t>(), s.at("nbytes").get<uint64_t>(), s.at("dtype").get<std::string>(),
+          s.at("shape").get<std::vector<int64_t>>()};
     const auto& o = t.at("optimizer");
     training_.optimizer = {o.at("lr").get<double>(), o.value("momentum", 0.0), o.value("dampening", 0.0), o.value("weight_decay", 0.0),
                            o.value("nesterov", false)};

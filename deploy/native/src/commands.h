@@ -25,7 +25,7 @@ struct FinetuneOptions {
   uint64_t seed = 0;
   bool augment = false;
   int64_t feature_budget = int64_t{64} << 20;  // bytes of bottom features kept in memory; more go to a mapped file
-  bool verbose = false;                         // also log the process's memory after each phase
+  bool verbose = false;                        // also log the process's memory after each phase
 };
 
 void info(const Bundle& bundle);
@@ -51,7 +51,7 @@ std::vector<size_t> bottom_features(Program& bottom, const std::vector<std::stri
 // Decodes and preprocesses one image into `out`; false (after one warning naming it) if unreadable.
 bool read_image(const std::string& path, const InputSpec& spec, float* out);
 size_t numel_per_item(const std::vector<int64_t>& shape);  // product of all dims but the first
-size_t image_floats(const InputSpec& spec);                 // 3 x S x S
+size_t image_floats(const InputSpec& spec);                // 3 x S x S
 // With `on`: "memory after PHASE: rss X MiB, peak Y MiB" on stderr (Linux /proc/self/status).
 void log_memory(bool on, const char* phase);
 

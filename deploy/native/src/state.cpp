@@ -30,8 +30,7 @@ void check_bound(const nlohmann::json& s, const Bundle& bundle, const std::strin
   const std::string id = recorded.is_string() ? recorded.get<std::string>() : "";
   if (id == bundle.manifest_sha256) return;
   std::string why;
-  if (id.empty())
-    why = " (its state.json names no bundle_manifest_sha256: written by an older edgetl-device)";
+  if (id.empty()) why = " (its state.json names no bundle_manifest_sha256: written by an older edgetl-device)";
   else if (s.contains("classes") && s["classes"] != nlohmann::json(bundle.classes))
     why = " (classes " + s["classes"].dump() + ", the bundle's " + nlohmann::json(bundle.classes).dump() + ")";
   throw DeviceError(what + why + hint);
