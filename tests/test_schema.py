@@ -140,6 +140,7 @@ MANIFEST_VIOLATIONS = {
     "no model name": _delete("model", "name"),
     "image size a string": _set("64", "input", "image_size"),
     "no mean": _delete("input", "mean"),
+    "no interpolation": _delete("input", "interpolation"),
     "no inference program": _delete("programs", "inference"),
     "batch size a float": _set(4.5, "programs", "training", "batch_size"),
     "no weights layout": _delete("programs", "training", "weights_layout"),

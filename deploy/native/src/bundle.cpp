@@ -166,7 +166,7 @@ Bundle::Bundle(const std::string& path) : dir(path) {
     const auto& in = manifest.at("input");
     input.image_size = integer(in.at("image_size"), mpath, "input.image_size");
     input.resize_short_side = integer(in.at("resize_short_side"), mpath, "input.resize_short_side");
-    std::string interp = in.value("interpolation", "bilinear");
+    const std::string interp = in.at("interpolation").get<std::string>();  // required: the exporter always states it
     if (interp != "bilinear" && interp != "bicubic") throw DeviceError("unsupported interpolation '" + interp + "' in " + mpath);
     input.interpolation = interp == "bicubic" ? Interpolation::Bicubic : Interpolation::Bilinear;
     for (int c = 0; c < 3; ++c) {
