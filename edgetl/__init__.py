@@ -16,7 +16,7 @@ on first use (PEP 562), so ``edgetl.cli`` can set the OpenMP policy before torch
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -47,31 +47,7 @@ _EXPORTS: dict[str, str] = {
     "export": "edgetl.exporter",
 }
 
-__all__ = [
-    "DataError",
-    "DeviceProfile",
-    "EdgetlError",
-    "ExportBundle",
-    "ExportConfig",
-    "FashionMNIST",
-    "FinetuneConfig",
-    "FinetuneResult",
-    "MODELS",
-    "MemoryReport",
-    "Run",
-    "TrainPolicy",
-    "TransferModel",
-    "WeightsError",
-    "export",
-    "find_blocks",
-    "finetune",
-    "load_device",
-    "load_model",
-    "plan",
-    "prepare",
-    "profile",
-    "transforms_for",
-]
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
@@ -85,18 +61,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-if TYPE_CHECKING:
-    from edgetl.data.fashion_mnist import FashionMNIST
-    from edgetl.errors import DataError, EdgetlError, WeightsError
-    from edgetl.exporter import ExportBundle, ExportConfig, export
-    from edgetl.models.blocks import find_blocks
-    from edgetl.models.zoo import MODELS, load_model, transforms_for
-    from edgetl.profiler.device import DeviceProfile, load_device
-    from edgetl.profiler.planner import plan
-    from edgetl.profiler.report import MemoryReport, profile
-    from edgetl.train.policy import TrainPolicy
-    from edgetl.train.prepare import TransferModel, prepare
-    from edgetl.train.run import Run
-    from edgetl.train.trainer import FinetuneConfig, FinetuneResult, finetune

@@ -3,7 +3,7 @@
 PyTorch's CPU tensors come from ``malloc``. glibc keeps freed chunks in its heaps and arenas, where
 requests of other sizes cannot reuse them, so a step's peak RSS follows the order and sizes of its
 allocations more than the bytes alive, and it varies from run to run. Measured side by side
-(``benchmarks/allocator.py``; figures in the README):
+(``benchmarks/allocator.py``; figures in docs/memory.md):
 
 * ``jemalloc`` (its own settings: freed pages go back to the OS after ~10 s) lowers every
   configuration's peak by 5-10%, for about 10% more wall time in a whole ``edgetl finetune``;
@@ -33,7 +33,7 @@ ALLOCATORS: tuple[str, ...] = ("auto", "glibc", "jemalloc", "jemalloc-eager")
 #: the default everywhere (``edgetl finetune``, the profiler's child processes): the measurements'
 #: choice. jemalloc's saving costs time (~10% plain, 1.3-1.8x eager) and plain jemalloc does not make
 #: the process follow the prediction, so memory is traded for time only when the user asks
-#: (README, "Which malloc")
+#: (docs/memory.md, "Which malloc")
 DEFAULT = "glibc"
 #: ``jemalloc-eager``: freed pages are returned to the OS at once (``dirty_decay_ms:0``), not after
 #: 10 s, and never parked as lazily-freed pages, which still count as resident (``muzzy_decay_ms:0``)

@@ -43,11 +43,20 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z
 fi
 
 # jemalloc: `edgetl finetune --allocator auto|jemalloc|jemalloc-eager` runs on it (a lower peak RSS
-# than glibc's malloc, for time; README "Which malloc"); optional: the default is glibc's
+# than glibc's malloc, for time; docs/memory.md "Which malloc"); optional: the default is glibc's
 if ! "$VENV/bin/python" -c "import sys; from edgetl._allocator import find_jemalloc; sys.exit(find_jemalloc() is None)" 2>/dev/null \
   && command -v apt-get >/dev/null; then
   echo "== installing Debian's libjemalloc2"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libjemalloc2 >/dev/null; } \
     || echo "   (could not install libjemalloc2: edgetl runs on glibc's malloc)"
+fi
+
+# clang-format: the test suite checks deploy/native's C++ against .clang-format (tests/test_native_style.py)
+if [[ ",${EXTRAS:-}," == *",test,"* ]] && ! command -v clang-format >/dev/null && ! command -v clang-format-14 >/dev/null \
+  && command -v apt-get >/dev/null; then
+  echo "== installing Debian's clang-format"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends clang-format >/dev/null; } \
+    || echo "   (could not install clang-format: the C++ format check is skipped)"
 fi

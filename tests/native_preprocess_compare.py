@@ -1,4 +1,4 @@
-"""Compare the native preprocessing (deploy/native/src/image.cpp) with the Python reference.
+"""Compare the native preprocessing (deploy/native/src/image_decode.cpp, image_resize.cpp) with the Python reference.
 
 Given the ``edgetl-preprocess`` tool that ``deploy/native/build.sh`` builds, generates test images
 of many sizes and pixel formats with PIL (plus hand-written PNGs for formats PIL cannot write:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -11,7 +12,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 #: lower layers first; a module may import its own layer and those below it
 LAYERS = {
-    **dict.fromkeys(["_files", "_rss", "_format", "_allocator", "errors", "_torchvision_compat", "_torchvision_hook"], 0),
+    **dict.fromkeys(
+        ["_files", "_rss", "_format", "_allocator", "errors", "_torchvision_compat", "_torchvision_hook", "_typed_json", "_device_state"], 0
+    ),
     "nn": 1,
     "models": 2,
     "data": 2,
@@ -57,3 +60,35 @@ def test_importing_edgetl_loads_nothing_heavy_and_changes_no_environment():
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)})
     assert done.stdout.strip() == '{"torch": false, "same_env": true, "lazy": "TrainPolicy"}', done.stderr[-500:]
+
+
+def test_the_package_face_names_each_public_name_once():
+    """``_EXPORTS`` owns the public names (``__all__`` is made from it), each resolved from its module."""
+    import edgetl
+
+    assert edgetl.__all__ == sorted(edgetl._EXPORTS)
+    assert all(getattr(importlib.import_module(m), name) is getattr(edgetl, name) for name, m in edgetl._EXPORTS.items())
+
+
+def test_no_import_cycles_between_modules():
+    """Module-level imports inside edgetl form no cycle (a lazy import in a function counts too)."""
+    graph: dict[str, set[str]] = {}
+    paths = list((ROOT / "edgetl").rglob("*.py"))
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__") for p in paths}
+    for path in paths:
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("edgetl."):
+                # `from edgetl.exporter import _executorch` imports the submodule, not the package's __init__
+                subs = {f"{node.module}.{a.name}" for a in node.names}
+                targets |= subs & modules or {node.module}
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name.startswith("edgetl.")}
+        graph[name] = {t for t in targets if t != name}
+    cycles = []
+    for a, outs in graph.items():
+        for b in outs:
+            if a in graph.get(b, set()):
+                cycles.append(tuple(sorted((a, b))))
+    assert sorted(set(cycles)) == []

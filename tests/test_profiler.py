@@ -26,6 +26,7 @@ from edgetl.profiler.planner import plan
 from edgetl.profiler.plot import plot_report
 from edgetl.profiler.predict import predict_units
 from edgetl.profiler.process_peak import calibrate_runtime, measure_process_peak
+from edgetl.profiler.render import render_report
 from edgetl.profiler.report import METHOD_ORDER, MemoryReport, profile
 from edgetl.profiler.shapes import conv_output_shape, float_bytes, walk
 from edgetl.profiler.timeline import measure_step_timeline
@@ -262,11 +263,11 @@ def test_json_round_trip_and_text_table(models):
     assert data["totals"]["mobiletl"]["saved_measured"] == report.totals["mobiletl"].saved_measured
     assert data["totals"]["vanilla"]["step_peak_estimate"]["total"] == report.totals["vanilla"].step_peak.total
 
-    full = report.render(collapse_frozen=False).splitlines()
+    full = render_report(report, collapse_frozen=False).splitlines()
     for r in report.rows:  # every unit has its line, with its measured bytes per method
         line = next(line for line in full if line.startswith((r.name if r.name != "head" else "head (pool") + " "))
         assert f"  {_kib(r.measured['vanilla'])}  " in line and f"  {_kib(r.measured['mobiletl'])}  " in line
-    short = str(report).splitlines()
+    short = render_report(report).splitlines()
     frozen = [r for r in report.rows if not r.trains]
     assert sum("frozen: stem + " in line for line in short) == 1 and not any(line.startswith(f"{frozen[1].name} ") for line in short)
     total = next(line for line in short if line.startswith("total "))
@@ -464,7 +465,7 @@ def test_profile_measures_process_peak_per_method():
         # the warm-up's backward faults in kernel code no earlier call ran; it keeps no tensors
         assert p.loaded_rss < p.warm_rss <= p.peak_rss and 0 < p.warm_delta < p.step_delta
         assert p.hwm_reset == sys.platform.startswith("linux")
-    text = report.render()
+    text = render_report(report)
     assert "process peak RSS (OS, includes" in text and "step delta" in text and "warm delta" in text
     assert json.loads(report.to_json())["totals"]["mobiletl"]["process"]["peak_rss"] == procs["mobiletl"].peak_rss
 
@@ -492,7 +493,7 @@ def test_cli_profile_prints_table_and_writes_json(cli, tmp_path):
     code, text, _ = cli("profile", *argv, "--json", str(out))
     assert code == 0
     report = profile("mobilenet_v3_small", TrainPolicy(3), batch_size=2, image_size=64, num_classes=5)
-    assert text.startswith(report.render() + "\n") and f"JSON report written to {out}" in text
+    assert text.startswith(render_report(report) + "\n") and f"JSON report written to {out}" in text
     data = json.loads(out.read_text())
     assert {k: v for k, v in data.items() if k != "torch_version"} == {k: v for k, v in report.to_dict().items() if k != "torch_version"}
 
@@ -599,7 +600,7 @@ def test_cli_rejects_bad_flags_before_running(cli, argv):
 def test_predicted_step_peak_is_within_10_percent_of_the_measured_live_bytes(name, method):
     """predict_step_peak (pure) against measure_step_timeline (torch's allocation events), phase by phase."""
     policy = TrainPolicy(4, method)
-    measured = measure_step_timeline(name, policy, batch_size=8, image_size=96)
+    measured = measure_step_timeline(name, policy, batch_size=8, image_size=96, num_classes=10)
     est = predict_step_peak(load_model(name, num_classes=10), policy, batch_size=8, image_size=96)
     assert abs(est.live_peak - measured.peak_bytes) <= 0.10 * measured.peak_bytes, (est.phases(), measured.phase_peaks())
     for phase, predicted in est.phases().items():
@@ -617,7 +618,7 @@ INT8_V3_LARGE = TrainPolicy(5, saved_precision="int8")
 @pytest.fixture(scope="module")
 def int8_v3_large_phases() -> dict[str, int]:
     """Measured phase peaks of one step of INT8_V3_LARGE (MobileNetV3-Large, batch 8, 224 px): shared."""
-    return measure_step_timeline("mobilenet_v3_large", INT8_V3_LARGE, batch_size=8, image_size=224).phase_peaks()
+    return measure_step_timeline("mobilenet_v3_large", INT8_V3_LARGE, batch_size=8, image_size=224, num_classes=10).phase_peaks()
 
 
 def test_compressed_inputs_top_forward_and_backward_are_predicted_within_3_percent(int8_v3_large_phases):

@@ -190,7 +190,7 @@ def test_step_timeline_with_recompute(name):
     for recompute in (False, True):
         policy = TrainPolicy(k, "mobiletl", recompute=recompute)
         rows = predict_units(base, policy, batch_size=batch, image_size=size)
-        start, peak = _backward_start_and_peak(measure_step_timeline(name, policy, batch_size=batch, image_size=size))
+        start, peak = _backward_start_and_peak(measure_step_timeline(name, policy, batch_size=batch, image_size=size, num_classes=10))
         figures[recompute] = (start, peak, sum(r.nbytes for r in rows), recompute_transient(rows))
     (start0, _, stored0, _), (start1, peak1, stored1, transient) = figures[False], figures[True]
     net = prepare(base, TrainPolicy(k, recompute=True))

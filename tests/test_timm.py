@@ -271,7 +271,7 @@ def _closed_form_uib(n: int, c: int, t: int, h: int, w: int) -> dict[str, int]:
 
 
 def test_mobilenetv4_block_reduction(models):
-    """The README's MobileNetV4 row: an ExtraDW UIB of MobileNetV4-Conv-Small (expansion 4, stride 1)."""
+    """docs/memory.md's MobileNetV4 row: an ExtraDW UIB of MobileNetV4-Conv-Small (expansion 4, stride 1)."""
     from edgetl.profiler.report import profile
 
     model = models("mobilenetv4_conv_small")

@@ -2,7 +2,7 @@
 
 A full export of a timm model (XNNPACK classifier, frozen bottom, training program, verified
 against eager) takes 2-3 minutes here, beyond this suite's budget: ``benchmarks/timm_export.py``
-runs it for MobileNetV4-Conv-Small and MobileNetV3-Large (figures in the README). These tests hold
+runs it for MobileNetV4-Conv-Small and MobileNetV3-Large (figures in docs/timm.md). These tests hold
 what the training program is made of: the NHWC top computes the eager MobileTL top's loss,
 gradients and running statistics."""
 

@@ -33,6 +33,12 @@ def blocks_arg(value: str) -> int | str:
     return value if value == "all" else non_negative_int(value)
 
 
+def given(**values: object) -> dict[str, object]:
+    """The flags the user gave (argparse leaves the others None): overrides for ``dataclasses.replace``
+    or keyword arguments, so every default stays on the config type or function that owns it."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def write_text(path: str, text: str) -> None:
     """Write a user-named output file; an unwritable path is one clear line."""
     try:

@@ -15,10 +15,12 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 
-from edgetl.cli.common import non_negative_int, positive_int
+from edgetl.cli.common import given, non_negative_int, positive_int
 from edgetl.exporter.config import QUANTIZE, ExportConfig
 from edgetl.exporter.errors import ExportError
+from edgetl.train.config import FinetuneConfig
 from edgetl.train.policy import METHODS
 
 
@@ -42,7 +44,11 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     p.add_argument("--image-size", type=positive_int, help=f"input size in pixels (default: the run's, else {ExportConfig.image_size})")
     p.add_argument("--model", help="architecture, for a weights file that does not name it")
-    p.add_argument("--blocks", type=non_negative_int, help="K, blocks trained on the device (default: the run's policy, else 2)")
+    p.add_argument(
+        "--blocks",
+        type=non_negative_int,
+        help=f"K, blocks trained on the device (default: the run's policy, else {FinetuneConfig().policy.blocks})",
+    )
     p.add_argument(
         "--method",
         choices=METHODS,
@@ -129,7 +135,6 @@ def run_export(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     from edgetl.exporter.pipeline import export
     from edgetl.exporter.weights import apply_device_weights, device_weights_file, load_weights
-    from edgetl.train.policy import TrainPolicy
     from edgetl.train.run import read_weights
 
     trained = read_weights(args.checkpoint, model=args.model)
@@ -138,20 +143,14 @@ def _run_export(args: argparse.Namespace) -> int:
         ptd = device_weights_file(args.device_weights, model_name=trained.model_name, classes=trained.classes)
         state = apply_device_weights(state, ptd)
     model = load_weights(trained.model_name, state, trained.num_classes, source=trained.source)
-    policy = trained.policy or TrainPolicy(blocks=2)
-    if args.blocks is not None or args.method is not None:
-        policy = TrainPolicy(
-            args.blocks if args.blocks is not None else policy.blocks,
-            args.method or policy.method,
-            policy.activation_grad,
-            policy.activation_mask,
-        )
-    run = trained.config
+    # the run's policy with the flags given replacing fields: its memory options reach the exporter's refusal
+    policy = replace(trained.policy or FinetuneConfig().policy, **given(blocks=args.blocks, method=args.method))
     if args.quantize == "none" and (args.calibration_data or args.calibration_images != ExportConfig.calibration_images):
         raise ExportError("--calibration-data and --calibration-images calibrate an int8 export: add --quantize int8")
-    config = ExportConfig(
-        image_size=args.image_size or (run.image_size if run else ExportConfig.image_size),
-        batch_size=args.batch_size or (run.batch_size if run else ExportConfig.batch_size),
+    config = ExportConfig.for_run(
+        trained.config,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
         training=args.training,
         lr=args.lr,
         momentum=args.momentum,

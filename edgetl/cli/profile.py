@@ -12,9 +12,10 @@ from dataclasses import replace
 
 from edgetl._allocator import ALLOCATORS
 from edgetl._allocator import DEFAULT as DEFAULT_ALLOCATOR
-from edgetl.cli.common import blocks_arg, non_negative_int, positive_int, write_text
+from edgetl.cli.common import blocks_arg, given, non_negative_int, positive_int, write_text
 from edgetl.errors import ConfigError
-from edgetl.profiler.planner import DEFAULT_BATCH_SIZES, RUNTIMES
+from edgetl.profiler.planner import DEFAULT_BATCH_SIZES, NATIVE_OPTIMIZER, RUNTIMES
+from edgetl.profiler.settings import StepSettings
 from edgetl.train.config import FASHION_MNIST, config_from_file
 from edgetl.train.optim import OPTIMIZERS
 from edgetl.train.policy import ACTIVATION_MASKS, METHODS, SAVED_PRECISIONS
@@ -36,30 +37,22 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     source.add_argument("--config", metavar="FILE", help="take them from a 'finetune' TOML/JSON config file")
 
 
-def _settings(args: argparse.Namespace, wanted: tuple[str, ...], required: tuple[str, ...]) -> None:
-    """Fill the ``wanted`` settings the user did not give from ``--run``/``--config`` (flags win);
-    then every one of ``required`` must be known."""
-    if args.run or args.config:
-        from edgetl.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
-        from edgetl.train.run import Run
+def _run_settings(args: argparse.Namespace) -> StepSettings | None:
+    """The step of ``--run`` / ``--config`` (typed, from the run directory's owner), or None."""
+    if not (args.run or args.config):
+        return None
+    from edgetl.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
+    from edgetl.train.run import Run
 
-        run = Run(args.run) if args.run else None
-        config = run.config() if run else config_from_file(args.config)
-        known = {
-            "model": config.model,
-            "blocks": config.policy.blocks,
-            "method": config.policy.method,
-            "activation_mask": config.policy.activation_mask,
-            "batch_size": config.batch_size,
-            "image_size": config.image_size,
-            "optimizer": config.optimizer,
-            # a config file names its data, not its classes; only the embedded dataset's are known
-            "num_classes": len(run.classes()) if run else (len(FASHION_MNIST_CLASSES) if config.data == FASHION_MNIST else None),
-        }
-        for key in ("model", *wanted):
-            if getattr(args, key, None) is None and known.get(key) is not None:
-                setattr(args, key, known[key])
-    missing = [key for key in required if getattr(args, key, None) is None]
+    run = Run(args.run) if args.run else None
+    config = run.config() if run else config_from_file(args.config)
+    # a config file names its data, not its classes; only the embedded dataset's are known
+    num_classes = len(run.classes()) if run else (len(FASHION_MNIST_CLASSES) if config.data == FASHION_MNIST else None)
+    return StepSettings.of_run(config, num_classes)
+
+
+def _missing(required: dict[str, object]) -> None:
+    missing = [key for key, value in required.items() if value is None]
     if missing:
         raise ConfigError(f"give --{missing[0].replace('_', '-')} (or --run DIR / --config FILE)")
 
@@ -78,16 +71,33 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--blocks", "-K", type=blocks_arg, help="K: blocks trained from the top, or 'all'")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--image-size", type=positive_int)
-    p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: the run's classes, else 1000)")
+    p.add_argument(
+        "--num-classes",
+        type=positive_int,
+        help=f"classifier outputs (default: the run's classes, else {StepSettings.num_classes})",
+    )
     p.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
-        help="whose state to count (adam/adamw: 2 floats per trained parameter, sgd with momentum: 1; default: the run's, else adam)",
+        help="whose state to count "
+        f"(adam/adamw: 2 floats per trained parameter, sgd with momentum: 1; default: the run's, else {StepSettings.optimizer})",
     )
     p.add_argument("--activation-mask", choices=ACTIVATION_MASKS, help="MobileTL's mask storage (default: the run's, else reuse)")
-    p.add_argument("--bottom-chunk", type=positive_int, help="memory option: the frozen bottom in micro-batches (default: off)")
-    p.add_argument("--saved-precision", choices=SAVED_PRECISIONS, help="memory option: conv inputs kept for backward (default: fp32)")
-    p.add_argument("--recompute", action="store_true", help="memory option: recompute trained blocks in backward (default: off)")
+    p.add_argument(
+        "--bottom-chunk",
+        type=positive_int,
+        help="memory option: the frozen bottom in micro-batches (default: the run's, else off)",
+    )
+    p.add_argument(
+        "--saved-precision",
+        choices=SAVED_PRECISIONS,
+        help="memory option: conv inputs kept for backward (default: the run's, else fp32)",
+    )
+    p.add_argument(
+        "--recompute",
+        action=argparse.BooleanOptionalAction,
+        help="memory option: recompute trained blocks in backward (default: the run's, else off)",
+    )
     p.add_argument("--json", metavar="F", help="also write the report as JSON to F")
     p.add_argument("--plot", metavar="F.png", help="write a per-block bar chart, vanilla against MobileTL (needs matplotlib)")
     p.add_argument("--process", action="store_true", help="also measure peak RSS of a real training step in a fresh process (slow)")
@@ -112,32 +122,32 @@ def profile_command(args: argparse.Namespace) -> int:
     """Handler of ``edgetl profile``."""
     from edgetl.models.zoo import num_blocks
     from edgetl.profiler.plot import plot_report
+    from edgetl.profiler.render import render_report
     from edgetl.profiler.report import profile
     from edgetl.train.policy import TrainPolicy
 
-    _settings(
-        args,
-        ("blocks", "batch_size", "image_size", "num_classes", "optimizer", "activation_mask"),
-        required=("model", "blocks", "batch_size", "image_size"),
-    )
-    blocks = num_blocks(args.model) if args.blocks == "all" else args.blocks
-    policy = TrainPolicy(
-        blocks, "mobiletl", activation_mask=args.activation_mask or "reuse", bottom_chunk=args.bottom_chunk,
-        saved_precision=args.saved_precision or "fp32", recompute=args.recompute,
+    base = _run_settings(args)
+    if base is None:
+        _missing({"model": args.model, "blocks": args.blocks, "batch_size": args.batch_size, "image_size": args.image_size})
+        base = StepSettings(args.model, TrainPolicy(0), args.batch_size, args.image_size)
+    model = args.model or base.model
+    blocks = num_blocks(model) if args.blocks == "all" else args.blocks
+    settings = base.with_overrides(
+        model=model, blocks=blocks, batch_size=args.batch_size, image_size=args.image_size, num_classes=args.num_classes,
+        optimizer=args.optimizer, activation_mask=args.activation_mask, bottom_chunk=args.bottom_chunk,
+        saved_precision=args.saved_precision, recompute=args.recompute,
     )  # fmt: skip
-    args.num_classes = args.num_classes or 1000
-    args.optimizer = args.optimizer or "adam"
     report = profile(
-        args.model,
-        policy,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        num_classes=args.num_classes,
-        optimizer=args.optimizer,
+        settings.model,
+        settings.policy,
+        batch_size=settings.batch_size,
+        image_size=settings.image_size,
+        num_classes=settings.num_classes,
+        optimizer=settings.optimizer,
         measure_process=args.process,
         allocator=args.allocator,
     )
-    print(report.render(collapse_frozen=not args.all_rows))
+    print(render_report(report, collapse_frozen=not args.all_rows))
     if args.json:
         write_text(args.json, report.to_json() + "\n")
         print(f"JSON report written to {args.json}")
@@ -145,11 +155,11 @@ def profile_command(args: argparse.Namespace) -> int:
         plot_report(report, args.plot)
         print(f"plot written to {args.plot}")
     if args.timeline:
-        _timeline(args, policy)
+        _timeline(settings, args.allocator, args.timeline)
     return 0
 
 
-def _timeline(args: argparse.Namespace, policy) -> None:
+def _timeline(settings: StepSettings, allocator: str, out: str) -> None:
     from edgetl.models.zoo import load_model
     from edgetl.profiler.estimate import predict_step_peak
     from edgetl.profiler.plot import plot_timelines
@@ -157,26 +167,13 @@ def _timeline(args: argparse.Namespace, policy) -> None:
     from edgetl.profiler.timeline import measure_step_timelines
 
     print("recording one training step per method (a child process each) ...", flush=True)
-    timelines = measure_step_timelines(
-        args.model,
-        policy,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        num_classes=args.num_classes,
-        optimizer=args.optimizer,
-        allocator=args.allocator,
-    )
-    model = load_model(args.model, num_classes=args.num_classes)
-    estimates = {
-        m: predict_step_peak(
-            model, replace(policy, method=m), batch_size=args.batch_size, image_size=args.image_size,
-            optimizer=args.optimizer,
-        )
-        for m in timelines
-    }  # fmt: skip
+    sizes = {"batch_size": settings.batch_size, "image_size": settings.image_size, "optimizer": settings.optimizer}
+    timelines = measure_step_timelines(settings.model, settings.policy, num_classes=settings.num_classes, allocator=allocator, **sizes)
+    model = load_model(settings.model, num_classes=settings.num_classes)
+    estimates = {m: predict_step_peak(model, replace(settings.policy, method=m), **sizes) for m in timelines}
     print(render_timelines(timelines, estimates))
-    plot_timelines(timelines, estimates, args.timeline)
-    print(f"timeline written to {args.timeline}")
+    plot_timelines(timelines, estimates, out)
+    print(f"timeline written to {out}")
 
 
 def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -190,10 +187,18 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--device", required=True, metavar="device_profiles/NAME.toml", help="device profile (TOML)")
     _add_source(p)
     p.add_argument("--model", help="architecture (or take it from --run / --config)")
-    p.add_argument("--image-size", type=positive_int, help="input side in pixels (default: the run's, else 224)")
+    p.add_argument("--image-size", type=positive_int, help=f"input side in pixels (default: the run's, else {StepSettings.image_size})")
     p.add_argument("--method", choices=METHODS, help="default: the run's, else mobiletl")
-    p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: the run's classes, else 1000)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (default: adam for eager, sgd with momentum for native)")
+    p.add_argument(
+        "--num-classes",
+        type=positive_int,
+        help=f"classifier outputs (default: the run's classes, else {StepSettings.num_classes})",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help=f"optimizer (default: {StepSettings.optimizer} for eager, sgd with momentum for native: {NATIVE_OPTIMIZER})",
+    )
     p.add_argument(
         "--runtime",
         choices=RUNTIMES,
@@ -232,10 +237,18 @@ def plan_command(args: argparse.Namespace) -> int:
 
     from edgetl.profiler.planner import plan
 
-    _settings(args, ("image_size", "method", "num_classes"), required=("model",))
-    args.image_size = args.image_size or 224
-    args.method = args.method or "mobiletl"
-    args.num_classes = args.num_classes or 1000
+    base = _run_settings(args)
+    known = {} if base is None else {"model": base.model, "image_size": base.image_size, "method": base.policy.method}
+    if base is not None:
+        known["num_classes"] = base.num_classes
+    # the flags given win over the run's; what neither says takes plan()'s defaults
+    settings = {
+        **known,
+        **given(model=args.model, image_size=args.image_size, method=args.method, num_classes=args.num_classes, optimizer=args.optimizer),
+    }
+    _missing({"model": settings.get("model")})
+    image_size = settings.get("image_size", StepSettings.image_size)
+    num_classes = settings.get("num_classes", StepSettings.num_classes)
     program_memory = verify_program = None
     if args.runtime == "native":
         from edgetl.exporter.config import ExportConfig
@@ -243,29 +256,25 @@ def plan_command(args: argparse.Namespace) -> int:
         from edgetl.exporter.training import verify_program as export_and_verify
         from edgetl.models.zoo import load_model
 
-        model = load_model(args.model, num_classes=args.num_classes)
+        model = load_model(settings["model"], num_classes=num_classes)
 
         def program_memory(policy, batch_size):
             print(f"  emitting the training program for K={policy.blocks} batch {batch_size} (its memory plan) ...", flush=True)
-            return emit_memory(model, policy, batch_size=batch_size, image_size=args.image_size, num_classes=args.num_classes)
+            return emit_memory(model, policy, batch_size=batch_size, image_size=image_size, num_classes=num_classes)
 
         def verify_program(policy, batch_size):
             sgd = ExportConfig()  # the exporter's default on-device SGD, as `edgetl export --training` verifies it
             print(f"  exporting and verifying the training program for K={policy.blocks} batch {batch_size} ...", flush=True)
             export_and_verify(
-                model, policy, batch_size=batch_size, image_size=args.image_size, num_classes=args.num_classes,
+                model, policy, batch_size=batch_size, image_size=image_size, num_classes=num_classes,
                 lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay,
             )  # fmt: skip
 
-    optimizer = args.optimizer or ("sgd" if args.runtime == "native" else "adam")
     result = plan(
         args.device,
-        args.model,
-        image_size=args.image_size,
-        method=args.method,
+        settings.pop("model"),
+        **settings,
         batch_sizes=args.batch_sizes,
-        num_classes=args.num_classes,
-        optimizer=optimizer,
         runner_ups=args.runner_ups,
         runtime=args.runtime,
         program_memory=program_memory,

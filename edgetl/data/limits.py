@@ -6,7 +6,7 @@ than :data:`MAX_ASPECT_RATIO` times the shorter. A file of a few hundred bytes c
 1 x 1,000,000 PNG; and since evaluation resizes the shorter side to the input size, a strip one
 pixel high grows by its whole length (1 x 65535 at 224 px: 256 x 16.8 million pixels, 12 GiB):
 the ratio bounds what any accepted image becomes. The device runner
-(``deploy/native/src/image.cpp``) applies the same numbers.
+(``deploy/native/src/image_decode.cpp``) applies the same numbers.
 """
 
 from __future__ import annotations

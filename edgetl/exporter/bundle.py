@@ -45,29 +45,44 @@ TRAIN_PTE = "train.pte"
 TRAIN_PTD = "train.ptd"
 
 
-#: the line of ``manifest.json`` holding its own checksum (a top-level key, never the last one)
-_SEAL = re.compile(rb'^  "manifest_sha256": "([0-9a-f]{64})",\n', re.MULTILINE)
+SEAL = "manifest_sha256"
+#: the seal of bundles that hashed the file's bytes without the seal's line (still accepted)
+_LINE_SEAL = re.compile(rb'^  "manifest_sha256": "([0-9a-f]{64})",\n', re.MULTILINE)
+
+
+def canonical_bytes(data: dict) -> bytes:
+    """What the seal hashes: ``data`` without ``manifest_sha256``, keys sorted, no whitespace
+    (``deploy/native/src/bundle.cpp`` builds the same bytes from the file's tokens), so
+    reindenting the file keeps the seal and editing a value breaks it."""
+    unsealed = {k: v for k, v in data.items() if k != SEAL}
+    return json.dumps(unsealed, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def manifest_bytes(data: dict) -> bytes:
-    """``manifest.json``'s bytes for ``data``, sealed: ``manifest_sha256`` is the sha256 of these
-    bytes without that line (``json.dumps(indent=2, sort_keys=True)``), which is what
-    :meth:`ExportBundle.load` and the device runner (``deploy/native/src/bundle.cpp``) check."""
-    data = {k: v for k, v in data.items() if k != "manifest_sha256"}
-    unsealed = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-    data["manifest_sha256"] = sha256_bytes(unsealed)
-    sealed = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-    assert unseal(sealed) == (data["manifest_sha256"], data["manifest_sha256"])
-    return sealed
+    """``manifest.json``'s bytes for ``data`` (indented for people), sealed: ``manifest_sha256``
+    is the sha256 of :func:`canonical_bytes`, which :meth:`ExportBundle.load` and the device runner
+    check."""
+    sealed = {**data, SEAL: sha256_bytes(canonical_bytes(data))}
+    return (json.dumps(sealed, indent=2, sort_keys=True, ensure_ascii=True) + "\n").encode()
 
 
 def unseal(text: bytes) -> tuple[str | None, str | None]:
-    """``(recorded, actual)`` checksum of ``manifest.json``'s bytes; ``(None, None)`` without one."""
-    found = list(_SEAL.finditer(text))
-    if len(found) != 1:
+    """``(recorded, actual)`` seal of ``manifest.json``'s bytes; ``(None, None)`` without one. The
+    actual seal is the canonical form's, or the older line seal's when that one matches."""
+    try:
+        data = json.loads(text)
+    except ValueError:
         return None, None
-    m = found[0]
-    return m.group(1).decode(), sha256_bytes(text[: m.start()] + text[m.end() :])
+    recorded = data.get(SEAL) if isinstance(data, dict) else None
+    if not isinstance(recorded, str):
+        return None, None
+    actual = sha256_bytes(canonical_bytes(data))
+    lines = list(_LINE_SEAL.finditer(text))
+    if actual != recorded and len(lines) == 1:
+        m = lines[0]
+        if sha256_bytes(text[: m.start()] + text[m.end() :]) == recorded:
+            return recorded, recorded
+    return recorded, actual
 
 
 @dataclass

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from edgetl.exporter.errors import ExportError
+
+if TYPE_CHECKING:
+    from edgetl.train.config import FinetuneConfig
 
 #: ``ExportConfig.quantize`` values: ``"none"`` exports float32 programs (the default), ``"int8"``
 #: PT2E-quantized XNNPACK programs (``model.pte`` and, with ``training``, ``bottom.pte``)
@@ -71,6 +74,13 @@ class ExportConfig:
         for ok, message in checks:
             if not ok:
                 raise ExportError(message)
+
+    @classmethod
+    def for_run(cls, run: FinetuneConfig | None, **overrides: Any) -> ExportConfig:
+        """The export settings of a run: its image and batch size (this type's defaults for a bare
+        weights file), with ``overrides`` that are not None replacing fields."""
+        base = cls(image_size=run.image_size, batch_size=run.batch_size) if run is not None else cls()
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,23 +19,16 @@ int8 exports; absent sections are left out of the JSON.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgetl._files import plain_name
+from edgetl._typed_json import Misfit, dump, load, optional, schema
 from edgetl.exporter._executorch import TensorSlot
 from edgetl.exporter.errors import ExportError
 
 #: the bundle format this exporter writes and the runner reads
 FORMAT = "edgetl-bundle/1"
-
-
-def _optional() -> Any:
-    """A section that may be absent: None in the type, no key in the JSON."""
-    return field(default=None, metadata={"optional": True})
 
 
 @dataclass(frozen=True)
@@ -45,7 +38,7 @@ class TensorSpec:
     name: str
     shape: list[int]
     dtype: str
-    layout: str | None = _optional()
+    layout: str | None = optional()
 
 
 @dataclass(frozen=True)
@@ -109,7 +102,7 @@ class Method:
 
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    then: str | None = _optional()
+    then: str | None = optional()
 
 
 @dataclass(frozen=True)
@@ -157,8 +150,8 @@ class Programs:
     """The bundle's programs; ``bottom`` and ``training`` come with a training export."""
 
     inference: XnnpackProgram
-    bottom: XnnpackProgram | None = _optional()
-    training: TrainingProgram | None = _optional()
+    bottom: XnnpackProgram | None = optional()
+    training: TrainingProgram | None = optional()
 
 
 @dataclass(frozen=True)
@@ -178,8 +171,8 @@ class TrainingCheck:
     tolerance: dict[str, float]
     #: with the program's masks replayed in eager (when the plain comparison disagreed): mask
     #: elements that differ between the two, and the largest input difference at one of them
-    mask_flips: int | None = _optional()
-    mask_flip_max_abs_diff: float | None = _optional()
+    mask_flips: int | None = optional()
+    mask_flip_max_abs_diff: float | None = optional()
 
 
 @dataclass(frozen=True)
@@ -187,8 +180,8 @@ class Verification:
     """What the export checked against eager PyTorch before accepting the programs."""
 
     inference_max_abs_diff: float
-    bottom_max_abs_diff: float | None = _optional()
-    training: TrainingCheck | None = _optional()
+    bottom_max_abs_diff: float | None = optional()
+    training: TrainingCheck | None = optional()
 
 
 @dataclass(frozen=True)
@@ -208,7 +201,7 @@ class MemoryFigures:
     #: the device runner's own resident set (binary + ExecuTorch's libraries): with the arena, the
     #: weights file and the momentum, the runner's fine-tuning need, checked against its memory
     #: limit before it starts (``edgetl.profiler.native``, ``deploy/native/src/memory.cpp``)
-    native_runtime_bytes: int | None = _optional()
+    native_runtime_bytes: int | None = optional()
 
 
 @dataclass(frozen=True)
@@ -274,27 +267,27 @@ class Manifest:
     runtime: RuntimeInfo
     programs: Programs
     verification: Verification
-    memory: MemoryFigures | None = _optional()
+    memory: MemoryFigures | None = optional()
     #: int8 exports only (absent: every program is float32)
-    quantization: Quantization | None = _optional()
+    quantization: Quantization | None = optional()
     format: str = FORMAT
     #: every file of the bundle but the manifest, by name (filled in when the bundle is committed)
     files: dict[str, FileEntry] = field(default_factory=dict)
-    #: sha256 of ``manifest.json``'s bytes without this field's line (filled in when the bundle is
+    #: sha256 of the manifest's canonical form (filled in when the bundle is
     #: committed, see :func:`edgetl.exporter.bundle.manifest_bytes`): a hand-edited manifest is
     #: detected, and the value names the bundle (the device binds its training state to it)
-    manifest_sha256: str | None = _optional()
+    manifest_sha256: str | None = optional()
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object ``manifest.json`` holds."""
-        return _dump(self)
+        return dump(self)
 
     @classmethod
     def from_json(cls, data: Any, *, source: str = "manifest.json") -> Manifest:
         """Read the JSON object of ``manifest.json``; :class:`ExportError` when it does not fit."""
         try:
-            manifest = _load(cls, data, "")
-        except _Misfit as exc:
+            manifest = load(cls, data)
+        except Misfit as exc:
             raise ExportError(f"{source} is damaged or from another edgetl: {exc}") from None
         manifest.check_names(source)
         return manifest
@@ -317,56 +310,6 @@ class Manifest:
             plain_name(name, f"{source}: {key}", ExportError)
 
 
-class _Misfit(Exception):
-    """Where the JSON does not fit the type."""
-
-
-def _dump(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {
-            f.name: _dump(getattr(value, f.name))
-            for f in dataclasses.fields(value)
-            if not (f.metadata.get("optional") and getattr(value, f.name) is None)
-        }
-    if isinstance(value, dict):
-        return {k: _dump(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_dump(v) for v in value]
-    return value
-
-
-def _load(tp: Any, data: Any, where: str) -> Any:
-    """``data`` (parsed JSON) as type ``tp``: dataclasses, list/tuple/dict of them, optionals, scalars."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(data, dict):
-            raise _Misfit(f"{where or 'the top level'} is not an object")
-        hints = typing.get_type_hints(tp)
-        values = {}
-        for f in dataclasses.fields(tp):
-            path = f"{where}.{f.name}" if where else f.name
-            if f.name in data:
-                values[f.name] = _load(hints[f.name], data[f.name], path)
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise _Misfit(f"{path} is missing")
-        return tp(**values)
-    if origin is types.UnionType:  # X | None
-        if data is None:
-            return None
-        return _load(next(a for a in args if a is not type(None)), data, where)
-    if origin is list or origin is tuple:
-        if not isinstance(data, list):
-            raise _Misfit(f"{where} is not a list")
-        items = [_load(args[0], v, f"{where}[{i}]") for i, v in enumerate(data)]
-        return items if origin is list else tuple(items)
-    if origin is dict:
-        if not isinstance(data, dict):
-            raise _Misfit(f"{where} is not an object")
-        return {str(k): _load(args[1], v, f"{where}.{k}") for k, v in data.items()}
-    if tp is Any:
-        return data
-    if tp is float and isinstance(data, int | float) and not isinstance(data, bool):
-        return float(data)
-    if tp in (int, str, bool) and type(data) is tp:
-        return data
-    raise _Misfit(f"{where} is {data!r}, not {getattr(tp, '__name__', tp)}")
+def manifest_schema() -> dict[str, Any]:
+    """The JSON Schema of ``manifest.json`` (``deploy/schema/manifest.schema.json`` holds it)."""
+    return schema(Manifest, title="edgetl bundle manifest (manifest.json)", consts={"format": FORMAT})

@@ -3,13 +3,13 @@ weights a device trained (a ``.ptd``) over a state dict."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from edgetl._device_state import DeviceStateError, read_state
 from edgetl._files import plain_name
 from edgetl.errors import EdgetlError
 from edgetl.exporter import _executorch as et
@@ -82,31 +82,24 @@ def device_weights_file(path: str | Path, *, model_name: str, classes: Sequence[
     if not state_file.is_file():
         return path
     try:
-        state = json.loads(state_file.read_text())
-        if not isinstance(state, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ExportError(f"cannot read {state_file}: {exc}") from None
+        state = read_state(state_file)
+    except DeviceStateError as exc:
+        raise ExportError(f"{exc} (written by another edgetl-device?): fine-tune again with this edgetl-device") from None
     what = f"device weights {path} (per {state_file})"
-    if "classes" not in state or "model" not in state:
-        raise ExportError(
-            f"{state_file} records no model and classes (written by an older edgetl-device), so they cannot be checked; "
-            "fine-tune again with this edgetl-device"
-        )
-    if state["model"] != model_name:
-        raise ExportError(f"{what} were trained for {state['model']}, the checkpoint is {model_name}")
-    if classes is not None and list(state["classes"]) != list(classes):
-        raise ExportError(f"{what} were trained for the classes {state['classes']}, the checkpoint has {list(classes)}")
+    if state.model != model_name:
+        raise ExportError(f"{what} were trained for {state.model}, the checkpoint is {model_name}")
+    if classes is not None and state.classes != list(classes):
+        raise ExportError(f"{what} were trained for the classes {state.classes}, the checkpoint has {list(classes)}")
     if path.is_dir():
-        name = state.get("weights")
+        name = state.weights
         if name is None:
             raise ExportError(f"{path} holds no trained weights yet (state.json names none): run edgetl-device finetune first")
         path = path / plain_name(name, f"{state_file}: weights", ExportError)
         if not path.is_file():
             raise ExportError(f"{state_file} names {path}, which is missing")
-    if path.name in (state.get("weights"), "trained.ptd"):  # the weights state.json records (trained.ptd: a link to them)
-        recorded = state.get("weights_sha256")
-        if not isinstance(recorded, str):
+    if path.name in (state.weights, "trained.ptd"):  # the weights state.json records (trained.ptd: a link to them)
+        recorded = state.weights_sha256
+        if recorded is None:
             raise ExportError(f"{state_file} records no weights_sha256 (written by an older edgetl-device): fine-tune again")
         if sha256_file(path) != recorded:
             raise ExportError(f"device weights {path} are damaged (sha256 mismatch with {state_file}); the device keeps no earlier epoch")

@@ -2,7 +2,7 @@
 
 A real fleet runs ``flower-superlink`` on the server, ``flower-supernode`` on each device (a
 Raspberry Pi: its own ``data`` and ``device`` profile in ``--node-config``) and submits the app
-written by :func:`write_app` with ``flwr run`` (README, "Fleet fine-tuning"). :class:`LocalFleet`
+written by :func:`write_app` with ``flwr run`` (docs/fleet.md). :class:`LocalFleet`
 does the same with every process on this machine on loopback ports: the tests and
 ``edgetl fleet run --engine local`` use it. Flower 1.42's SuperLink serves its Fleet, Control and
 runtime APIs over HTTP on one port (earlier versions used gRPC on three).

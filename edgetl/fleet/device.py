@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetl._device_state import read_state
 from edgetl._files import plain_name
 from edgetl._rss import peak_rss_bytes
 from edgetl.errors import EdgetlError
@@ -149,19 +150,19 @@ class DeviceClient:
             args = ["finetune", self.bundle, data, "--state", state, "--epochs", str(epochs), "--seed", str(seed)]
             self.run(*args, *(["--lr", repr(lr)] if lr is not None else []), timeout=timeout)
             trained = self.read_weights(state, work)
-            last = json.loads((state / "state.json").read_text())["history"][-1]
+            last = read_state(state).history[-1]
         bad = [name for name, value in trained.items() if not np.isfinite(value).all()]
         if bad:
             raise DeviceClientError(f"local training diverged: non-finite weights in {bad[0]}")
         return RoundResult(
             arrays=trained,
-            num_examples=int(last["images"]),
-            train_loss=float(last["loss"]),
-            train_acc=float(last["accuracy"]),
+            num_examples=last.images,
+            train_loss=last.loss,
+            train_acc=last.accuracy,
             seconds=time.perf_counter() - t0,
             # the device held both at once: this ClientApp process and the runner (its own VmHWM,
             # recorded per epoch; the kernel's child rusage would count the parent's pages at exec)
-            peak_rss_bytes=peak_rss_bytes() + int(last["peak_rss_bytes"]),
+            peak_rss_bytes=peak_rss_bytes() + last.peak_rss_bytes,
         )
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], val: str) -> tuple[float, float, int]:

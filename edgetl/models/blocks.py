@@ -26,6 +26,7 @@ from torchvision.ops import SqueezeExcitation, StochasticDepth
 
 from edgetl.nn.layers import SamePad2d, ShiftOnlyNorm, activation_kind
 
+#: torchvision's inverted-residual blocks: forward is ``body(x)`` (+ ``x`` with ``use_res_connect``)
 IRB_TYPES: tuple[type[nn.Module], ...] = (
     mobilenetv2.InvertedResidual,
     mobilenetv3.InvertedResidual,

@@ -43,12 +43,13 @@ from torchvision.ops import SqueezeExcitation, StochasticDepth
 
 from edgetl.errors import ConfigError, WeightsError
 from edgetl.models import lite0
+from edgetl.models.blocks import TIMM_IRB_NAMES
 from edgetl.nn.layers import SamePad2d, activation_kind
 
 PREFIX = "timm:"
 INSTALL_HINT = "pip install 'edgetl[timm]' (or: pip install timm)"
 #: timm's block classes edgetl trains under MobileTL (one K each), and the plain conv stage it trains in full
-BLOCK_TYPES = ("DepthwiseSeparableConv", "InvertedResidual", "UniversalInvertedResidual", "EdgeResidual")
+BLOCK_TYPES = TIMM_IRB_NAMES
 STAGE_TYPES = ("ConvBnAct",)
 #: the models the issue names, each tested end to end (any other timm model built from these blocks works too)
 TESTED = (

@@ -41,8 +41,8 @@ import functools
 import torch
 from torch import Tensor, nn
 
-#: ``TrainPolicy.saved_precision`` values these convs implement ("fp32" is the plain conv)
-COMPRESSED_PRECISIONS = ("bf16", "int8")
+from edgetl.nn.choices import COMPRESSED_PRECISIONS
+
 INT8_MAX = 127
 #: the most fp32 bytes one chunk of a stored input takes while backward decompresses it (at least
 #: one image a chunk): a byte limit rather than a number of chunks, so the small maps of small
@@ -50,7 +50,7 @@ INT8_MAX = 127
 #: benchmarks/decompress_chunks.py (int8, whole training steps, limits alternating, median step time
 #: to the whole batch in one chunk): MobileNetV3-Large K=5 b=8 224 px 1.010 (512 KiB 1.038, one
 #: image a chunk 1.085), Lite0 K=8 b=32 64 px 1.012 (512 KiB 1.030, one image 1.433: the many tiny
-#: calls); the 4.0 MiB map at 224 px is then held 0.5 MiB at a time. See README, "Backward
+#: calls); the 4.0 MiB map at 224 px is then held 0.5 MiB at a time. See docs/memory.md, "Backward
 #: decompresses in chunks".
 DECOMPRESS_CHUNK_BYTES = 2**20
 

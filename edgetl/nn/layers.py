@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from edgetl.nn import ops
+from edgetl.nn.choices import ACTIVATION_MASKS
 
 
 class ShiftOnlyNorm(nn.Module):
@@ -71,8 +72,8 @@ class MaskedActivation(nn.Module):
         super().__init__()
         if kind not in ops.ACTIVATION_KINDS:
             raise ValueError(f"unknown activation kind {kind!r}; expected one of {ops.ACTIVATION_KINDS}")
-        if mask not in ("reuse", "packed"):
-            raise ValueError(f"unknown activation mask storage {mask!r}; expected 'reuse' or 'packed'")
+        if mask not in ACTIVATION_MASKS:
+            raise ValueError(f"unknown activation mask storage {mask!r}; expected one of {ACTIVATION_MASKS}")
         self.kind = kind
         self.rule = rule
         self.mask = "reuse" if kind in ops.GATE_KINDS else mask

@@ -28,11 +28,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from edgetl.nn.choices import ACTIVATION_GRADS
+
 #: Activation kinds edgetl knows, by the name used in the operators' ``kind`` argument.
 ACTIVATION_KINDS = ("relu", "relu6", "hardswish", "silu", "hardsigmoid", "sigmoid")
 #: Kinds used as squeeze-excitation gates: always exact, derivative from the output.
 GATE_KINDS = frozenset({"hardsigmoid", "sigmoid"})
-GRAD_RULES = ("sign", "exact")
+GRAD_RULES = ACTIVATION_GRADS
 
 
 def _bit_weights(device: torch.device) -> Tensor:

@@ -34,12 +34,15 @@ from edgetl.profiler.device import DeviceProfile, load_device
 from edgetl.profiler.estimate import StepPeakEstimate, predict_step_peak, trainable_shapes_problem
 from edgetl.profiler.native import NativePeakEstimate, ProgramMemory, predict_native_peak
 from edgetl.profiler.predict import predict_units
+from edgetl.profiler.settings import StepSettings
 from edgetl.profiler.step_time import StepTimeEstimate, predict_native_step_time, step_work
 from edgetl.train.optim import check_optimizer, state_floats
 from edgetl.train.policy import METHODS, TrainPolicy
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 RUNTIMES = ("eager", "native")
+#: the only optimizer edgetl-device runs (SGD with momentum)
+NATIVE_OPTIMIZER = "sgd"
 #: the batch sizes at which the native runtime's program memory is emitted (then extrapolated)
 NATIVE_ANCHORS = (2, 4)
 #: step time of each memory option relative to the step without it (multiplied when combined),
@@ -220,11 +223,11 @@ def plan(
     device: DeviceProfile | str | os.PathLike,
     model: str | nn.Module,
     *,
-    image_size: int = 224,
+    image_size: int = StepSettings.image_size,
     method: str = "mobiletl",
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-    num_classes: int = 1000,
-    optimizer: str = "adam",
+    num_classes: int = StepSettings.num_classes,
+    optimizer: str | None = None,
     runner_ups: int = 4,
     min_blocks: int = 1,
     max_blocks: int | None = None,
@@ -246,7 +249,8 @@ def plan(
         method: ``"mobiletl"`` or ``"vanilla"``.
         batch_sizes: the candidate batch sizes.
         num_classes: classifier outputs (it sizes the head's parameters and optimizer state).
-        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (with momentum; the native runtime's only one).
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (with momentum; the native runtime's only one);
+            None: :data:`NATIVE_OPTIMIZER` for the native runtime, ``StepSettings.optimizer`` otherwise.
         runner_ups: how many next-best configurations to list.
         min_blocks: the smallest K considered (0 admits the classifier-only linear probe).
         max_blocks: the largest K considered (default: all blocks), e.g. to bound the training
@@ -271,14 +275,16 @@ def plan(
     profile = device if isinstance(device, DeviceProfile) else load_device(device)
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if optimizer is None:
+        optimizer = NATIVE_OPTIMIZER if runtime == "native" else StepSettings.optimizer
     check_optimizer(optimizer)
     if runtime not in RUNTIMES:
         raise ConfigError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
     if runtime == "native":
         if program_memory is None:
             raise ConfigError("the native runtime needs program_memory (the exporter's memory plan of the training program)")
-        if optimizer != "sgd":
-            raise ConfigError("the native runtime trains with SGD: use optimizer 'sgd'")
+        if optimizer != NATIVE_OPTIMIZER:
+            raise ConfigError(f"the native runtime trains with SGD: use optimizer {NATIVE_OPTIMIZER!r}")
         if images < 1:
             raise ConfigError(f"images must be >= 1, got {images}")
     sizes = sorted({int(b) for b in batch_sizes}, reverse=True)

@@ -28,6 +28,7 @@ from edgetl._allocator import DEFAULT as DEFAULT_ALLOCATOR
 from edgetl._allocator import resolve as resolve_allocator
 from edgetl.errors import ConfigError, EdgetlError
 from edgetl.profiler.estimate import predict_step_peak
+from edgetl.profiler.settings import StepSettings
 from edgetl.train.optim import check_optimizer
 from edgetl.train.policy import TrainPolicy
 
@@ -69,7 +70,7 @@ class ProcessPeak:
     platform: str
     step_seconds: float = 0.0  # median wall time of the steps after the first (the first allocates state)
     warm_rss: int = 0
-    allocator: str = "glibc"  # the malloc the child ran on (edgetl._allocator.active)
+    allocator: str = DEFAULT_ALLOCATOR  # the malloc the child ran on (edgetl._allocator.active)
 
     @property
     def warm_delta(self) -> int:
@@ -111,8 +112,8 @@ def measure_process_peak(
     *,
     batch_size: int,
     image_size: int,
-    num_classes: int = 1000,
-    optimizer: str = "adam",
+    num_classes: int = StepSettings.num_classes,
+    optimizer: str = StepSettings.optimizer,
     steps: int = 2,
     timeout: float = 600.0,
     allocator: str = DEFAULT_ALLOCATOR,

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgetl._allocator import DEFAULT as DEFAULT_ALLOCATOR
 from edgetl._format import format_size
 from edgetl._rss import available_memory_bytes
 from edgetl.errors import ConfigError
@@ -48,6 +49,7 @@ from edgetl.profiler.estimate import (
 from edgetl.profiler.measure import UnitMeasurement, measure_saved_bytes
 from edgetl.profiler.predict import UnitPrediction, predict_units
 from edgetl.profiler.process_peak import ProcessPeak
+from edgetl.profiler.settings import StepSettings
 from edgetl.profiler.units import HEAD, head_layers, unit_layers
 from edgetl.train.optim import check_optimizer, state_floats
 from edgetl.train.policy import METHODS, TrainPolicy, uses_mobiletl
@@ -182,15 +184,6 @@ class MemoryReport:
         """:meth:`to_dict` as JSON text."""
         return json.dumps(self.to_dict(), indent=indent)
 
-    def render(self, *, collapse_frozen: bool = True) -> str:
-        """The report as a text table (:func:`edgetl.profiler.render.render_report`)."""
-        from edgetl.profiler.render import render_report  # it reads this module's types
-
-        return render_report(self, collapse_frozen=collapse_frozen)
-
-    def __str__(self) -> str:
-        return self.render()
-
 
 # --- building the report ---------------------------------------------------------------------------
 
@@ -275,10 +268,10 @@ def profile(
     *,
     batch_size: int,
     image_size: int,
-    num_classes: int = 1000,
-    optimizer: str = "adam",
+    num_classes: int = StepSettings.num_classes,
+    optimizer: str = StepSettings.optimizer,
     measure_process: bool = False,
-    allocator: str = "glibc",
+    allocator: str = DEFAULT_ALLOCATOR,
     seed: int = 0,
 ) -> MemoryReport:
     """Profile the memory of training the top ``policy.blocks`` blocks, vanilla and MobileTL.

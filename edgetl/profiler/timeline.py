@@ -18,10 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgetl._allocator import DEFAULT as DEFAULT_ALLOCATOR
 from edgetl._rss import current_rss_bytes
 from edgetl.models.zoo import load_model
 from edgetl.profiler._torch_memory import CATEGORIES, Recorder, Recording
 from edgetl.profiler.estimate import PHASES as STEP_PHASES
+from edgetl.profiler.settings import StepSettings
 from edgetl.train.optim import build_optimizer
 from edgetl.train.policy import TrainPolicy
 from edgetl.train.prepare import prepare
@@ -133,8 +135,8 @@ def measure_step_timeline(
     *,
     batch_size: int,
     image_size: int,
-    num_classes: int = 10,
-    optimizer: str = "adam",
+    num_classes: int = StepSettings.num_classes,
+    optimizer: str = StepSettings.optimizer,
     weights: str | None = None,
     seed: int = 0,
     runtime_rss: int = 0,
@@ -194,10 +196,10 @@ def measure_step_timelines(
     *,
     batch_size: int,
     image_size: int,
-    num_classes: int = 10,
-    optimizer: str = "adam",
+    num_classes: int = StepSettings.num_classes,
+    optimizer: str = StepSettings.optimizer,
     timeout: float = 900.0,
-    allocator: str = "glibc",
+    allocator: str = DEFAULT_ALLOCATOR,
 ) -> dict[str, StepTimeline]:
     """:func:`measure_step_timeline` for vanilla and MobileTL (``policy`` with each method), each in a
     fresh child process so the RSS figures are each method's own, on the ``malloc`` ``allocator``

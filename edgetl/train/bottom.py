@@ -23,10 +23,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 from torch import Tensor, nn
-from torchvision.models import efficientnet, mobilenetv2, mobilenetv3
+from torchvision.models import mobilenetv2
 
-#: torchvision's blocks whose forward is ``body(x)`` (+ ``x`` with ``use_res_connect``)
-_SEQUENTIAL_BLOCKS = (mobilenetv2.InvertedResidual, mobilenetv3.InvertedResidual, efficientnet.MBConv)
+from edgetl.models.blocks import IRB_TYPES
 
 
 def _is_plain_sequential(module: nn.Module) -> bool:
@@ -35,7 +34,7 @@ def _is_plain_sequential(module: nn.Module) -> bool:
 
 def _body(unit: nn.Module) -> nn.Sequential | None:
     """The layer sequence a torchvision block's forward runs, or None for any other unit."""
-    if type(unit) not in _SEQUENTIAL_BLOCKS:
+    if type(unit) not in IRB_TYPES:
         return None
     body = unit.conv if isinstance(unit, mobilenetv2.InvertedResidual) else unit.block
     return body if _is_plain_sequential(body) else None

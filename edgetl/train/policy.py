@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 from edgetl.errors import ConfigError
+from edgetl.nn.choices import ACTIVATION_GRADS, ACTIVATION_MASKS, SAVED_PRECISIONS
 
 if TYPE_CHECKING:  # the policy is data: reading one (a fleet's torch-free device client) loads no torch
     from torch import nn
@@ -17,9 +18,6 @@ ActivationMask = Literal["reuse", "packed"]
 SavedPrecision = Literal["fp32", "bf16", "int8"]
 
 METHODS: tuple[str, ...] = ("mobiletl", "vanilla")
-ACTIVATION_GRADS: tuple[str, ...] = ("sign", "exact")
-ACTIVATION_MASKS: tuple[str, ...] = ("reuse", "packed")
-SAVED_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
 
 
 @dataclass(frozen=True)

@@ -111,9 +111,7 @@ Tensor& exact_act_grad_out(KernelRuntimeContext& ctx, const Tensor& dy, const Te
   switch (code / 2) {
     case kRelu: map2(dyp, tp, dx, n, [](float g, float y) { return y > 0.0f ? g : 0.0f; }); break;
     case kRelu6: map2(dyp, tp, dx, n, [](float g, float x) { return x > 0.0f && x < 6.0f ? g : 0.0f; }); break;
-    case kHardswish:
-      map2(dyp, tp, dx, n, [](float g, float x) { return x <= -3.0f ? 0.0f : x < 3.0f ? g * (x / 3.0f + 0.5f) : g; });
-      break;
+    case kHardswish: map2(dyp, tp, dx, n, [](float g, float x) { return x <= -3.0f ? 0.0f : x < 3.0f ? g * (x / 3.0f + 0.5f) : g; }); break;
     case kSilu:
       map2(dyp, tp, dx, n, [](float g, float x) {
         const float s = 1.0f / (1.0f + std::exp(-x));

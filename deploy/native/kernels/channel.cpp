@@ -116,7 +116,8 @@ Tensor& channel_sumsq_out(KernelRuntimeContext& ctx, const Tensor& x, Tensor& ou
   if (!check(ctx, is_per_channel(out, x))) return out;
   const int64_t c = channels(x);
   const float* xp = x.const_data_ptr<float>();
-  channel_reduce(x.numel() / std::max<int64_t>(c, 1), c, out.mutable_data_ptr<float>(), [&](int64_t i) { return static_cast<double>(xp[i]) * xp[i]; });
+  channel_reduce(x.numel() / std::max<int64_t>(c, 1), c, out.mutable_data_ptr<float>(),
+                 [&](int64_t i) { return static_cast<double>(xp[i]) * xp[i]; });
   return out;
 }
 

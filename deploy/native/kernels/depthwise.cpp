@@ -88,8 +88,7 @@ EDGETL_CLONES void grad_input_row(const Geometry& g, const float* dyp, const flo
 
 // dL/dw's terms of output row r = (n, oy) for channels [c0, c0 + cn): row[tap][c] = sum over the
 // row's pixels of dy[c] x[c], in pixel order.
-EDGETL_CLONES void grad_weight_row(const Geometry& g, const float* dyp, const float* xp, int64_t c0, int64_t cn, int64_t r,
-                                   float* row) {
+EDGETL_CLONES void grad_weight_row(const Geometry& g, const float* dyp, const float* xp, int64_t c0, int64_t cn, int64_t r, float* row) {
   const int64_t n = r / g.ho, oy = r % g.ho;
   for (int64_t i = 0; i < g.k * g.k * cn; ++i) row[i] = 0.0f;
   for (int64_t ox = 0; ox < g.wo; ++ox) {
@@ -122,8 +121,8 @@ Tensor& depthwise_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
 }
 
 // dx[n, iy, ix, c] = sum over the (oy, ox, i, j) with oy*s + i - p = iy, ox*s + j - p = ix of dy * w
-Tensor& depthwise_grad_input_out(KernelRuntimeContext& ctx, const Tensor& dy, const Tensor& weight, int64_t h, int64_t w,
-                                 int64_t stride, int64_t padding, Tensor& out) {
+Tensor& depthwise_grad_input_out(KernelRuntimeContext& ctx, const Tensor& dy, const Tensor& weight, int64_t h, int64_t w, int64_t stride,
+                                 int64_t padding, Tensor& out) {
   if (!check(ctx, dy.dim() == 4 && out.dim() == 4 && out.size(1) == h && out.size(2) == w)) return out;
   const Geometry g{dy.size(0), h, w, dy.size(3), dy.size(1), dy.size(2), weight.size(3), stride, padding};
   const float* dyp = dy.const_data_ptr<float>();
@@ -134,8 +133,8 @@ Tensor& depthwise_grad_input_out(KernelRuntimeContext& ctx, const Tensor& dy, co
 }
 
 // dw[c, 0, i, j] = sum_{n, oy, ox} dy[n, oy, ox, c] * x[n, oy*s + i - p, ox*s + j - p, c]
-Tensor& depthwise_grad_weight_out(KernelRuntimeContext& ctx, const Tensor& dy, const Tensor& x, int64_t k, int64_t stride,
-                                  int64_t padding, Tensor& out) {
+Tensor& depthwise_grad_weight_out(KernelRuntimeContext& ctx, const Tensor& dy, const Tensor& x, int64_t k, int64_t stride, int64_t padding,
+                                  Tensor& out) {
   if (!check(ctx, dy.dim() == 4 && x.dim() == 4 && out.dim() == 4 && out.size(3) == k)) return out;
   const Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), dy.size(1), dy.size(2), k, stride, padding};
   const float* dyp = dy.const_data_ptr<float>();

@@ -41,8 +41,8 @@ __attribute__((always_inline)) inline v8 load8(const float* p) {
 __attribute__((always_inline)) inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
 
 // c[mr x nr] (+)= a_panel b_panel over kc: a_panel is kc x MR (a[p * MR + i]), b_panel kc x NR.
-__attribute__((always_inline)) inline void micro_tile(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
-                                                      int64_t mr, int64_t nr, bool accumulate) {
+__attribute__((always_inline)) inline void micro_tile(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mr,
+                                                      int64_t nr, bool accumulate) {
   v8 acc[MR][2];
   for (int64_t i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = v8{};
   for (int64_t p = 0; p < kc; ++p) {
@@ -74,8 +74,8 @@ __attribute__((always_inline)) inline void micro_tile(int64_t kc, const float* a
 
 // c[mc x nc] (+)= packed A block (mc x kc) times packed B block (kc x nc); the micro-kernel is
 // inlined into each clone, so it is compiled for that clone's instruction set.
-EDGETL_CLONES void block_product(int64_t mc, int64_t nc, int64_t kc, const float* pa, const float* pb, float* c,
-                                      int64_t ldc, bool accumulate) {
+EDGETL_CLONES void block_product(int64_t mc, int64_t nc, int64_t kc, const float* pa, const float* pb, float* c, int64_t ldc,
+                                 bool accumulate) {
   for (int64_t j = 0; j < nc; j += NR)
     for (int64_t i = 0; i < mc; i += MR)
       micro_tile(kc, pa + i * kc, pb + j * kc, c + i * ldc + j, ldc, std::min(MR, mc - i), std::min(NR, nc - j), accumulate);

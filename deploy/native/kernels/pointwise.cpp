@@ -30,8 +30,8 @@ Tensor& pointwise_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
                       out.size(0) == x.size(0) && out.size(1) == weight.size(0)))
     return out;
   const int64_t m = x.size(0), cin = x.size(1), cout = weight.size(0);
-  sgemm(m, cout, cin, {x.const_data_ptr<float>(), cin, false}, {weight.const_data_ptr<float>(), cin, true},
-        out.mutable_data_ptr<float>(), cout);
+  sgemm(m, cout, cin, {x.const_data_ptr<float>(), cin, false}, {weight.const_data_ptr<float>(), cin, true}, out.mutable_data_ptr<float>(),
+        cout);
   return out;
 }
 
@@ -50,8 +50,8 @@ Tensor& pointwise_grad_weight_out(KernelRuntimeContext& ctx, const Tensor& dy, c
                       out.size(0) == dy.size(1) && out.size(1) == x.size(1)))
     return out;
   const int64_t m = dy.size(0), cout = dy.size(1), cin = x.size(1);
-  sgemm(cout, cin, m, {dy.const_data_ptr<float>(), cout, true}, {x.const_data_ptr<float>(), cin, false},
-        out.mutable_data_ptr<float>(), cin);
+  sgemm(cout, cin, m, {dy.const_data_ptr<float>(), cout, true}, {x.const_data_ptr<float>(), cin, false}, out.mutable_data_ptr<float>(),
+        cin);
   return out;
 }
 

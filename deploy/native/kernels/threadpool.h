@@ -27,6 +27,11 @@ namespace edgetl_kernels {
 // number of threads.
 inline size_t thread_count() { return ::executorch::extension::threadpool::get_threadpool()->get_thread_count(); }
 
+// Resize the shared pool to n threads. ExecuTorch marks this member unsafe (not to be called while
+// the pool runs work): the runner calls it once, before it loads any program, and it is the only
+// way to size the pool that XNNPACK and these kernels share, so it is reached here and nowhere else.
+inline void set_thread_count(uint32_t n) { ::executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(n); }
+
 template <typename F>
 void parallel_for(size_t range, F&& fn) {
   if (range == 0) return;

@@ -1,8 +1,11 @@
 #include "bundle.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cstdlib>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "build_info.h"
 #include "files.h"
@@ -11,17 +14,95 @@ namespace edgetl {
 
 namespace {
 constexpr const char* kFormat = "edgetl-bundle/1";
+constexpr const char* kSeal = "manifest_sha256";
 const std::string kSealKey = "  \"manifest_sha256\": \"";
 
-// [begin, end) of the line `  "manifest_sha256": "<64 hex>",\n` at the top level of `text`; npos when absent.
-std::pair<size_t, size_t> manifest_field(const std::string& text) {
+// What the seal hashes (edgetl/exporter/bundle.py canonical_bytes): the manifest's tokens without the
+// whitespace between them, every object's members sorted by key, the top-level seal left out. Numbers
+// and strings are kept as the exporter wrote them (re-printing a float could change its digits).
+class Canonical {
+ public:
+  explicit Canonical(const std::string& text) : s_(text) {}
+  // Empty when the text is not one JSON value (nlohmann has parsed it already: not expected).
+  std::string form() {
+    std::string out;
+    if (!value(out, true)) return "";
+    skip_space();
+    return i_ == s_.size() ? out : "";
+  }
+
+ private:
+  void skip_space() {
+    while (i_ < s_.size() && (s_[i_] == ' ' || s_[i_] == '\n' || s_[i_] == '\r' || s_[i_] == '\t')) ++i_;
+  }
+  bool at(char c) {
+    skip_space();
+    if (i_ < s_.size() && s_[i_] == c) return ++i_, true;
+    return false;
+  }
+  bool string(std::string& out) {
+    const size_t begin = i_++;
+    while (i_ < s_.size() && s_[i_] != '"') i_ += s_[i_] == '\\' ? 2 : 1;
+    if (i_ >= s_.size()) return false;
+    out.append(s_, begin, ++i_ - begin);
+    return true;
+  }
+  bool value(std::string& out, bool top) {
+    skip_space();
+    if (i_ >= s_.size()) return false;
+    if (at('{')) {
+      std::vector<std::pair<std::string, std::string>> members;  // "key" (quoted), value
+      if (!at('}')) {
+        do {
+          std::string key, val;
+          if (!at('"')) return false;
+          --i_;
+          if (!string(key) || !at(':') || !value(val, false)) return false;
+          if (!(top && key == std::string("\"") + kSeal + "\"")) members.emplace_back(std::move(key), std::move(val));
+        } while (at(','));
+        if (!at('}')) return false;
+      }
+      // by the key's characters, not its quotes: "a" before "a b", as Python's sort_keys orders them
+      std::sort(members.begin(), members.end(),
+                [](const auto& a, const auto& b) { return a.first.compare(1, a.first.size() - 2, b.first, 1, b.first.size() - 2) < 0; });
+      out += '{';
+      for (size_t k = 0; k < members.size(); ++k) out += (k ? "," : "") + members[k].first + ":" + members[k].second;
+      out += '}';
+      return true;
+    }
+    if (at('[')) {
+      out += '[';
+      if (!at(']')) {
+        bool first = true;
+        do {
+          if (!first) out += ',';
+          first = false;
+          if (!value(out, false)) return false;
+        } while (at(','));
+        if (!at(']')) return false;
+      }
+      out += ']';
+      return true;
+    }
+    if (s_[i_] == '"') return string(out);
+    const size_t begin = i_;  // a number, true, false or null
+    while (i_ < s_.size() && std::string(",:]} \n\r\t").find(s_[i_]) == std::string::npos) ++i_;
+    out.append(s_, begin, i_ - begin);
+    return i_ > begin;
+  }
+
+  const std::string& s_;
+  size_t i_ = 0;
+};
+
+// The seal of bundles exported before the canonical form: the sha256 of the file's bytes without the
+// line `  "manifest_sha256": "<64 hex>",\n`; empty when the file has no such line.
+std::string line_sealed(const std::string& text) {
   const size_t at = text.find("\n" + kSealKey);
-  if (at == std::string::npos) return {std::string::npos, 0};
+  if (at == std::string::npos) return "";
   const size_t begin = at + 1, end = begin + kSealKey.size() + 64;
-  if (text.compare(end, 3, "\",\n") != 0) return {std::string::npos, 0};
-  for (size_t i = begin + kSealKey.size(); i < end; ++i)
-    if (!std::isxdigit(static_cast<unsigned char>(text[i]))) return {std::string::npos, 0};
-  return {begin, end + 3};
+  if (text.compare(end, 3, "\",\n") != 0) return "";
+  return sha256_bytes(text.substr(0, begin) + text.substr(end + 3));
 }
 
 // nlohmann's exceptions name a JSON pointer, not the file: say which manifest is malformed.
@@ -33,15 +114,20 @@ auto field(const std::string& manifest_path, const char* what, F get) -> decltyp
     throw DeviceError(manifest_path + " is not a valid edgetl manifest (" + what + ": " + e.what() + ")");
   }
 }
-// The exporter seals manifest.json: its "manifest_sha256" is the sha256 of the file's bytes without
-// that line (edgetl/exporter/bundle.py manifest_bytes). A hand edit (two classes swapped) breaks it.
-void check_seal(const std::string& mpath, const std::string& text) {
-  const auto it = manifest_field(text);
-  if (it.first == std::string::npos)
+// nlohmann converts 4.5 to 4 for get<int>(): a size must be written as an integer.
+int integer(const nlohmann::json& j, const std::string& mpath, const char* key) {
+  if (!j.is_number_integer())
+    throw DeviceError(mpath + " is not a valid edgetl manifest (" + key + " is " + j.dump() + ", not an integer)");
+  return j.get<int>();
+}
+
+// The exporter seals manifest.json: its "manifest_sha256" is the sha256 of its canonical form
+// (Canonical above). A hand edit (two classes swapped) breaks it; reindenting the file does not.
+void check_seal(const std::string& mpath, const std::string& text, const nlohmann::json& manifest) {
+  if (!manifest.contains(kSeal) || !manifest[kSeal].is_string())
     throw DeviceError(mpath + " has no manifest_sha256 (exported by an older edgetl, or edited): export the bundle again");
-  const std::string recorded = text.substr(it.first + kSealKey.size(), 64);
-  const std::string unsealed = text.substr(0, it.first) + text.substr(it.second);
-  if (sha256_bytes(unsealed) != recorded)
+  const std::string recorded = manifest[kSeal].get<std::string>();
+  if (sha256_bytes(Canonical(text).form()) != recorded && line_sealed(text) != recorded)
     throw DeviceError(mpath + " was modified after export (it does not match its manifest_sha256): export the bundle again");
 }
 }  // namespace
@@ -66,7 +152,7 @@ Bundle::Bundle(const std::string& path) : dir(path) {
   if (!manifest.is_object() || manifest.value("format", "") != kFormat)
     throw DeviceError(mpath + " has format '" + (manifest.is_object() ? manifest.value("format", "") : "") + "', this runner reads '" +
                       kFormat + "'");
-  check_seal(mpath, text);
+  check_seal(mpath, text, manifest);
   field(mpath, "runtime", [&] {
     check_runtime_series(manifest.at("runtime").at("executorch_series").get<std::string>(), mpath);
     return 0;
@@ -85,9 +171,9 @@ Bundle::Bundle(const std::string& path) : dir(path) {
     model_name = manifest.at("model").at("name").get<std::string>();
     manifest_sha256 = manifest.at("manifest_sha256").get<std::string>();
     const auto& in = manifest.at("input");
-    input.image_size = in.at("image_size").get<int>();
-    input.resize_short_side = in.at("resize_short_side").get<int>();
-    std::string interp = in.value("interpolation", "bilinear");
+    input.image_size = integer(in.at("image_size"), mpath, "input.image_size");
+    input.resize_short_side = integer(in.at("resize_short_side"), mpath, "input.resize_short_side");
+    const std::string interp = in.at("interpolation").get<std::string>();  // required: the exporter always states it
     if (interp != "bilinear" && interp != "bicubic") throw DeviceError("unsupported interpolation '" + interp + "' in " + mpath);
     input.interpolation = interp == "bicubic" ? Interpolation::Bicubic : Interpolation::Bilinear;
     for (int c = 0; c < 3; ++c) {
@@ -105,13 +191,14 @@ Bundle::Bundle(const std::string& path) : dir(path) {
     const auto& t = programs.at("training");
     training_.pte = listed_file(mpath, t.at("file").get<std::string>(), "programs.training.file");
     training_.ptd = listed_file(mpath, t.at("data").get<std::string>(), "programs.training.data");
-    training_.batch_size = t.at("batch_size").get<int>();
+    training_.batch_size = integer(t.at("batch_size"), mpath, "programs.training.batch_size");
     training_.feature_shape = t.at("methods").at("forward").at("inputs").at(0).at("shape").get<std::vector<int64_t>>();
     training_.trainable_parameters = t.at("trainable_parameters").get<std::vector<std::string>>();
     training_.buffers = t.at("buffers").get<std::vector<std::string>>();
     for (const auto& [name, s] : t.at("weights_layout").items())  // export-weights writes NAME.npy
-      training_.weights_layout[plain_name(name, mpath + ": programs.training.weights_layout")] = {s.at("offset").get<uint64_t>(), s.at("nbytes").get<uint64_t>(), s.at("dtype").get<std::string>(),
-                                        s.at("shape").get<std::vector<int64_t>>()};
+      training_.weights_layout[plain_name(name, mpath + ": programs.training.weights_layout")] = {
+          s.at("offset").get<uint64_t>(), s.at("nbytes").get<uint64_t>(), s.at("dtype").get<std::string>(),
+          s.at("shape").get<std::vector<int64_t>>()};
     const auto& o = t.at("optimizer");
     training_.optimizer = {o.at("lr").get<double>(), o.value("momentum", 0.0), o.value("dampening", 0.0), o.value("weight_decay", 0.0),
                            o.value("nesterov", false)};

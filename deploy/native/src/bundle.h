@@ -28,7 +28,7 @@ struct SgdOptions {
 struct TrainingSpec {
   std::string pte, ptd;  // file names inside the bundle
   int batch_size = 0;
-  std::vector<int64_t> feature_shape;           // N x C x H x W, N = batch_size
+  std::vector<int64_t> feature_shape;             // N x C x H x W, N = batch_size
   std::vector<std::string> trainable_parameters;  // in the program's order
   std::vector<std::string> buffers;               // running statistics, in forward's output order
   std::map<std::string, TensorSlot> weights_layout;
@@ -43,7 +43,7 @@ class Bundle {
   explicit Bundle(const std::string& dir);
 
   std::string file(const std::string& name) const;  // path of a bundle file
-  const TrainingSpec& training() const;  // DeviceError when the bundle has no training program
+  const TrainingSpec& training() const;             // DeviceError when the bundle has no training program
 
   std::string dir;
   nlohmann::json manifest;

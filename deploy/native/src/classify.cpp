@@ -17,8 +17,11 @@ void info(const Bundle& bundle) {
   nlohmann::json programs = nlohmann::json::array();
   for (const auto& [name, _] : m.at("programs").items()) programs.push_back(name);
   nlohmann::json out = {{"runner", {{"arch", kArch}, {"executorch", kExecutorchVersion}}},
-                        {"model", m.at("model")}, {"input", m.at("input")}, {"programs", programs},
-                        {"created", m.value("created", nlohmann::json())}, {"verification", m.value("verification", nlohmann::json())}};
+                        {"model", m.at("model")},
+                        {"input", m.at("input")},
+                        {"programs", programs},
+                        {"created", m.value("created", nlohmann::json())},
+                        {"verification", m.value("verification", nlohmann::json())}};
   // int8 bundles: the scheme, calibration set and accuracy checks (the programs still take and return float32)
   if (m.contains("quantization")) out["quantization"] = m.at("quantization");
   std::cout << out.dump(2) << "\n";
@@ -56,7 +59,8 @@ int classify(const Bundle& bundle, const ClassifyOptions& o) {
     Program top(bundle.file(t.pte), weights);
     const size_t batch = static_cast<size_t>(t.batch_size), per_feature = numel_per_item(t.feature_shape);
     std::vector<float> features(((paths.size() + batch - 1) / batch) * batch * per_feature, 0.0f);
-    for (size_t i : bottom_features(bottom, paths, bundle.input, t.feature_shape, [&](size_t k) { return features.data() + k * per_feature; }))
+    for (size_t i :
+         bottom_features(bottom, paths, bundle.input, t.feature_shape, [&](size_t k) { return features.data() + k * per_feature; }))
       kept.push_back(paths[i]);
     for (size_t start = 0; start < kept.size(); start += batch) {
       auto out = top.run("predict", features.data() + start * per_feature, t.feature_shape);
@@ -65,7 +69,8 @@ int classify(const Bundle& bundle, const ClassifyOptions& o) {
   }
   if (kept.empty()) throw DeviceError("none of the images could be read");
   const size_t n = kept.size();
-  if (logits.size() != n * classes) throw DeviceError("the program returned logits for a different number of classes than the manifest lists");
+  if (logits.size() != n * classes)
+    throw DeviceError("the program returned logits for a different number of classes than the manifest lists");
   for (float v : logits)
     if (!std::isfinite(v)) throw DeviceError("the weights produce non-finite logits; they are unusable (retrain from the last good epoch)");
   const size_t k = std::min<size_t>(static_cast<size_t>(o.top_k), classes);

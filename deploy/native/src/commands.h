@@ -25,8 +25,8 @@ struct FinetuneOptions {
   uint64_t seed = 0;
   bool augment = false;
   int64_t feature_budget = int64_t{64} << 20;  // bytes of bottom features kept in memory; more go to a mapped file
-  bool verbose = false;                         // also log the process's memory after each phase
-  std::optional<int64_t> memory_limit;          // bytes; default: the cgroup's limit (memory.h)
+  bool verbose = false;                        // also log the process's memory after each phase
+  std::optional<int64_t> memory_limit;         // bytes; default: the cgroup's limit (memory.h)
 };
 
 void info(const Bundle& bundle);
@@ -52,7 +52,7 @@ std::vector<size_t> bottom_features(Program& bottom, const std::vector<std::stri
 // Decodes and preprocesses one image into `out`; false (after one warning naming it) if unreadable.
 bool read_image(const std::string& path, const InputSpec& spec, float* out);
 size_t numel_per_item(const std::vector<int64_t>& shape);  // product of all dims but the first
-size_t image_floats(const InputSpec& spec);                 // 3 x S x S
+size_t image_floats(const InputSpec& spec);                // 3 x S x S
 // With `on`: "memory after PHASE: rss X MiB, peak Y MiB" on stderr (Linux /proc/self/status).
 void log_memory(bool on, const char* phase);
 

@@ -19,17 +19,20 @@ size_t numel_per_item(const std::vector<int64_t>& shape) {
 }
 
 bool read_image(const std::string& path, const InputSpec& spec, float* out) {
-  std::string error;
-  if (load_image(path, spec, out, &error)) return true;
-  std::fprintf(stderr, "edgetl-device: warning: skipping %s: %s\n", path.c_str(), error.c_str());
-  return false;
+  try {
+    load_image(path, spec, out);
+    return true;
+  } catch (const DeviceError& e) {  // one unreadable image is skipped, not the whole data set
+    std::fprintf(stderr, "edgetl-device: warning: skipping %s: %s\n", path.c_str(), e.what());
+    return false;
+  }
 }
 
 std::vector<size_t> bottom_features(Program& bottom, const std::vector<std::string>& paths, const InputSpec& spec,
                                     const std::vector<int64_t>& feature_shape, const std::function<float*(size_t)>& row,
                                     FeatureSeconds* seconds) {
   using Clock = std::chrono::steady_clock;
-  auto add = [&](double FeatureSeconds::* field, Clock::time_point t0) {
+  auto add = [&](double FeatureSeconds::*field, Clock::time_point t0) {
     if (seconds) seconds->*field += std::chrono::duration<double>(Clock::now() - t0).count();
   };
   const size_t batch = static_cast<size_t>(feature_shape[0]), per_image = image_floats(spec), per_feature = numel_per_item(feature_shape);

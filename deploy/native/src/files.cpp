@@ -56,8 +56,8 @@ DirLock::DirLock(const std::string& dir) {
     ::close(fd_);
     fd_ = -1;
     if (err != EWOULDBLOCK) throw DeviceError("cannot lock " + path + ": " + std::strerror(err));
-    throw DeviceError(dir + " is in use by another process (pid " + (holder.empty() ? "unknown" : holder) +
-                      " holds " + path + "); wait for it to finish or use another directory");
+    throw DeviceError(dir + " is in use by another process (pid " + (holder.empty() ? "unknown" : holder) + " holds " + path +
+                      "); wait for it to finish or use another directory");
   }
   const std::string pid = std::to_string(::getpid()) + "\n";
   if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {

@@ -68,8 +68,8 @@ class FeatureStore {
     // Reserve every block now: a sparse file's pages would fail when first written on a full
     // disk, and a mapped page that cannot be backed is SIGBUS (a "Bus error"), not an error line.
     if (int err = ::posix_fallocate(fd_, 0, static_cast<off_t>(bytes)); err != 0)
-      fail("cannot reserve " + std::to_string((bytes + (1 << 20) - 1) >> 20) + " MiB for the feature cache " + path_ + ": " + std::strerror(err) +
-           " (free disk space, or raise --feature-budget to keep the features in memory)");
+      fail("cannot reserve " + std::to_string((bytes + (1 << 20) - 1) >> 20) + " MiB for the feature cache " + path_ + ": " +
+           std::strerror(err) + " (free disk space, or raise --feature-budget to keep the features in memory)");
     void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
     if (p == MAP_FAILED) fail("cannot map the feature cache " + path_ + ": " + std::strerror(errno));
     data_ = static_cast<float*>(p);
@@ -197,8 +197,7 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   if (o.verbose && need && limit)
     std::fprintf(stderr, "memory: fine-tuning needs %.2f MiB, limit %.2f MiB (%s)\n", need->total() / 1048576.0, limit->bytes / 1048576.0,
                  limit->source.c_str());
-  else if (o.verbose && need)
-    std::fprintf(stderr, "memory: fine-tuning needs %.2f MiB, no memory limit\n", need->total() / 1048576.0);
+  else if (o.verbose && need) std::fprintf(stderr, "memory: fine-tuning needs %.2f MiB, no memory limit\n", need->total() / 1048576.0);
   ensure_writable_dir(o.state);
   StateDir state(o.state, bundle);
   const int start = state.epoch();
@@ -218,7 +217,8 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   if (!o.augment) {  // the bottom is frozen: one pass serves every epoch
     const size_t rows = ((train.paths.size() + batch - 1) / batch) * batch;
     cache = std::make_unique<FeatureStore>(rows, per_feature, o.feature_budget, o.state);
-    keep(train, bottom_features(*bottom, train.paths, bundle.input, t.feature_shape, [&](size_t k) { return cache->row(k); }, &feature_seconds));
+    keep(train, bottom_features(
+                    *bottom, train.paths, bundle.input, t.feature_shape, [&](size_t k) { return cache->row(k); }, &feature_seconds));
   } else {  // features are recomputed every step: check once that every image decodes
     std::vector<float> pixels(per_image);
     std::vector<size_t> readable;
@@ -234,11 +234,12 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   std::vector<float> val_features;
   if (!o.val.empty()) {
     val_features.assign(((val.paths.size() + batch - 1) / batch) * batch * per_feature, 0.0f);
-    keep(val, bottom_features(*bottom, val.paths, bundle.input, t.feature_shape, [&](size_t k) { return val_features.data() + k * per_feature; }));
+    keep(val, bottom_features(*bottom, val.paths, bundle.input, t.feature_shape,
+                              [&](size_t k) { return val_features.data() + k * per_feature; }));
     if (val.paths.empty()) throw DeviceError("no readable validation images in " + o.val);
   }
 
-  if (cache) {  // every feature is cached: free XNNPACK's packed weights and buffers before training,
+  if (cache) {       // every feature is cached: free XNNPACK's packed weights and buffers before training,
     bottom.reset();  // and hand the freed heap back to the system (glibc keeps it otherwise)
 #ifdef __GLIBC__
     malloc_trim(0);
@@ -295,23 +296,26 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
       seen += batch;
       char line[160];
       std::snprintf(line, sizeof line, "epoch %d/%d step %zu/%zu loss %.4f", epoch + 1, o.epochs, s + 1, steps, loss_sum / seen);
-      if (tty)
-        std::fprintf(stderr, "\r%s", line);
-      else if ((s + 1) % every == 0)
-        std::fprintf(stderr, "%s\n", line);
+      if (tty) std::fprintf(stderr, "\r%s", line);
+      else if ((s + 1) % every == 0) std::fprintf(stderr, "%s\n", line);
     }
     if (tty) std::fprintf(stderr, "\n");
     for (const auto& p : session.parameters())
       for (size_t k = 0; k < p.numel; ++k)
         if (!std::isfinite(p.f32()[k]))
-          throw DeviceError("weight " + p.name + " became non-finite in epoch " + std::to_string(epoch + 1) + "; the weights saved after epoch " +
-                            std::to_string(epoch) + " are kept");
+          throw DeviceError("weight " + p.name + " became non-finite in epoch " + std::to_string(epoch + 1) +
+                            "; the weights saved after epoch " + std::to_string(epoch) + " are kept");
     double secs = seconds_since(e0);
-    nlohmann::json row = {{"epoch", epoch + 1}, {"loss", loss_sum / seen}, {"accuracy", static_cast<double>(correct) / seen}, {"images", n},
+    nlohmann::json row = {{"epoch", epoch + 1},
+                          {"loss", loss_sum / seen},
+                          {"accuracy", static_cast<double>(correct) / seen},
+                          {"images", n},
                           {"peak_rss_bytes", proc_status_bytes("VmHWM:")},
-                          {"seconds", secs}, {"images_per_s", seen / secs},
+                          {"seconds", secs},
+                          {"images_per_s", seen / secs},
                           // where the epoch's time goes: forward-backward (the program) and SGD
-                          {"step_seconds", step_seconds}, {"optimizer_seconds", optimizer_seconds}};
+                          {"step_seconds", step_seconds},
+                          {"optimizer_seconds", optimizer_seconds}};
     if (epoch == start && cache)  // the feature pass before this process's first epoch
       row["features_seconds"] = {{"decode", feature_seconds.decode}, {"bottom", feature_seconds.bottom}};
     state.save_epoch(epoch + 1, session, sgd.momentum_buffers(), row);

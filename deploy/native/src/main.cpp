@@ -65,7 +65,9 @@ struct Args {
 const std::map<std::string, std::vector<std::string>> kValueOptions = {
     {"", {"--threads"}},
     {"classify", {"--trained", "--top-k"}},
-    {"finetune", {"--state", "--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay", "--seed", "--val", "--feature-budget", "--memory-limit"}},
+    {"finetune",
+     {"--state", "--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay", "--seed", "--val", "--feature-budget",
+      "--memory-limit"}},
     {"import-weights", {"--state"}},
     {"export-weights", {"--out"}},
     {"info", {}}};
@@ -196,8 +198,7 @@ int run(int argc, char** argv) {
   o.seed = static_cast<uint64_t>(to_int(a, "--seed", 0, 0, std::numeric_limits<long long>::max()));
   o.augment = a.flags.count("--augment") > 0;
   o.feature_budget = to_int(a, "--feature-budget", 64, 0, std::numeric_limits<int64_t>::max() >> 20) << 20;
-  if (a.values.count("--memory-limit"))
-    o.memory_limit = to_int(a, "--memory-limit", 0, 1, std::numeric_limits<int64_t>::max() >> 20) << 20;
+  if (a.values.count("--memory-limit")) o.memory_limit = to_int(a, "--memory-limit", 0, 1, std::numeric_limits<int64_t>::max() >> 20) << 20;
   o.verbose = verbose;
   return edgetl::finetune(bundle, o);
 }

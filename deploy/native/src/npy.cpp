@@ -122,8 +122,8 @@ class HeaderParser {
 
 namespace {
 const std::map<std::string, std::string>& descr_table() {
-  static const std::map<std::string, std::string> table = {
-      {"float32", "<f4"}, {"float64", "<f8"}, {"int64", "<i8"}, {"int32", "<i4"}, {"uint8", "|u1"}, {"bool", "|b1"}};
+  static const std::map<std::string, std::string> table = {{"float32", "<f4"}, {"float64", "<f8"}, {"int64", "<i8"},
+                                                           {"int32", "<i4"},   {"uint8", "|u1"},   {"bool", "|b1"}};
   return table;
 }
 

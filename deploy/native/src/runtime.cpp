@@ -12,7 +12,6 @@
 #include "../kernels/threadpool.h"
 #include "files.h"
 
-
 namespace edgetl {
 
 namespace et = ::executorch::runtime;
@@ -56,7 +55,7 @@ void init_runtime(bool verbose) {
   et::runtime_init();
 }
 
-void set_threads(unsigned n) { ::executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(n); }
+void set_threads(unsigned n) { edgetl_kernels::set_thread_count(n); }
 
 void require_kernels(const std::vector<std::string>& operators, const std::string& program) {
   std::string missing;
@@ -75,8 +74,8 @@ struct Program::Impl {
 Program::Program(const std::string& pte, const std::string& ptd) : impl_(new Impl) {
   impl_->path = pte;
   impl_->data = ptd;
-  impl_->module = ptd.empty() ? std::make_unique<Module>(pte, Module::LoadMode::Mmap)
-                              : std::make_unique<Module>(pte, ptd, Module::LoadMode::Mmap);
+  impl_->module =
+      ptd.empty() ? std::make_unique<Module>(pte, Module::LoadMode::Mmap) : std::make_unique<Module>(pte, ptd, Module::LoadMode::Mmap);
   et::Error err = impl_->module->load();
   if (err != et::Error::Ok)
     throw DeviceError("cannot load program " + pte + (ptd.empty() ? "" : " with " + ptd) + ": ExecuTorch error " + et::to_string(err));

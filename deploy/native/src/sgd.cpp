@@ -45,8 +45,7 @@ void Sgd::step(const std::vector<TensorView>& params, const std::vector<TensorVi
           for (int64_t k = b; k < e; ++k) m[k] = add_scaled(static_cast<float>(m[k] * o.momentum), 1.0 - o.dampening, d[k]);
         if (o.nesterov)
           for (int64_t k = b; k < e; ++k) d[k] = add_scaled(d[k], o.momentum, m[k]);
-        else
-          u = m;
+        else u = m;
       }
       for (int64_t k = b; k < e; ++k) p[k] = add_scaled(p[k], -o.lr, u[k]);
     });

@@ -1,8 +1,8 @@
 #include "state.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
-#include <algorithm>
 #include <filesystem>
 #include <fstream>
 
@@ -30,8 +30,7 @@ void check_bound(const nlohmann::json& s, const Bundle& bundle, const std::strin
   const std::string id = recorded.is_string() ? recorded.get<std::string>() : "";
   if (id == bundle.manifest_sha256) return;
   std::string why;
-  if (id.empty())
-    why = " (its state.json names no bundle_manifest_sha256: written by an older edgetl-device)";
+  if (id.empty()) why = " (its state.json names no bundle_manifest_sha256: written by an older edgetl-device)";
   else if (s.contains("classes") && s["classes"] != nlohmann::json(bundle.classes))
     why = " (classes " + s["classes"].dump() + ", the bundle's " + nlohmann::json(bundle.classes).dump() + ")";
   throw DeviceError(what + why + hint);
@@ -52,7 +51,15 @@ void check_fields(const nlohmann::json& s, const std::string& path) {
     if (!s.contains(sha) || !s[sha].is_string())
       throw DeviceError(path + " names " + key + " without its " + sha + " (written by an older edgetl-device)" + fix);
   }
-  if (s.contains("history") && !s["history"].is_array()) throw DeviceError(path + ": history is not a list" + fix);
+  // the rest of deploy/schema/state.schema.json's required keys: the exporter and the fleet read them
+  if (!s.contains("history")) throw DeviceError(path + ": history is missing" + fix);
+  if (!s["history"].is_array()) throw DeviceError(path + ": history is not a list" + fix);
+  for (const char* key : {"model", "bundle_ptd_sha256"})
+    if (!s.contains(key) || !s[key].is_string()) throw DeviceError(path + ": " + key + " is missing or not a string" + fix);
+  const auto& classes = s.contains("classes") ? s["classes"] : nlohmann::json();
+  if (!classes.is_array() || !std::all_of(classes.begin(), classes.end(), [](const auto& c) { return c.is_string(); }))
+    throw DeviceError(path + ": classes is missing or not a list of names" + fix);
+  if (!s.contains("weights")) throw DeviceError(path + ": weights is missing" + fix);
   if (epoch.get<int64_t>() > 0 && !(s.contains("weights") && s["weights"].is_string()))
     throw DeviceError(path + ": epoch " + epoch.dump() + " but no weights" + fix);
 }

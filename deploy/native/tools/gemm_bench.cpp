@@ -46,7 +46,7 @@ int copy_bandwidth(double budget, long mib) {
 
 int main(int argc, char** argv) {
   if (argc == 5 && std::string(argv[3]) == "copy" && std::atol(argv[1]) > 0 && std::atol(argv[4]) > 0) {
-    executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(static_cast<uint32_t>(std::atol(argv[1])));
+    edgetl_kernels::set_thread_count(static_cast<uint32_t>(std::atol(argv[1])));
     return copy_bandwidth(std::atof(argv[2]), std::atol(argv[4]));
   }
   if (argc < 8 || (argc - 3) % 5) {
@@ -59,7 +59,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "THREADS and SECONDS must be positive\n");
     return 2;
   }
-  executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(static_cast<uint32_t>(threads));
+  edgetl_kernels::set_thread_count(static_cast<uint32_t>(threads));
   for (int s = 3; s < argc; s += 5) {
     const long m = std::atol(argv[s]), n = std::atol(argv[s + 1]), k = std::atol(argv[s + 2]);
     const bool ta = std::atoi(argv[s + 3]), tb = std::atoi(argv[s + 4]);

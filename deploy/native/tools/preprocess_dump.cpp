@@ -39,9 +39,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::vector<float> out(3 * static_cast<size_t>(spec.image_size) * spec.image_size);
-  std::string error;
-  if (!edgetl::load_image(argv[1], spec, out.data(), &error)) {
-    std::fprintf(stderr, "%s\n", error.c_str());
+  try {
+    edgetl::load_image(argv[1], spec, out.data());
+  } catch (const edgetl::DeviceError& e) {
+    std::fprintf(stderr, "%s\n", e.what());
     return 1;
   }
   std::FILE* f = std::fopen(argv[11], "wb");
