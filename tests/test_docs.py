@@ -50,6 +50,7 @@ def test_a_broken_link_fails_the_build(tmp_path):
         (ROOT / "scripts" / "docs.sh", "scripts/docs.sh"),
         (ROOT / "mkdocs.yml", "mkdocs.yml"),
         (ROOT / "deploy" / "README.md", "deploy/README.md"),
+        (ROOT / "README.md", "README.md"),
     ):
         (tmp_path / "checkout" / dst).write_bytes(src.read_bytes())
     subprocess.run(["cp", "-r", str(DOCS), str(docs)], check=True)
@@ -64,8 +65,17 @@ def test_a_broken_link_fails_the_build(tmp_path):
 def test_the_pages_describe_what_is():
     found = [
         f"{p.name}:{n}: {line.strip()}"
-        for p in sorted(DOCS.glob("*.md"))
+        for p in [*sorted(DOCS.glob("*.md")), ROOT / "README.md", ROOT / "deploy" / "README.md"]
         for n, line in enumerate(p.read_text().splitlines(), 1)
         if HISTORY.search(line)
     ]
     assert found == []
+
+
+def test_the_readme_is_a_front_page():
+    """README.md is short and leads into every guide the site has."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 300
+    linked = set(re.findall(r"\]\((docs/[a-z0-9_-]+\.md|deploy/README\.md)\)", text))
+    pages = {f"docs/{p.name}" for p in DOCS.glob("*.md")} | {"deploy/README.md"}
+    assert pages <= linked, sorted(pages - linked)
