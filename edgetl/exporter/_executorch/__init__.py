@@ -33,13 +33,17 @@ Facts this package works around (verified on ExecuTorch 1.5.1 / torch 2.13):
 
 from edgetl.exporter._executorch.aot import (
     INT8_SCHEME,
+    OBSERVERS,
     LoweredProgram,
     MissingKernelError,
     TrainingProgram,
+    convert_int8,
     emit_training_program,
     export_forward_backward,
     lower_to_xnnpack,
     portable_program,
+    prepare_int8,
+    quantizable_layers,
     quantize_int8,
     training_metadata,
     unshare_ptd,
@@ -66,6 +70,7 @@ from edgetl.exporter._executorch.runtime import (
 
 __all__ = [
     "INT8_SCHEME",
+    "OBSERVERS",
     "SGD",
     "SUPPORTED_SERIES",
     "ExecutorchUnavailable",
@@ -81,7 +86,10 @@ __all__ = [
     "export_forward_backward",
     "load_native_kernels",
     "lower_to_xnnpack",
+    "convert_int8",
     "portable_program",
+    "prepare_int8",
+    "quantizable_layers",
     "quantize_int8",
     "profile_operators",
     "ptd_slots",

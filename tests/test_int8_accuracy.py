@@ -1,0 +1,105 @@
+"""What int8 quantization does to a network's numbers: ReLU6 outputs on their own [0, 6] grid, the
+prepared graph's float path equal to the float32 network (batch norms and MobileTL's shift-only
+norms folded correctly), and the layers that stay float32 on request.
+
+Small synthetic networks: these are properties of the quantizer, checked against eager float32;
+the accuracy on fine-tuned models is measured by ``benchmarks/int8_accuracy.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import edgetl
+from edgetl.exporter import _executorch as et
+from edgetl.exporter import inference, quantize
+from edgetl.exporter.pipeline import _networks
+from edgetl.train.policy import TrainPolicy
+from tests.conftest import calibrate
+
+#: one int8 step of a tensor in [0, 6] (256 levels)
+RELU6_STEP = 6 / 255
+
+
+def _wide_relu6() -> nn.Module:
+    """A convolution whose pre-activation values span about [-60, 60], clamped by ReLU6: the
+    clamp's output needs a grid of its own, the convolution's would be 20 times coarser."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6())
+    with torch.no_grad():
+        net[1].weight.fill_(20.0)
+    return calibrate(net, torch.randn(64, 3, 8, 8))
+
+
+def _output_scale(**options) -> float:
+    """The int8 step of ``_wide_relu6``'s output in its quantized graph (the scale of the quantize
+    node the graph's output is dequantized from)."""
+    net = _wide_relu6()
+    images = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    graph = et.quantize_int8(net, images[:8], quantize.calibration_batches(images, 8), **options)
+    out = next(n for n in graph.graph.nodes if n.op == "output")
+    dq = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+    q = dq.args[0]
+    assert "quantize_per_tensor" in str(q.target) and "dequantize" in str(dq.target)
+    return float(q.args[1])
+
+
+def test_relu6_output_is_quantized_on_its_own_range():
+    """The clamp's output on a grid spanning [0, 6]; the quantizer left alone gives it the
+    convolution's pre-clamp grid (~[-60, 60]), on which [0, 6] holds a few dozen levels."""
+    assert _output_scale() == pytest.approx(RELU6_STEP, rel=0.02)
+    assert _output_scale(fuse_clamps=False) > 10 * RELU6_STEP
+
+
+def test_relu6_fused_into_the_int8_convolution_by_xnnpack(tmp_path):
+    """Lowered, the clamp runs inside XNNPACK's int8 convolution (nothing left outside the
+    delegate), and the program computes what the quantized graph computes."""
+    net = _wide_relu6()
+    images = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    graph = et.quantize_int8(net, images[:1], quantize.calibration_batches(images, 1))
+    res = inference.export_inference(graph, images[:1])
+    assert res.program.undelegated == [] and res.program.delegates == ["XnnpackBackend"]
+    (tmp_path / "model.pte").write_bytes(res.program.buffer)
+    out = et.Program(tmp_path / "model.pte").run("forward", images[:1].numpy())[0]
+    with torch.no_grad():
+        want = graph(images[:1]).numpy()
+    # XNNPACK's requantization may round a value to the neighbouring level
+    assert abs(out - want).max() <= 1.01 * RELU6_STEP
+
+
+def test_prepared_graph_float_path_equals_the_float32_network_with_shift_only_norms():
+    """The graph int8 is calibrated on (batch norms folded into convolutions, observers watching)
+    computes the float32 network: here a MobileTL-prepared MobileNetV2 whose shift-only norms'
+    shifts were trained away from the pretrained values, exported through the plain network."""
+    torch.manual_seed(0)
+    model = calibrate(edgetl.load_model("mobilenet_v2", num_classes=3), torch.randn(16, 3, 32, 32))
+    policy = TrainPolicy(blocks=2)
+    prepared = edgetl.prepare(model, policy)
+    with torch.no_grad():
+        for m in prepared.modules():
+            if type(m).__name__ == "ShiftOnlyNorm":
+                m.bias.add_(torch.randn_like(m.bias))
+    prepared.eval()
+    plain, _ = _networks(prepared, policy, "mobilenet_v2", 3)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    graph = et.prepare_int8(plain.eval(), x)
+    with torch.no_grad():
+        want, got = prepared(x), graph(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())), float((got - want).abs().max())
+    assert not [n for n in graph.graph.nodes if "batch_norm" in str(n.target)]
+
+
+def test_float_layers_stay_float32_and_only_layers_alone_are_int8():
+    net = _wide_relu6()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    layers = et.quantizable_layers(net, x)
+    assert layers == ["0"]
+    with torch.no_grad():
+        want = net(x)
+        kept = et.quantize_int8(net, x, [x], float_layers=layers)(x)
+        alone = et.quantize_int8(net, x, [x], only_layers=layers)(x)
+    # the float convolution's output is quantized by nothing: float32 to rounding
+    assert torch.allclose(kept, want, atol=1e-5)
+    assert float((alone - want).abs().max()) > 1e-3
