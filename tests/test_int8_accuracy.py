@@ -103,3 +103,44 @@ def test_float_layers_stay_float32_and_only_layers_alone_are_int8():
     # the float convolution's output is quantized by nothing: float32 to rounding
     assert torch.allclose(kept, want, atol=1e-5)
     assert float((alone - want).abs().max()) > 1e-3
+
+
+def test_mixed_precision_keeps_the_fewest_costliest_layers_float32():
+    from edgetl.exporter import sensitivity
+
+    ranking = [f"l{i}" for i in range(12)]
+    seen = []
+
+    def drop(float_layers):
+        seen.append(list(float_layers))
+        return max(0, 10 - 2 * len(float_layers))
+
+    got = sensitivity.choose_float_layers(drop, ranking, 1.0, log=lambda _: None)
+    # 10 - 2n <= 1 first at n = 5: the five first-ranked layers, found by doubling then bisecting
+    assert got.float_layers == ranking[:5] and got.accuracy_drop == 0.0
+    assert [n for n, _ in got.tried] == [1, 2, 4, 5, 6, 8] and all(s == ranking[: len(s)] for s in seen)
+    assert sensitivity.choose_float_layers(drop, ranking, 2.0, log=lambda _: None).float_layers == ranking[:4]
+    assert sensitivity.choose_float_layers(lambda _: 3.0, ranking, 1.0, log=lambda _: None) is None
+
+
+def test_sensitivity_ranks_the_layer_whose_input_range_is_wasted_first():
+    """A tensor with one channel 1000 times the others: the convolution writing it and the one
+    reading it, alone int8, quantize it on a grid 1000 times too coarse for the other channels;
+    the linear layer after them is barely touched."""
+    from edgetl.exporter import sensitivity
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4)).eval()
+    with torch.no_grad():
+        net[0].weight[0].mul_(1000.0)
+        net[0].bias[0] = 0.0
+        net[1].weight[:, 0] /= 1000.0  # the network's output stays moderate
+    x = torch.randn(50, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+    fp32 = quantize.eager_outputs(net, x)
+    labels = torch.from_numpy(fp32.argmax(1))
+    report = sensitivity.measure(net, x, x, labels, fp32, log=lambda _: None)
+    assert [e.layer for e in report.layers] == ["0", "1", "4"]
+    assert report.ranking()[2] == "4" and report.fp32_accuracy == 100.0
+    by = {e.layer: e for e in report.layers}
+    assert max(by["0"].sqnr_db, by["1"].sqnr_db) < by["4"].sqnr_db - 10
+    assert report.ranges and all(lo <= hi for lo, hi in report.ranges.values())

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterator
 
 from edgetl.cli.common import non_negative_int, positive_int
-from edgetl.exporter.config import QUANTIZE, ExportConfig
+from edgetl.exporter.config import OBSERVERS, QUANTIZE, ExportConfig
 from edgetl.exporter.errors import ExportError
 from edgetl.train.policy import METHODS
 
@@ -89,6 +89,26 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "more than this many percentage points (default: %(default)s)",
     )
     p.add_argument(
+        "--observer",
+        choices=OBSERVERS,
+        default=ExportConfig.observer,
+        help="int8: how activation ranges are read off the calibration images: their extremes (minmax), extremes averaged "
+        "over batches (moving_average), or the range of least quantization error (histogram) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-mixed-precision",
+        dest="mixed_precision",
+        action="store_false",
+        help="int8: refuse at once when int8 loses too much, instead of keeping the layers int8 costs most in float32 "
+        "(the fewest that bring the drop within --max-accuracy-drop) (default: mixed precision on)",
+    )
+    p.add_argument(
+        "--report",
+        metavar="FILE",
+        help="int8: write each layer's int8 sensitivity (accuracy, agreement and logits SQNR with that layer alone int8) "
+        "and the calibration's activation ranges to FILE (JSON)",
+    )
+    p.add_argument(
         "--seed", type=non_negative_int, default=ExportConfig.seed, help="of the calibration subset and the checks (default: %(default)s)"
     )
     p.add_argument(
@@ -149,6 +169,8 @@ def _run_export(args: argparse.Namespace) -> int:
     run = trained.config
     if args.quantize == "none" and (args.calibration_data or args.calibration_images != ExportConfig.calibration_images):
         raise ExportError("--calibration-data and --calibration-images calibrate an int8 export: add --quantize int8")
+    if args.quantize == "none" and (args.report or args.observer != ExportConfig.observer):
+        raise ExportError("--report and --observer are about an int8 export: add --quantize int8")
     config = ExportConfig(
         image_size=args.image_size or (run.image_size if run else ExportConfig.image_size),
         batch_size=args.batch_size or (run.batch_size if run else ExportConfig.batch_size),
@@ -163,6 +185,8 @@ def _run_export(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         calibration_images=args.calibration_images,
         max_accuracy_drop=args.max_accuracy_drop,
+        observer=args.observer,
+        mixed_precision=args.mixed_precision,
     )
     log = lambda line: print(line, flush=True)  # noqa: E731
     calibration = validation = None
@@ -177,6 +201,7 @@ def _run_export(args: argparse.Namespace) -> int:
         classes=trained.classes,
         calibration=calibration,
         validation=validation,
+        report=args.report,
         log=log,
     )
     print(f"bundle: {bundle.path}")

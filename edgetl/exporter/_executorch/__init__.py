@@ -33,10 +33,10 @@ Facts this package works around (verified on ExecuTorch 1.5.1 / torch 2.13):
 
 from edgetl.exporter._executorch.aot import (
     INT8_SCHEME,
-    OBSERVERS,
     LoweredProgram,
     MissingKernelError,
     TrainingProgram,
+    capture,
     convert_int8,
     emit_training_program,
     export_forward_backward,
@@ -70,7 +70,6 @@ from edgetl.exporter._executorch.runtime import (
 
 __all__ = [
     "INT8_SCHEME",
-    "OBSERVERS",
     "SGD",
     "SUPPORTED_SERIES",
     "ExecutorchUnavailable",
@@ -86,6 +85,7 @@ __all__ = [
     "export_forward_backward",
     "load_native_kernels",
     "lower_to_xnnpack",
+    "capture",
     "convert_int8",
     "portable_program",
     "prepare_int8",

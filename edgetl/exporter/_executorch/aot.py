@@ -266,12 +266,6 @@ def write_ptd(base: bytes, layout: Mapping[str, TensorSlot], tensors: Mapping[st
     return bytes(out)
 
 
-#: activation observers an int8 program can be calibrated with (``ExportConfig.observer``):
-#: ``minmax`` the extremes over every calibration image, ``moving_average`` the extremes averaged
-#: over batches (momentum 0.01), ``histogram`` the range minimising the L2 quantization error of a
-#: histogram of every value seen (clips outliers)
-OBSERVERS = ("minmax", "moving_average", "histogram")
-
 #: what :func:`quantize_int8` does, in the manifest's words (XNNPACKQuantizer's symmetric static
 #: config, ExecuTorch 1.5.x: weights per output channel, symmetric, int8 in [-127, 127];
 #: activations per tensor, affine, int8 in [-128, 127], ranges observed on the calibration images).
@@ -303,6 +297,8 @@ def _owner(node) -> str | None:
 
 
 def _observer(observer: str):
+    """The activation observer named by ``ExportConfig.observer``; moving averages use torchao's
+    momentum (0.01)."""
     from torchao.quantization.pt2e import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
 
     if observer == "minmax":
@@ -311,7 +307,7 @@ def _observer(observer: str):
         return MovingAverageMinMaxObserver.with_args(eps=2**-12)
     if observer == "histogram":
         return HistogramObserver.with_args(eps=2**-12)
-    raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}, got {observer!r}")
+    raise ValueError(f"unknown observer {observer!r}")
 
 
 def _clamp_outputs(graph) -> None:
@@ -335,13 +331,19 @@ def _clamp_outputs(graph) -> None:
         h.meta[key] = QuantizationAnnotation(output_qspec=spec, _annotated=True)
 
 
-def quantizable_layers(module, example) -> list[str]:
-    """The qualified names of ``module``'s convolutions and linear layers, in graph order: what
-    ``float_layers`` of :func:`quantize_int8` can name."""
+def capture(module, example):
+    """``module`` (eval mode) captured by ``torch.export`` at the shape of ``example``: the graph
+    :func:`prepare_int8` annotates (pass it as ``captured`` to capture once for many preparations)."""
     import torch
 
     with torch.no_grad():
-        captured = torch.export.export(module.eval(), (example,), strict=False).module()
+        return torch.export.export(module.eval(), (example,), strict=False).module()
+
+
+def quantizable_layers(module, example) -> list[str]:
+    """The qualified names of ``module``'s convolutions and linear layers, in graph order: what
+    ``float_layers`` of :func:`quantize_int8` can name."""
+    captured = capture(module, example)
     names: list[str] = []
     for n in captured.graph.nodes:
         if n.op == "call_function" and str(n.target) in _LAYER_OPS and _owner(n) not in names:
@@ -357,6 +359,7 @@ def prepare_int8(
     float_layers: Iterable[str] = (),
     only_layers: Iterable[str] | None = None,
     fuse_clamps: bool = True,
+    captured=None,
 ):
     """``module`` (eval mode) captured at the shape of ``example`` and prepared for PT2E int8 on
     XNNPACK: batch norms folded into their convolutions, an observer on every tensor to quantize.
@@ -366,8 +369,10 @@ def prepare_int8(
     ``float_layers`` (qualified names of convolutions / linear layers, :func:`quantizable_layers`)
     stay float32; with ``only_layers`` every other layer does. ``fuse_clamps=False`` leaves the
     quantizer's own ReLU6 handling (the clamp shares its layer's pre-clamp range): a measurement
-    option.
+    option. ``captured`` (:func:`capture` of the same module and shape) is copied instead of
+    capturing again.
     """
+    import copy
     import dataclasses
 
     import torch
@@ -394,9 +399,9 @@ def prepare_int8(
     activation = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=_observer(observer))
     quantizer = _Quantizer().set_global(dataclasses.replace(config, input_activation=activation, output_activation=activation))
     quantizer.set_filter_function(keep)
+    graph = capture(module, example) if captured is None else copy.deepcopy(captured)
     with torch.no_grad():
-        captured = torch.export.export(module.eval(), (example,), strict=False).module()
-        return prepare_pt2e(captured, quantizer)
+        return prepare_pt2e(graph, quantizer)
 
 
 def convert_int8(prepared, ranges: dict[str, tuple[float, float]] | None = None):
