@@ -1,6 +1,11 @@
 """int8 post-training quantization options on fine-tuned models, side by side (a benchmark, not a test).
 
     python benchmarks/int8_accuracy.py --run runs/demo [--run runs/digits ...] [--threads 1] [--work /tmp/edgetl-int8-acc]
+    python benchmarks/int8_accuracy.py --bundles dist/demo dist/demo-int8 [--threads 1]
+
+``--bundles``: the ``model.pte`` of exported bundles side by side, nothing else: size, classify
+latency (batch 1, median of 50 after 5 warm-up runs, the bundles alternating round by round in one
+process) and the accuracy the export recorded (``quantization.checks``).
 
 For each run directory (a finished ``edgetl finetune``): its float32 accuracy on its validation
 images, then each quantization option as the PT2E int8 graph in eager PyTorch (what the export
@@ -65,7 +70,7 @@ def bench(run: Path, work: Path) -> None:
     images, y = validation.images, validation.labels.numpy()
     fp32 = quantize.eager_outputs(model, images)
     print(f"\n{run}: {trained.model_name}, {size} px, {len(images)} validation images", flush=True)
-    print(f"  {'option (PT2E graph, eager)':<44} {'accuracy':>8} {'drop':>6} {'agreement':>8} {'SQNR':>6}")
+    print(f"  {'option (PT2E graph, eager)':<44} {'accuracy':>8} {'delta':>6} {'agreement':>8} {'SQNR':>6}")
     print(_row("float32", fp32, fp32, y), flush=True)
     options = [
         ("quantizer's ReLU6 (shares conv range), minmax", 100, {"fuse_clamps": False}),
@@ -87,9 +92,10 @@ def bench(run: Path, work: Path) -> None:
     print(f"  sensitivity of {len(report.layers)} layers on 200 images in {time.perf_counter() - t0:.0f}s; costliest:")
     print("\n".join("    " + line for line in report.table(5).splitlines()))
     report.write(work / f"{run.name}-sensitivity.json")
-    mixed = sensitivity.choose_float_layers(
-        model, calibration, images, validation.labels, fp32, report.ranking(), MAX_DROP, log=lambda _: None
-    )
+    floatable = set(et.quantizable_layers(model, images[:1], floatable=True))
+    ranking = [layer for layer in report.ranking() if layer in floatable]
+    drop = sensitivity.int8_drop(model, calibration, images, validation.labels, fp32)
+    mixed = sensitivity.choose_float_layers(drop, ranking, MAX_DROP, log=lambda _: None)
     if mixed is None:
         print(f"  mixed precision: no set of float32 layers brings the drop within {MAX_DROP} point")
     else:
@@ -122,14 +128,46 @@ def bench(run: Path, work: Path) -> None:
         )
 
 
+def time_bundles(bundles: list[Path]) -> None:
+    import json
+
+    programs, x = {}, None
+    for b in bundles:
+        m = json.loads((b / "manifest.json").read_text())
+        size = m["input"]["image_size"]
+        x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        programs[b] = (et.Program(b / "model.pte"), x, m)
+    times: dict[Path, list[float]] = {b: [] for b in bundles}
+    for p, x, _ in programs.values():
+        for _ in range(5):
+            p.run("forward", x.numpy())
+    for _ in range(50):
+        for b, (p, x, _) in programs.items():
+            t0 = time.perf_counter()
+            p.run("forward", x.numpy())
+            times[b].append((time.perf_counter() - t0) * 1000)
+    print(f"{'bundle':<28} {'model.pte bytes':>15} {'ms':>7}  accuracy (export check)")
+    for b, (_, _, m) in programs.items():
+        q = m.get("quantization")
+        acc = "float32" if q is None else "; ".join(f"{c['int8_accuracy']:.2f}% vs {c['fp32_accuracy']:.2f}%" for c in q["checks"])
+        floats = f", {len(q['float_layers'])} layer(s) float32" if q and q.get("float_layers") else ""
+        print(f"{b.name:<28} {(b / 'model.pte').stat().st_size:15d} {statistics.median(times[b]):7.2f}  {acc}{floats}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", action="append", required=True, help="a finished run directory (repeat for several)")
+    ap.add_argument("--run", action="append", help="a finished run directory (repeat for several)")
+    ap.add_argument("--bundles", nargs="+", type=Path, help="time these bundles' model.pte side by side instead")
     ap.add_argument("--threads", type=int, default=1, help="threads of torch and ExecuTorch (default: %(default)s)")
     ap.add_argument("--work", default="/tmp/edgetl-int8-acc", help="where programs and reports go (default: %(default)s)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     et.set_threads(args.threads)
+    if args.bundles:
+        time_bundles(args.bundles)
+        return
+    if not args.run:
+        ap.error("--run or --bundles is required")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     for run in args.run:

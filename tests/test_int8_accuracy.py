@@ -144,3 +144,24 @@ def test_sensitivity_ranks_the_layer_whose_input_range_is_wasted_first():
     by = {e.layer: e for e in report.layers}
     assert max(by["0"].sqnr_db, by["1"].sqnr_db) < by["4"].sqnr_db - 10
     assert report.ranges and all(lo <= hi for lo, hi in report.ranges.values())
+
+
+def test_layers_xnnpack_cannot_run_float32_between_int8_layers_are_not_offered(tmp_path):
+    """A convolution reading an explicit pad of an intermediate activation (EfficientNet-Lite's
+    stride-2 depthwise convolutions) cannot stay float32; the others can, and lower."""
+    net = nn.Sequential(
+        nn.ZeroPad2d((0, 1, 0, 1)),
+        nn.Conv2d(3, 8, 3, stride=2),
+        nn.ReLU6(),
+        nn.ZeroPad2d((0, 1, 0, 1)),
+        nn.Conv2d(8, 8, 3, stride=2, groups=8),
+        nn.ReLU6(),
+        nn.Conv2d(8, 4, 1),
+    ).eval()
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    assert et.quantizable_layers(net, x[:1]) == ["1", "4", "6"]
+    floatable = et.quantizable_layers(net, x[:1], floatable=True)
+    assert floatable == ["1", "6"]
+    graph = et.quantize_int8(net, x[:1], [x[i : i + 1] for i in range(8)], float_layers=floatable)
+    res = inference.export_inference(graph, x[:1])
+    assert res.program.delegates == ["XnnpackBackend"]

@@ -326,7 +326,9 @@ def _int8_model_graph(plain, x1, calibration, validation, fp32_logits, config, r
     if over and config.mixed_precision:
         log(f"  choosing layers to keep float32 (accuracy drop <= {config.max_accuracy_drop:g} points on {len(validation)} images) ...")
         drop = sensitivity.int8_drop(plain, calibration.images, validation.images, validation.labels, fp32_logits, observer=config.observer)
-        chosen = sensitivity.choose_float_layers(drop, found.ranking(), config.max_accuracy_drop, log=log)
+        floatable = set(et.quantizable_layers(plain, x1, floatable=True))
+        ranking = [layer for layer in found.ranking() if layer in floatable]
+        chosen = sensitivity.choose_float_layers(drop, ranking, config.max_accuracy_drop, log=log)
     if report:
         found.write(report, mixed_precision=chosen)
         log(f"  sensitivity report: {report}")

@@ -340,14 +340,25 @@ def capture(module, example):
         return torch.export.export(module.eval(), (example,), strict=False).module()
 
 
-def quantizable_layers(module, example) -> list[str]:
+def _reads_padded_activation(node) -> bool:
+    """``node`` reads an explicit pad (``ZeroPad2d``) of an intermediate activation. XNNPACK folds
+    such a pad into the convolution after it together with the pad's int8 input, so that
+    convolution cannot stay float32 between int8 layers (ExecuTorch 1.5: "Weight and Input should
+    both be quantized"); a pad of the network's input lowers either way."""
+    x = node.args[0]
+    return "pad" in str(getattr(x, "target", "")) and getattr(x.args[0], "op", "") != "placeholder"
+
+
+def quantizable_layers(module, example, *, floatable: bool = False) -> list[str]:
     """The qualified names of ``module``'s convolutions and linear layers, in graph order: what
-    ``float_layers`` of :func:`quantize_int8` can name."""
+    ``float_layers`` of :func:`quantize_int8` can name; with ``floatable``, only those XNNPACK can
+    run in float32 between int8 layers."""
     captured = capture(module, example)
     names: list[str] = []
     for n in captured.graph.nodes:
         if n.op == "call_function" and str(n.target) in _LAYER_OPS and _owner(n) not in names:
-            names.append(_owner(n))
+            if not (floatable and _reads_padded_activation(n)):
+                names.append(_owner(n))
     return names
 
 
