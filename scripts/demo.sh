@@ -15,6 +15,8 @@ echo "== 2/5 memory: what that training stores per block, vanilla against Mobile
 "$VENV/bin/edgetl" profile --run "$RUN" --json "$RUN/memory.json"
 echo "== 3/5 export: XNNPACK classifier + trainable ExecuTorch program, each verified against eager"
 "$VENV/bin/edgetl" export --checkpoint "$RUN" --out "$RUN/bundle" --training --batch-size 8
+echo "   and an int8 classifier (PT2E, XNNPACK), refused if it loses more than 1 point of validation accuracy"
+"$VENV/bin/edgetl" export --checkpoint "$RUN" --out "$RUN/bundle-int8" --quantize int8
 echo "== 4/5 on the device side (native runner: ExecuTorch's C++ runtime, no Python, no torch): classify test photos"
 "$VENV/bin/python" - "$RUN/device-data" <<'PY'
 import sys
@@ -24,6 +26,7 @@ write_image_folder(test, sys.argv[1] + "/train", indices=range(9000, 9240))  # t
 write_image_folder(test, sys.argv[1] + "/check", indices=range(9800, 9810))
 PY
 "$DEVICE" classify "$RUN/bundle" "$RUN/device-data/check" --top-k 1
+"$DEVICE" classify "$RUN/bundle-int8" "$RUN/device-data/check" --top-k 1
 echo "== 5/5 on the device side: fine-tune the trainable program on 240 photos, then classify with the result"
 "$DEVICE" finetune "$RUN/bundle" "$RUN/device-data/train" --state "$RUN/device-state" --epochs 1 --val "$RUN/device-data/check"
 "$DEVICE" classify "$RUN/bundle" "$RUN/device-data/check" --trained "$RUN/device-state" --top-k 1

@@ -20,7 +20,7 @@ STAGE="$(mktemp -d)"
 trap 'rm -rf "$STAGE"' EXIT
 cp -r "$ROOT/docs" "$STAGE/docs"
 sed -e 's#](docs/#](#g' -e 's#](deploy/README\.md#](device.md#g' "$ROOT/README.md" >"$STAGE/docs/index.md"
-cp "$ROOT/deploy/README.md" "$STAGE/docs/device.md"
+sed -e 's#](\.\./docs/#](#g' "$ROOT/deploy/README.md" >"$STAGE/docs/device.md"
 cp "$ROOT/mkdocs.yml" "$STAGE/mkdocs.yml"
 "$PY" -m mkdocs build --strict -f "$STAGE/mkdocs.yml" -d "$OUT"
 echo "docs: $OUT/index.html"

@@ -145,16 +145,21 @@ def test_int8_export_agrees_with_float32_on_real_photos_and_records_its_calibrat
     assert (int8_bundle / "model.pte").stat().st_size < 1.6 * params
 
 
+def _black_images(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    black = tmp_path / "black"
+    black.mkdir()
+    for i in range(4):
+        Image.new("RGB", (SIZE, SIZE)).save(black / f"{i}.png")
+    return black
+
+
 def test_int8_loss_beyond_the_threshold_is_refused_and_nothing_is_written(fashion_run, tmp_path, capsys):
     """Calibrated on black images, every activation range is that of a constant input: real photos
     saturate and int8 loses accuracy, more than the 0.5 points allowed: refused
-    with one line, before lowering."""
-    black = tmp_path / "black"
-    black.mkdir()
-    from PIL import Image
-
-    for i in range(4):
-        Image.new("RGB", (SIZE, SIZE)).save(black / f"{i}.png")
+    with one line, before lowering (mixed precision off)."""
+    black = _black_images(tmp_path)
     out = tmp_path / "dist"
     code = main(
         [
@@ -169,6 +174,7 @@ def test_int8_loss_beyond_the_threshold_is_refused_and_nothing_is_written(fashio
             str(black),
             "--max-accuracy-drop",
             "0.5",
+            "--no-mixed-precision",
         ]
     )
     err = capsys.readouterr().err.strip().splitlines()
@@ -183,6 +189,10 @@ def test_int8_settings_are_checked(fashion_run, tmp_path):
         ExportConfig(quantize="int4")
     with pytest.raises(ExportError, match="add --quantize int8"):
         cli(["export", "--checkpoint", str(fashion_run), "--out", str(tmp_path / "x"), "--calibration-images", "10"])
+    with pytest.raises(ExportError, match="observer must be one of minmax, moving_average, histogram"):
+        ExportConfig(quantize="int8", observer="percentile")
+    with pytest.raises(ExportError, match="--report and --observer are about an int8 export"):
+        cli(["export", "--checkpoint", str(fashion_run), "--out", str(tmp_path / "x"), "--report", str(tmp_path / "r.json")])
     with pytest.raises(ExportError, match="needs a run directory"):
         model_pt = tmp_path / "model.pt"
         shutil.copy(fashion_run / "model.pt", model_pt)

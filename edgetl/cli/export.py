@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from edgetl.cli.common import given, non_negative_int, positive_int
-from edgetl.exporter.config import QUANTIZE, ExportConfig
+from edgetl.exporter.config import OBSERVERS, QUANTIZE, ExportConfig
 from edgetl.exporter.errors import ExportError
 from edgetl.train.config import FinetuneConfig
 from edgetl.train.policy import METHODS
@@ -95,6 +95,26 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "more than this many percentage points (default: %(default)s)",
     )
     p.add_argument(
+        "--observer",
+        choices=OBSERVERS,
+        default=ExportConfig.observer,
+        help="int8: how activation ranges are read off the calibration images: their extremes (minmax), extremes averaged "
+        "over batches (moving_average), or the range of least quantization error (histogram) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-mixed-precision",
+        dest="mixed_precision",
+        action="store_false",
+        help="int8: refuse at once when int8 loses too much, instead of keeping the layers int8 costs most in float32 "
+        "(the fewest that bring the drop within --max-accuracy-drop) (default: mixed precision on)",
+    )
+    p.add_argument(
+        "--report",
+        metavar="FILE",
+        help="int8: write each layer's int8 sensitivity (accuracy, agreement and logits SQNR with that layer alone int8) "
+        "and the calibration's activation ranges to FILE (JSON)",
+    )
+    p.add_argument(
         "--seed", type=non_negative_int, default=ExportConfig.seed, help="of the calibration subset and the checks (default: %(default)s)"
     )
     p.add_argument(
@@ -147,6 +167,8 @@ def _run_export(args: argparse.Namespace) -> int:
     policy = replace(trained.policy or FinetuneConfig().policy, **given(blocks=args.blocks, method=args.method))
     if args.quantize == "none" and (args.calibration_data or args.calibration_images != ExportConfig.calibration_images):
         raise ExportError("--calibration-data and --calibration-images calibrate an int8 export: add --quantize int8")
+    if args.quantize == "none" and (args.report or args.observer != ExportConfig.observer):
+        raise ExportError("--report and --observer are about an int8 export: add --quantize int8")
     config = ExportConfig.for_run(
         trained.config,
         image_size=args.image_size,
@@ -162,6 +184,8 @@ def _run_export(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         calibration_images=args.calibration_images,
         max_accuracy_drop=args.max_accuracy_drop,
+        observer=args.observer,
+        mixed_precision=args.mixed_precision,
     )
     log = lambda line: print(line, flush=True)  # noqa: E731
     calibration = validation = None
@@ -176,6 +200,7 @@ def _run_export(args: argparse.Namespace) -> int:
         classes=trained.classes,
         calibration=calibration,
         validation=validation,
+        report=args.report,
         log=log,
     )
     print(f"bundle: {bundle.path}")

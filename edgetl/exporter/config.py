@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 #: ``ExportConfig.quantize`` values: ``"none"`` exports float32 programs (the default), ``"int8"``
 #: PT2E-quantized XNNPACK programs (``model.pte`` and, with ``training``, ``bottom.pte``)
 QUANTIZE = ("none", "int8")
+#: ``ExportConfig.observer`` values: how an int8 activation range is read off the calibration images
+OBSERVERS = ("minmax", "moving_average", "histogram")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,14 @@ class ExportConfig:
         calibration_images: how many images calibrate the int8 programs (a seeded subset).
         max_accuracy_drop: the int8 export is refused when its accuracy on the validation images
             is lower than float32's by more than this many percentage points.
+        observer: how each int8 activation range is read off the calibration images:
+            ``"minmax"`` (the extremes), ``"moving_average"`` (extremes averaged over batches),
+            ``"histogram"`` (the range of least L2 quantization error; clips outliers).
+        mixed_precision: when pure int8 loses more than ``max_accuracy_drop``, keep the fewest
+            layers that cost most in int8 in float32 that bring the drop within it
+            (:mod:`edgetl.exporter.sensitivity`) instead of refusing at once.
+        sensitivity_images: validation images the per-layer sensitivity is measured on (the
+            first ones; the accuracy check uses them all).
     """
 
     image_size: int = 224
@@ -50,6 +60,9 @@ class ExportConfig:
     quantize: str = "none"
     calibration_images: int = 100
     max_accuracy_drop: float = 1.0
+    observer: str = "minmax"
+    mixed_precision: bool = True
+    sensitivity_images: int = 200
 
     def __post_init__(self) -> None:
         checks = [
@@ -66,6 +79,8 @@ class ExportConfig:
             (self.verify_steps >= 1, f"verify steps must be >= 1, got {self.verify_steps}"),
             (self.quantize in QUANTIZE, f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}"),
             (self.calibration_images >= 1, f"calibration images must be >= 1, got {self.calibration_images}"),
+            (self.observer in OBSERVERS, f"observer must be one of {', '.join(OBSERVERS)}, got {self.observer!r}"),
+            (self.sensitivity_images >= 1, f"sensitivity images must be >= 1, got {self.sensitivity_images}"),
             (
                 math.isfinite(self.max_accuracy_drop) and 0 <= self.max_accuracy_drop <= 100,
                 f"max accuracy drop must be in [0, 100] percentage points, got {self.max_accuracy_drop}",

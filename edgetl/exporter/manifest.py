@@ -247,6 +247,10 @@ class Quantization:
     #: refused above this drop, in percentage points
     max_accuracy_drop: float
     checks: list[AccuracyCheck]
+    #: how activation ranges were read off the calibration images (``ExportConfig.observer``)
+    observer: str = "minmax"
+    #: convolutions / linear layers of ``model.pte`` kept float32 (mixed precision)
+    float_layers: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ Agreement is printed and recorded so a user can judge it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +48,14 @@ def calibration_record(calibration: ImageSet) -> CalibrationSet:
     return CalibrationSet(calibration.source, len(calibration), calibration.seed, calibration.sha256(), list(calibration.items))
 
 
-def int8_graph(module: nn.Module, example: Tensor, calibration: Tensor) -> nn.Module:
+def int8_graph(
+    module: nn.Module, example: Tensor, calibration: Tensor, *, observer: str = "minmax", float_layers: Sequence[str] = ()
+) -> nn.Module:
     """``module`` PT2E-quantized for XNNPACK at the shape of ``example``, calibrated on every image
-    of ``calibration`` (in batches of the program's batch). It runs in eager PyTorch — the
-    reference of the int8 program, checked before the (slow) lowering — and lowers with
-    :func:`edgetl.exporter.inference.export_inference`."""
-    return et.quantize_int8(module, example, calibration_batches(calibration, len(example)))
+    of ``calibration`` (in batches of the program's batch), ``float_layers`` left float32. It runs
+    in eager PyTorch — the reference of the int8 program, checked before the (slow) lowering — and
+    lowers with :func:`edgetl.exporter.inference.export_inference`."""
+    return et.quantize_int8(module, example, calibration_batches(calibration, len(example)), observer=observer, float_layers=float_layers)
 
 
 def _batched(run, images: Tensor, batch: int) -> np.ndarray:
