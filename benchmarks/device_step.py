@@ -20,7 +20,9 @@ forward tests hold against PyTorch's FLOP counter), the time edgetl's GEMM takes
 the step's shapes), the step's achieved GFLOP/s, its share outside GEMMs, the native epoch's split
 (decoding, the bottom, forward-backward, SGD) from the runner's ``state.json``, and the step time
 ``edgetl plan --runtime native`` predicts for this machine (its rates measured here:
-``edgetl-gemm-bench``'s 1024^3 GEMM and 64 MiB copy).
+``edgetl-gemm-bench``'s 1024^3 GEMM and 64 MiB copy). ``--board NAME=GFLOPS,GBPS`` adds the
+step time the same model predicts for another machine from its published sgemm rate and memory
+bandwidth (a Raspberry Pi's, say): an estimate, labelled so; aarch64 speed is not measured here.
 """
 
 from __future__ import annotations
@@ -75,6 +77,14 @@ def main() -> int:
     ap.add_argument("--threads", default="2,4", help="comma-separated thread counts of every process measured")
     ap.add_argument("--repeats", type=int, default=2, help="alternating repeats of each row")
     ap.add_argument("--settings", default="demo,v3l", help="comma-separated: demo, v3l")
+    ap.add_argument(
+        "--board",
+        action="append",
+        default=[],
+        metavar="NAME=GFLOPS,GBPS",
+        help="also print an estimate of the step on a board with this sgemm rate and memory bandwidth "
+        "(its published figures, all the threads used): the same model as edgetl plan's, not a measurement",
+    )
     args = ap.parse_args()
     work = Path(args.work)
     env = {**os.environ, "PYTHON": sys.executable}
@@ -140,6 +150,11 @@ def main() -> int:
                 f"+ {1000 * predicted.layers:.1f} per-layer), "
                 f"{predicted.total / n:.2f} of measured."
             )
+            for board in args.board:
+                label, _, rates = board.partition("=")
+                gflops, gbps = (float(r) for r in rates.split(","))
+                guess = predict_native_step_time(analytic, gemm_gflops=gflops, memory_gbps=gbps)
+                print(f"Estimate, not measured: {label} (sgemm {gflops:g} GFLOP/s, {gbps:g} GB/s): {1000 * guess.total:.0f} ms a step.")
             e = epochs[0]
             print(
                 f"Native epoch ({e['images']} photos, {steps} steps): decoding {feature['decode']:.2f} s, "
