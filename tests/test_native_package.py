@@ -16,11 +16,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 
+import edgetl
 from tests.conftest import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def dynamic(path: Path, tag: str) -> list[str]:
 @pytest.mark.parametrize("arch", ["amd64", "arm64"])
 def test_the_package_holds_the_runtime_privately_and_depends_on_debian_packages_only(packages, arch, tmp_path):
     deb = packages[arch]
-    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    version = edgetl.__version__
     assert deb.name == f"edgetl-device_{version}_{arch}.deb"
     assert field(deb, "Package") == "edgetl-device" and field(deb, "Version") == version and field(deb, "Architecture") == arch
     depends = {re.match(r"[\w.+-]+", d.strip())[0] for d in field(deb, "Depends").split(",")}

@@ -311,7 +311,7 @@ PI5 = ROOT / "device_profiles" / "raspberry_pi_5_8gb.toml"
         ),
         (lambda: plan(PI5, "mobilenet_v3_small", method="both"), "unknown method"),
         (lambda: plan(PI5, "mobilenet_v3_small", runtime="gpu"), "unknown runtime"),
-        (lambda: plan(PI5, "mobilenet_v3_small", runtime="native", program_memory=lambda p, b: None), "trains with SGD"),
+        (lambda: plan(PI5, "mobilenet_v3_small", runtime="native", optimizer="adam", program_memory=lambda p, b: None), "trains with SGD"),
         (lambda: plan(PI5, "mobilenet_v3_small", batch_sizes=[0, 2]), "batch sizes"),
         (lambda: predict_native_peak(arena_bytes=-1, weights_file_bytes=0, trainable_bytes=0, feature_bytes=0, images=1), ">= 0"),
     ],

@@ -7,7 +7,7 @@
 # runner; it depends on Debian 12 / Raspberry Pi OS Bookworm packages only. On the device:
 #   sudo apt install ./edgetl-device_VERSION_arm64.deb
 # Built with build.sh (arm64: cross-built, build.sh --target aarch64) into BUILD_DIR (default
-# deploy/native/build, or build-aarch64 for arm64); VERSION is edgetl's (pyproject.toml).
+# deploy/native/build, or build-aarch64 for arm64); VERSION is edgetl's (edgetl.__version__).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 usage="usage: package.sh ARCH OUT_DIR (ARCH: amd64 or arm64)"
@@ -20,8 +20,8 @@ case "$ARCH" in
          else TARGET=(--target aarch64); BUILD="${BUILD_DIR:-$HERE/build-aarch64}"; fi ;;
   *) echo "package.sh: unknown ARCH '$ARCH'; $usage" >&2; exit 2 ;;
 esac
-VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' "$HERE/../../pyproject.toml" | head -1)"
-[ -n "$VERSION" ] || { echo "package.sh: no version in pyproject.toml" >&2; exit 2; }
+VERSION="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$HERE/../../edgetl/__init__.py" | head -1)"  # the version's one owner
+[ -n "$VERSION" ] || { echo "package.sh: no __version__ in edgetl/__init__.py" >&2; exit 2; }
 command -v dpkg-deb >/dev/null || { echo "package.sh: dpkg-deb not found (Debian's dpkg)" >&2; exit 2; }
 
 bash "$HERE/build.sh" "${TARGET[@]}" "$BUILD" >/dev/null
