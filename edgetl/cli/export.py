@@ -62,6 +62,13 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "--label-smoothing", type=float, default=ExportConfig.label_smoothing, help="of the on-device loss (default: %(default)s)"
     )
     p.add_argument(
+        "--spare-classes",
+        type=int,
+        default=ExportConfig.spare_classes,
+        help="with --training: classifier outputs beyond the run's classes, inert until the device assigns them "
+        "classes it learns from its own photos (edgetl-device finetune with new class folders) (default: %(default)s)",
+    )
+    p.add_argument(
         "--verify-steps",
         type=positive_int,
         default=ExportConfig.verify_steps,
@@ -186,6 +193,7 @@ def _run_export(args: argparse.Namespace) -> int:
         max_accuracy_drop=args.max_accuracy_drop,
         observer=args.observer,
         mixed_precision=args.mixed_precision,
+        spare_classes=args.spare_classes,
     )
     log = lambda line: print(line, flush=True)  # noqa: E731
     calibration = validation = None

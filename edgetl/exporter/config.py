@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 #: ``ExportConfig.quantize`` values: ``"none"`` exports float32 programs (the default), ``"int8"``
 #: PT2E-quantized XNNPACK programs (``model.pte`` and, with ``training``, ``bottom.pte``)
 QUANTIZE = ("none", "int8")
+#: the most spare classes an export adds (each costs a classifier row on the device)
+MAX_SPARE_CLASSES = 10000
 #: ``ExportConfig.observer`` values: how an int8 activation range is read off the calibration images
 OBSERVERS = ("minmax", "moving_average", "histogram")
 
@@ -45,6 +47,8 @@ class ExportConfig:
             (:mod:`edgetl.exporter.sensitivity`) instead of refusing at once.
         sensitivity_images: validation images the per-layer sensitivity is measured on (the
             first ones; the accuracy check uses them all).
+        spare_classes: with ``training``, classifier outputs beyond the known classes, inert
+            until the device assigns them classes it learns (:mod:`edgetl.nn.spare`).
     """
 
     image_size: int = 224
@@ -63,6 +67,7 @@ class ExportConfig:
     observer: str = "minmax"
     mixed_precision: bool = True
     sensitivity_images: int = 200
+    spare_classes: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -81,6 +86,8 @@ class ExportConfig:
             (self.calibration_images >= 1, f"calibration images must be >= 1, got {self.calibration_images}"),
             (self.observer in OBSERVERS, f"observer must be one of {', '.join(OBSERVERS)}, got {self.observer!r}"),
             (self.sensitivity_images >= 1, f"sensitivity images must be >= 1, got {self.sensitivity_images}"),
+            (0 <= self.spare_classes <= MAX_SPARE_CLASSES, f"spare classes must be in [0, {MAX_SPARE_CLASSES}], got {self.spare_classes}"),
+            (self.training or not self.spare_classes, "spare classes are outputs of the training program: they need training"),
             (
                 math.isfinite(self.max_accuracy_drop) and 0 <= self.max_accuracy_drop <= 100,
                 f"max accuracy drop must be in [0, 100] percentage points, got {self.max_accuracy_drop}",

@@ -7,7 +7,7 @@ The exporter builds a :class:`Manifest` and writes it as JSON (:meth:`Manifest.t
 ``model.classes``, ``input``,
 ``programs.inference.file``, ``programs.bottom.file`` and ``programs.training`` (``file``,
 ``data``, ``batch_size``, ``methods.forward.inputs[0].shape``, ``trainable_parameters``,
-``buffers``, ``weights_layout``, ``optimizer``), ``runtime.executorch_series`` (a newer series than
+``buffers``, ``weights_layout``, ``optimizer``, ``spare_classes``), ``runtime.executorch_series`` (a newer series than
 the runner's is refused), ``memory`` (its fine-tuning need, against its memory limit), and shows ``quantization`` (int8 exports); renaming
 one of those is a format change. An int8 export changes no field the runner relies on: its
 programs take and return float32 like the others.
@@ -126,6 +126,20 @@ class Loss:
 
 
 @dataclass(frozen=True)
+class SpareClasses:
+    """Classifier outputs beyond the known classes, inert until the device assigns them a class it
+    learns (:mod:`edgetl.nn.spare`): their rows of ``weight`` and ``bias`` (after the known
+    classes' rows), and ``active``, the weights file's 0/1 vector that turns an output on."""
+
+    count: int
+    weight: str
+    bias: str | None
+    active: str
+    #: the ``embed`` method's output per image (the classifier's last linear layer's input)
+    embedding_size: int
+
+
+@dataclass(frozen=True)
 class TrainingProgram:
     """``train.pte`` (methods ``forward``: a training step, ``predict``) and its weights ``train.ptd``."""
 
@@ -143,6 +157,8 @@ class TrainingProgram:
     custom_operators: list[str]
     operators: dict[str, list[str]]
     differences_from_eager: list[str]
+    #: with ``--spare-classes``: the outputs the device assigns (``methods`` then has ``embed``)
+    spare_classes: SpareClasses | None = optional()
 
 
 @dataclass(frozen=True)

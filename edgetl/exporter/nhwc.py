@@ -43,6 +43,7 @@ from edgetl.exporter.device_ops import (
 )
 from edgetl.exporter.errors import UnsupportedModelError
 from edgetl.nn.layers import MaskedActivation, SamePad2d, ShiftOnlyNorm, activation_kind
+from edgetl.nn.spare import SpareClassLinear, cross_entropy, mask_logits
 from edgetl.train.prepare import TransferModel
 
 # --- leaf modules --------------------------------------------------------------------------------
@@ -67,17 +68,23 @@ class PointwiseConv(nn.Module):
 
 class Linear(nn.Module):
     """``nn.Linear`` on 2-D input through the 1x1 operators (the same ``weight`` / ``bias`` objects):
-    its backward reads the weight in place, where ATen's ``addmm`` / ``mm`` would transpose it."""
+    its backward reads the weight in place, where ATen's ``addmm`` / ``mm`` would transpose it.
+    A :class:`~edgetl.nn.spare.SpareClassLinear` keeps its ``active`` buffer and its masking."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
+        self.spare = isinstance(linear, SpareClassLinear)
+        if self.spare:
+            self.register_buffer("active", linear.active)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 2:
-            return F.linear(x, self.weight, self.bias)
-        y = pointwise_nhwc(x, self.weight)
-        return y if self.bias is None else y + self.bias
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = pointwise_nhwc(x, self.weight)
+            y = y if self.bias is None else y + self.bias
+        return mask_logits(y, self.active) if self.spare else y
 
 
 class DenseConv(nn.Module):
@@ -341,13 +348,38 @@ class TrainableTop(nn.Module):
         self.classifier = net.classifier
         self.label_smoothing = label_smoothing
         self.record_activations = record_activations
+        #: what ``forward(features)`` returns: ``"logits"``, or ``"embedding"`` (the ``embed`` method)
+        self.output = "logits"
         _convert(self, "", net)
 
-    def logits(self, features: Tensor) -> Tensor:
+    def _pooled(self, features: Tensor) -> Tensor:
         x = features.permute(0, 2, 3, 1)  # NCHW -> NHWC, once
         for path in self.unit_paths:
             x = self.features.get_submodule(path)(x)
-        return self.classifier(x.mean((1, 2)))
+        return x.mean((1, 2))
+
+    def logits(self, features: Tensor) -> Tensor:
+        return self.classifier(self._pooled(features))
+
+    def _active(self) -> Tensor | None:
+        head = self._head()
+        return head.active if head.spare else None
+
+    def _head(self) -> Linear:
+        """The classifier's last linear layer (the one whose rows are the classes)."""
+        return [m for m in self.classifier.modules() if isinstance(m, Linear)][-1]
+
+    def embedding(self, features: Tensor) -> Tensor:
+        """The classifier's last linear layer's input: what weight imprinting averages per class."""
+        x = self._pooled(features)
+        if isinstance(self.classifier, Linear):
+            return x
+        head = self._head()
+        for layer in self.classifier.children():
+            if layer is head:
+                return x
+            x = layer(x)
+        raise UnsupportedModelError("the classifier's last linear layer is not one of its direct layers")
 
     def _masked_activations(self) -> list[tuple[str, nn.Module]]:
         return [(name, m) for name, m in self.named_modules() if isinstance(m, MaskedActivation)]
@@ -378,7 +410,7 @@ class TrainableTop(nn.Module):
 
     def forward(self, features: Tensor, labels: Tensor | None = None):
         if labels is None:
-            return self.logits(features)
+            return self.embedding(features) if self.output == "embedding" else self.logits(features)
         recorded: list[Tensor] = []
         hooks = [
             m.register_forward_pre_hook(lambda _m, args: recorded.append(args[0].detach().clone()))
@@ -389,7 +421,7 @@ class TrainableTop(nn.Module):
         finally:
             for h in hooks:
                 h.remove()
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        loss = cross_entropy(logits, labels, label_smoothing=self.label_smoothing, active=self._active())
         # the updated running statistics are outputs too, so any runtime (ExecuTorch's Java
         # TrainingModule has no access to a method's buffers) can save them with the weights
         stats = (buf.detach().clone() for _, buf in self.updated_buffers())

@@ -32,6 +32,7 @@ from edgetl.exporter.manifest import (
     Programs,
     Quantization,
     RuntimeInfo,
+    SpareClasses,
     TensorSpec,
     TrainingProgram,
     Verification,
@@ -39,6 +40,7 @@ from edgetl.exporter.manifest import (
 )
 from edgetl.exporter.weights import check_architecture, load_weights
 from edgetl.models.zoo import classifier_linear, identify_model, model_spec
+from edgetl.nn.spare import SpareClassLinear, spare_head
 from edgetl.profiler.native import NATIVE_RUNTIME_BYTES
 from edgetl.profiler.predict import predict_units
 from edgetl.train.policy import TrainPolicy
@@ -411,6 +413,17 @@ def _write_int8_bottom(writer, net, bottom, xb, calibration, validation, fp32_lo
     return res, diff
 
 
+def _with_spare_classes(net: TransferModel, spare: int) -> TransferModel:
+    """A copy of ``net`` whose classifier has ``spare`` inert outputs after its own (the caller's
+    network is left as it is)."""
+    import copy
+
+    net = copy.deepcopy(net)
+    parent, attr, linear = classifier_linear(net)
+    setattr(parent, attr, SpareClassLinear(linear, spare))
+    return net
+
+
 def _export_training_part(
     writer: BundleWriter,
     programs: Programs,
@@ -444,9 +457,22 @@ def _export_training_part(
         f"lowered in {res.seconds:.1f}s, max |ExecuTorch - eager| = {diff:.3g}" + (" (int8 against float32 features)" if int8_data else "")
     )
     feature_shape = res.output_shape
+    spare = None
+    if config.spare_classes:
+        net = _with_spare_classes(net, config.spare_classes)
+        spare_name, head = spare_head(net)
+        spare = SpareClasses(
+            count=config.spare_classes,
+            weight=f"{spare_name}.weight",
+            bias=f"{spare_name}.bias" if head.bias is not None else None,
+            active=f"{spare_name}.active",
+            embedding_size=head.in_features,
+        )
+        log(f"  {config.spare_classes} spare classes: {spare.weight} has {head.out_features} rows, {num_classes} of them active")
 
     log(f"  exporting the training program ({TRAIN_PTE} + {TRAIN_PTD}) ...")
-    ex = training.export_training(net, feature_shape=feature_shape, num_classes=num_classes, label_smoothing=label_smoothing)
+    outputs = num_classes + config.spare_classes
+    ex = training.export_training(net, feature_shape=feature_shape, num_classes=outputs, label_smoothing=label_smoothing)
     pte = writer.write(TRAIN_PTE, ex.program.pte)
     ptd = writer.write(TRAIN_PTD, ex.program.ptd)
     log(
@@ -476,21 +502,24 @@ def _export_training_part(
         f"({mem.saved_uint8_masks} uint8 masks); planned arena {mem.planned_arena_bytes['forward'] / 2**20:.2f} MiB"
     )
     features = TensorSpec("features", list(feature_shape), "float32", layout="NCHW")
-    logits = TensorSpec("logits", [batch_size, num_classes], "float32")
+    logits = TensorSpec("logits", [batch_size, outputs], "float32")
+    methods = {
+        "forward": Method(
+            inputs=[features, TensorSpec("labels", [batch_size], "int64")],
+            outputs=[TensorSpec("loss", [], "float32"), logits]
+            + [TensorSpec(n, list(ex.program.layout[n].shape), ex.program.layout[n].dtype) for n in ex.buffer_names],
+            then="one gradient per trainable parameter, then the parameters (ExecuTorch training layout; "
+            "__et_training_gradients_index_forward says where the gradients start)",
+        ),
+        "predict": Method(inputs=[features], outputs=[logits]),
+    }
+    if spare is not None:
+        methods["embed"] = Method(inputs=[features], outputs=[TensorSpec("embedding", [batch_size, spare.embedding_size], "float32")])
     train = TrainingProgram(
         file=TRAIN_PTE,
         data=TRAIN_PTD,
         batch_size=batch_size,
-        methods={
-            "forward": Method(
-                inputs=[features, TensorSpec("labels", [batch_size], "int64")],
-                outputs=[TensorSpec("loss", [], "float32"), logits]
-                + [TensorSpec(n, list(ex.program.layout[n].shape), ex.program.layout[n].dtype) for n in ex.buffer_names],
-                then="one gradient per trainable parameter, then the parameters (ExecuTorch training layout; "
-                "__et_training_gradients_index_forward says where the gradients start)",
-            ),
-            "predict": Method(inputs=[features], outputs=[logits]),
-        },
+        methods=methods,
         trainable_parameters=ex.parameter_names,
         buffers=ex.buffer_names,
         weights_layout=dict(sorted(ex.program.layout.items())),
@@ -499,6 +528,7 @@ def _export_training_part(
         custom_operators=ex.custom_operators,
         operators=ex.program.operators,
         differences_from_eager=list(DIFFERENCES),
+        spare_classes=spare,
     )
     programs = Programs(inference=programs.inference, bottom=_xnnpack_program(BOTTOM_PTE, res, "features"), training=train)
     verification = Verification(inference_max_abs_diff=verification.inference_max_abs_diff, bottom_max_abs_diff=diff, training=check)

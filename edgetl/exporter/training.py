@@ -41,6 +41,7 @@ from edgetl.exporter.inference import locate_operator
 from edgetl.exporter.manifest import TrainingCheck
 from edgetl.nn import ops
 from edgetl.nn.layers import MaskedActivation
+from edgetl.nn.spare import cross_entropy, spare_head
 from edgetl.train.prepare import TransferModel
 
 #: verification tolerances: |loss_et - loss_eager| per step and |w_et - w_eager| per element after
@@ -113,6 +114,12 @@ class TrainingExport:
     kernel_library: str | None = None
     #: with ``record_activations``: the masked activations whose inputs ``forward`` returns
     activation_names: list[str] = field(default_factory=list)
+    #: outputs beyond the known classes (:mod:`edgetl.nn.spare`); ``num_classes`` counts them
+    spare_classes: int = 0
+
+    @property
+    def known_classes(self) -> int:
+        return self.num_classes - self.spare_classes
 
     @property
     def custom_operators(self) -> list[str]:
@@ -147,6 +154,7 @@ def export_training(
     native_kernels = library is not None
     t0 = time.perf_counter()
     top = nhwc.trainable_top(net, label_smoothing=label_smoothing, record_activations=record_activations)
+    spare = spare_head(net)
     features = torch.zeros(feature_shape)
     labels = torch.arange(feature_shape[0]) % num_classes
     decomps = device_ops.decompositions(native_kernels)
@@ -156,6 +164,10 @@ def export_training(
         top.eval()
         with torch.no_grad():
             methods["predict"] = torch.export.export(top, (features,), strict=False).run_decompositions(decomps)
+            if spare is not None:  # what weight imprinting averages, under the same tensor names
+                top.output = "embedding"
+                methods["embed"] = torch.export.export(top, (features,), strict=False).run_decompositions(decomps)
+                top.output = "logits"
     top.train()
     forward = torch.export.export(top, (features, labels), strict=False)
     joint = et.export_forward_backward(forward).run_decompositions(decomps)
@@ -177,7 +189,7 @@ def export_training(
     part_of = lambda path: nhwc.describe_part(net, path)  # noqa: E731
     graphs = [forward.graph, joint.graph]
     try:
-        program = et.emit_training_program(methods, external=set(grads) | set(mutated))
+        program = et.emit_training_program(methods, external=set(grads) | set(mutated) | ({f"{spare[0]}.active"} if spare else set()))
     except et.MissingKernelError as exc:
         raise UnsupportedModelError(
             "; ".join(f"operator {op} has no ExecuTorch out-variant, used in {locate_operator(op, graphs, part_of)}" for op in exc.ops)
@@ -192,7 +204,17 @@ def export_training(
         )
     seconds = time.perf_counter() - t0
     return TrainingExport(
-        program, grads, mutated, tuple(feature_shape), num_classes, saved, seconds, label_smoothing, library and str(library), activations
+        program,
+        grads,
+        mutated,
+        tuple(feature_shape),
+        num_classes,
+        saved,
+        seconds,
+        label_smoothing,
+        library and str(library),
+        activations,
+        spare[1].out_features - spare[1].known if spare is not None else 0,
     )
 
 
@@ -391,7 +413,7 @@ def verify_training(
         gen = torch.Generator().manual_seed(seed)
         n = export.feature_shape[0]
         batches = [
-            (torch.randn(export.feature_shape, generator=gen).abs(), torch.randint(0, export.num_classes, (n,), generator=gen))
+            (torch.randn(export.feature_shape, generator=gen).abs(), torch.randint(0, export.known_classes, (n,), generator=gen))
             for _ in range(steps)
         ]
     steps = len(batches)
@@ -442,7 +464,8 @@ def _compare(
     params = [p for _, p in eager.trainable_parameters()]
     initial_params = {k: p.detach().clone().numpy() for k, p in eager.trainable_parameters()}
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=export.label_smoothing)
+    head = spare_head(eager)
+    active = head[1].active if head else None
     session = et.TrainingSession(pte, ptd, buffer_names=export.buffer_names)
     failures: list[str] = []
     with tempfile.TemporaryDirectory(dir=ptd.parent) as tmp:
@@ -469,7 +492,7 @@ def _compare(
                     break
                 for name, value in zip(replay.activation_names, twin_out[2 : 2 + len(replay.activation_names)], strict=True):
                     replayed[name].replay(_nchw(value))
-            loss = loss_fn(eager.forward_top(x.to(reference)), y)
+            loss = cross_entropy(eager.forward_top(x.to(reference)), y, label_smoothing=export.label_smoothing, active=active)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
