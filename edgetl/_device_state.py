@@ -41,6 +41,16 @@ class EpochRow:
 
 
 @dataclass(frozen=True)
+class AddedClass:
+    """A class the device learned on its own (a spare output), imprinted from ``images`` photos
+    after epoch ``epoch``."""
+
+    name: str
+    images: int
+    epoch: int
+
+
+@dataclass(frozen=True)
 class DeviceState:
     """A state directory's ``state.json``: the bundle it trains (bound by the manifest's seal), the
     model and classes it records for the exporter's check, the last epoch's files and their sha256."""
@@ -50,12 +60,14 @@ class DeviceState:
     bundle_manifest_sha256: str
     bundle_ptd_sha256: str
     model: str
+    #: the bundle's classes, then those the device added (the outputs they took, in order)
     classes: list[str]
     #: the last saved weights (a ``.ptd`` in the directory); None before the first epoch or import
     weights: str | None
     weights_sha256: str | None = optional()
     momentum: str | None = optional()
     momentum_sha256: str | None = optional()
+    added_classes: list[AddedClass] | None = optional()
 
 
 class DeviceStateError(EdgetlError):

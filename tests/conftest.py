@@ -237,6 +237,35 @@ def training_bundle(export_run, tmp_path_factory) -> Path:
     return out
 
 
+#: spare outputs of :func:`spare_bundle`
+SPARE = 2
+
+
+@pytest.fixture(scope="session")
+def spare_bundle(export_run, tmp_path_factory) -> Path:
+    """``edgetl export --training --spare-classes 2`` of :func:`export_run` (batch 4)."""
+    from edgetl.cli import main
+
+    out = tmp_path_factory.mktemp("spare-bundle") / "dist"
+    argv = ["--debug", "export", "--checkpoint", str(export_run), "--out", str(out), "--training"]
+    assert main([*argv, "--batch-size", str(EXPORT_BATCH), "--spare-classes", str(SPARE)]) == 0
+    return out
+
+
+def make_new_classes(root: Path, per_class: int, *, seed: int = 0, size: int = 24) -> Path:
+    """Two classes the export run never saw: ``purple`` (red + blue raised) and ``yellow`` (red + green)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, channels in (("purple", (0, 2)), ("yellow", (0, 1))):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 90, (size, size, 3))
+            img[..., list(channels)] += 150
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
 def export_eager_net(run: Path):
     """The run's model, prepared as the bundle's training program trains it (dropout off)."""
     from edgetl.exporter.training import without_dropout

@@ -122,7 +122,7 @@ def test_a_bit_flip_in_the_device_weights_is_refused_by_every_reader(runner, tmp
     for path in (state, state / "trained.ptd"):
         with pytest.raises(ExportError, match="damaged"):
             device_weights_file(path, model_name="mobilenet_v2", classes=None)
-    assert device_weights_file(trained, model_name="mobilenet_v2", classes=None) == trained / s["weights"]
+    assert device_weights_file(trained, model_name="mobilenet_v2", classes=None) == (trained / s["weights"], s["classes"])
 
 
 # --- names stay inside their directory; epoch in range --------------------------------------------

@@ -498,6 +498,20 @@ def test_cli_profile_prints_table_and_writes_json(cli, tmp_path):
     assert {k: v for k, v in data.items() if k != "torch_version"} == {k: v for k, v in report.to_dict().items() if k != "torch_version"}
 
 
+def test_cli_profile_counts_the_rows_of_spare_classes(cli, tmp_path):
+    argv = ["--model", "mobilenet_v3_small", "--blocks", "2", "--batch-size", "2", "--image-size", "64", "--num-classes", "5"]
+    out = tmp_path / "r.json"
+    assert cli("profile", *argv, "--spare-classes", "3", "--json", str(out))[0] == 0
+    with_spare = profile("mobilenet_v3_small", TrainPolicy(2), batch_size=2, image_size=64, num_classes=8)
+    plain = profile("mobilenet_v3_small", TrainPolicy(2), batch_size=2, image_size=64, num_classes=5)
+    data = json.loads(out.read_text())
+    assert data["num_classes"] == 8
+    rows = 3 * (1024 + 1) * 4  # V3-Small's classifier input is 1024 wide; weight and bias, float32
+    got, spare, base = data["totals"]["mobiletl"], with_spare.to_dict()["totals"]["mobiletl"], plain.to_dict()["totals"]["mobiletl"]
+    assert got["trainable_params"] == spare["trainable_params"] == base["trainable_params"] + rows
+    assert got["optimizer_state"] == base["optimizer_state"] + 2 * rows  # Adam: two floats per parameter
+
+
 def _report_settings(path: Path) -> dict:
     data = json.loads(path.read_text())
     return {k: data[k] for k in ("model", "blocks", "batch_size", "image_size", "num_classes", "optimizer", "activation_mask")}

@@ -17,17 +17,12 @@ from edgetl.cli import main
 from edgetl.exporter import _executorch as et
 from edgetl.exporter import training
 from edgetl.nn.spare import SpareClassLinear, cross_entropy, spare_head
-from tests.conftest import CLASSES, EXPORT_BATCH, export_eager_net
-
-SPARE = 2
+from tests.conftest import CLASSES, EXPORT_BATCH, SPARE, export_eager_net
 
 
 @pytest.fixture(scope="module")
-def spare_bundle(export_run, tmp_path_factory) -> edgetl.ExportBundle:
-    out = tmp_path_factory.mktemp("spare") / "dist"
-    argv = ["--debug", "export", "--checkpoint", str(export_run), "--out", str(out), "--training"]
-    assert main([*argv, "--batch-size", str(EXPORT_BATCH), "--spare-classes", str(SPARE)]) == 0
-    return edgetl.ExportBundle.load(out)
+def bundle(spare_bundle) -> edgetl.ExportBundle:
+    return edgetl.ExportBundle.load(spare_bundle)
 
 
 def _spare_eager(run) -> edgetl.TransferModel:
@@ -36,8 +31,8 @@ def _spare_eager(run) -> edgetl.TransferModel:
     return net
 
 
-def test_spare_outputs_are_listed_inert_and_in_the_weights_file(spare_bundle):
-    train = spare_bundle.manifest.programs.training
+def test_spare_outputs_are_listed_inert_and_in_the_weights_file(bundle):
+    train = bundle.manifest.programs.training
     spare = train.spare_classes
     known = len(CLASSES)
     assert (spare.count, spare.weight, spare.bias, spare.active) == (
@@ -46,24 +41,24 @@ def test_spare_outputs_are_listed_inert_and_in_the_weights_file(spare_bundle):
         "classifier.1.bias",
         "classifier.1.active",
     )
-    assert spare_bundle.manifest.model.classes == list(CLASSES)
+    assert bundle.manifest.model.classes == list(CLASSES)
     assert train.methods["predict"].outputs[0].shape == [EXPORT_BATCH, known + SPARE]
     assert train.methods["embed"].outputs[0].shape == [EXPORT_BATCH, spare.embedding_size]
-    tensors = et.read_ptd(spare_bundle.file("train.ptd").read_bytes())
+    tensors = et.read_ptd(bundle.file("train.ptd").read_bytes())
     assert tensors["classifier.1.active"].tolist() == [1.0] * known + [0.0] * SPARE
     assert not tensors["classifier.1.weight"].reshape(known + SPARE, -1)[known:].any()
 
 
-def test_known_rows_are_the_runs(spare_bundle, export_run):
-    tensors = et.read_ptd(spare_bundle.file("train.ptd").read_bytes())
+def test_known_rows_are_the_runs(bundle, export_run):
+    tensors = et.read_ptd(bundle.file("train.ptd").read_bytes())
     run = export_eager_net(export_run).state_dict()
     known = len(CLASSES)
     assert np.array_equal(tensors["classifier.1.weight"].reshape(known + SPARE, -1)[:known], run["classifier.1.weight"].numpy())
     assert np.array_equal(tensors["classifier.1.bias"].reshape(-1)[:known], run["classifier.1.bias"].numpy())
 
 
-def test_program_trains_a_switched_on_spare_class_like_eager_and_leaves_the_other_inert(spare_bundle, export_run, tmp_path):
-    train = spare_bundle.manifest.programs.training
+def test_program_trains_a_switched_on_spare_class_like_eager_and_leaves_the_other_inert(bundle, export_run, tmp_path):
+    train = bundle.manifest.programs.training
     known = len(CLASSES)
     net = training.without_dropout(_spare_eager(export_run)).train()
     head = net.classifier[1]
@@ -72,12 +67,12 @@ def test_program_trains_a_switched_on_spare_class_like_eager_and_leaves_the_othe
         head.weight[known] = torch.randn(head.in_features, generator=gen) * 0.05
         head.bias[known] = 0.1
         head.active[known] = 1.0
-    base = spare_bundle.file("train.ptd").read_bytes()
+    base = bundle.file("train.ptd").read_bytes()
     layout = et.ptd_slots(base)
     names = ("classifier.1.weight", "classifier.1.bias", "classifier.1.active")
     ptd = tmp_path / "switched.ptd"
     ptd.write_bytes(et.write_ptd(base, layout, {n: net.state_dict()[n].numpy() for n in names}))
-    session = et.TrainingSession(spare_bundle.file("train.pte"), ptd, buffer_names=train.buffers)
+    session = et.TrainingSession(bundle.file("train.pte"), ptd, buffer_names=train.buffers)
     opt = torch.optim.SGD([p for _, p in net.trainable_parameters()], lr=0.005, momentum=0.9)
     shape = train.methods["forward"].inputs[0].shape
     sgd = None
@@ -103,15 +98,15 @@ def test_program_trains_a_switched_on_spare_class_like_eager_and_leaves_the_othe
     assert np.abs(w[known] - head.weight[known].detach().numpy()).max() < 1e-4 and not np.allclose(w[known], 0)
 
 
-def test_embed_is_the_classifier_input_of_eager(spare_bundle, export_run):
+def test_embed_is_the_classifier_input_of_eager(bundle, export_run):
     net = _spare_eager(export_run).eval()
-    shape = spare_bundle.manifest.programs.training.methods["embed"].inputs[0].shape
+    shape = bundle.manifest.programs.training.methods["embed"].inputs[0].shape
     f = torch.randn(shape, generator=torch.Generator().manual_seed(2)).relu()
     captured = []
     net.classifier[1].register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     with torch.no_grad():
         net.forward_top(f)
-    got = et.Program(spare_bundle.file("train.pte"), spare_bundle.file("train.ptd")).run("embed", f.numpy())[0]
+    got = et.Program(bundle.file("train.pte"), bundle.file("train.ptd")).run("embed", f.numpy())[0]
     assert np.abs(got - captured[0].numpy()).max() < 1e-4
 
 

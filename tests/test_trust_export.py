@@ -130,15 +130,15 @@ def test_device_weights_trained_for_other_classes_are_refused_by_export(export_r
         one_error_line(done, "classes", str(list(CLASSES)))
         assert not (tmp_path / "dist").exists()
     # the checks themselves: the matching checkpoint passes, another model fails, a bare .ptd passes (tensors checked later)
-    assert (
-        device_weights_file(device_state, model_name="mobilenet_v2", classes=list(CLASSES))
-        == device_state / json.loads((device_state / "state.json").read_text())["weights"]
+    assert device_weights_file(device_state, model_name="mobilenet_v2", classes=list(CLASSES)) == (
+        device_state / json.loads((device_state / "state.json").read_text())["weights"],
+        list(CLASSES),
     )
     with pytest.raises(ExportError, match="trained for mobilenet_v2"):
         device_weights_file(device_state, model_name="efficientnet_lite0", classes=list(CLASSES))
     bare = tmp_path / "copied.ptd"
     shutil.copy(device_state / "trained.ptd", bare)
-    assert device_weights_file(bare, model_name="mobilenet_v2", classes=["x", "y", "z"]) == bare
+    assert device_weights_file(bare, model_name="mobilenet_v2", classes=["x", "y", "z"]) == (bare, None)
     with pytest.raises(ExportError, match="without state.json"):
         device_weights_file(tmp_path, model_name="mobilenet_v2", classes=None)
 

@@ -165,11 +165,13 @@ def _run_export(args: argparse.Namespace) -> int:
     from edgetl.train.run import read_weights
 
     trained = read_weights(args.checkpoint, model=args.model)
-    state = trained.state_dict
+    state, classes = trained.state_dict, trained.classes
     if args.device_weights:
-        ptd = device_weights_file(args.device_weights, model_name=trained.model_name, classes=trained.classes)
+        ptd, device_classes = device_weights_file(args.device_weights, model_name=trained.model_name, classes=trained.classes)
         state = apply_device_weights(state, ptd)
-    model = load_weights(trained.model_name, state, trained.num_classes, source=trained.source)
+        classes = device_classes or classes  # with the classes the device added (spare outputs)
+    num_classes = len(classes) if classes else trained.num_classes
+    model = load_weights(trained.model_name, state, num_classes, source=trained.source)
     # the run's policy with the flags given replacing fields: its memory options reach the exporter's refusal
     policy = replace(trained.policy or FinetuneConfig().policy, **given(blocks=args.blocks, method=args.method))
     if args.quantize == "none" and (args.calibration_data or args.calibration_images != ExportConfig.calibration_images):
@@ -205,7 +207,7 @@ def _run_export(args: argparse.Namespace) -> int:
         args.out,
         config,
         model_name=trained.model_name,
-        classes=trained.classes,
+        classes=classes,
         calibration=calibration,
         validation=validation,
         report=args.report,

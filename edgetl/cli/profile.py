@@ -77,6 +77,12 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         help=f"classifier outputs (default: the run's classes, else {StepSettings.num_classes})",
     )
     p.add_argument(
+        "--spare-classes",
+        type=non_negative_int,
+        default=StepSettings.spare_classes,
+        help="classifier outputs beyond the classes, as 'edgetl export --spare-classes' adds them (default: %(default)s)",
+    )
+    p.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
         help="whose state to count "
@@ -134,7 +140,7 @@ def profile_command(args: argparse.Namespace) -> int:
     blocks = num_blocks(model) if args.blocks == "all" else args.blocks
     settings = base.with_overrides(
         model=model, blocks=blocks, batch_size=args.batch_size, image_size=args.image_size, num_classes=args.num_classes,
-        optimizer=args.optimizer, activation_mask=args.activation_mask, bottom_chunk=args.bottom_chunk,
+        spare_classes=args.spare_classes, optimizer=args.optimizer, activation_mask=args.activation_mask, bottom_chunk=args.bottom_chunk,
         saved_precision=args.saved_precision, recompute=args.recompute,
     )  # fmt: skip
     report = profile(
@@ -142,7 +148,7 @@ def profile_command(args: argparse.Namespace) -> int:
         settings.policy,
         batch_size=settings.batch_size,
         image_size=settings.image_size,
-        num_classes=settings.num_classes,
+        num_classes=settings.outputs,
         optimizer=settings.optimizer,
         measure_process=args.process,
         allocator=args.allocator,
@@ -168,8 +174,8 @@ def _timeline(settings: StepSettings, allocator: str, out: str) -> None:
 
     print("recording one training step per method (a child process each) ...", flush=True)
     sizes = {"batch_size": settings.batch_size, "image_size": settings.image_size, "optimizer": settings.optimizer}
-    timelines = measure_step_timelines(settings.model, settings.policy, num_classes=settings.num_classes, allocator=allocator, **sizes)
-    model = load_model(settings.model, num_classes=settings.num_classes)
+    timelines = measure_step_timelines(settings.model, settings.policy, num_classes=settings.outputs, allocator=allocator, **sizes)
+    model = load_model(settings.model, num_classes=settings.outputs)
     estimates = {m: predict_step_peak(model, replace(settings.policy, method=m), **sizes) for m in timelines}
     print(render_timelines(timelines, estimates))
     plot_timelines(timelines, estimates, out)
@@ -193,6 +199,12 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "--num-classes",
         type=positive_int,
         help=f"classifier outputs (default: the run's classes, else {StepSettings.num_classes})",
+    )
+    p.add_argument(
+        "--spare-classes",
+        type=non_negative_int,
+        default=StepSettings.spare_classes,
+        help="classifier outputs beyond the classes, as 'edgetl export --spare-classes' adds them (default: %(default)s)",
     )
     p.add_argument(
         "--optimizer",
@@ -248,7 +260,7 @@ def plan_command(args: argparse.Namespace) -> int:
     }
     _missing({"model": settings.get("model")})
     image_size = settings.get("image_size", StepSettings.image_size)
-    num_classes = settings.get("num_classes", StepSettings.num_classes)
+    num_classes = settings["num_classes"] = settings.get("num_classes", StepSettings.num_classes) + args.spare_classes
     program_memory = verify_program = None
     if args.runtime == "native":
         from edgetl.exporter.config import ExportConfig

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,13 +46,28 @@ def load_weights(name: str, state: Mapping[str, torch.Tensor], num_classes: int,
 
 def apply_device_weights(state: Mapping[str, torch.Tensor], ptd: str | Path) -> dict[str, torch.Tensor]:
     """``state`` with the tensors of a device-written ``.ptd`` (trained parameters, running
-    statistics) put in place; names and sizes must match."""
+    statistics) put in place; names and sizes must match.
+
+    A bundle exported with spare classes has a classifier with more rows than the checkpoint and
+    an ``active`` vector: the rows of the active outputs (the checkpoint's classes, then those the
+    device added) replace the classifier, which then has one output per active row."""
     path = Path(ptd)
     try:
         tensors = et.read_ptd(path.read_bytes())
     except Exception as exc:  # noqa: BLE001 - any read or parse failure is an unreadable file to the user
         raise ExportError(f"cannot read device weights {path}: {exc}") from None
     state = dict(state)
+    for mask in [n for n in tensors if n.endswith(".active") and n not in state]:
+        active = tensors.pop(mask).reshape(-1)
+        used = int(np.count_nonzero(active))
+        if not (active[:used] == 1).all() or active[used:].any():
+            raise ExportError(f"device weights {path}: the active outputs of {mask} are not its first {used}")
+        head = mask.rpartition(".")[0]
+        for name in (f"{head}.weight", f"{head}.bias"):
+            if name in tensors and name in state:
+                rows = tensors[name].reshape(len(active), -1)[:used]
+                tensors[name] = rows.reshape((used, *state[name].shape[1:]))
+                state[name] = torch.empty(tensors[name].shape, dtype=state[name].dtype)
     for name, value in tensors.items():
         if name not in state:
             raise ExportError(f"device weights {path} hold {name}, which the checkpoint does not have (another model?)")
@@ -61,8 +77,10 @@ def apply_device_weights(state: Mapping[str, torch.Tensor], ptd: str | Path) -> 
     return state
 
 
-def device_weights_file(path: str | Path, *, model_name: str, classes: Sequence[str] | None) -> Path:
-    """The ``.ptd`` that ``edgetl export --device-weights PATH`` means, checked against the checkpoint.
+def device_weights_file(path: str | Path, *, model_name: str, classes: Sequence[str] | None) -> tuple[Path, list[str] | None]:
+    """The ``.ptd`` that ``edgetl export --device-weights PATH`` means, checked against the
+    checkpoint, and the device's classes (the checkpoint's, then those the device added; None
+    without a ``state.json``).
 
     ``PATH`` is a state directory of ``edgetl-device finetune --state`` (its last saved weights) or
     a ``.ptd`` file. Where a ``state.json`` is there (the directory's, or beside the file), the
@@ -80,7 +98,7 @@ def device_weights_file(path: str | Path, *, model_name: str, classes: Sequence[
     if not path.exists():
         raise ExportError(f"device weights {path} do not exist")
     if not state_file.is_file():
-        return path
+        return path, None
     try:
         state = read_state(state_file)
     except DeviceStateError as exc:
@@ -88,7 +106,7 @@ def device_weights_file(path: str | Path, *, model_name: str, classes: Sequence[
     what = f"device weights {path} (per {state_file})"
     if state.model != model_name:
         raise ExportError(f"{what} were trained for {state.model}, the checkpoint is {model_name}")
-    if classes is not None and state.classes != list(classes):
+    if classes is not None and state.classes[: len(classes)] != list(classes):
         raise ExportError(f"{what} were trained for the classes {state.classes}, the checkpoint has {list(classes)}")
     if path.is_dir():
         name = state.weights
@@ -103,4 +121,4 @@ def device_weights_file(path: str | Path, *, model_name: str, classes: Sequence[
             raise ExportError(f"{state_file} records no weights_sha256 (written by an older edgetl-device): fine-tune again")
         if sha256_file(path) != recorded:
             raise ExportError(f"device weights {path} are damaged (sha256 mismatch with {state_file}); the device keeps no earlier epoch")
-    return path
+    return path, state.classes

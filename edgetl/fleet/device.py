@@ -103,6 +103,13 @@ class DeviceClient:
             if bundle_value != fleet_value:
                 hint = "export it with 'edgetl fleet bundle'"
                 raise DeviceClientError(f"the bundle {self.bundle} has {what} {bundle_value}, the fleet {fleet_value}: {hint}")
+        if m["programs"].get("training", {}).get("spare_classes"):
+            # the server averages per key: a class one device added would be averaged with another
+            # device's unrelated class in the same output, so local classes stay off the fleet
+            raise DeviceClientError(
+                f"the bundle {self.bundle} has spare classes (device-added classes cannot join the fleet's average): "
+                "export it with 'edgetl fleet bundle'"
+            )
         missing = [name for name in self.trained_names if name not in offered and not (fedbn and is_stat_key(name))]
         if missing:
             raise DeviceClientError(

@@ -24,6 +24,8 @@ class StepSettings:
         batch_size, image_size: the input batch, ``batch_size x 3 x image_size x image_size``.
         num_classes: classifier outputs (ImageNet's by default).
         optimizer: whose state to count.
+        spare_classes: outputs beyond ``num_classes`` (``edgetl export --spare-classes``): inert
+            until a device assigns them, their rows cost what any class's row costs.
     """
 
     model: str
@@ -32,6 +34,12 @@ class StepSettings:
     image_size: int = 224
     num_classes: int = 1000
     optimizer: str = "adam"
+    spare_classes: int = 0
+
+    @property
+    def outputs(self) -> int:
+        """The classifier's rows: the classes and the spare ones."""
+        return self.num_classes + self.spare_classes
 
     @classmethod
     def of_run(cls, config: FinetuneConfig, num_classes: int | None = None) -> StepSettings:

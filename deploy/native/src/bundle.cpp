@@ -203,6 +203,21 @@ Bundle::Bundle(const std::string& path) : dir(path) {
     training_.optimizer = {o.at("lr").get<double>(), o.value("momentum", 0.0), o.value("dampening", 0.0), o.value("weight_decay", 0.0),
                            o.value("nesterov", false)};
     training_.custom_operators = t.value("custom_operators", std::vector<std::string>{});
+    training_.outputs = classes.size();
+    if (t.contains("spare_classes")) {
+      const auto& sp = t.at("spare_classes");
+      auto& spare = training_.spare;
+      spare.count = integer(sp.at("count"), mpath, "programs.training.spare_classes.count");
+      spare.weight = sp.at("weight").get<std::string>();
+      spare.bias = sp.at("bias").is_null() ? "" : sp.at("bias").get<std::string>();
+      spare.active = sp.at("active").get<std::string>();
+      spare.embedding_size = integer(sp.at("embedding_size"), mpath, "programs.training.spare_classes.embedding_size");
+      if (spare.count < 1 || spare.embedding_size < 1) throw DeviceError(mpath + ": programs.training.spare_classes has a size below 1");
+      for (const auto* name : {&spare.weight, &spare.bias, &spare.active})
+        if (!name->empty() && !training_.weights_layout.count(*name))
+          throw DeviceError(mpath + ": spare class tensor " + *name + " is not in programs.training.weights_layout");
+      training_.outputs += static_cast<size_t>(spare.count);
+    }
     ptd_sha256 = manifest.at("files").at(training_.ptd).at("sha256").get<std::string>();
     return 0;
   });

@@ -34,6 +34,15 @@ struct TrainingSpec {
   std::map<std::string, TensorSlot> weights_layout;
   SgdOptions optimizer;
   std::vector<std::string> custom_operators;  // edgetl kernels the program calls (edgetl_export::*.out)
+  // Outputs beyond the known classes (edgetl export --spare-classes), assigned by the device to
+  // classes it learns: the classifier's rows (`weight`, `bias`) and the 0/1 `active` vector in the
+  // weights file; `embed` returns `embedding_size` floats per image. count 0: none.
+  struct Spare {
+    int count = 0;
+    std::string weight, bias, active;
+    int64_t embedding_size = 0;
+  } spare;
+  size_t outputs = 0;  // the logits' width: the known classes and the spare outputs
 };
 
 class Bundle {

@@ -38,7 +38,10 @@ int classify(const Bundle& bundle, const ClassifyOptions& o) {
     }
   }
   if (paths.empty()) throw DeviceError("no images given");
-  const size_t classes = bundle.classes.size();
+  // model.pte has the bundle's classes; train.pte's predict also the spare outputs, named by the
+  // state directory as the device assigned them (an inactive one never ranks: its probability is 0)
+  std::vector<std::string> names = o.trained.empty() ? bundle.classes : trained_classes(o.trained, bundle);
+  const size_t classes = o.trained.empty() ? bundle.classes.size() : bundle.training().outputs;
   std::vector<std::string> kept;
   std::vector<float> logits;
   if (o.trained.empty()) {  // model.pte, one image at a time
@@ -73,7 +76,9 @@ int classify(const Bundle& bundle, const ClassifyOptions& o) {
     throw DeviceError("the program returned logits for a different number of classes than the manifest lists");
   for (float v : logits)
     if (!std::isfinite(v)) throw DeviceError("the weights produce non-finite logits; they are unusable (retrain from the last good epoch)");
-  const size_t k = std::min<size_t>(static_cast<size_t>(o.top_k), classes);
+  const size_t k = std::min<size_t>(static_cast<size_t>(o.top_k), names.size());
+  // an output a bare .ptd switched on without its state directory has no name: its number
+  const auto label = [&](size_t c) { return c < names.size() ? names[c] : "output-" + std::to_string(c); };
   for (size_t i = 0; i < n; ++i) {
     const float* z = logits.data() + i * classes;
     float mx = *std::max_element(z, z + classes);
@@ -85,7 +90,7 @@ int classify(const Bundle& bundle, const ClassifyOptions& o) {
     std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return p[a] > p[b]; });
     if (o.json) {
       nlohmann::json top = nlohmann::json::array();
-      for (size_t j = 0; j < k; ++j) top.push_back({{"label", bundle.classes[order[j]]}, {"prob", p[order[j]] / sum}});
+      for (size_t j = 0; j < k; ++j) top.push_back({{"label", label(order[j])}, {"prob", p[order[j]] / sum}});
       std::cout << nlohmann::json{{"path", kept[i]}, {"top", top}}.dump() << "\n";
       continue;
     }
@@ -93,7 +98,7 @@ int classify(const Bundle& bundle, const ClassifyOptions& o) {
     for (size_t j = 0; j < k; ++j) {
       char prob[32];
       std::snprintf(prob, sizeof prob, "%.3f", p[order[j]] / sum);
-      std::cout << (j ? ", " : " ") << bundle.classes[order[j]] << " " << prob;
+      std::cout << (j ? ", " : " ") << label(order[j]) << " " << prob;
     }
     std::cout << "\n";
   }

@@ -18,6 +18,7 @@
 #include "commands.h"
 #include "files.h"
 #include "memory.h"
+#include "new_classes.h"
 #include "runtime.h"
 #include "sgd.h"
 #include "state.h"
@@ -157,7 +158,7 @@ void flip_horizontally(float* image, int size) {
 double accuracy_of(const Bundle& bundle, const std::string& weights, std::vector<float>& features, const std::vector<int64_t>& labels) {
   const auto& t = bundle.training();
   Program top(bundle.file(t.pte), weights);
-  const size_t batch = t.batch_size, classes = bundle.classes.size(), per = numel_per_item(t.feature_shape);
+  const size_t batch = t.batch_size, classes = t.outputs, per = numel_per_item(t.feature_shape);
   size_t correct = 0;
   for (size_t start = 0; start < labels.size(); start += batch) {
     auto logits = top.run("predict", features.data() + start * per, t.feature_shape);
@@ -169,12 +170,40 @@ double accuracy_of(const Bundle& bundle, const std::string& weights, std::vector
   return static_cast<double>(correct) / labels.size();
 }
 
+// Gives each new class (labels known, known + 1, ...) its output, imprinted from its readable
+// images in `train`, and commits the classes and their rows to the state directory.
+void add_classes(Program& bottom, const Bundle& bundle, StateDir& state, const Dataset& train, size_t known,
+                 const std::vector<std::string>& added) {
+  const TrainingSpec& t = bundle.training();
+  const size_t per = numel_per_item(t.feature_shape), batch = t.batch_size;
+  std::vector<float> features;
+  std::vector<size_t> first, count, outputs;
+  for (size_t c = 0; c < added.size(); ++c) {
+    std::vector<std::string> paths;
+    for (size_t i = 0; i < train.paths.size(); ++i)
+      if (train.labels[i] == static_cast<int64_t>(known + c)) paths.push_back(train.paths[i]);
+    if (paths.empty()) throw DeviceError("new class " + added[c] + " has no readable image; nothing was written");
+    const size_t base = features.size();
+    features.resize(base + ((paths.size() + batch - 1) / batch) * batch * per);
+    const size_t kept =
+        bottom_features(bottom, paths, bundle.input, t.feature_shape, [&](size_t k) { return features.data() + base + k * per; }).size();
+    features.resize(base + kept * per);
+    first.push_back(base / per);
+    count.push_back(kept);
+    outputs.push_back(known + c);
+  }
+  std::vector<std::vector<char>> storage;
+  state.add_classes(added, count, imprint(bundle, state.weights_path(), features, first, count, outputs, storage));
+  for (size_t c = 0; c < added.size(); ++c)
+    std::cout << "new class " << added[c] << ": output " << outputs[c] << ", imprinted from " << count[c] << " images" << std::endl;
+}
+
 }  // namespace
 
 int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   const TrainingSpec& t = bundle.training();
   require_kernels(t.custom_operators, t.pte);
-  if (o.epochs < 1) throw DeviceError("--epochs must be at least 1");
+  if (o.epochs < 0) throw DeviceError("--epochs must be at least 0");
   if (o.batch_size && *o.batch_size != t.batch_size)
     throw DeviceError("the training program was exported for batch " + std::to_string(t.batch_size) +
                       " (static shapes); re-export with 'edgetl export --training --batch-size " + std::to_string(*o.batch_size) + "'");
@@ -186,9 +215,14 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   if (!(opt.momentum >= 0 && opt.momentum < 1)) throw DeviceError("--momentum must be in [0, 1)");
   if (!(opt.weight_decay >= 0 && std::isfinite(opt.weight_decay))) throw DeviceError("--weight-decay must be >= 0");
 
-  Dataset train = read_folder(o.data, bundle.classes, "data");
+  // the device's classes so far (the bundle's and those it added), then the data's new ones
+  const std::vector<std::string> known = recorded_classes(o.state, bundle);
+  const std::vector<std::string> added = new_class_folders(o.data, known, bundle);
+  std::vector<std::string> classes = known;
+  classes.insert(classes.end(), added.begin(), added.end());
+  Dataset train = read_folder(o.data, classes, "data");
   Dataset val;
-  if (!o.val.empty()) val = read_folder(o.val, bundle.classes, "validation");
+  if (!o.val.empty()) val = read_folder(o.val, classes, "validation");
   const std::optional<MemoryNeed> need = fine_tune_need(bundle, train.paths.size(), opt.momentum != 0, o.feature_budget);
   const std::optional<MemoryLimit> limit = memory_limit(o.memory_limit);
   if (limit && need) check_fits(*need, *limit, train.paths.size());
@@ -200,8 +234,9 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   else if (o.verbose && need) std::fprintf(stderr, "memory: fine-tuning needs %.2f MiB, no memory limit\n", need->total() / 1048576.0);
   ensure_writable_dir(o.state);
   StateDir state(o.state, bundle);
+  if (state.classes() != known) throw DeviceError(o.state + " changed while finetune started (another process?): run it again");
   const int start = state.epoch();
-  if (start >= o.epochs) {
+  if (start >= o.epochs && added.empty()) {
     std::cout << "already trained for " << start << " epoch(s); nothing to do (raise --epochs to continue)\n";
     return 0;
   }
@@ -227,6 +262,14 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
     keep(train, readable);
   }
   const size_t n = train.paths.size();
+  if (!added.empty()) {
+    add_classes(*bottom, bundle, state, train, known.size(), added);
+    if (start >= o.epochs) {
+      std::cout << "--epochs " << o.epochs << ": the new classes' imprinted outputs are the classifier (no training step) -> "
+                << state.weights_path() << std::endl;
+      return 0;
+    }
+  }
   if (n < batch) throw DeviceError(std::to_string(n) + " readable images is fewer than one training batch of " + std::to_string(batch));
   if (cache)
     std::cout << "features of " << n << " images from bottom.pte in " << seconds_since(t0) << "s ("
@@ -248,6 +291,12 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   log_memory(o.verbose, "bottom features");
   std::string weights = state.weights_path();
   if (start) std::cout << "resuming after epoch " << start << " from " << weights << std::endl;
+  if (!val_features.empty() && start == 0) {  // what the fine-tune buys: the same measure before it
+    char line[96];
+    std::snprintf(line, sizeof line, "before fine-tuning: val_acc %.1f%% (%zu images)",
+                  100.0 * accuracy_of(bundle, weights, val_features, val.labels), val.labels.size());
+    std::cout << line << std::endl;
+  }
   TrainingSession session(bundle.file(t.pte), weights, t.buffers);
   Sgd sgd(opt);
   if (opt.momentum != 0) sgd.set_momentum_buffers(state.momentum(session.parameter_names()));
@@ -290,8 +339,8 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
       if (s == 0) log_memory(o.verbose, "first SGD step");
       loss_sum += static_cast<double>(loss) * batch;
       for (size_t i = 0; i < batch; ++i) {
-        const float* z = logits.data() + i * bundle.classes.size();
-        correct += (std::max_element(z, z + bundle.classes.size()) - z) == labels[i];
+        const float* z = logits.data() + i * t.outputs;
+        correct += (std::max_element(z, z + t.outputs) - z) == labels[i];
       }
       seen += batch;
       char line[160];

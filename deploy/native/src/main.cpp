@@ -24,7 +24,7 @@ const char* kUsage = R"(usage: edgetl-device [--threads N] [--verbose] COMMAND .
 
   info      BUNDLE
   classify  BUNDLE IMAGE_OR_DIR... [--trained STATE_DIR|PTD] [--top-k N (3)] [--json]
-  finetune  BUNDLE DATA_DIR --state STATE_DIR [--epochs N (5; at most 1000000)] [--batch-size B (the bundle's)]
+  finetune  BUNDLE DATA_DIR --state STATE_DIR [--epochs N (5; at most 1000000; 0: only imprint new classes)] [--batch-size B (the bundle's)]
             [--lr X] [--momentum X] [--weight-decay X] (default: the bundle's optimizer)
             [--seed N (0)] [--augment] [--val DIR] [--feature-budget MIB (64)]
             [--memory-limit MIB (the cgroup's memory.max / memory.limit_in_bytes)]
@@ -37,6 +37,9 @@ const char* kUsage = R"(usage: edgetl-device [--threads N] [--verbose] COMMAND .
 
 classify prints "PATH: LABEL PROB, ..." per image (--json: one JSON object per line, full precision).
 DATA_DIR and --val hold one subfolder per class, named like the bundle's classes (JPEG or PNG).
+A class folder the bundle does not know takes one of its spare outputs (edgetl export --spare-classes)
+and starts from weight imprinting (its photos' mean normalised embedding); the state directory
+records the device's classes, which classify --trained names.
 finetune computes the frozen bottom's features once per image (in memory up to --feature-budget
 MiB, beyond it in a memory-mapped file in STATE_DIR; --augment adds random horizontal flips and
 recomputes them every step), trains with SGD, and saves weights and momentum atomically after
@@ -190,7 +193,7 @@ int run(int argc, char** argv) {
   o.data = a.positional[1];
   o.state = a.values.at("--state");
   o.val = a.values.count("--val") ? a.values.at("--val") : "";
-  o.epochs = static_cast<int>(to_int(a, "--epochs", 5, 1, edgetl::kMaxEpochs));
+  o.epochs = static_cast<int>(to_int(a, "--epochs", 5, 0, edgetl::kMaxEpochs));
   if (a.values.count("--batch-size")) o.batch_size = static_cast<int>(to_int(a, "--batch-size", 0, 1, kMaxInt));
   o.lr = to_double(a, "--lr");
   o.momentum = to_double(a, "--momentum");

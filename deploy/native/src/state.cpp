@@ -5,6 +5,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include "files.h"
 
@@ -73,6 +74,13 @@ nlohmann::json read_state(const std::string& path, const Bundle& bundle, const s
   }
   check_bound(s, bundle, what, hint);
   check_fields(s, path);
+  // the bundle's classes, then at most as many added ones as it has spare outputs, each once
+  const auto names = s["classes"].get<std::vector<std::string>>();
+  const bool extends = names.size() >= bundle.classes.size() && std::equal(bundle.classes.begin(), bundle.classes.end(), names.begin());
+  const bool fits = names.size() <= bundle.classes.size() + static_cast<size_t>(bundle.training().spare.count);
+  if (!extends || !fits || std::set<std::string>(names.begin(), names.end()).size() != names.size())
+    throw DeviceError(path + ": classes " + s["classes"].dump() + " are not the bundle's followed by at most " +
+                      std::to_string(bundle.training().spare.count) + " added ones; remove the state directory to start over");
   return s;
 }
 
@@ -172,7 +180,9 @@ void StateDir::save_epoch(int epoch, const TrainingSession& session, const std::
   std::vector<TensorView> tensors = session.parameters();
   tensors.insert(tensors.end(), session.buffers().begin(), session.buffers().end());
   std::string wname = numbered("weights", epoch, ".ptd");
-  write_ptd(join(dir_, wname), bundle_.file(t.ptd), t.weights_layout, tensors);
+  // over the weights the epoch started from: they hold what training does not change (the classes
+  // the device added switched on)
+  write_ptd(join(dir_, wname), weights_path(), t.weights_layout, tensors);
 
   nlohmann::json next = state_;
   if (!momentum.empty()) {
@@ -213,11 +223,58 @@ void StateDir::start_from(const std::vector<TensorView>& tensors) {
   atomic_link(join(dir_, wname), join(dir_, kTrained));
 }
 
+void StateDir::add_classes(const std::vector<std::string>& added, const std::vector<size_t>& images,
+                           const std::vector<TensorView>& tensors) {
+  const auto& t = bundle_.training();
+  nlohmann::json next = state_;
+  for (size_t i = 0; i < added.size(); ++i) {
+    next["classes"].push_back(added[i]);
+    next["added_classes"].push_back({{"name", added[i]}, {"images", images[i]}, {"epoch", epoch()}});
+  }
+  // a name of its own: the epoch's weights file stays intact until state.json names the new one
+  char suffix[32];
+  std::snprintf(suffix, sizeof suffix, "-classes%04zu.ptd", next["classes"].size());
+  const std::string wname = numbered("weights", epoch(), suffix);
+  write_ptd(join(dir_, wname), weights_path(), t.weights_layout, tensors);
+  const std::string previous = state_["weights"].is_string() ? state_["weights"].get<std::string>() : "";
+  next["weights"] = wname;
+  next["weights_sha256"] = sha256_file(join(dir_, wname));
+  atomic_write(join(dir_, kState), next.dump(2) + "\n");  // the commit point
+  state_ = std::move(next);
+  verified_ = join(dir_, wname);
+  atomic_link(join(dir_, wname), join(dir_, kTrained));
+  if (!previous.empty() && previous != wname) std::remove(join(dir_, previous).c_str());
+}
+
 void StateDir::annotate_last(const std::string& key, double value) {
   nlohmann::json next = state_;
   next["history"].back()[key] = value;
   atomic_write(join(dir_, kState), next.dump(2) + "\n");
   state_ = std::move(next);
+}
+
+std::vector<char> read_ptd_tensor(const std::string& ptd, const TensorSlot& slot) {
+  std::ifstream in(ptd, std::ios::binary);
+  if (!in) throw DeviceError("cannot read " + ptd);
+  std::vector<char> buf(slot.nbytes);
+  in.seekg(static_cast<std::streamoff>(slot.offset));
+  in.read(buf.data(), static_cast<std::streamsize>(slot.nbytes));
+  if (static_cast<uint64_t>(in.gcount()) != slot.nbytes) throw DeviceError(ptd + " is shorter than the bundle's weights layout");
+  return buf;
+}
+
+std::vector<std::string> recorded_classes(const std::string& dir, const Bundle& bundle) {
+  const std::string path = join(dir, kState);
+  if (!is_file(path)) return bundle.classes;
+  return read_state(path, bundle, dir + " holds training state of another bundle", "; use another --state directory")["classes"]
+      .get<std::vector<std::string>>();
+}
+
+std::vector<std::string> trained_classes(const std::string& path, const Bundle& bundle) {
+  const std::string dir = is_dir(path) ? path : (fs::path(path).parent_path().empty() ? "." : fs::path(path).parent_path().string());
+  if (!is_file(join(dir, kState))) return bundle.classes;
+  return read_state(join(dir, kState), bundle, path + " is in the state directory of another bundle, not " + bundle.dir, "")["classes"]
+      .get<std::vector<std::string>>();
 }
 
 std::string trained_weights(const std::string& path, const Bundle& bundle) {

@@ -5,6 +5,7 @@
 //   weights-epochNNNN.ptd  a complete train.ptd: trainable parameters and running statistics
 //   momentum-epochNNNN.bin SGD momentum buffers, float32, in the program's parameter order
 //   trained.ptd            the last weights under a stable name (a hard link)
+//   weights-epochNNNN-classesMMMM.ptd  the weights after classes were added at epoch NNNN (M classes)
 //   .edgetl.lock           held (flock) by the one process writing the directory; its pid inside
 //
 // state.json records the sha256 of the weights and momentum files it names (weights_sha256,
@@ -50,6 +51,11 @@ class StateDir {
   void start_from(const std::vector<TensorView>& tensors);
   // Adds `key` to the last history row (e.g. the validation accuracy measured with the saved weights).
   void annotate_last(const std::string& key, double value);
+  // The device's classes: the bundle's, then those the device added (the outputs they own, in order).
+  std::vector<std::string> classes() const { return state_["classes"].get<std::vector<std::string>>(); }
+  // Records classes `added` (with the number of images each was imprinted from) and the weights
+  // that hold their rows (`tensors` over the current weights), as one commit.
+  void add_classes(const std::vector<std::string>& added, const std::vector<size_t>& images, const std::vector<TensorView>& tensors);
 
  private:
   std::string dir_;
@@ -61,6 +67,15 @@ class StateDir {
 
 // The weights `classify --trained PATH` means: a .ptd file, or a state directory's last saved weights.
 std::string trained_weights(const std::string& path, const Bundle& bundle);
+// The class names of the weights `classify --trained PATH` means: its state.json's (with the
+// classes the device added), else the bundle's.
+std::vector<std::string> trained_classes(const std::string& path, const Bundle& bundle);
+// The classes `dir`/state.json records (the bundle's when there is none), read without the lock:
+// finetune's first look at its data, before it takes the directory.
+std::vector<std::string> recorded_classes(const std::string& dir, const Bundle& bundle);
+
+// The bytes of one tensor of a .ptd file.
+std::vector<char> read_ptd_tensor(const std::string& ptd, const TensorSlot& slot);
 
 // Atomically writes `path`: the .ptd `base` with the named tensors over their slots, streamed
 // (the weights are never held twice in memory).
