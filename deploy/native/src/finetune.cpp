@@ -265,6 +265,7 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   if (!added.empty()) {
     add_classes(*bottom, bundle, state, train, known.size(), added);
     if (start >= o.epochs) {
+      log_memory(o.verbose, "imprinting");
       std::cout << "--epochs " << o.epochs << ": the new classes' imprinted outputs are the classifier (no training step) -> "
                 << state.weights_path() << std::endl;
       return 0;
