@@ -67,6 +67,9 @@ def _embeddings(bundle: Path, paths: list[Path]) -> np.ndarray:
 
 
 def test_imprinting_sets_each_new_row_from_its_photos_mean_normalised_embedding(imprinted, spare_bundle, new_photos):
+    """Each new row: the active rows' mean plus the unit mean direction of the new photos'
+    embeddings from the manifest's centre, scaled to the active rows' own parts' mean norm; the
+    bias makes the centre score like an average class (new_classes.h)."""
     s = json.loads((imprinted / "state.json").read_text())
     assert s["classes"] == [*CLASSES, "purple", "yellow"] and s["epoch"] == 0
     assert [(a["name"], a["images"]) for a in s["added_classes"]] == [("purple", 6), ("yellow", 6)]
@@ -77,13 +80,21 @@ def test_imprinting_sets_each_new_row_from_its_photos_mean_normalised_embedding(
     w1 = after["classifier.1.weight"].reshape(known + SPARE, -1)
     assert after["classifier.1.active"].tolist() == [1.0] * (known + SPARE)
     assert np.array_equal(w1[:known], w0[:known]), "the known classes' rows are untouched"
-    scale = np.linalg.norm(w0[:known].astype(np.float64), axis=1).mean()
+    spare = json.loads((spare_bundle / "manifest.json").read_text())["programs"]["training"]["spare_classes"]
+    centre = np.asarray(spare["embedding_mean"], np.float64)
+    assert spare["embedding_mean_images"] == 100 and centre.shape == (spare["embedding_size"],)
+    rows = w0[:known].astype(np.float64)
+    shared = rows.mean(0)
+    scale = np.linalg.norm(rows - shared, axis=1).mean()
+    b0 = before["classifier.1.bias"].reshape(-1)[:known].astype(np.float64)
     for row, name in ((known, "purple"), (known + 1, "yellow")):
-        e = _embeddings(spare_bundle, sorted((new_photos / name).iterdir())).astype(np.float64)
-        mean = (e / np.linalg.norm(e, axis=1, keepdims=True)).mean(0)
-        want = mean / np.linalg.norm(mean) * scale
+        e = _embeddings(spare_bundle, sorted((new_photos / name).iterdir())).astype(np.float64) - centre
+        u = (e / np.linalg.norm(e, axis=1, keepdims=True)).mean(0)
+        u /= np.linalg.norm(u)
+        want = shared + scale * u
         assert np.abs(w1[row] - want).max() < 2e-3 * np.abs(want).max(), name
-    assert np.allclose(after["classifier.1.bias"].reshape(-1)[known:], before["classifier.1.bias"].reshape(-1)[:known].mean(), atol=1e-6)
+        bias = after["classifier.1.bias"].reshape(-1)[row]
+        assert abs(bias - (b0.mean() - scale * u @ centre)) < 2e-3 * max(1.0, abs(bias)), name
 
 
 def test_the_imprinted_classifier_names_and_recognises_the_new_classes(imprinted, runner, spare_bundle, held_out):

@@ -86,13 +86,14 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument(
         "--calibration-data",
         metavar="DIR",
-        help="int8: calibrate on images under DIR (any depth, labels ignored) instead of the run's training images",
+        help="int8: calibrate on images under DIR (any depth, labels ignored) instead of the run's training images; "
+        "--spare-classes: centre imprinting on them",
     )
     p.add_argument(
         "--calibration-images",
         type=positive_int,
         default=ExportConfig.calibration_images,
-        help="int8: how many images calibrate, a subset drawn by --seed (default: %(default)s)",
+        help="int8: how many images calibrate (--spare-classes: centre imprinting), a subset drawn by --seed (default: %(default)s)",
     )
     p.add_argument(
         "--max-accuracy-drop",
@@ -174,8 +175,14 @@ def _run_export(args: argparse.Namespace) -> int:
     model = load_weights(trained.model_name, state, num_classes, source=trained.source)
     # the run's policy with the flags given replacing fields: its memory options reach the exporter's refusal
     policy = replace(trained.policy or FinetuneConfig().policy, **given(blocks=args.blocks, method=args.method))
-    if args.quantize == "none" and (args.calibration_data or args.calibration_images != ExportConfig.calibration_images):
-        raise ExportError("--calibration-data and --calibration-images calibrate an int8 export: add --quantize int8")
+    if (
+        args.quantize == "none"
+        and not args.spare_classes
+        and (args.calibration_data or args.calibration_images != ExportConfig.calibration_images)
+    ):
+        raise ExportError(
+            "--calibration-data and --calibration-images calibrate an int8 export (or centre --spare-classes): add --quantize int8"
+        )
     if args.quantize == "none" and (args.report or args.observer != ExportConfig.observer):
         raise ExportError("--report and --observer are about an int8 export: add --quantize int8")
     config = ExportConfig.for_run(
@@ -201,6 +208,8 @@ def _run_export(args: argparse.Namespace) -> int:
     calibration = validation = None
     if config.quantize == "int8":
         calibration, validation = _int8_images(args, trained, config, log)
+    elif config.spare_classes and (trained.config is not None or args.calibration_data):
+        calibration = _run_images(args, trained, config, log)
     bundle = export(
         model,
         policy,
@@ -215,6 +224,18 @@ def _run_export(args: argparse.Namespace) -> int:
     )
     print(f"bundle: {bundle.path}")
     return 0
+
+
+def _run_images(args: argparse.Namespace, trained, config: ExportConfig, log):
+    """The run's seeded subset of training images (or ``--calibration-data``'s): the centre a
+    spare-class bundle's imprinting starts from."""
+    from edgetl.exporter import calibration as cal
+
+    sizes = {"model": trained.model_name, "image_size": config.image_size, "count": config.calibration_images, "seed": config.seed}
+    if args.calibration_data:
+        return cal.from_directory(args.calibration_data, log=log, **sizes)
+    log(f"edgetl export: reading the run's images for the spare classes ({trained.config.data}) ...")
+    return cal.from_run(trained.config, log=log, **sizes)[0]
 
 
 def _int8_images(args: argparse.Namespace, trained, config: ExportConfig, log):

@@ -137,6 +137,11 @@ class SpareClasses:
     active: str
     #: the ``embed`` method's output per image (the classifier's last linear layer's input)
     embedding_size: int
+    #: the mean embedding of the run's images (known classes), the centre imprinting measures a
+    #: new class's direction from; None when the export had no images (imprinting from 0)
+    embedding_mean: list[float] | None = optional()
+    #: how many images ``embedding_mean`` averages
+    embedding_mean_images: int | None = optional()
 
 
 @dataclass(frozen=True)

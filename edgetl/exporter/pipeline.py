@@ -150,7 +150,8 @@ def export(
             checked against them otherwise.
         classes: class names (default ``"0"``, ``"1"``, ...).
         calibration: with ``config.quantize == "int8"``, the images that calibrate the int8
-            programs (:mod:`edgetl.exporter.calibration`: a run's training images, a directory).
+            programs (:mod:`edgetl.exporter.calibration`: a run's training images, a directory);
+            with ``config.spare_classes``, the images whose mean embedding centres imprinting.
         validation: with int8, labelled images on which int8 is checked against float32 (accuracy,
             top-1 agreement); the export is refused when int8 loses more than
             ``config.max_accuracy_drop`` points.
@@ -263,6 +264,7 @@ def export(
                 part_of=part_of,
                 log=log,
                 int8_data=int8_data,
+                images=calibration,
             )
         quant = None
         if int8:
@@ -424,6 +426,20 @@ def _with_spare_classes(net: TransferModel, spare: int) -> TransferModel:
     return net
 
 
+def _embedding_mean(net: TransferModel, head: nn.Module, images: torch.Tensor) -> list[float]:
+    """The mean of ``head``'s input over ``images`` (eval mode): where a new class's imprinted row
+    is measured from on the device."""
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].double().sum(0)))
+    try:
+        with _in_eval_mode(net), torch.no_grad():
+            for start in range(0, len(images), 32):
+                net(images[start : start + 32])
+    finally:
+        hook.remove()
+    return (torch.stack(captured).sum(0) / len(images)).float().tolist()
+
+
 def _export_training_part(
     writer: BundleWriter,
     programs: Programs,
@@ -438,6 +454,7 @@ def _export_training_part(
     part_of,
     log: Callable[[str], None],
     int8_data=None,
+    images: ImageSet | None = None,
 ) -> tuple[Programs, Verification, MemoryFigures]:
     """Export, write and verify ``bottom.pte`` and ``train.pte``/``.ptd``; the manifest sections they add.
 
@@ -461,14 +478,20 @@ def _export_training_part(
     if config.spare_classes:
         net = _with_spare_classes(net, config.spare_classes)
         spare_name, head = spare_head(net)
+        centre = None if images is None else _embedding_mean(net, head, images.images)
         spare = SpareClasses(
             count=config.spare_classes,
             weight=f"{spare_name}.weight",
             bias=f"{spare_name}.bias" if head.bias is not None else None,
             active=f"{spare_name}.active",
             embedding_size=head.in_features,
+            embedding_mean=centre,
+            embedding_mean_images=None if images is None else len(images),
         )
-        log(f"  {config.spare_classes} spare classes: {spare.weight} has {head.out_features} rows, {num_classes} of them active")
+        log(
+            f"  {config.spare_classes} spare classes: {spare.weight} has {head.out_features} rows, {num_classes} of them active; "
+            + (f"imprinting centre from {len(images)} images ({images.source})" if images else "no images: imprinting from 0")
+        )
 
     log(f"  exporting the training program ({TRAIN_PTE} + {TRAIN_PTD}) ...")
     outputs = num_classes + config.spare_classes

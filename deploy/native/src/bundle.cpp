@@ -213,6 +213,10 @@ Bundle::Bundle(const std::string& path) : dir(path) {
       spare.active = sp.at("active").get<std::string>();
       spare.embedding_size = integer(sp.at("embedding_size"), mpath, "programs.training.spare_classes.embedding_size");
       if (spare.count < 1 || spare.embedding_size < 1) throw DeviceError(mpath + ": programs.training.spare_classes has a size below 1");
+      if (sp.contains("embedding_mean") && !sp.at("embedding_mean").is_null())
+        spare.embedding_mean = sp.at("embedding_mean").get<std::vector<float>>();
+      if (!spare.embedding_mean.empty() && spare.embedding_mean.size() != static_cast<size_t>(spare.embedding_size))
+        throw DeviceError(mpath + ": programs.training.spare_classes.embedding_mean does not have embedding_size values");
       for (const auto* name : {&spare.weight, &spare.bias, &spare.active})
         if (!name->empty() && !training_.weights_layout.count(*name))
           throw DeviceError(mpath + ": spare class tensor " + *name + " is not in programs.training.weights_layout");

@@ -41,6 +41,7 @@ struct TrainingSpec {
     int count = 0;
     std::string weight, bias, active;
     int64_t embedding_size = 0;
+    std::vector<float> embedding_mean;  // the known classes' mean embedding (empty: imprint from 0)
   } spare;
   size_t outputs = 0;  // the logits' width: the known classes and the spare outputs
 };

@@ -80,23 +80,34 @@ std::vector<TensorView> imprint(const Bundle& bundle, const std::string& weights
   float* active = reinterpret_cast<float*>(storage[1].data());
   float* bias = sp.bias.empty() ? nullptr : reinterpret_cast<float*>(storage[2].data());
 
-  // the scale of the rows that classify today: their mean L2 norm, their mean bias
-  double norm_sum = 0, bias_sum = 0;
+  // The rows that classify today: their mean row (the part every class shares, which softmax
+  // ignores), the mean norm of their own parts, their mean bias.
+  std::vector<double> shared(dim, 0.0);
+  double bias_sum = 0;
   size_t live = 0;
   for (size_t r = 0; r < rows; ++r) {
     if (active[r] != 1.0f) continue;
-    double sq = 0;
-    for (size_t k = 0; k < dim; ++k) sq += static_cast<double>(w[r * dim + k]) * w[r * dim + k];
-    norm_sum += std::sqrt(sq);
+    for (size_t k = 0; k < dim; ++k) shared[k] += w[r * dim + k];
     bias_sum += bias ? bias[r] : 0.0;
     ++live;
   }
   if (live == 0) throw DeviceError("the weights have no active class to scale a new class's row by");
+  for (double& v : shared) v /= static_cast<double>(live);
+  double norm_sum = 0;
+  for (size_t r = 0; r < rows; ++r) {
+    if (active[r] != 1.0f) continue;
+    double sq = 0;
+    for (size_t k = 0; k < dim; ++k) sq += (w[r * dim + k] - shared[k]) * (w[r * dim + k] - shared[k]);
+    norm_sum += std::sqrt(sq);
+  }
+  const double scale = norm_sum / static_cast<double>(live), mean_bias = bias_sum / static_cast<double>(live);
+  const std::vector<float> zero(dim, 0.0f);
+  const std::vector<float>& centre = sp.embedding_mean.empty() ? zero : sp.embedding_mean;
 
   Program top(bundle.file(t.pte), weights);
   std::vector<float> in(batch * per);
   for (size_t c = 0; c < first.size(); ++c) {
-    std::vector<double> mean(dim, 0.0);
+    std::vector<double> direction(dim, 0.0);
     size_t used = 0;
     for (size_t start = 0; start < count[c]; start += batch) {
       const size_t n = std::min(batch, count[c] - start);
@@ -107,20 +118,27 @@ std::vector<TensorView> imprint(const Bundle& bundle, const std::string& weights
       for (size_t i = 0; i < n; ++i) {
         const float* v = e.data() + i * dim;
         double sq = 0;
-        for (size_t k = 0; k < dim; ++k) sq += static_cast<double>(v[k]) * v[k];
-        if (!(sq > 0) || !std::isfinite(sq)) continue;  // an all-zero (or broken) embedding has no direction
+        for (size_t k = 0; k < dim; ++k) sq += (v[k] - static_cast<double>(centre[k])) * (v[k] - static_cast<double>(centre[k]));
+        if (!(sq > 0) || !std::isfinite(sq)) continue;  // an embedding at the centre (or broken) has no direction
         const double inv = 1.0 / std::sqrt(sq);
-        for (size_t k = 0; k < dim; ++k) mean[k] += v[k] * inv;
+        for (size_t k = 0; k < dim; ++k) direction[k] += (v[k] - static_cast<double>(centre[k])) * inv;
         ++used;
       }
     }
     double sq = 0;
-    for (double m : mean) sq += m * m;
+    for (double m : direction) sq += m * m;
     if (used == 0 || !(sq > 0)) throw DeviceError("no image of the new class has a usable embedding: cannot imprint its output");
-    const double scale = norm_sum / static_cast<double>(live) / std::sqrt(sq);
+    // logit(e) = shared . e + scale * u . (e - centre) + mean_bias: an average class's strength,
+    // pointing from the known classes' centre towards the new class's photos
+    const double unit = 1.0 / std::sqrt(sq);
+    double offset = 0;
     const size_t r = outputs[c];
-    for (size_t k = 0; k < dim; ++k) w[r * dim + k] = static_cast<float>(mean[k] * scale);
-    if (bias) bias[r] = static_cast<float>(bias_sum / static_cast<double>(live));
+    for (size_t k = 0; k < dim; ++k) {
+      const double u = direction[k] * unit;
+      w[r * dim + k] = static_cast<float>(shared[k] + scale * u);
+      offset += scale * u * centre[k];
+    }
+    if (bias) bias[r] = static_cast<float>(mean_bias - offset);
     active[r] = 1.0f;
   }
   std::vector<TensorView> out = {view_of(sp.weight, storage[0], layout.at(sp.weight).dtype),

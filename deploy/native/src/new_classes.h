@@ -1,11 +1,16 @@
 // Classes the device learns on its own: class folders a bundle exported with --spare-classes does
 // not know take its spare outputs, and each new output starts from weight imprinting.
 //
-// Imprinting (Qi et al., "Low-Shot Learning with Imprinted Weights", CVPR 2018): a new class's
-// row is the mean of its photos' L2-normalised embeddings (train.pte's embed method: the
-// classifier's input, through the frozen bottom and the top as trained so far), normalised and
-// scaled to the mean L2 norm of the active rows; its bias is the mean of the active biases. That is
-// a classifier for the new class before any training step (finetune --epochs 0 stops there).
+// Imprinting (after Qi et al., "Low-Shot Learning with Imprinted Weights", CVPR 2018): a new
+// class's direction u is the mean of its photos' L2-normalised embeddings (train.pte's embed
+// method: the classifier's input, through the frozen bottom and the top as trained so far) taken
+// from the known classes' mean embedding (the manifest's embedding_mean; 0 without one),
+// normalised. Its row is the active rows' mean (the part every class shares) plus u scaled to the
+// mean norm of their own parts, and its bias makes an image at the centre score like an average
+// class: logit(e) = shared . e + scale * u . (e - centre) + mean bias. Measured from the centre,
+// not from 0: the embeddings follow ReLU-type activations, all of them point into the same
+// orthant, and an uncentred row scores every photo high (benchmarks/personalise.py). That is a
+// classifier for the new class before any training step (finetune --epochs 0 stops there).
 #pragma once
 #include <string>
 #include <vector>
