@@ -45,6 +45,9 @@ class ExportConfig:
             (:mod:`edgetl.exporter.sensitivity`) instead of refusing at once.
         sensitivity_images: validation images the per-layer sensitivity is measured on (the
             first ones; the accuracy check uses them all).
+        replay_per_class: with ``training``, store the bottom features of this many training
+            images per known class in the bundle (``replay.bin``, int8, drawn by ``seed``), which
+            device fine-tuning mixes into its batches; 0: no replay set.
     """
 
     image_size: int = 224
@@ -63,6 +66,7 @@ class ExportConfig:
     observer: str = "minmax"
     mixed_precision: bool = True
     sensitivity_images: int = 200
+    replay_per_class: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -81,6 +85,11 @@ class ExportConfig:
             (self.calibration_images >= 1, f"calibration images must be >= 1, got {self.calibration_images}"),
             (self.observer in OBSERVERS, f"observer must be one of {', '.join(OBSERVERS)}, got {self.observer!r}"),
             (self.sensitivity_images >= 1, f"sensitivity images must be >= 1, got {self.sensitivity_images}"),
+            (self.replay_per_class >= 0, f"replay images per class must be >= 0, got {self.replay_per_class}"),
+            (
+                self.training or self.replay_per_class == 0,
+                "a replay set is for on-device fine-tuning: replay images per class need a training export",
+            ),
             (
                 math.isfinite(self.max_accuracy_drop) and 0 <= self.max_accuracy_drop <= 100,
                 f"max accuracy drop must be in [0, 100] percentage points, got {self.max_accuracy_drop}",
