@@ -144,6 +144,13 @@ def test_export_stores_bottom_features_of_the_drawn_images(replay_bundle, replay
     assert section["max_abs_error"] == pytest.approx(max_err) and section["relative_rms_error"] == pytest.approx(rel)
 
 
+def test_info_shows_the_replay_set(runner, replay_bundle):
+    r = run(runner, "info", str(replay_bundle))
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)["replay"]
+    assert shown["count"] == 2 * PER_CLASS + 3 and shown["bytes"] > 0 and "items" not in shown
+
+
 # --- the device ----------------------------------------------------------------------------------------
 
 
@@ -197,14 +204,14 @@ def test_an_epoch_with_replay_equals_the_python_path_bit_for_bit(runner, replay_
 
 
 def test_a_resumed_run_repeats_the_replay_draw(runner, replay_bundle, photos, tmp_path):
-    """Default ratio (0.25: 1 replay row of 4) over 2 epochs, at once and as 1 + 1: the same bytes."""
+    """Default ratio (0.5: 2 replay rows of 4) over 2 epochs, at once and as 1 + 1: the same bytes."""
     assert _finetune(runner, replay_bundle, photos, tmp_path / "once", "--epochs", "2").returncode == 0
     assert _finetune(runner, replay_bundle, photos, tmp_path / "twice", "--epochs", "1").returncode == 0
     r = _finetune(runner, replay_bundle, photos, tmp_path / "twice", "--epochs", "2")
     assert r.returncode == 0 and "resuming after epoch 1" in r.stdout, r.stderr
     once, twice = (json.loads((tmp_path / d / "state.json").read_text()) for d in ("once", "twice"))
     assert once["weights_sha256"] == twice["weights_sha256"]
-    assert [h["replay"] for h in once["history"]] == [{"ratio": 0.25, "rows": 4}] * 2  # 12 photos / 3 per step = 4 steps
+    assert [h["replay"] for h in once["history"]] == [{"ratio": 0.5, "rows": 12}] * 2  # 12 photos / 2 per step = 6 steps
 
 
 def _without_replay(bundle: Path, out: Path) -> Path:

@@ -27,7 +27,7 @@ const char* kUsage = R"(usage: edgetl-device [--threads N] [--verbose] COMMAND .
   finetune  BUNDLE DATA_DIR --state STATE_DIR [--epochs N (5; at most 1000000)] [--batch-size B (the bundle's)]
             [--lr X] [--momentum X] [--weight-decay X] (default: the bundle's optimizer)
             [--seed N (0)] [--augment] [--val DIR] [--feature-budget MIB (64)]
-            [--replay-ratio R (0.25 with the bundle's replay set, else 0)]
+            [--replay-ratio R (0.5 with the bundle's replay set, else 0)]
             [--memory-limit MIB (the cgroup's memory.max / memory.limit_in_bytes)]
   import-weights  BUNDLE NPY_DIR --state STATE_DIR
   export-weights  BUNDLE STATE_DIR|PTD --out NPY_DIR

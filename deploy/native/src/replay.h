@@ -12,7 +12,7 @@
 namespace edgetl {
 
 // --replay-ratio's default when the bundle has a replay set (benchmarks/replay.py measures it).
-constexpr double kDefaultReplayRatio = 0.25;
+constexpr double kDefaultReplayRatio = 0.5;
 
 class ReplaySet {
  public:
