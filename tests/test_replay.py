@@ -144,6 +144,22 @@ def test_export_stores_bottom_features_of_the_drawn_images(replay_bundle, replay
     assert section["max_abs_error"] == pytest.approx(max_err) and section["relative_rms_error"] == pytest.approx(rel)
 
 
+def test_the_manifest_and_state_with_a_replay_set_fit_their_types_and_schemas(runner, replay_bundle, photos, tmp_path):
+    import jsonschema
+
+    from edgetl._device_state import read_state
+    from edgetl.exporter.bundle import ExportBundle
+
+    schemas = Path(__file__).resolve().parents[1] / "deploy" / "schema"
+    manifest = json.loads((replay_bundle / "manifest.json").read_text())
+    jsonschema.validate(manifest, json.loads((schemas / "manifest.schema.json").read_text()))
+    assert ExportBundle.load(replay_bundle).manifest.replay.count == 2 * PER_CLASS + 3
+    assert _finetune(runner, replay_bundle, photos, tmp_path / "state", "--epochs", "1").returncode == 0
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    jsonschema.validate(state, json.loads((schemas / "state.schema.json").read_text()))
+    assert read_state(tmp_path / "state").history[0].replay.ratio == 0.5
+
+
 def test_info_shows_the_replay_set(runner, replay_bundle):
     r = run(runner, "info", str(replay_bundle))
     assert r.returncode == 0, r.stderr
@@ -250,6 +266,22 @@ def test_replay_without_a_replay_set_or_with_a_damaged_one_fails_with_one_line(r
     r = _finetune(runner, damaged, photos, tmp_path / "s3")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "replay.bin is damaged (sha256 mismatch" in r.stderr, r.stderr
     assert not (tmp_path / "s3").exists()
+
+
+def test_a_resealed_replay_set_with_a_label_out_of_range_fails_with_one_line(runner, replay_bundle, photos, tmp_path):
+    """The file's sha256 and the seal agree (anyone can recompute them): its contents are still checked."""
+    bad = tmp_path / "bad"
+    shutil.copytree(replay_bundle, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    data = bytearray((bad / "replay.bin").read_bytes())
+    channels = manifest["replay"]["feature_shape"][0]
+    data[24 + 4 * channels : 24 + 4 * channels + 4] = (7).to_bytes(4, "little")  # row 0's label
+    (bad / "replay.bin").write_bytes(bytes(data))
+    manifest["files"]["replay.bin"]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (bad / "manifest.json").write_bytes(manifest_bytes(manifest))
+    r = _finetune(runner, bad, photos, tmp_path / "state")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "row 0 has label 7" in r.stderr, r.stderr
+    assert not (tmp_path / "state").exists()
 
 
 def test_the_replay_set_counts_in_the_memory_need(runner, replay_bundle, photos, tmp_path):

@@ -31,7 +31,7 @@ class ExportConfig:
         label_smoothing: of the exported cross-entropy loss.
         verify_steps: SGD steps compared against eager PyTorch before the bundle is accepted.
         overwrite: replace an existing bundle at the output directory.
-        seed: of the verification data and of the calibration subset.
+        seed: of the verification data, the calibration subset and the replay set's draw.
         quantize: ``"int8"`` lowers ``model.pte`` (and ``bottom.pte``) as PT2E-quantized XNNPACK
             programs, calibrated on ``calibration_images`` images; the trainable top stays float32.
         calibration_images: how many images calibrate the int8 programs (a seeded subset).
