@@ -24,6 +24,16 @@ class FeatureSeconds:
 
 
 @dataclass(frozen=True)
+class ReplayUse:
+    """How an epoch mixed the bundle's replay set into its batches (bundles with one)."""
+
+    #: ``--replay-ratio``: each batch of B holds round(B * ratio) replay rows
+    ratio: float
+    #: replay rows the epoch trained on
+    rows: int
+
+
+@dataclass(frozen=True)
 class EpochRow:
     """One epoch of ``edgetl-device finetune`` (sizes in bytes, times in seconds)."""
 
@@ -38,6 +48,7 @@ class EpochRow:
     optimizer_seconds: float
     features_seconds: FeatureSeconds | None = optional()
     val_accuracy: float | None = optional()
+    replay: ReplayUse | None = optional()
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,19 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "and the calibration's activation ranges to FILE (JSON)",
     )
     p.add_argument(
-        "--seed", type=non_negative_int, default=ExportConfig.seed, help="of the calibration subset and the checks (default: %(default)s)"
+        "--replay-per-class",
+        type=non_negative_int,
+        default=ExportConfig.replay_per_class,
+        metavar="M",
+        help="with --training: put a replay set in the bundle, bottom features (int8) of M of the run's training images per "
+        "class drawn by --seed (all of a class with fewer), which 'edgetl-device finetune' mixes into its batches "
+        "(--replay-ratio) against forgetting; needs a run directory; 0: none (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=ExportConfig.seed,
+        help="of the calibration subset, the replay set and the checks (default: %(default)s)",
     )
     p.add_argument(
         "--device-weights",
@@ -203,13 +215,16 @@ def _run_export(args: argparse.Namespace) -> int:
         observer=args.observer,
         mixed_precision=args.mixed_precision,
         spare_classes=args.spare_classes,
+        replay_per_class=args.replay_per_class,
     )
     log = lambda line: print(line, flush=True)  # noqa: E731
-    calibration = validation = None
+    calibration = validation = replay = None
     if config.quantize == "int8":
         calibration, validation = _int8_images(args, trained, config, log)
     elif config.spare_classes and (trained.config is not None or args.calibration_data):
         calibration = _run_images(args, trained, config, log)
+    if config.replay_per_class:
+        replay = _replay_images(trained, config, log)
     bundle = export(
         model,
         policy,
@@ -219,6 +234,7 @@ def _run_export(args: argparse.Namespace) -> int:
         classes=classes,
         calibration=calibration,
         validation=validation,
+        replay=replay,
         report=args.report,
         log=log,
     )
@@ -253,6 +269,24 @@ def _int8_images(args: argparse.Namespace, trained, config: ExportConfig, log):
     if args.calibration_data:
         calibration = cal.from_directory(args.calibration_data, log=log, **sizes)
     return calibration, validation
+
+
+def _replay_images(trained, config: ExportConfig, log):
+    """The run's training images the replay set is made of (``config.replay_per_class`` per class)."""
+    from edgetl.exporter import calibration as cal
+
+    if trained.config is None:
+        raise ExportError(f"--replay-per-class needs a run directory ({trained.source} is a bare weights file): it draws the run's images")
+    log(f"edgetl export: drawing the replay set's images ({config.replay_per_class} per class of {trained.config.data}) ...")
+    return cal.replay_from_run(
+        trained.config,
+        model=trained.model_name,
+        image_size=config.image_size,
+        num_classes=trained.num_classes,
+        per_class=config.replay_per_class,
+        seed=config.seed,
+        log=log,
+    )
 
 
 #: loggers of the libraries an export drives; their INFO/WARNING lines are hidden without --verbose

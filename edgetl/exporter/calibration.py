@@ -71,6 +71,15 @@ def _name(dataset: Dataset, index: int, fashion_split: str) -> str:
     return f"{fashion_split}[{index}]"
 
 
+def _target(dataset: Dataset, index: int) -> int:
+    """The label of ``index`` of ``dataset`` (as :func:`_name` finds the image), without decoding it."""
+    while isinstance(dataset, Subset):
+        index, dataset = dataset.indices[index], dataset.dataset
+    if isinstance(dataset, TransformedView):
+        dataset = dataset.base
+    return int(dataset.targets[index])
+
+
 def _gather(dataset: Dataset, indices: list[int], source: str, fashion_split: str, seed: int | None, *, labels: bool) -> ImageSet:
     pairs = [dataset[i] for i in indices]
     return ImageSet(
@@ -119,6 +128,41 @@ def from_run(
     where = config.val_data or (f"{FASHION_MNIST} test split" if fashion else f"{config.data}, held-out fraction {config.val_fraction}")
     validation = _gather(data.val, list(range(len(data.val))), f"validation images of the run ({where})", "test", None, labels=True)
     return calibration, validation
+
+
+def replay_from_run(
+    config: FinetuneConfig,
+    *,
+    model: str,
+    image_size: int,
+    num_classes: int,
+    per_class: int,
+    seed: int,
+    log: Callable[[str], None] = print,
+) -> ImageSet:
+    """``per_class`` of the run's training images of each class (all of a class with fewer), drawn
+    by ``seed`` (:func:`edgetl.exporter.replay.draw_per_class`), with labels, through ``model``'s
+    evaluation transform: the replay set's images."""
+    from edgetl.exporter.replay import draw_per_class
+
+    tf = transforms_for(model, image_size=image_size, train=False)
+    data = build_datasets(
+        config.data,
+        train_transform=tf,
+        eval_transform=tf,
+        val_data=config.val_data,
+        val_fraction=config.val_fraction,
+        train_limit=config.train_limit,
+        val_limit=config.val_limit,
+        seed=config.seed,
+        log=log,
+    )
+    train = data.train_eval if data.train_eval is not None else data.train
+    labels = [_target(train, i) for i in range(len(train))]
+    if labels and max(labels) >= num_classes:
+        raise ExportError(f"the run's training images ({config.data}) have {max(labels) + 1} classes, the model {num_classes}")
+    indices = draw_per_class(labels, num_classes, per_class, seed)
+    return _gather(train, indices, f"training images of the run ({config.data})", "train", seed, labels=True)
 
 
 def from_directory(

@@ -33,7 +33,7 @@ class ExportConfig:
         label_smoothing: of the exported cross-entropy loss.
         verify_steps: SGD steps compared against eager PyTorch before the bundle is accepted.
         overwrite: replace an existing bundle at the output directory.
-        seed: of the verification data and of the calibration subset.
+        seed: of the verification data, the calibration subset and the replay set's draw.
         quantize: ``"int8"`` lowers ``model.pte`` (and ``bottom.pte``) as PT2E-quantized XNNPACK
             programs, calibrated on ``calibration_images`` images; the trainable top stays float32.
         calibration_images: how many images calibrate the int8 programs (a seeded subset).
@@ -49,6 +49,9 @@ class ExportConfig:
             first ones; the accuracy check uses them all).
         spare_classes: with ``training``, classifier outputs beyond the known classes, inert
             until the device assigns them classes it learns (:mod:`edgetl.nn.spare`).
+        replay_per_class: with ``training``, store the bottom features of this many training
+            images per known class in the bundle (``replay.bin``, int8, drawn by ``seed``), which
+            device fine-tuning mixes into its batches; 0: no replay set.
     """
 
     image_size: int = 224
@@ -68,6 +71,7 @@ class ExportConfig:
     mixed_precision: bool = True
     sensitivity_images: int = 200
     spare_classes: int = 0
+    replay_per_class: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -88,6 +92,11 @@ class ExportConfig:
             (self.sensitivity_images >= 1, f"sensitivity images must be >= 1, got {self.sensitivity_images}"),
             (0 <= self.spare_classes <= MAX_SPARE_CLASSES, f"spare classes must be in [0, {MAX_SPARE_CLASSES}], got {self.spare_classes}"),
             (self.training or not self.spare_classes, "spare classes are outputs of the training program: they need training"),
+            (self.replay_per_class >= 0, f"replay images per class must be >= 0, got {self.replay_per_class}"),
+            (
+                self.training or self.replay_per_class == 0,
+                "a replay set is for on-device fine-tuning: replay images per class need a training export",
+            ),
             (
                 math.isfinite(self.max_accuracy_drop) and 0 <= self.max_accuracy_drop <= 100,
                 f"max accuracy drop must be in [0, 100] percentage points, got {self.max_accuracy_drop}",

@@ -7,7 +7,8 @@ The exporter builds a :class:`Manifest` and writes it as JSON (:meth:`Manifest.t
 ``model.classes``, ``input``,
 ``programs.inference.file``, ``programs.bottom.file`` and ``programs.training`` (``file``,
 ``data``, ``batch_size``, ``methods.forward.inputs[0].shape``, ``trainable_parameters``,
-``buffers``, ``weights_layout``, ``optimizer``, ``spare_classes``), ``runtime.executorch_series`` (a newer series than
+``buffers``, ``weights_layout``, ``optimizer``, ``spare_classes``), ``replay`` (``file``, ``count``, ``feature_shape``, ``dtype``;
+the file's layout in :mod:`edgetl.exporter.replay`), ``runtime.executorch_series`` (a newer series than
 the runner's is refused), ``memory`` (its fine-tuning need, against its memory limit), and shows ``quantization`` (int8 exports); renaming
 one of those is a format change. An int8 export changes no field the runner relies on: its
 programs take and return float32 like the others.
@@ -275,6 +276,36 @@ class Quantization:
 
 
 @dataclass(frozen=True)
+class ReplaySet:
+    """Known-class training images' bottom features, int8, for device fine-tuning to mix into its
+    batches (:mod:`edgetl.exporter.replay` holds the file's layout)."""
+
+    file: str
+    #: asked per known class; a class with fewer training images gives all it has
+    per_class: int
+    #: rows in the file
+    count: int
+    #: rows per class, in ``model.classes`` order (each row's label is in the file)
+    class_counts: list[int]
+    seed: int
+    #: how the rows were drawn and computed
+    drawn: str
+    source: str
+    #: each row's image: a path relative to the source, or ``train[i]`` for Fashion-MNIST
+    items: list[str]
+    #: one row, ``C x H x W`` (the training program's input per item)
+    feature_shape: list[int]
+    dtype: str
+    scales: str
+    #: the file's bytes, and per row (int8 values + an int32 label)
+    bytes: int
+    bytes_per_row: int
+    #: against the float32 features: largest |x - dequantized|, and rms error over rms of x
+    max_abs_error: float
+    relative_rms_error: float
+
+
+@dataclass(frozen=True)
 class FileEntry:
     """A bundle file's checksum and size."""
 
@@ -295,6 +326,8 @@ class Manifest:
     memory: MemoryFigures | None = optional()
     #: int8 exports only (absent: every program is float32)
     quantization: Quantization | None = optional()
+    #: with ``--replay-per-class`` (training exports only)
+    replay: ReplaySet | None = optional()
     format: str = FORMAT
     #: every file of the bundle but the manifest, by name (filled in when the bundle is committed)
     files: dict[str, FileEntry] = field(default_factory=dict)
@@ -331,6 +364,8 @@ class Manifest:
             programs |= {"programs.training.file": p.training.file, "programs.training.data": p.training.data}
             for name in p.training.weights_layout:  # export-weights writes NAME.npy
                 plain_name(name, f"{source}: programs.training.weights_layout", ExportError)
+        if self.replay is not None:
+            programs["replay.file"] = self.replay.file
         for key, name in programs.items():
             plain_name(name, f"{source}: {key}", ExportError)
 

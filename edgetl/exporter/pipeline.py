@@ -16,6 +16,7 @@ from edgetl.errors import EdgetlError
 from edgetl.exporter import _executorch as et
 from edgetl.exporter import bundle as bundle_mod
 from edgetl.exporter import inference, memory, quantize, sensitivity, training
+from edgetl.exporter import replay as replay_mod
 from edgetl.exporter.bundle import BOTTOM_PTE, MANIFEST, MODEL_PTE, TRAIN_PTD, TRAIN_PTE, BundleWriter, ExportBundle
 from edgetl.exporter.calibration import ImageSet
 from edgetl.exporter.config import ExportConfig
@@ -31,6 +32,7 @@ from edgetl.exporter.manifest import (
     Optimizer,
     Programs,
     Quantization,
+    ReplaySet,
     RuntimeInfo,
     SpareClasses,
     TensorSpec,
@@ -132,6 +134,7 @@ def export(
     classes: Sequence[str] | None = None,
     calibration: ImageSet | None = None,
     validation: ImageSet | None = None,
+    replay: ImageSet | None = None,
     report: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportBundle:
@@ -155,6 +158,9 @@ def export(
         validation: with int8, labelled images on which int8 is checked against float32 (accuracy,
             top-1 agreement); the export is refused when int8 loses more than
             ``config.max_accuracy_drop`` points.
+        replay: with ``config.replay_per_class``, the labelled images whose ``bottom.pte``
+            features make the replay set (:func:`edgetl.exporter.calibration.replay_from_run`
+            draws them from a run).
         report: with int8, write the per-layer sensitivity of ``model.pte`` to this JSON file
             (:class:`~edgetl.exporter.sensitivity.SensitivityReport`).
         log: progress lines.
@@ -187,6 +193,8 @@ def export(
     int8 = config.quantize == "int8"
     if int8:
         _check_int8_data(calibration, validation, image_size)
+    if config.replay_per_class:
+        _check_replay_images(replay, image_size)
 
     with _as_export_error():
         try:
@@ -266,6 +274,10 @@ def export(
                 int8_data=int8_data,
                 images=calibration,
             )
+        replay_set = None
+        if config.replay_per_class:
+            feature_shape = programs.training.methods["forward"].inputs[0].shape[1:]
+            replay_set = _write_replay(writer, replay, config, num_classes, feature_shape, log)
         quant = None
         if int8:
             quant = Quantization(
@@ -278,7 +290,9 @@ def export(
                 observer=config.observer,
                 float_layers=float_layers,
             )
-        bundle = writer.commit(Manifest(**head, programs=programs, verification=verification, memory=mem, quantization=quant))
+        bundle = writer.commit(
+            Manifest(**head, programs=programs, verification=verification, memory=mem, quantization=quant, replay=replay_set)
+        )
     log(f"  verified and written: {', '.join(sorted(bundle.manifest.files))}, {MANIFEST}")
     return bundle
 
@@ -305,6 +319,54 @@ def _check_int8_data(calibration: ImageSet | None, validation: ImageSet | None, 
     for images in (calibration, validation):
         if tuple(images.images.shape[2:]) != (image_size, image_size):
             raise ExportError(f"{images.source}: images of {tuple(images.images.shape[2:])} pixels for an export at {image_size} px")
+
+
+def _check_replay_images(replay: ImageSet | None, image_size: int) -> None:
+    if replay is None or replay.labels is None:
+        raise ExportError(
+            "a replay set needs labelled training images (export a run directory, whose training images are drawn, or pass replay=)"
+        )
+    if tuple(replay.images.shape[2:]) != (image_size, image_size):
+        raise ExportError(f"{replay.source}: images of {tuple(replay.images.shape[2:])} pixels for an export at {image_size} px")
+
+
+def _write_replay(
+    writer: BundleWriter, images: ImageSet, config: ExportConfig, num_classes: int, feature_shape: list[int], log: Callable[[str], None]
+) -> ReplaySet:
+    """``bottom.pte``'s features of ``images`` (the device's own features), quantized to int8 and
+    written as ``replay.bin``; the manifest section that describes it."""
+    log(f"  computing the replay set: {BOTTOM_PTE} features of {len(images)} training images ...")
+    features = quantize.program_outputs(writer.dir / BOTTOM_PTE, images.images, config.batch_size)
+    labels = images.labels.numpy()
+    if list(features.shape[1:]) != list(feature_shape):
+        raise ExportError(f"{BOTTOM_PTE} gives features of {list(features.shape[1:])}, the training program takes {feature_shape}")
+    rows = replay_mod.quantize_rows(features, labels)
+    data = rows.to_bytes()
+    writer.write(replay_mod.REPLAY_BIN, data)
+    max_err, rel_err = replay_mod.quantization_error(features, rows)
+    counts = np.bincount(labels, minlength=num_classes).tolist()
+    log(
+        f"  {replay_mod.REPLAY_BIN}: {len(rows.labels)} rows ({', '.join(map(str, counts))} per class), {len(data)} bytes "
+        f"({int(np.prod(feature_shape)) + 4} per row), int8 against float32: max |error| {max_err:.3g}, relative rms {rel_err:.3g}"
+    )
+    return ReplaySet(
+        file=replay_mod.REPLAY_BIN,
+        per_class=config.replay_per_class,
+        count=len(rows.labels),
+        class_counts=counts,
+        seed=images.seed if images.seed is not None else config.seed,
+        drawn="per class, the first per_class of its training images in the order of torch.randperm(seed) over the run's "
+        "training set (all of a class with fewer); bottom.pte's features of the evaluation transform's images",
+        source=images.source,
+        items=images.items,
+        feature_shape=list(feature_shape),
+        dtype="int8",
+        scales="float32 per channel, symmetric: max |x| / 127",
+        bytes=len(data),
+        bytes_per_row=int(np.prod(feature_shape)) + 4,
+        max_abs_error=max_err,
+        relative_rms_error=rel_err,
+    )
 
 
 def _int8_model_graph(plain, x1, calibration, validation, fp32_logits, config, report, log):

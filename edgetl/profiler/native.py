@@ -10,7 +10,9 @@ features are cached and the bottom program is freed):
 * the weights file (``train.ptd``, memory-mapped and read in full when the program loads);
 * the training program's planned arena (activations, gradients, the mutable weights; ExecuTorch's
   memory plan of the ``forward`` method, fixed at export);
-* SGD's momentum buffers (one float per trainable parameter; none without momentum).
+* SGD's momentum buffers (one float per trainable parameter; none without momentum);
+* the bundle's replay set (``replay.bin``, int8 features held in memory) when fine-tuning mixes it
+  into its batches (``--replay-ratio`` above 0, the default for a bundle with one).
 
 The terms are summed; nothing is measured here (``benchmarks/device_memory.py`` and
 ``tests/test_native.py`` hold this against the process's VmHWM). The runner makes the same sum
@@ -53,15 +55,17 @@ class NativePeakEstimate:
     weights_file: int
     arena: int
     momentum: int
+    replay: int = 0
 
     @property
     def total(self) -> int:
-        return self.runtime + self.features + self.weights_file + self.arena + self.momentum
+        return self.runtime + self.features + self.weights_file + self.arena + self.momentum + self.replay
 
     def summary(self, size: Callable[[int], str]) -> str:
         """One line for the planner (``size`` formats bytes)."""
         return (
             f"arena {size(self.arena)}, weights {size(self.weights_file)} + momentum {size(self.momentum)}, features {size(self.features)}"
+            + (f", replay set {size(self.replay)}" if self.replay else "")
         )
 
     def to_dict(self) -> dict:
@@ -78,11 +82,13 @@ def predict_native_peak(
     momentum: bool = True,
     feature_budget: int = FEATURE_BUDGET_BYTES,
     runtime_bytes: int = NATIVE_RUNTIME_BYTES,
+    replay_bytes: int = 0,
 ) -> NativePeakEstimate:
     """The peak of a native fine-tuning run over ``images`` images, from the training program's
     memory plan (``arena_bytes``), its weights file, the trainable bytes and one image's feature
-    bytes. Feature rows are rounded up to whole batches by the runner; that is below 1% here."""
-    if min(arena_bytes, weights_file_bytes, trainable_bytes, feature_bytes, images) < 0:
+    bytes, plus the replay set's file when it is mixed in (``replay_bytes``). Feature rows are
+    rounded up to whole batches by the runner; that is below 1% here."""
+    if min(arena_bytes, weights_file_bytes, trainable_bytes, feature_bytes, images, replay_bytes) < 0:
         raise ConfigError("byte counts and the image count must be >= 0")
     features = images * feature_bytes
     return NativePeakEstimate(
@@ -91,6 +97,7 @@ def predict_native_peak(
         weights_file=weights_file_bytes,
         arena=arena_bytes,
         momentum=trainable_bytes if momentum else 0,
+        replay=replay_bytes,
     )
 
 
@@ -101,15 +108,22 @@ def native_peak_of_bundle(
     momentum: bool | None = None,
     feature_budget: int = FEATURE_BUDGET_BYTES,
     runtime_bytes: int | None = None,
+    replay: bool | None = None,
 ) -> NativePeakEstimate:
     """:func:`predict_native_peak` for an exported bundle's ``manifest.json`` (its memory plan,
     file sizes and optimizer); ``runtime_bytes`` defaults to the manifest's
-    ``memory.native_runtime_bytes`` (:data:`NATIVE_RUNTIME_BYTES` in bundles without it)."""
+    ``memory.native_runtime_bytes`` (:data:`NATIVE_RUNTIME_BYTES` in bundles without it);
+    ``replay`` (default: whether the bundle has a replay set, which the runner then mixes in)
+    counts the replay set's file."""
     train = manifest["programs"]["training"]
     shape = train["methods"]["forward"]["inputs"][0]["shape"]
     per_image = 4 * math.prod(int(s) for s in shape[1:])  # one fp32 feature map
     if momentum is None:
         momentum = float(train["optimizer"].get("momentum", 0.0)) != 0.0
+    section = manifest.get("replay")
+    if replay is None:
+        replay = section is not None
+    replay_bytes = int(manifest["files"][section["file"]]["bytes"]) if replay and section is not None else 0
     return predict_native_peak(
         arena_bytes=int(manifest["memory"]["planned_arena_bytes"]["forward"]),
         weights_file_bytes=int(manifest["files"][train["data"]]["bytes"]),
@@ -119,4 +133,5 @@ def native_peak_of_bundle(
         momentum=momentum,
         feature_budget=feature_budget,
         runtime_bytes=int(manifest["memory"].get("native_runtime_bytes", NATIVE_RUNTIME_BYTES)) if runtime_bytes is None else runtime_bytes,
+        replay_bytes=replay_bytes,
     )

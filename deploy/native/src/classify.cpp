@@ -24,6 +24,10 @@ void info(const Bundle& bundle) {
                         {"verification", m.value("verification", nlohmann::json())}};
   // int8 bundles: the scheme, calibration set and accuracy checks (the programs still take and return float32)
   if (m.contains("quantization")) out["quantization"] = m.at("quantization");
+  if (m.contains("replay")) {  // the replay set fine-tuning mixes in, without its per-row image names
+    out["replay"] = m.at("replay");
+    out["replay"].erase("items");
+  }
   std::cout << out.dump(2) << "\n";
 }
 

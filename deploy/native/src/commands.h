@@ -27,6 +27,7 @@ struct FinetuneOptions {
   int64_t feature_budget = int64_t{64} << 20;  // bytes of bottom features kept in memory; more go to a mapped file
   bool verbose = false;                        // also log the process's memory after each phase
   std::optional<int64_t> memory_limit;         // bytes; default: the cgroup's limit (memory.h)
+  std::optional<double> replay_ratio;          // share of each batch from the replay set; default: replay.h
 };
 
 void info(const Bundle& bundle);

@@ -19,6 +19,8 @@
 #include "files.h"
 #include "memory.h"
 #include "new_classes.h"
+#include "random.h"
+#include "replay.h"
 #include "runtime.h"
 #include "sgd.h"
 #include "state.h"
@@ -29,17 +31,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-// splitmix64: the runner's documented random stream (tests re-implement it to know the order).
-struct SplitMix64 {
-  uint64_t s;
-  uint64_t next() {
-    uint64_t z = (s += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-  }
-};
 
 // The order of epoch `epoch` (0-based): Fisher-Yates driven by splitmix64 seeded with
 // seed * 1000003 + epoch, so it depends on (seed, epoch) only and a resumed run repeats it.
@@ -215,6 +206,11 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   if (!(opt.momentum >= 0 && opt.momentum < 1)) throw DeviceError("--momentum must be in [0, 1)");
   if (!(opt.weight_decay >= 0 && std::isfinite(opt.weight_decay))) throw DeviceError("--weight-decay must be >= 0");
 
+  // replay rows of the known classes are mixed into every batch (replay.h); the data's own fill the rest
+  const double ratio = o.replay_ratio.value_or(ReplaySet::in(bundle) ? kDefaultReplayRatio : 0.0);
+  const ReplaySet replay = ratio > 0 && ReplaySet::in(bundle) ? ReplaySet(bundle) : ReplaySet();
+  const size_t replay_rows = replay_rows_per_batch(t.batch_size, ratio, replay), data_rows = t.batch_size - replay_rows;
+
   // the device's classes so far (the bundle's and those it added), then the data's new ones
   const std::vector<std::string> known = recorded_classes(o.state, bundle);
   const std::vector<std::string> added = new_class_folders(o.data, known, bundle);
@@ -223,7 +219,8 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   Dataset train = read_folder(o.data, classes, "data");
   Dataset val;
   if (!o.val.empty()) val = read_folder(o.val, classes, "validation");
-  const std::optional<MemoryNeed> need = fine_tune_need(bundle, train.paths.size(), opt.momentum != 0, o.feature_budget);
+  const std::optional<MemoryNeed> need =
+      fine_tune_need(bundle, train.paths.size(), opt.momentum != 0, o.feature_budget, replay_rows ? ReplaySet::bytes_of(bundle) : 0);
   const std::optional<MemoryLimit> limit = memory_limit(o.memory_limit);
   if (limit && need) check_fits(*need, *limit, train.paths.size());
   if (limit && !need && o.memory_limit)
@@ -271,7 +268,8 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
       return 0;
     }
   }
-  if (n < batch) throw DeviceError(std::to_string(n) + " readable images is fewer than one training batch of " + std::to_string(batch));
+  if (n < data_rows)
+    throw DeviceError(std::to_string(n) + " readable images is fewer than one training batch's " + std::to_string(data_rows) + " photos");
   if (cache)
     std::cout << "features of " << n << " images from bottom.pte in " << seconds_since(t0) << "s ("
               << (cache->on_disk() ? "memory-mapped file" : "in memory") << ")" << std::endl;
@@ -302,7 +300,7 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   Sgd sgd(opt);
   if (opt.momentum != 0) sgd.set_momentum_buffers(state.momentum(session.parameter_names()));
 
-  const size_t steps = n / batch;  // the last partial batch is dropped: batch norm trains on batch statistics
+  const size_t steps = n / data_rows;  // the last partial batch is dropped: batch norm trains on batch statistics
   const bool tty = ::isatty(STDERR_FILENO);
   const size_t every = std::max<size_t>(1, steps / 5);
   std::vector<float> feats(batch * per_feature), pixels(o.augment ? batch * per_image : 0), logits;
@@ -311,12 +309,13 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   for (int epoch = start; epoch < o.epochs; ++epoch) {
     auto order = epoch_order(n, o.seed, epoch);
     SplitMix64 flips{~(o.seed * 1000003ULL + static_cast<uint64_t>(epoch))};
+    const ReplayDraw draw(replay, replay_rows, o.seed, epoch);
     auto e0 = Clock::now();
     double loss_sum = 0, step_seconds = 0, optimizer_seconds = 0;
     size_t correct = 0, seen = 0;
     for (size_t s = 0; s < steps; ++s) {
-      for (size_t i = 0; i < batch; ++i) {
-        size_t idx = order[s * batch + i];
+      for (size_t i = 0; i < data_rows; ++i) {
+        size_t idx = order[s * data_rows + i];
         labels[i] = train.labels[idx];
         if (cache) {
           std::memcpy(feats.data() + i * per_feature, cache->row(idx), per_feature * sizeof(float));
@@ -327,6 +326,7 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
         }
       }
       if (!cache) feats = bottom->run("forward", pixels.data(), image_shape);
+      draw.fill(s, feats.data() + data_rows * per_feature, labels.data() + data_rows);
       auto s0 = Clock::now();
       float loss = session.step(feats.data(), t.feature_shape, labels.data(), &logits);
       step_seconds += seconds_since(s0);
@@ -366,6 +366,7 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
                           // where the epoch's time goes: forward-backward (the program) and SGD
                           {"step_seconds", step_seconds},
                           {"optimizer_seconds", optimizer_seconds}};
+    if (ReplaySet::in(bundle)) row["replay"] = {{"ratio", ratio}, {"rows", steps * replay_rows}};
     if (epoch == start && cache)  // the feature pass before this process's first epoch
       row["features_seconds"] = {{"decode", feature_seconds.decode}, {"bottom", feature_seconds.bottom}};
     state.save_epoch(epoch + 1, session, sgd.momentum_buffers(), row);

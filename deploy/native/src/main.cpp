@@ -27,6 +27,7 @@ const char* kUsage = R"(usage: edgetl-device [--threads N] [--verbose] COMMAND .
   finetune  BUNDLE DATA_DIR --state STATE_DIR [--epochs N (5; at most 1000000; 0: only imprint new classes)] [--batch-size B (the bundle's)]
             [--lr X] [--momentum X] [--weight-decay X] (default: the bundle's optimizer)
             [--seed N (0)] [--augment] [--val DIR] [--feature-budget MIB (64)]
+            [--replay-ratio R (0.5 with the bundle's replay set, else 0)]
             [--memory-limit MIB (the cgroup's memory.max / memory.limit_in_bytes)]
   import-weights  BUNDLE NPY_DIR --state STATE_DIR
   export-weights  BUNDLE STATE_DIR|PTD --out NPY_DIR
@@ -46,7 +47,9 @@ recomputes them every step), trains with SGD, and saves weights and momentum ato
 every epoch: running the same command again resumes after the last saved epoch. Before it starts,
 finetune compares its memory need (runtime, weights, the program's planned arena, momentum and the
 features within --feature-budget: edgetl plan --runtime native's sum) with its memory limit and
-refuses when it does not fit.
+refuses when it does not fit. With a replay set in the bundle (edgetl export --replay-per-class),
+round(B * R) rows of each batch of B are its stored features of the known classes, taken in a
+seeded order (--seed, per epoch), and the rest photos of DATA_DIR; an epoch still sees each photo once.
 import-weights starts a new STATE_DIR at epoch 0 from NPY_DIR/NAME.npy (NAME: a training tensor's
 state-dict name; tensors without a file keep the bundle's values); finetune then trains from them.
 export-weights writes every training tensor as NPY_DIR/NAME.npy. A fleet client does both each round.
@@ -70,7 +73,7 @@ const std::map<std::string, std::vector<std::string>> kValueOptions = {
     {"classify", {"--trained", "--top-k"}},
     {"finetune",
      {"--state", "--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay", "--seed", "--val", "--feature-budget",
-      "--memory-limit"}},
+      "--memory-limit", "--replay-ratio"}},
     {"import-weights", {"--state"}},
     {"export-weights", {"--out"}},
     {"info", {}}};
@@ -200,6 +203,7 @@ int run(int argc, char** argv) {
   o.weight_decay = to_double(a, "--weight-decay");
   o.seed = static_cast<uint64_t>(to_int(a, "--seed", 0, 0, std::numeric_limits<long long>::max()));
   o.augment = a.flags.count("--augment") > 0;
+  o.replay_ratio = to_double(a, "--replay-ratio");
   o.feature_budget = to_int(a, "--feature-budget", 64, 0, std::numeric_limits<int64_t>::max() >> 20) << 20;
   if (a.values.count("--memory-limit")) o.memory_limit = to_int(a, "--memory-limit", 0, 1, std::numeric_limits<int64_t>::max() >> 20) << 20;
   o.verbose = verbose;

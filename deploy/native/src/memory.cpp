@@ -32,7 +32,7 @@ std::optional<int64_t> read_limit(const std::string& path) {
 }
 }  // namespace
 
-std::optional<MemoryNeed> fine_tune_need(const Bundle& bundle, size_t images, bool momentum, int64_t feature_budget) {
+std::optional<MemoryNeed> fine_tune_need(const Bundle& bundle, size_t images, bool momentum, int64_t feature_budget, int64_t replay_bytes) {
   const auto& m = bundle.manifest;
   if (!m.contains("memory") || !m.at("memory").contains("native_runtime_bytes")) return std::nullopt;
   const auto& mem = m.at("memory");
@@ -46,6 +46,7 @@ std::optional<MemoryNeed> fine_tune_need(const Bundle& bundle, size_t images, bo
   for (size_t i = 1; i < t.feature_shape.size(); ++i) per_image *= t.feature_shape[i];
   const int64_t features = static_cast<int64_t>(images) * per_image;
   need.features = features <= feature_budget ? features : 0;  // beyond the budget: a mapped file
+  need.replay = replay_bytes;
   return need;
 }
 
@@ -84,8 +85,9 @@ std::optional<MemoryLimit> memory_limit(std::optional<int64_t> flag) {
 void check_fits(const MemoryNeed& need, const MemoryLimit& limit, size_t images) {
   if (need.total() <= limit.bytes) return;
   throw DeviceError("fine-tuning needs " + mib(need.total()) + " (runtime " + mib(need.runtime) + ", weights " + mib(need.weights_file) +
-                    ", arena " + mib(need.arena) + ", momentum " + mib(need.momentum) + ", features of " + std::to_string(images) +
-                    " images " + mib(need.features) + "), more than the memory limit of " + mib(limit.bytes) + " (" + limit.source +
+                    ", arena " + mib(need.arena) + ", momentum " + mib(need.momentum) +
+                    (need.replay ? ", replay set " + mib(need.replay) : "") + ", features of " + std::to_string(images) + " images " +
+                    mib(need.features) + "), more than the memory limit of " + mib(limit.bytes) + " (" + limit.source +
                     "): raise the limit, or export fewer blocks or a smaller batch (edgetl plan --runtime native)");
 }
 

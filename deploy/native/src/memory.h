@@ -15,10 +15,12 @@ namespace edgetl {
 // the weights file's bytes, memory.trainable_parameter_bytes) and the same feature rule.
 struct MemoryNeed {
   int64_t runtime = 0, features = 0, weights_file = 0, arena = 0, momentum = 0;
-  int64_t total() const { return runtime + features + weights_file + arena + momentum; }
+  int64_t replay = 0;  // the replay set's file, held when fine-tuning mixes it in (replay.h)
+  int64_t total() const { return runtime + features + weights_file + arena + momentum + replay; }
 };
 // nullopt for a bundle whose manifest carries no runtime figure (exported by an older edgetl).
-std::optional<MemoryNeed> fine_tune_need(const Bundle& bundle, size_t images, bool momentum, int64_t feature_budget);
+std::optional<MemoryNeed> fine_tune_need(const Bundle& bundle, size_t images, bool momentum, int64_t feature_budget,
+                                         int64_t replay_bytes = 0);
 
 struct MemoryLimit {
   int64_t bytes = 0;
