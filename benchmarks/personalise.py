@@ -134,6 +134,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=5, help="device epochs after imprinting (default: %(default)s)")
     p.add_argument("--replay-per-class", type=int, default=20, help="replay photos per known class (default: %(default)s)")
     p.add_argument("--replay-ratio", type=float, default=0.5, help="replay rows per device batch (default: %(default)s)")
+    p.add_argument("--lr", type=float, help="device learning rate (default: the bundle's SGD, 0.01)")
     p.add_argument("--threads", type=int, default=2, help="ExecuTorch threads of the device runner (default: %(default)s)")
     p.add_argument("--work", default="/tmp/edgetl-personalise", help="run, bundles and photos, reused (default: %(default)s)")
     args = p.parse_args()
@@ -173,7 +174,7 @@ def main() -> int:
     if not replay.is_dir():
         write_folder(train, replay, {c: range(args.replay_per_class) for c in OLD})
 
-    train_args = ["--epochs", str(args.epochs), "--seed", "0"]
+    train_args = ["--epochs", str(args.epochs), "--seed", "0", *(["--lr", str(args.lr)] if args.lr else [])]
     settings = {
         "imprint": ("topk", ["--epochs", "0"]),
         "head only": ("head", [*train_args, "--replay-ratio", "0"]),
@@ -195,7 +196,7 @@ def main() -> int:
 
     print(
         f"\nLite0 from ImageNet, 5 old classes (workstation, K=4, 96 px), 5 new classes on the device; {args.epochs} epochs, "
-        f"batch 8, the bundle's SGD; replay {args.replay_per_class} photos per old class at ratio {args.replay_ratio}; "
+        f"batch 8, SGD lr {args.lr or 0.01} momentum 0.9; replay {args.replay_per_class} photos per old class at ratio {args.replay_ratio}; "
         f"held-out: 100 test photos per class; old-class accuracy before: {before['old']:.1f}%; {args.threads} threads, x86-64"
     )
     print("| photos per new class | setting | new-class top-1 | old-class top-1 (change) | device peak RSS | wall |")
