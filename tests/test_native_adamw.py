@@ -165,7 +165,8 @@ def test_adamw_steps_equal_the_exporters_rule_bit_for_bit_and_torch_adamw(runner
 
 def test_adamw_resumes_bit_identically_and_refuses_another_optimizer(runner, adamw_bundle, photos, tmp_path):
     """Epoch 1, then a second run resuming to epoch 2, ends with the bytes of a straight 2-epoch run
-    (weights, exp_avg, exp_avg_sq, step count); a resume with SGD is refused, nothing written."""
+    (weights, exp_avg, exp_avg_sq, step count), as do runs at 1 and 4 threads; a resume with SGD
+    is refused, nothing written."""
 
     def finetune(state: Path, epochs: int, *extra: str) -> subprocess.CompletedProcess:
         args = ["finetune", str(adamw_bundle), str(photos), "--state", str(state), "--epochs", str(epochs), "--seed", "5", *extra]
@@ -184,6 +185,10 @@ def test_adamw_resumes_bit_identically_and_refuses_another_optimizer(runner, ada
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
     assert (tmp_path / "whole" / "trained.ptd").read_bytes() == (tmp_path / "cut" / "trained.ptd").read_bytes()
     assert (tmp_path / "whole" / a["adamw_moments"]).read_bytes() == (tmp_path / "cut" / b["adamw_moments"]).read_bytes()
+    for threads in ("1", "4"):  # per-element arithmetic: the same bytes at any thread count
+        assert (r := finetune(tmp_path / threads, 2, "--threads", threads)).returncode == 0, r.stderr
+        assert (tmp_path / threads / "trained.ptd").read_bytes() == (tmp_path / "whole" / "trained.ptd").read_bytes()
+        assert (tmp_path / threads / a["adamw_moments"]).read_bytes() == (tmp_path / "whole" / a["adamw_moments"]).read_bytes()
     names = sorted(p.name for p in (tmp_path / "cut").iterdir())
     assert names == sorted(["state.json", "trained.ptd", b["weights"], b["adamw_moments"], ".edgetl.lock"])
     # the Python reader of state.json
@@ -255,16 +260,19 @@ def test_sgd_weight_decay_spares_norms_and_biases_on_the_device(runner, training
         assert np.abs(native[name].reshape(-1) - ref).max() <= 1e-6 * max(1.0, float(np.abs(ref).max())), name
 
 
-def test_an_export_with_bad_adamw_settings_fails_with_one_line(export_run, tmp_path):
-    from tests.test_trust_export import edgetl_cli, one_error_line
+def test_an_export_with_bad_adamw_settings_fails_with_one_line(export_run, tmp_path, capsys):
+    from edgetl.cli import main
 
+    out = tmp_path / "dist"
+    base = ["export", "--checkpoint", str(export_run), "--out", str(out), "--training", "--optimizer"]
     for args, needle in (
-        (["--betas", "0.9,1"], "betas must be two numbers in [0, 1)"),
-        (["--eps", "0"], "eps must be a finite number > 0"),
+        (["adamw", "--betas", "0.9,1"], "betas must be two numbers in [0, 1)"),
+        (["adamw", "--eps", "0"], "eps must be a finite number > 0"),
     ):
-        out = tmp_path / "dist"
-        done = edgetl_cli("export", "--checkpoint", str(export_run), "--out", str(out), "--training", "--optimizer", "adamw", *args)
-        one_error_line(done, needle)
-        assert done.returncode == 2 and not out.exists()
-    done = edgetl_cli("export", "--checkpoint", str(export_run), "--out", str(tmp_path / "dist"), "--training", "--optimizer", "adam")
-    assert done.returncode == 2 and "invalid choice: 'adam'" in done.stderr and not (tmp_path / "dist").exists()
+        assert main(base + args) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("edgetl: error: ") and needle in lines[0], lines
+        assert not out.exists()
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "adam"])
+    assert exc.value.code == 2 and "invalid choice: 'adam'" in capsys.readouterr().err and not out.exists()
