@@ -206,7 +206,8 @@ class Plan:
                 out.append("  The chosen configuration's training program was exported and verified against eager PyTorch.")
             out.append(
                 "  Predicted peaks of edgetl-device finetune (edgetl.profiler.native): runtime + cached features + weights "
-                "file + the program's planned arena + momentum; check on the device with `edgetl-device --verbose finetune`."
+                "file + the program's planned arena + the optimizer's state (SGD's momentum, AdamW's two moments); "
+                "check on the device with `edgetl-device --verbose finetune`."
             )
             out.append(
                 "  Step times (edgetl.profiler.step_time) from the profile's gemm_gflops and memory_gbps."
