@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +198,32 @@ def test_adamw_resumes_bit_identically_and_refuses_another_optimizer(runner, ada
 
     s = read_state(tmp_path / "cut")
     assert (s.optimizer, s.optimizer_steps, s.adamw_moments) == ("adamw", 12, b["adamw_moments"])
+
+
+def test_adamw_killed_mid_run_resumes_to_the_bytes_of_an_uninterrupted_run(runner, adamw_bundle, tmp_path):
+    """kill -9 once epoch 1 is saved (the run is inside a later epoch), then the same command."""
+    data = make_image_folder(tmp_path / "photos", per_class=40, size=40, seed=17)
+    epochs = 6
+
+    def cmd(state: Path) -> list[str]:
+        return [str(runner), "finetune", str(adamw_bundle), str(data), "--state", str(state), "--epochs", str(epochs), "--threads", "1"]
+
+    assert (r := subprocess.run(cmd(tmp_path / "whole"), capture_output=True, text=True)).returncode == 0, r.stderr
+    state = tmp_path / "cut"
+    proc = subprocess.Popen(cmd(state), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (state / "state.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = json.loads((state / "state.json").read_text())
+    assert 1 <= saved["epoch"] < epochs, "the kill came too late to interrupt training"
+    resumed = subprocess.run(cmd(state), capture_output=True, text=True)
+    assert resumed.returncode == 0 and f"resuming after epoch {saved['epoch']}" in resumed.stdout, resumed.stderr
+    a, b = (json.loads((tmp_path / d / "state.json").read_text()) for d in ("whole", "cut"))
+    assert a["optimizer_steps"] == b["optimizer_steps"] == epochs * (120 // BATCH)
+    assert (tmp_path / "whole" / "trained.ptd").read_bytes() == (state / "trained.ptd").read_bytes()
+    assert (tmp_path / "whole" / a["adamw_moments"]).read_bytes() == (state / b["adamw_moments"]).read_bytes()
 
 
 @pytest.mark.parametrize(
