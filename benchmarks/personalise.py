@@ -196,7 +196,8 @@ def main() -> int:
 
     print(
         f"\nLite0 from ImageNet, 5 old classes (workstation, K=4, 96 px), 5 new classes on the device; {args.epochs} epochs, "
-        f"batch 8, SGD lr {args.lr or 0.01} momentum 0.9; replay {args.replay_per_class} photos per old class at ratio {args.replay_ratio}; "
+        f"batch 8, SGD lr {args.lr or 0.01} momentum 0.9; "
+        f"replay {args.replay_per_class} photos per old class at ratio {args.replay_ratio}; "
         f"held-out: 100 test photos per class; old-class accuracy before: {before['old']:.1f}%; {args.threads} threads, x86-64"
     )
     print("| photos per new class | setting | new-class top-1 | old-class top-1 (change) | device peak RSS | wall |")

@@ -76,9 +76,16 @@ class DeviceState:
     #: the last saved weights (a ``.ptd`` in the directory); None before the first epoch or import
     weights: str | None
     weights_sha256: str | None = optional()
+    #: SGD's momentum buffers (float32, the program's parameter order)
     momentum: str | None = optional()
     momentum_sha256: str | None = optional()
     added_classes: list[AddedClass] | None = optional()
+    #: AdamW's exp_avg of every parameter, then its exp_avg_sq of every parameter (float32)
+    adamw_moments: str | None = optional()
+    adamw_moments_sha256: str | None = optional()
+    #: the optimizer that trained the saved epochs (``"sgd"`` or ``"adamw"``; absent: SGD) and its steps
+    optimizer: str | None = optional()
+    optimizer_steps: int | None = optional()
 
 
 class DeviceStateError(EdgetlError):

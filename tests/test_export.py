@@ -88,7 +88,12 @@ def test_manifest_describes_the_programs(bundle, eager):
     assert [t.shape for t in m.programs.bottom.outputs] == [[BATCH, 160, 2, 2]]  # features.15's output feeds block 16
     assert set(train.methods) == {"forward", "predict"}
     assert train.methods["forward"].inputs[1].shape == [BATCH] and train.methods["forward"].inputs[1].dtype == "int64"
-    assert train.optimizer == Optimizer("sgd", lr=0.005, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False)
+    # weight decay's parameters: conv and linear weights, never norms or biases (the workstation's rule)
+    decayed = [n for n, p in eager.trainable_parameters() if p.dim() >= 2]
+    assert decayed and len(decayed) < len(train.trainable_parameters)
+    assert train.optimizer == Optimizer(
+        "sgd", lr=0.005, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, weight_decay_parameters=decayed
+    )
     expected = [n for n, _ in eager.trainable_parameters()]
     assert sorted(train.trainable_parameters) == sorted(expected)
     # the running statistics of the train-mode norms: blocks 16 and 17's last, the final conv stage's

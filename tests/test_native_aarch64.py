@@ -2,7 +2,7 @@
 aarch64``) and run under qemu-aarch64 user-mode emulation, against the x86-64 runner.
 
 The two architectures agree closely, not bit for bit: XNNPACK computes differently per architecture
-and GCC fuses multiply-adds on aarch64 (``sgd.cpp``, the depthwise kernels). What is bit-exact is
+and GCC fuses multiply-adds on aarch64 (``optimizer.cpp``, the depthwise kernels). What is bit-exact is
 each architecture with itself (a resume after ``kill -9`` equals an uninterrupted run). Emulation
 proves correctness, not speed or memory: the runs are kept to 12 images, 3 steps an epoch.
 """

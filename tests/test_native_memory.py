@@ -101,17 +101,35 @@ def test_the_runner_refuses_a_limit_below_the_planners_sum(runner, training_bund
     assert abs(needed - need / MIB) <= 0.05 and limit == below and source == "--memory-limit"
     manifest = json.loads((training_bundle / "manifest.json").read_text())
     parts = native_peak_of_bundle(manifest, images=12)
-    for name, value in (("runtime", parts.runtime), ("weights", parts.weights_file), ("arena", parts.arena), ("momentum", parts.momentum)):
+    for name, value in (
+        ("runtime", parts.runtime),
+        ("weights", parts.weights_file),
+        ("arena", parts.arena),
+        ("optimizer state", parts.optimizer_state),
+    ):
         assert f"{name} {value / MIB:.1f} MiB" in r.stderr, (name, r.stderr)
     assert f"features of 12 images {parts.features / MIB:.1f} MiB" in r.stderr
     assert not (tmp_path / "s").exists()  # refused before anything was written
     # without momentum there are no momentum buffers to hold: the need drops by them
-    without = native_peak_of_bundle(manifest, images=12, momentum=False).total
-    assert without == need - parts.momentum
+    without = native_peak_of_bundle(manifest, images=12, momentum=0.0).total
+    assert without == need - parts.optimizer_state
     r = _finetune(runner, training_bundle, photos, tmp_path / "s", "--memory-limit", str(without // MIB - 1), "--momentum", "0")
     assert abs(_refusal(r)[0] - without / MIB) <= 0.05
     ok = _finetune(runner, training_bundle, photos, tmp_path / "ok", "--memory-limit", str(need // MIB + 1))
     assert ok.returncode == 0, ok.stderr
+
+
+def test_adamw_needs_two_floats_per_trained_parameter_in_the_plan_and_on_the_device(runner, training_bundle, photos, need, tmp_path):
+    """AdamW keeps exp_avg and exp_avg_sq: the planner's sum and the runner's refusal both count
+    2 x the trainable bytes (SGD with momentum: 1 x)."""
+    manifest = json.loads((training_bundle / "manifest.json").read_text())
+    trainable = manifest["memory"]["trainable_parameter_bytes"]
+    adamw = native_peak_of_bundle(manifest, images=12, optimizer="adamw")
+    assert adamw.optimizer_state == 2 * trainable and adamw.total == need + trainable
+    r = _finetune(runner, training_bundle, photos, tmp_path / "s", "--optimizer", "adamw", "--memory-limit", str(adamw.total // MIB - 1))
+    assert abs(_refusal(r)[0] - adamw.total / MIB) <= 0.05
+    assert f"optimizer state {adamw.optimizer_state / MIB:.1f} MiB" in r.stderr
+    assert not (tmp_path / "s").exists()
 
 
 @needs_cgroup

@@ -160,3 +160,21 @@ def test_pi_zero_2w_plans_a_training_program_that_verifies():
     )  # fmt: skip
     assert result.verified and result.chosen.blocks == 6 and len(checks) == 1
     assert checks[0].loss_max_abs_diff <= 1e-4 and checks[0].running_stats_moved > 0
+
+
+def test_native_plan_counts_adamws_two_moments_per_trained_parameter(tmp_path):
+    """``edgetl plan --runtime native --optimizer adamw``: the device keeps exp_avg and exp_avg_sq,
+    twice SGD's momentum; an optimizer edgetl-device does not run is refused."""
+    from edgetl.errors import ConfigError
+    from edgetl.profiler.native import ProgramMemory
+    from edgetl.profiler.planner import plan
+
+    trainable = 1 << 19
+    small = ProgramMemory(arena_bytes=1 << 20, weights_file_bytes=1 << 20, trainable_bytes=trainable, feature_bytes=4096)
+    kwargs = dict(image_size=64, num_classes=3, runtime="native", program_memory=lambda p, b: small, images=500, batch_sizes=(8,))
+    sgd = plan(_board(tmp_path), "mobilenet_v3_small", optimizer="sgd", **kwargs).chosen.estimate
+    adamw = plan(_board(tmp_path), "mobilenet_v3_small", optimizer="adamw", **kwargs).chosen.estimate
+    assert (sgd.optimizer_state, adamw.optimizer_state) == (trainable, 2 * trainable)
+    assert adamw.total - sgd.total == trainable
+    with pytest.raises(ConfigError, match="the native runtime trains with sgd or adamw, not 'adam'"):
+        plan(_board(tmp_path), "mobilenet_v3_small", optimizer="adam", **kwargs)

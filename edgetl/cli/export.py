@@ -21,7 +21,17 @@ from edgetl.cli.common import given, non_negative_int, positive_int
 from edgetl.exporter.config import OBSERVERS, QUANTIZE, ExportConfig
 from edgetl.exporter.errors import ExportError
 from edgetl.train.config import FinetuneConfig
+from edgetl.train.optim import DEVICE_OPTIMIZERS
 from edgetl.train.policy import METHODS
+
+
+def _betas(value: str) -> tuple[float, float]:
+    """``B1,B2`` (checked against [0, 1) by :class:`ExportConfig`)."""
+    try:
+        b1, b2 = (float(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers B1,B2, got {value!r}") from None
+    return b1, b2
 
 
 def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -55,9 +65,28 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         help="how the device trains those blocks (default: the run's policy); vanilla exports the paper's "
         "FT-BLKs baseline of the same K, to measure MobileTL's saving on the device",
     )
-    p.add_argument("--lr", type=float, default=ExportConfig.lr, help="on-device SGD learning rate (default: %(default)s)")
+    p.add_argument(
+        "--optimizer",
+        choices=DEVICE_OPTIMIZERS,
+        default=ExportConfig.optimizer,
+        help="the device's optimizer, named in the manifest and verified against torch.optim's (default: %(default)s)",
+    )
+    p.add_argument("--lr", type=float, default=ExportConfig.lr, help="on-device learning rate (default: %(default)s)")
     p.add_argument("--momentum", type=float, default=ExportConfig.momentum, help="on-device SGD momentum (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=ExportConfig.weight_decay, help="of the on-device SGD (default: %(default)s)")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=ExportConfig.weight_decay,
+        help="of the on-device optimizer, on conv and linear weights only (default: %(default)s)",
+    )
+    p.add_argument(
+        "--betas",
+        type=_betas,
+        default=ExportConfig.betas,
+        metavar="B1,B2",
+        help=f"AdamW's moment decays (default: {','.join(map(str, ExportConfig.betas))})",
+    )
+    p.add_argument("--eps", type=float, default=ExportConfig.eps, help="AdamW's denominator term (default: %(default)s)")
     p.add_argument(
         "--label-smoothing", type=float, default=ExportConfig.label_smoothing, help="of the on-device loss (default: %(default)s)"
     )
@@ -202,9 +231,12 @@ def _run_export(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         batch_size=args.batch_size,
         training=args.training,
+        optimizer=args.optimizer,
         lr=args.lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
+        betas=args.betas,
+        eps=args.eps,
         label_smoothing=args.label_smoothing,
         verify_steps=args.verify_steps,
         overwrite=args.force,

@@ -209,7 +209,8 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
-        help=f"optimizer (default: {StepSettings.optimizer} for eager, sgd with momentum for native: {NATIVE_OPTIMIZER})",
+        help=f"optimizer (default: {StepSettings.optimizer} for eager, {NATIVE_OPTIMIZER} with momentum for native; "
+        "native runs sgd or adamw: 1 or 2 floats of state per trained parameter)",
     )
     p.add_argument(
         "--runtime",
@@ -275,11 +276,12 @@ def plan_command(args: argparse.Namespace) -> int:
             return emit_memory(model, policy, batch_size=batch_size, image_size=image_size, num_classes=num_classes)
 
         def verify_program(policy, batch_size):
-            sgd = ExportConfig()  # the exporter's default on-device SGD, as `edgetl export --training` verifies it
+            # the exporter's default settings of the chosen optimizer, as `edgetl export --training` verifies them
+            sgd = ExportConfig(optimizer=settings.get("optimizer", NATIVE_OPTIMIZER))
             print(f"  exporting and verifying the training program for K={policy.blocks} batch {batch_size} ...", flush=True)
             export_and_verify(
                 model, policy, batch_size=batch_size, image_size=image_size, num_classes=num_classes,
-                lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay,
+                lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay, optimizer=sgd.optimizer,
             )  # fmt: skip
 
     result = plan(

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from edgetl.exporter.errors import ExportError
+from edgetl.train.optim import ADAMW_BETAS, ADAMW_EPS, DEVICE_OPTIMIZERS
 
 if TYPE_CHECKING:
     from edgetl.train.config import FinetuneConfig
@@ -28,8 +29,11 @@ class ExportConfig:
         image_size: input side in pixels.
         batch_size: batch of the training program and of ``bottom.pte`` (``model.pte`` takes 1).
         training: also export ``bottom.pte`` + ``train.pte``/``train.ptd`` for on-device training.
-        lr, momentum, weight_decay: the on-device SGD (recorded in the manifest, used by the
-            verification).
+        optimizer: the on-device optimizer, ``"sgd"`` or ``"adamw"`` (recorded in the manifest
+            with its settings, run by the verification).
+        lr, weight_decay: its learning rate and weight decay (conv and linear weights only).
+        momentum: SGD's.
+        betas, eps: AdamW's.
         label_smoothing: of the exported cross-entropy loss.
         verify_steps: SGD steps compared against eager PyTorch before the bundle is accepted.
         overwrite: replace an existing bundle at the output directory.
@@ -57,9 +61,12 @@ class ExportConfig:
     image_size: int = 224
     batch_size: int = 8
     training: bool = False
+    optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
+    betas: tuple[float, float] = ADAMW_BETAS
+    eps: float = ADAMW_EPS
     label_smoothing: float = 0.0
     verify_steps: int = 3
     overwrite: bool = False
@@ -84,6 +91,15 @@ class ExportConfig:
             (math.isfinite(self.lr) and self.lr > 0, f"learning rate must be a finite number > 0, got {self.lr}"),
             (math.isfinite(self.momentum) and 0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (
+                self.optimizer in DEVICE_OPTIMIZERS,
+                f"the device's optimizer must be one of {', '.join(DEVICE_OPTIMIZERS)}, got {self.optimizer!r}",
+            ),
+            (
+                len(self.betas) == 2 and all(math.isfinite(b) and 0 <= b < 1 for b in self.betas),
+                f"betas must be two numbers in [0, 1), got {self.betas}",
+            ),
+            (math.isfinite(self.eps) and self.eps > 0, f"eps must be a finite number > 0, got {self.eps}"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.verify_steps >= 1, f"verify steps must be >= 1, got {self.verify_steps}"),
             (self.quantize in QUANTIZE, f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}"),

@@ -108,7 +108,11 @@ class Method:
 
 @dataclass(frozen=True)
 class Optimizer:
-    """The on-device SGD (``torch.optim.SGD``'s rule)."""
+    """The on-device optimizer: ``"sgd"`` (``torch.optim.SGD``'s rule: ``momentum``,
+    ``dampening``, ``nesterov``) or ``"adamw"`` (``torch.optim.AdamW``'s: ``betas``, ``eps``).
+    Weight decay applies to ``weight_decay_parameters`` alone (conv and linear weights, never
+    norms or biases: ``edgetl.train.optim.decays``); a manifest without the list decays every
+    parameter."""
 
     name: str
     lr: float
@@ -116,6 +120,9 @@ class Optimizer:
     dampening: float
     weight_decay: float
     nesterov: bool
+    betas: list[float] | None = optional()
+    eps: float | None = optional()
+    weight_decay_parameters: list[str] | None = optional()
 
 
 @dataclass(frozen=True)
@@ -195,6 +202,9 @@ class TrainingCheck:
     #: elements that differ between the two, and the largest input difference at one of them
     mask_flips: int | None = optional()
     mask_flip_max_abs_diff: float | None = optional()
+    #: AdamW bundles: the device's AdamW rule against ``torch.optim.AdamW`` over the program's own
+    #: gradients, the steps' largest weight difference (relative to max(1, |weight|))
+    adamw_rule_max_abs_diff: float | None = optional()
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from edgetl.models.zoo import classifier_linear, identify_model, model_spec
 from edgetl.nn.spare import SpareClassLinear, spare_head
 from edgetl.profiler.native import NATIVE_RUNTIME_BYTES
 from edgetl.profiler.predict import predict_units
+from edgetl.train.optim import decayed_names
 from edgetl.train.policy import TrainPolicy
 from edgetl.train.prepare import TransferModel, prepare
 
@@ -52,8 +53,8 @@ from edgetl.train.prepare import TransferModel, prepare
 INFERENCE_TOLERANCE = 1e-3
 DIFFERENCES = (
     "dropout and stochastic depth are off in the training program (deterministic steps, verified against eager)",
-    "SGD momentum buffers are the runtime's: edgetl-device saves them with each epoch's weights (momentum-epochNNNN.bin) "
-    "and resumes from them; ExecuTorch's Python SGD keeps them in memory only",
+    "the optimizer's state is the runtime's: edgetl-device saves it with each epoch's weights (SGD's momentum-epochNNNN.bin, "
+    "AdamW's adamw_moments-epochNNNN.bin and step count) and resumes from it; the verification keeps it in memory only",
 )
 
 
@@ -502,6 +503,22 @@ def _embedding_mean(net: TransferModel, head: nn.Module, images: torch.Tensor) -
     return (torch.stack(captured).sum(0) / len(images)).float().tolist()
 
 
+def _optimizer(config: ExportConfig, net: TransferModel) -> Optimizer:
+    """The manifest's optimizer: its settings and the parameters weight decay applies to."""
+    adamw = config.optimizer == "adamw"
+    return Optimizer(
+        name=config.optimizer,
+        lr=config.lr,
+        momentum=0.0 if adamw else config.momentum,
+        dampening=0.0,
+        weight_decay=config.weight_decay,
+        nesterov=False,
+        betas=list(config.betas) if adamw else None,
+        eps=config.eps if adamw else None,
+        weight_decay_parameters=decayed_names(net.trainable_parameters()),
+    )
+
+
 def _export_training_part(
     writer: BundleWriter,
     programs: Programs,
@@ -565,8 +582,15 @@ def _export_training_part(
         f"{len(ex.buffer_names)} running statistics, exported in {ex.seconds:.1f}s"
     )
     log(f"  {training.describe_kernels(ex)}")
-    log(f"  verifying {config.verify_steps} SGD steps of ExecuTorch against eager PyTorch ...")
-    check = training.verify_training(net, ex, pte, ptd, steps=config.verify_steps, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    adamw = config.optimizer == "adamw"
+    log(
+        f"  verifying {config.verify_steps} SGD steps of ExecuTorch against eager PyTorch"
+        + (" (the program's gradients) and the device's AdamW against torch.optim.AdamW ..." if adamw else " ...")
+    )
+    check = training.verify_training(
+        net, ex, pte, ptd, steps=config.verify_steps, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        optimizer=config.optimizer, betas=config.betas, eps=config.eps,
+    )  # fmt: skip
     log(
         f"  {config.verify_steps} SGD steps, ExecuTorch vs eager: loss max diff {check.loss_max_abs_diff:.3g}, "
         f"weights {check.weight_max_abs_diff:.3g}, "
@@ -577,6 +601,12 @@ def _export_training_part(
             if check.mask_flips is None
             else f"; the program's masks replayed in eager ({check.mask_flips} mask elements fell on the other side of "
             f"their threshold, each within {check.mask_flip_max_abs_diff:.2g} of it)"
+        )
+        + (
+            f"; AdamW over the program's gradients, device rule vs torch.optim.AdamW: {check.adamw_rule_max_abs_diff:.3g} "
+            f"(tolerance {training.ADAMW_RULE_TOLERANCE:g})"
+            if adamw
+            else ""
         )
     )
     log("  measuring the training program's memory against the profiler's prediction ...")
@@ -608,7 +638,7 @@ def _export_training_part(
         trainable_parameters=ex.parameter_names,
         buffers=ex.buffer_names,
         weights_layout=dict(sorted(ex.program.layout.items())),
-        optimizer=Optimizer(name="sgd", lr=lr, momentum=momentum, dampening=0.0, weight_decay=weight_decay, nesterov=False),
+        optimizer=_optimizer(config, net),
         loss=Loss(name="cross_entropy", label_smoothing=label_smoothing),
         custom_operators=ex.custom_operators,
         operators=ex.program.operators,

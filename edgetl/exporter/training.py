@@ -4,7 +4,7 @@
 
 * ``forward(features, labels) -> (loss, logits, running statistics..., gradients...,
   parameters...)``: one training step's forward and backward (``torch.export`` -> ``_export_forward_backward`` -> ``to_edge`` ->
-  ``to_executorch``), the optimizer being the caller's (ExecuTorch's SGD);
+  ``to_executorch``), the optimizer being the caller's (the device's SGD or AdamW);
 * ``predict(features) -> logits``: the same top in eval mode (running statistics), for
   classification with the weights training produced.
 
@@ -21,6 +21,7 @@ recorded by ``_export_forward_backward`` before the custom operators are decompo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import tempfile
 import time
@@ -36,12 +37,14 @@ from torchvision.ops import StochasticDepth
 
 from edgetl.exporter import _executorch as et
 from edgetl.exporter import device_ops, inference, memory, nhwc
+from edgetl.exporter.device_optim import AdamW
 from edgetl.exporter.errors import ExportError, UnsupportedModelError, VerificationError
 from edgetl.exporter.inference import locate_operator
 from edgetl.exporter.manifest import TrainingCheck
 from edgetl.nn import ops
 from edgetl.nn.layers import MaskedActivation
 from edgetl.nn.spare import cross_entropy, spare_head
+from edgetl.train.optim import ADAMW_BETAS, ADAMW_EPS, build_optimizer, decayed_names
 from edgetl.train.prepare import TransferModel
 
 #: verification tolerances: |loss_et - loss_eager| per step and |w_et - w_eager| per element after
@@ -252,7 +255,16 @@ def program_memory(model: nn.Module, policy, *, batch_size: int, image_size: int
 
 
 def verify_program(
-    model: nn.Module, policy, *, batch_size: int, image_size: int, num_classes: int, lr: float, momentum: float, weight_decay: float
+    model: nn.Module,
+    policy,
+    *,
+    batch_size: int,
+    image_size: int,
+    num_classes: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    optimizer: str = "sgd",
 ) -> TrainingCheck:
     """Export the training program of ``model`` under ``policy`` and verify it against eager, as
     ``edgetl export --training`` does, without writing a bundle (the native planner's check of
@@ -263,7 +275,7 @@ def verify_program(
         pte, ptd = Path(tmp) / "train.pte", Path(tmp) / "train.ptd"
         pte.write_bytes(ex.program.pte)
         ptd.write_bytes(ex.program.ptd)
-        return verify_training(net, ex, pte, ptd, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return verify_training(net, ex, pte, ptd, lr=lr, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer)
 
 
 def _weights_disagree(got: np.ndarray, want: np.ndarray, initial: np.ndarray) -> bool:
@@ -378,15 +390,28 @@ def verify_training(
     lr: float,
     momentum: float,
     weight_decay: float,
+    optimizer: str = "sgd",
+    betas: tuple[float, float] = ADAMW_BETAS,
+    eps: float = ADAMW_EPS,
     seed: int = 0,
     batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> TrainingCheck:
-    """Run ``steps`` SGD steps in the ExecuTorch program and in eager PyTorch from the same weights
-    on the same batches (random features, or ``batches`` of features and labels, e.g. a device's
-    epoch); raise :class:`VerificationError` when they disagree beyond tolerance.
+    """Run ``steps`` steps of ``optimizer`` (``"sgd"``: ``momentum``; ``"adamw"``: ``betas``,
+    ``eps``) in the ExecuTorch program and in eager PyTorch from the same weights on the same
+    batches (random features, or ``batches`` of features and labels, e.g. a device's epoch);
+    raise :class:`VerificationError` when they disagree beyond tolerance. Weight decay applies to
+    conv and linear weights alone on both sides (``edgetl.train.optim.decays``).
 
     Eager side: ``net`` (dropout off) with ``torch.optim.SGD``. ExecuTorch side: the program and
-    ExecuTorch's SGD. Also checks the running statistics (updated on the ExecuTorch side, equal to
+    ExecuTorch's SGD over the same parameter groups. An AdamW bundle is verified in two parts: its
+    program's gradients so, through SGD steps (momentum 0) at its learning rate and weight decay,
+    and the device's AdamW rule (:mod:`edgetl.exporter.device_optim`, the arithmetic of
+    ``edgetl-device``) against ``torch.optim.AdamW`` stepping the program's own gradients
+    (:func:`_check_adamw_rule`). AdamW divides each gradient by its running magnitude, so an
+    element whose gradient is float32 rounding noise (a channel the batch barely reaches) moves by
+    up to the learning rate in one implementation and not in the other: a trajectory of eager's
+    AdamW against the program's cannot agree at the weight tolerance however exact the gradients.
+    Also checks the running statistics (updated on the ExecuTorch side, equal to
     eager's) and that a ``.ptd`` written from the session feeds ``predict`` the trained weights.
 
     MobileTL's sign mask is a step function of the activation input, so an input within float32
@@ -417,7 +442,8 @@ def verify_training(
             for _ in range(steps)
         ]
     steps = len(batches)
-    settings = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+    # the gradients are checked through SGD steps (an AdamW bundle: momentum 0; see above)
+    settings = {"lr": lr, "momentum": momentum if optimizer == "sgd" else 0.0, "weight_decay": weight_decay}
     result = _compare(net, export, pte, ptd, batches, **settings)
     if result.failures and _has_masks(net):
         replay = export_training(
@@ -435,7 +461,57 @@ def verify_training(
             + "; ".join(result.failures)
             + " (a defect of edgetl's training export: a bundle without --training is unaffected)"
         )
+    if optimizer == "adamw":
+        diff = _check_adamw_rule(net, export, pte, ptd, batches, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+        return dataclasses.replace(result.check, adamw_rule_max_abs_diff=diff)
     return result.check
+
+
+#: the device's AdamW against torch.optim.AdamW on the same gradients: float32 rounding alone
+#: (torch fuses its moment update), relative to max(1, |weight|)
+ADAMW_RULE_TOLERANCE = 1e-6
+
+
+def _check_adamw_rule(
+    net: TransferModel,
+    export: TrainingExport,
+    pte: Path,
+    ptd: Path,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+) -> float:
+    """Step the program with the device's AdamW over ``batches`` and ``torch.optim.AdamW`` over
+    copies of its weights fed the same gradients (eager's parameter groups: the same decayed
+    parameters); the largest relative weight difference, or :class:`VerificationError`."""
+    shapes = {k: p.shape for k, p in net.trainable_parameters()}
+    decay = decayed_names(net.trainable_parameters())
+    session = et.TrainingSession(pte, ptd, buffer_names=export.buffer_names)
+    device = reference = named = None
+    worst = 0.0
+    for x, y in batches:
+        session.forward_backward(x.numpy(), y.numpy())
+        if device is None:
+            params = session.parameter_arrays()
+            named = [(k, nn.Parameter(torch.from_numpy(params[k].copy()).reshape(shapes[k]))) for k in export.parameter_names]
+            reference = build_optimizer("adamw", named, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+            device = AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay=decay)
+        grads = session.gradient_arrays()
+        for k, p in named:
+            p.grad = torch.from_numpy(np.asarray(grads[k]).copy()).reshape(p.shape)
+        reference.step()
+        device.step(grads)
+        for k, p in named:
+            worst = max(worst, _max_rel(device.params[k].reshape(p.shape), p.detach().numpy()))
+    if not worst <= ADAMW_RULE_TOLERANCE:
+        raise VerificationError(
+            f"the device's AdamW differs from torch.optim.AdamW by {worst:.3g} over the program's gradients "
+            f"(tolerance {ADAMW_RULE_TOLERANCE:g}; a defect of edgetl's AdamW)"
+        )
+    return worst
 
 
 def _has_masks(net: TransferModel) -> bool:
@@ -461,9 +537,13 @@ def _compare(
     reference = torch.float64 if replay is not None else torch.float32
     eager = eager.to(reference)
     replayed = _replaying(eager, replay.activation_names) if replay else {}
-    params = [p for _, p in eager.trainable_parameters()]
     initial_params = {k: p.detach().clone().numpy() for k, p in eager.trainable_parameters()}
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    decay = decayed_names(eager.trainable_parameters())
+    opt = build_optimizer("sgd", eager.trainable_parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    def device_optimizer(s: et.TrainingSession):  # ExecuTorch's SGD over the same parameter groups
+        return s.sgd(lr, momentum=momentum, weight_decay=weight_decay, decay=decay).step
+
     head = spare_head(eager)
     active = head[1].active if head else None
     session = et.TrainingSession(pte, ptd, buffer_names=export.buffer_names)
@@ -501,11 +581,11 @@ def _compare(
                 flips, flip_gap = flips + count, max(flip_gap, gap)
             losses_eager.append(loss.item())
             losses_et.append(float(out[0]))
-            sgd = sgd or session.sgd(lr, momentum=momentum, weight_decay=weight_decay)
-            sgd.step()
+            sgd = sgd or device_optimizer(session)
+            sgd()
             if twin is not None:
-                twin_sgd = twin_sgd or twin.sgd(lr, momentum=momentum, weight_decay=weight_decay)
-                twin_sgd.step()
+                twin_sgd = twin_sgd or device_optimizer(twin)
+                twin_sgd()
             state = {k: np.asarray(v) for k, v in session.named_parameters().items()}
             for k, p in eager.trainable_parameters():
                 want = p.detach().numpy()

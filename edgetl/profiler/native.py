@@ -10,7 +10,9 @@ features are cached and the bottom program is freed):
 * the weights file (``train.ptd``, memory-mapped and read in full when the program loads);
 * the training program's planned arena (activations, gradients, the mutable weights; ExecuTorch's
   memory plan of the ``forward`` method, fixed at export);
-* SGD's momentum buffers (one float per trainable parameter; none without momentum);
+* the optimizer's state: SGD's momentum buffers (one float per trainable parameter; none without
+  momentum) or AdamW's two moments (two floats per trainable parameter), as
+  ``edgetl.train.optim.state_floats`` counts them;
 * the bundle's replay set (``replay.bin``, int8 features held in memory) when fine-tuning mixes it
   into its batches (``--replay-ratio`` above 0, the default for a bundle with one).
 
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from edgetl.errors import ConfigError
+from edgetl.train.optim import state_floats
 
 #: edgetl-device's resident set before it loads a program (binary + ExecuTorch's libraries),
 #: measured on x86-64 Linux (10.1 MiB); aarch64 builds of the same libraries are of the same size
@@ -42,7 +45,7 @@ class ProgramMemory:
 
     arena_bytes: int  # planned arena of the training step (``forward``)
     weights_file_bytes: int  # the .ptd
-    trainable_bytes: int  # trainable parameters (SGD momentum takes as much)
+    trainable_bytes: int  # trainable parameters (each optimizer state float per parameter takes as much)
     feature_bytes: int  # one image's bottom features
 
 
@@ -54,18 +57,18 @@ class NativePeakEstimate:
     features: int
     weights_file: int
     arena: int
-    momentum: int
+    optimizer_state: int
     replay: int = 0
 
     @property
     def total(self) -> int:
-        return self.runtime + self.features + self.weights_file + self.arena + self.momentum + self.replay
+        return self.runtime + self.features + self.weights_file + self.arena + self.optimizer_state + self.replay
 
     def summary(self, size: Callable[[int], str]) -> str:
         """One line for the planner (``size`` formats bytes)."""
         return (
-            f"arena {size(self.arena)}, weights {size(self.weights_file)} + momentum {size(self.momentum)}, features {size(self.features)}"
-            + (f", replay set {size(self.replay)}" if self.replay else "")
+            f"arena {size(self.arena)}, weights {size(self.weights_file)} + optimizer state {size(self.optimizer_state)}, "
+            f"features {size(self.features)}" + (f", replay set {size(self.replay)}" if self.replay else "")
         )
 
     def to_dict(self) -> dict:
@@ -79,16 +82,18 @@ def predict_native_peak(
     trainable_bytes: int,
     feature_bytes: int,
     images: int,
-    momentum: bool = True,
+    optimizer_floats: int = 1,
     feature_budget: int = FEATURE_BUDGET_BYTES,
     runtime_bytes: int = NATIVE_RUNTIME_BYTES,
     replay_bytes: int = 0,
 ) -> NativePeakEstimate:
     """The peak of a native fine-tuning run over ``images`` images, from the training program's
-    memory plan (``arena_bytes``), its weights file, the trainable bytes and one image's feature
-    bytes, plus the replay set's file when it is mixed in (``replay_bytes``). Feature rows are
-    rounded up to whole batches by the runner; that is below 1% here."""
-    if min(arena_bytes, weights_file_bytes, trainable_bytes, feature_bytes, images, replay_bytes) < 0:
+    memory plan (``arena_bytes``), its weights file, the trainable bytes, one image's feature
+    bytes and the optimizer's state floats per parameter (``edgetl.train.optim.state_floats``:
+    SGD with momentum 1, AdamW 2), plus the replay set's file when it is mixed in
+    (``replay_bytes``). Feature rows are rounded up to whole batches by the runner; that is below
+    1% here."""
+    if min(arena_bytes, weights_file_bytes, trainable_bytes, feature_bytes, images, optimizer_floats, replay_bytes) < 0:
         raise ConfigError("byte counts and the image count must be >= 0")
     features = images * feature_bytes
     return NativePeakEstimate(
@@ -96,7 +101,7 @@ def predict_native_peak(
         features=features if features <= feature_budget else 0,
         weights_file=weights_file_bytes,
         arena=arena_bytes,
-        momentum=trainable_bytes if momentum else 0,
+        optimizer_state=optimizer_floats * trainable_bytes,
         replay=replay_bytes,
     )
 
@@ -105,21 +110,26 @@ def native_peak_of_bundle(
     manifest: dict,
     *,
     images: int,
-    momentum: bool | None = None,
+    optimizer: str | None = None,
+    momentum: float | None = None,
     feature_budget: int = FEATURE_BUDGET_BYTES,
     runtime_bytes: int | None = None,
     replay: bool | None = None,
 ) -> NativePeakEstimate:
     """:func:`predict_native_peak` for an exported bundle's ``manifest.json`` (its memory plan,
-    file sizes and optimizer); ``runtime_bytes`` defaults to the manifest's
-    ``memory.native_runtime_bytes`` (:data:`NATIVE_RUNTIME_BYTES` in bundles without it);
+    file sizes and optimizer); ``optimizer`` and ``momentum`` (``edgetl-device finetune
+    --optimizer``, ``--momentum``) default to the manifest's; ``runtime_bytes`` defaults to the
+    manifest's ``memory.native_runtime_bytes`` (:data:`NATIVE_RUNTIME_BYTES` in bundles without it);
     ``replay`` (default: whether the bundle has a replay set, which the runner then mixes in)
     counts the replay set's file."""
     train = manifest["programs"]["training"]
     shape = train["methods"]["forward"]["inputs"][0]["shape"]
     per_image = 4 * math.prod(int(s) for s in shape[1:])  # one fp32 feature map
-    if momentum is None:
-        momentum = float(train["optimizer"].get("momentum", 0.0)) != 0.0
+    named = train["optimizer"].get("name", "sgd")
+    if optimizer is None:
+        optimizer = named
+    if momentum is None:  # the manifest's when it names SGD; torch.optim.SGD's default (0) otherwise
+        momentum = float(train["optimizer"].get("momentum", 0.0)) if named == "sgd" else 0.0
     section = manifest.get("replay")
     if replay is None:
         replay = section is not None
@@ -130,7 +140,7 @@ def native_peak_of_bundle(
         trainable_bytes=int(manifest["memory"]["trainable_parameter_bytes"]),
         feature_bytes=per_image,
         images=images,
-        momentum=momentum,
+        optimizer_floats=state_floats(optimizer, momentum=momentum),
         feature_budget=feature_budget,
         runtime_bytes=int(manifest["memory"].get("native_runtime_bytes", NATIVE_RUNTIME_BYTES)) if runtime_bytes is None else runtime_bytes,
         replay_bytes=replay_bytes,

@@ -36,12 +36,12 @@ from edgetl.profiler.native import NativePeakEstimate, ProgramMemory, predict_na
 from edgetl.profiler.predict import predict_units
 from edgetl.profiler.settings import StepSettings
 from edgetl.profiler.step_time import StepTimeEstimate, predict_native_step_time, step_work
-from edgetl.train.optim import check_optimizer, state_floats
+from edgetl.train.optim import DEVICE_OPTIMIZERS, check_optimizer, state_floats
 from edgetl.train.policy import METHODS, TrainPolicy
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 RUNTIMES = ("eager", "native")
-#: the only optimizer edgetl-device runs (SGD with momentum)
+#: the native runtime's default optimizer (SGD with momentum; edgetl-device also runs AdamW)
 NATIVE_OPTIMIZER = "sgd"
 #: the batch sizes at which the native runtime's program memory is emitted (then extrapolated)
 NATIVE_ANCHORS = (2, 4)
@@ -206,7 +206,8 @@ class Plan:
                 out.append("  The chosen configuration's training program was exported and verified against eager PyTorch.")
             out.append(
                 "  Predicted peaks of edgetl-device finetune (edgetl.profiler.native): runtime + cached features + weights "
-                "file + the program's planned arena + momentum; check on the device with `edgetl-device --verbose finetune`."
+                "file + the program's planned arena + the optimizer's state (SGD's momentum, AdamW's two moments); "
+                "check on the device with `edgetl-device --verbose finetune`."
             )
             out.append(
                 "  Step times (edgetl.profiler.step_time) from the profile's gemm_gflops and memory_gbps."
@@ -249,13 +250,14 @@ def plan(
         method: ``"mobiletl"`` or ``"vanilla"``.
         batch_sizes: the candidate batch sizes.
         num_classes: classifier outputs (it sizes the head's parameters and optimizer state).
-        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (with momentum; the native runtime's only one);
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (with momentum); the native runtime runs
+            ``"sgd"`` and ``"adamw"`` (``DEVICE_OPTIMIZERS``);
             None: :data:`NATIVE_OPTIMIZER` for the native runtime, ``StepSettings.optimizer`` otherwise.
         runner_ups: how many next-best configurations to list.
         min_blocks: the smallest K considered (0 admits the classifier-only linear probe).
         max_blocks: the largest K considered (default: all blocks), e.g. to bound the training
             time, or the native runtime's program emissions (a minute each).
-        runtime: ``"eager"`` (PyTorch) or ``"native"`` (``edgetl-device``, SGD).
+        runtime: ``"eager"`` (PyTorch) or ``"native"`` (``edgetl-device``, SGD or AdamW).
         program_memory: for the native runtime, ``(policy, batch_size) -> ProgramMemory`` of the
             exported training program (e.g. :func:`edgetl.exporter.training.program_memory`).
         verify_program: for the native runtime, ``(policy, batch_size)`` exports and verifies
@@ -283,8 +285,8 @@ def plan(
     if runtime == "native":
         if program_memory is None:
             raise ConfigError("the native runtime needs program_memory (the exporter's memory plan of the training program)")
-        if optimizer != NATIVE_OPTIMIZER:
-            raise ConfigError(f"the native runtime trains with SGD: use optimizer {NATIVE_OPTIMIZER!r}")
+        if optimizer not in DEVICE_OPTIMIZERS:
+            raise ConfigError(f"the native runtime trains with {' or '.join(DEVICE_OPTIMIZERS)}, not {optimizer!r}")
         if images < 1:
             raise ConfigError(f"images must be >= 1, got {images}")
     sizes = sorted({int(b) for b in batch_sizes}, reverse=True)
@@ -333,7 +335,7 @@ def plan(
             trainable_bytes=lo.trainable_bytes,
             feature_bytes=lo.feature_bytes,
             images=images,
-            momentum=state_floats(optimizer) > 0,
+            optimizer_floats=state_floats(optimizer),
         )
 
     def score(k: int, b: int) -> Candidate | None:

@@ -200,8 +200,19 @@ Bundle::Bundle(const std::string& path) : dir(path) {
           s.at("offset").get<uint64_t>(), s.at("nbytes").get<uint64_t>(), s.at("dtype").get<std::string>(),
           s.at("shape").get<std::vector<int64_t>>()};
     const auto& o = t.at("optimizer");
-    training_.optimizer = {o.at("lr").get<double>(), o.value("momentum", 0.0), o.value("dampening", 0.0), o.value("weight_decay", 0.0),
-                           o.value("nesterov", false)};
+    OptimizerOptions& opt = training_.optimizer;
+    opt.name = o.value("name", std::string("sgd"));
+    opt.lr = o.at("lr").get<double>();
+    opt.momentum = o.value("momentum", 0.0), opt.dampening = o.value("dampening", 0.0);
+    opt.weight_decay = o.value("weight_decay", 0.0), opt.nesterov = o.value("nesterov", false);
+    if (o.contains("betas")) {
+      const auto betas = o.at("betas").get<std::vector<double>>();
+      if (betas.size() != 2) throw DeviceError(mpath + ": programs.training.optimizer.betas is not a pair");
+      opt.beta1 = betas[0], opt.beta2 = betas[1];
+    }
+    opt.eps = o.value("eps", 1e-8);
+    // bundles that list none decay every parameter (the rule they were verified with)
+    opt.weight_decay_parameters = o.value("weight_decay_parameters", training_.trainable_parameters);
     training_.custom_operators = t.value("custom_operators", std::vector<std::string>{});
     training_.outputs = classes.size();
     if (t.contains("spare_classes")) {

@@ -20,9 +20,13 @@ struct TensorSlot {
   std::vector<int64_t> shape;
 };
 
-struct SgdOptions {
+// The manifest's programs.training.optimizer: SGD's or AdamW's settings (each reads its own).
+struct OptimizerOptions {
+  std::string name = "sgd";  // "sgd" or "adamw"
   double lr = 0.0, momentum = 0.0, dampening = 0.0, weight_decay = 0.0;
   bool nesterov = false;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  std::vector<std::string> weight_decay_parameters;  // the parameters weight decay applies to
 };
 
 struct TrainingSpec {
@@ -32,7 +36,7 @@ struct TrainingSpec {
   std::vector<std::string> trainable_parameters;  // in the program's order
   std::vector<std::string> buffers;               // running statistics, in forward's output order
   std::map<std::string, TensorSlot> weights_layout;
-  SgdOptions optimizer;
+  OptimizerOptions optimizer;
   std::vector<std::string> custom_operators;  // edgetl kernels the program calls (edgetl_export::*.out)
   // Outputs beyond the known classes (edgetl export --spare-classes), assigned by the device to
   // classes it learns: the classifier's rows (`weight`, `bias`) and the 0/1 `active` vector in the

@@ -4,6 +4,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bundle.h"
@@ -22,6 +23,9 @@ struct FinetuneOptions {
   int epochs = 5;
   std::optional<int> batch_size;  // must equal the program's (static shapes)
   std::optional<double> lr, momentum, weight_decay;
+  std::optional<std::string> optimizer;            // sgd or adamw; default: the bundle's
+  std::optional<std::pair<double, double>> betas;  // AdamW's
+  std::optional<double> eps;                       // AdamW's
   uint64_t seed = 0;
   bool augment = false;
   int64_t feature_budget = int64_t{64} << 20;  // bytes of bottom features kept in memory; more go to a mapped file

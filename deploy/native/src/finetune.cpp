@@ -19,10 +19,10 @@
 #include "files.h"
 #include "memory.h"
 #include "new_classes.h"
+#include "optimizer.h"
 #include "random.h"
 #include "replay.h"
 #include "runtime.h"
-#include "sgd.h"
 #include "state.h"
 
 namespace edgetl {
@@ -198,13 +198,21 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   if (o.batch_size && *o.batch_size != t.batch_size)
     throw DeviceError("the training program was exported for batch " + std::to_string(t.batch_size) +
                       " (static shapes); re-export with 'edgetl export --training --batch-size " + std::to_string(*o.batch_size) + "'");
-  SgdOptions opt = t.optimizer;
+  OptimizerOptions opt = t.optimizer;
+  if (o.optimizer && *o.optimizer != opt.name) {  // another optimizer: its own defaults, the bundle's lr and decay
+    opt = OptimizerOptions();
+    opt.name = *o.optimizer, opt.lr = t.optimizer.lr;
+    opt.weight_decay = t.optimizer.weight_decay;
+    opt.weight_decay_parameters = t.optimizer.weight_decay_parameters;
+  }
   if (o.lr) opt.lr = *o.lr;
   if (o.momentum) opt.momentum = *o.momentum;
   if (o.weight_decay) opt.weight_decay = *o.weight_decay;
-  if (!(opt.lr > 0 && std::isfinite(opt.lr))) throw DeviceError("--lr must be a positive number");
-  if (!(opt.momentum >= 0 && opt.momentum < 1)) throw DeviceError("--momentum must be in [0, 1)");
-  if (!(opt.weight_decay >= 0 && std::isfinite(opt.weight_decay))) throw DeviceError("--weight-decay must be >= 0");
+  if (o.betas) opt.beta1 = o.betas->first, opt.beta2 = o.betas->second;
+  if (o.eps) opt.eps = *o.eps;
+  if (opt.name == "sgd" && (o.betas || o.eps)) throw DeviceError("--betas and --eps are AdamW's; this run uses SGD (--optimizer adamw)");
+  if (opt.name == "adamw" && o.momentum) throw DeviceError("--momentum is SGD's; this run uses AdamW (--betas sets its moments)");
+  check_options(opt, t.trainable_parameters);
 
   // replay rows of the known classes are mixed into every batch (replay.h); the data's own fill the rest
   const double ratio = o.replay_ratio.value_or(ReplaySet::in(bundle) ? kDefaultReplayRatio : 0.0);
@@ -220,7 +228,8 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   Dataset val;
   if (!o.val.empty()) val = read_folder(o.val, classes, "validation");
   const std::optional<MemoryNeed> need =
-      fine_tune_need(bundle, train.paths.size(), opt.momentum != 0, o.feature_budget, replay_rows ? ReplaySet::bytes_of(bundle) : 0);
+      fine_tune_need(bundle, train.paths.size(), make_optimizer(opt, t.trainable_parameters)->buffers_per_parameter(), o.feature_budget,
+                     replay_rows ? ReplaySet::bytes_of(bundle) : 0);
   const std::optional<MemoryLimit> limit = memory_limit(o.memory_limit);
   if (limit && need) check_fits(*need, *limit, train.paths.size());
   if (limit && !need && o.memory_limit)
@@ -233,6 +242,9 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   StateDir state(o.state, bundle);
   if (state.classes() != known) throw DeviceError(o.state + " changed while finetune started (another process?): run it again");
   const int start = state.epoch();
+  if (start > 0 && state.optimizer() != opt.name)
+    throw DeviceError(o.state + " was trained with " + state.optimizer() + ", not " + opt.name + ": resume it with --optimizer " +
+                      state.optimizer() + " or use another --state directory");
   if (start >= o.epochs && added.empty()) {
     std::cout << "already trained for " << start << " epoch(s); nothing to do (raise --epochs to continue)\n";
     return 0;
@@ -297,8 +309,14 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
     std::cout << line << std::endl;
   }
   TrainingSession session(bundle.file(t.pte), weights, t.buffers);
-  Sgd sgd(opt);
-  if (opt.momentum != 0) sgd.set_momentum_buffers(state.momentum(session.parameter_names()));
+  std::unique_ptr<Optimizer> optimizer = make_optimizer(opt, session.parameter_names());
+  if (start > 0) {  // the saved state, its buffers one per parameter and per kind (state.h)
+    std::vector<std::string> names;
+    for (int k = 0; k < optimizer->buffers_per_parameter(); ++k)
+      names.insert(names.end(), session.parameter_names().begin(), session.parameter_names().end());
+    optimizer->restore(names.empty() ? std::vector<std::vector<float>>{} : state.optimizer_buffers(optimizer->state_key(), names),
+                       state.optimizer_steps());
+  }
 
   const size_t steps = n / data_rows;  // the last partial batch is dropped: batch norm trains on batch statistics
   const bool tty = ::isatty(STDERR_FILENO);
@@ -335,9 +353,9 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
                           " (learning rate too high?); the weights saved after epoch " + std::to_string(epoch) + " are kept");
       if (s == 0) log_memory(o.verbose, "first forward-backward");
       s0 = Clock::now();
-      sgd.step(session.parameters(), session.gradients());
+      optimizer->step(session.parameters(), session.gradients());
       optimizer_seconds += seconds_since(s0);
-      if (s == 0) log_memory(o.verbose, "first SGD step");
+      if (s == 0) log_memory(o.verbose, "first optimizer step");
       loss_sum += static_cast<double>(loss) * batch;
       for (size_t i = 0; i < batch; ++i) {
         const float* z = logits.data() + i * t.outputs;
@@ -363,13 +381,13 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
                           {"peak_rss_bytes", proc_status_bytes("VmHWM:")},
                           {"seconds", secs},
                           {"images_per_s", seen / secs},
-                          // where the epoch's time goes: forward-backward (the program) and SGD
+                          // where the epoch's time goes: forward-backward (the program) and the optimizer
                           {"step_seconds", step_seconds},
                           {"optimizer_seconds", optimizer_seconds}};
     if (ReplaySet::in(bundle)) row["replay"] = {{"ratio", ratio}, {"rows", steps * replay_rows}};
     if (epoch == start && cache)  // the feature pass before this process's first epoch
       row["features_seconds"] = {{"decode", feature_seconds.decode}, {"bottom", feature_seconds.bottom}};
-    state.save_epoch(epoch + 1, session, sgd.momentum_buffers(), row);
+    state.save_epoch(epoch + 1, session, *optimizer, row);
     log_memory(o.verbose, "saving the epoch");
     char line[256];
     std::snprintf(line, sizeof line, "epoch %d/%d loss %.4f train_acc %.1f%% %.1f images/s", epoch + 1, o.epochs, loss_sum / seen,

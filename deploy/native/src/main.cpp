@@ -25,7 +25,8 @@ const char* kUsage = R"(usage: edgetl-device [--threads N] [--verbose] COMMAND .
   info      BUNDLE
   classify  BUNDLE IMAGE_OR_DIR... [--trained STATE_DIR|PTD] [--top-k N (3)] [--json]
   finetune  BUNDLE DATA_DIR --state STATE_DIR [--epochs N (5; at most 1000000; 0: only imprint new classes)] [--batch-size B (the bundle's)]
-            [--lr X] [--momentum X] [--weight-decay X] (default: the bundle's optimizer)
+            [--optimizer sgd|adamw] [--lr X] [--weight-decay X] [--momentum X] (SGD)
+            [--betas B1,B2] [--eps X] (AdamW) (defaults: the bundle's optimizer and settings)
             [--seed N (0)] [--augment] [--val DIR] [--feature-budget MIB (64)]
             [--replay-ratio R (0.5 with the bundle's replay set, else 0)]
             [--memory-limit MIB (the cgroup's memory.max / memory.limit_in_bytes)]
@@ -43,9 +44,12 @@ and starts from weight imprinting (its photos' mean normalised embedding); the s
 records the device's classes, which classify --trained names.
 finetune computes the frozen bottom's features once per image (in memory up to --feature-budget
 MiB, beyond it in a memory-mapped file in STATE_DIR; --augment adds random horizontal flips and
-recomputes them every step), trains with SGD, and saves weights and momentum atomically after
-every epoch: running the same command again resumes after the last saved epoch. Before it starts,
-finetune compares its memory need (runtime, weights, the program's planned arena, momentum and the
+recomputes them every step), trains with SGD or AdamW, and saves weights and the optimizer's state
+(SGD's momentum; AdamW's moments and step count) atomically after every epoch: running the same
+command again resumes after the last saved epoch, with the optimizer it was trained with. Weight
+decay applies to the parameters the bundle lists (weights of 2 or more dimensions, never norms or
+biases). Before it starts, finetune compares its memory need (runtime, weights, the program's
+planned arena, the optimizer's state and the
 features within --feature-budget: edgetl plan --runtime native's sum) with its memory limit and
 refuses when it does not fit. With a replay set in the bundle (edgetl export --replay-per-class),
 round(B * R) rows of each batch of B are its stored features of the known classes, taken in a
@@ -73,7 +77,7 @@ const std::map<std::string, std::vector<std::string>> kValueOptions = {
     {"classify", {"--trained", "--top-k"}},
     {"finetune",
      {"--state", "--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay", "--seed", "--val", "--feature-budget",
-      "--memory-limit", "--replay-ratio"}},
+      "--memory-limit", "--replay-ratio", "--optimizer", "--betas", "--eps"}},
     {"import-weights", {"--state"}},
     {"export-weights", {"--out"}},
     {"info", {}}};
@@ -153,6 +157,21 @@ std::optional<double> to_double(const Args& a, const std::string& opt) {
   return v;
 }
 
+// "B1,B2": two numbers (--betas).
+std::pair<double, double> to_pair(const Args& a, const std::string& opt) {
+  const std::string& v = a.values.at(opt);
+  const size_t comma = v.find(',');
+  const std::string bad = opt + " must be two numbers B1,B2, got '" + v + "'";
+  if (comma == std::string::npos) throw edgetl::DeviceError(bad);
+  Args parts;
+  parts.values = {{"first", v.substr(0, comma)}, {"second", v.substr(comma + 1)}};
+  try {
+    return {*to_double(parts, "first"), *to_double(parts, "second")};
+  } catch (const edgetl::DeviceError&) {
+    throw edgetl::DeviceError(bad);
+  }
+}
+
 void need(const Args& a, size_t n, const char* what) {
   if (a.positional.size() < n) throw edgetl::DeviceError(std::string("missing ") + what + " (see --help)");
 }
@@ -201,6 +220,9 @@ int run(int argc, char** argv) {
   o.lr = to_double(a, "--lr");
   o.momentum = to_double(a, "--momentum");
   o.weight_decay = to_double(a, "--weight-decay");
+  if (a.values.count("--optimizer")) o.optimizer = a.values.at("--optimizer");
+  if (a.values.count("--betas")) o.betas = to_pair(a, "--betas");
+  o.eps = to_double(a, "--eps");
   o.seed = static_cast<uint64_t>(to_int(a, "--seed", 0, 0, std::numeric_limits<long long>::max()));
   o.augment = a.flags.count("--augment") > 0;
   o.replay_ratio = to_double(a, "--replay-ratio");

@@ -32,7 +32,8 @@ std::optional<int64_t> read_limit(const std::string& path) {
 }
 }  // namespace
 
-std::optional<MemoryNeed> fine_tune_need(const Bundle& bundle, size_t images, bool momentum, int64_t feature_budget, int64_t replay_bytes) {
+std::optional<MemoryNeed> fine_tune_need(const Bundle& bundle, size_t images, int optimizer_floats, int64_t feature_budget,
+                                         int64_t replay_bytes) {
   const auto& m = bundle.manifest;
   if (!m.contains("memory") || !m.at("memory").contains("native_runtime_bytes")) return std::nullopt;
   const auto& mem = m.at("memory");
@@ -41,7 +42,7 @@ std::optional<MemoryNeed> fine_tune_need(const Bundle& bundle, size_t images, bo
   need.runtime = mem.at("native_runtime_bytes").get<int64_t>();
   need.arena = mem.at("planned_arena_bytes").at("forward").get<int64_t>();
   need.weights_file = m.at("files").at(t.ptd).at("bytes").get<int64_t>();
-  need.momentum = momentum ? mem.at("trainable_parameter_bytes").get<int64_t>() : 0;
+  need.optimizer_state = optimizer_floats * mem.at("trainable_parameter_bytes").get<int64_t>();
   int64_t per_image = 4;  // one float32 feature map
   for (size_t i = 1; i < t.feature_shape.size(); ++i) per_image *= t.feature_shape[i];
   const int64_t features = static_cast<int64_t>(images) * per_image;
@@ -85,7 +86,7 @@ std::optional<MemoryLimit> memory_limit(std::optional<int64_t> flag) {
 void check_fits(const MemoryNeed& need, const MemoryLimit& limit, size_t images) {
   if (need.total() <= limit.bytes) return;
   throw DeviceError("fine-tuning needs " + mib(need.total()) + " (runtime " + mib(need.runtime) + ", weights " + mib(need.weights_file) +
-                    ", arena " + mib(need.arena) + ", momentum " + mib(need.momentum) +
+                    ", arena " + mib(need.arena) + ", optimizer state " + mib(need.optimizer_state) +
                     (need.replay ? ", replay set " + mib(need.replay) : "") + ", features of " + std::to_string(images) + " images " +
                     mib(need.features) + "), more than the memory limit of " + mib(limit.bytes) + " (" + limit.source +
                     "): raise the limit, or export fewer blocks or a smaller batch (edgetl plan --runtime native)");

@@ -14,12 +14,13 @@ namespace edgetl {
 // from the same manifest figures (memory.native_runtime_bytes, memory.planned_arena_bytes.forward,
 // the weights file's bytes, memory.trainable_parameter_bytes) and the same feature rule.
 struct MemoryNeed {
-  int64_t runtime = 0, features = 0, weights_file = 0, arena = 0, momentum = 0;
+  int64_t runtime = 0, features = 0, weights_file = 0, arena = 0, optimizer_state = 0;
   int64_t replay = 0;  // the replay set's file, held when fine-tuning mixes it in (replay.h)
-  int64_t total() const { return runtime + features + weights_file + arena + momentum + replay; }
+  int64_t total() const { return runtime + features + weights_file + arena + optimizer_state + replay; }
 };
 // nullopt for a bundle whose manifest carries no runtime figure (exported by an older edgetl).
-std::optional<MemoryNeed> fine_tune_need(const Bundle& bundle, size_t images, bool momentum, int64_t feature_budget,
+// optimizer_floats: the optimizer's state per trainable parameter (SGD 1 with momentum, AdamW 2).
+std::optional<MemoryNeed> fine_tune_need(const Bundle& bundle, size_t images, int optimizer_floats, int64_t feature_budget,
                                          int64_t replay_bytes = 0);
 
 struct MemoryLimit {

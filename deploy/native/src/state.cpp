@@ -16,6 +16,8 @@ namespace edgetl {
 namespace {
 constexpr const char* kState = "state.json";
 constexpr const char* kTrained = "trained.ptd";
+// state.json's keys naming a file (each with its KEY_sha256): the weights and each optimizer's buffers
+constexpr const char* kFileKeys[] = {"weights", "momentum", "adamw_moments"};
 
 std::string numbered(const char* stem, int epoch, const char* suffix) {
   char name[64];
@@ -44,7 +46,7 @@ void check_fields(const nlohmann::json& s, const std::string& path) {
   const auto& epoch = s.contains("epoch") ? s["epoch"] : nlohmann::json();
   if (!epoch.is_number_integer() || epoch.get<int64_t>() < 0 || epoch.get<int64_t>() > kMaxEpochs)
     throw DeviceError(path + ": epoch " + epoch.dump() + " is not an integer in [0, " + std::to_string(kMaxEpochs) + "]" + fix);
-  for (const char* key : {"weights", "momentum"}) {
+  for (const char* key : kFileKeys) {
     if (!s.contains(key) || s[key].is_null()) continue;
     if (!s[key].is_string()) throw DeviceError(path + ": " + key + " is " + s[key].dump() + ", not a file name" + fix);
     plain_name(s[key].get<std::string>(), path + ": " + key);
@@ -61,6 +63,10 @@ void check_fields(const nlohmann::json& s, const std::string& path) {
   if (!classes.is_array() || !std::all_of(classes.begin(), classes.end(), [](const auto& c) { return c.is_string(); }))
     throw DeviceError(path + ": classes is missing or not a list of names" + fix);
   if (!s.contains("weights")) throw DeviceError(path + ": weights is missing" + fix);
+  if (s.contains("optimizer") && !(s["optimizer"] == "sgd" || s["optimizer"] == "adamw"))
+    throw DeviceError(path + ": optimizer " + s["optimizer"].dump() + " is not sgd or adamw" + fix);
+  if (s.contains("optimizer_steps") && !(s["optimizer_steps"].is_number_integer() && s["optimizer_steps"].get<int64_t>() >= 0))
+    throw DeviceError(path + ": optimizer_steps " + s["optimizer_steps"].dump() + " is not an integer >= 0" + fix);
   if (epoch.get<int64_t>() > 0 && !(s.contains("weights") && s["weights"].is_string()))
     throw DeviceError(path + ": epoch " + epoch.dump() + " but no weights" + fix);
 }
@@ -129,7 +135,7 @@ void write_ptd(const std::string& path, const std::string& base, const std::map<
 }
 
 StateDir::StateDir(std::string dir, const Bundle& bundle) : dir_(std::move(dir)), lock_(dir_), bundle_(bundle) {
-  remove_stale_temporaries(dir_, {"weights-epoch", "momentum-epoch", kState, kTrained});
+  remove_stale_temporaries(dir_, {"weights-epoch", "momentum-epoch", "adamw_moments-epoch", kState, kTrained});
   std::string path = join(dir_, kState);
   if (is_file(path)) {
     state_ = read_state(path, bundle, dir_ + " holds training state of another bundle", "; use another --state directory");
@@ -154,10 +160,10 @@ std::string StateDir::weights_path() const {
   return bundle_.file(bundle_.training().ptd);
 }
 
-std::vector<std::vector<float>> StateDir::momentum(const std::vector<std::string>& names) const {
-  if (!state_.contains("momentum") || !state_["momentum"].is_string()) return {};
-  std::string path = join(dir_, state_["momentum"].get<std::string>());
-  if (!is_file(path) || sha256_file(path) != state_.value("momentum_sha256", ""))
+std::vector<std::vector<float>> StateDir::optimizer_buffers(const std::string& key, const std::vector<std::string>& names) const {
+  if (!state_.contains(key) || !state_[key].is_string()) return {};
+  std::string path = join(dir_, state_[key].get<std::string>());
+  if (!is_file(path) || sha256_file(path) != state_.value(key + "_sha256", ""))
     throw DeviceError(path + " is missing or damaged (sha256 mismatch with state.json)");
   std::ifstream in(path, std::ios::binary);
   std::vector<std::vector<float>> out;
@@ -174,8 +180,7 @@ std::vector<std::vector<float>> StateDir::momentum(const std::vector<std::string
   return out;
 }
 
-void StateDir::save_epoch(int epoch, const TrainingSession& session, const std::vector<std::vector<float>>& momentum,
-                          const nlohmann::json& row) {
+void StateDir::save_epoch(int epoch, const TrainingSession& session, const Optimizer& optimizer, const nlohmann::json& row) {
   const auto& t = bundle_.training();
   std::vector<TensorView> tensors = session.parameters();
   tensors.insert(tensors.end(), session.buffers().begin(), session.buffers().end());
@@ -185,17 +190,21 @@ void StateDir::save_epoch(int epoch, const TrainingSession& session, const std::
   write_ptd(join(dir_, wname), weights_path(), t.weights_layout, tensors);
 
   nlohmann::json next = state_;
-  if (!momentum.empty()) {
-    std::string mname = numbered("momentum", epoch, ".bin");
+  const std::string key = optimizer.state_key();
+  const auto& buffers = optimizer.buffers();
+  if (!buffers.empty()) {
+    std::string mname = numbered(key.c_str(), epoch, ".bin");
     atomic_write(join(dir_, mname), [&](const ByteSink& sink) {
-      for (const auto& buf : momentum) sink(buf.data(), buf.size() * sizeof(float));
+      for (const auto& buf : buffers) sink(buf.data(), buf.size() * sizeof(float));
     });
-    next["momentum"] = mname;
-    next["momentum_sha256"] = sha256_file(join(dir_, mname));
+    next[key] = mname;
+    next[key + "_sha256"] = sha256_file(join(dir_, mname));
   }
+  next["optimizer"] = optimizer.options().name;
+  next["optimizer_steps"] = optimizer.steps();
   std::vector<std::string> previous;
-  for (const char* key : {"weights", "momentum"})
-    if (state_.contains(key) && state_[key].is_string()) previous.push_back(state_[key].get<std::string>());
+  for (const char* k : kFileKeys)
+    if (state_.contains(k) && state_[k].is_string()) previous.push_back(state_[k].get<std::string>());
   next["epoch"] = epoch;
   next["weights"] = wname;
   next["weights_sha256"] = sha256_file(join(dir_, wname));
@@ -205,7 +214,7 @@ void StateDir::save_epoch(int epoch, const TrainingSession& session, const std::
   verified_ = join(dir_, wname);
   atomic_link(join(dir_, wname), join(dir_, kTrained));
   for (const auto& name : previous)
-    if (name != state_["weights"] && name != state_.value("momentum", "")) std::remove(join(dir_, name).c_str());
+    if (name != state_["weights"] && name != state_.value(key, "")) std::remove(join(dir_, name).c_str());
 }
 
 void StateDir::start_from(const std::vector<TensorView>& tensors) {

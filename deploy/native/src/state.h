@@ -4,12 +4,15 @@
 //   state.json             epoch, history, the bundle it belongs to, the files below (the commit point)
 //   weights-epochNNNN.ptd  a complete train.ptd: trainable parameters and running statistics
 //   momentum-epochNNNN.bin SGD momentum buffers, float32, in the program's parameter order
+//   adamw_moments-epochNNNN.bin  AdamW's exp_avg of every parameter, then its exp_avg_sq of every
+//                          parameter, float32, in the program's parameter order
 //   trained.ptd            the last weights under a stable name (a hard link)
 //   weights-epochNNNN-classesMMMM.ptd  the weights after classes were added at epoch NNNN (M classes)
 //   .edgetl.lock           held (flock) by the one process writing the directory; its pid inside
 //
-// state.json records the sha256 of the weights and momentum files it names (weights_sha256,
-// momentum_sha256), checked before either is used; its names are plain names inside the directory
+// state.json records the sha256 of the weights and optimizer files it names (weights_sha256,
+// momentum_sha256, adamw_moments_sha256), checked before either is used, the optimizer that
+// trained it (optimizer: a resume with another is refused) and its steps (optimizer_steps); its names are plain names inside the directory
 // and its epoch lies in [0, kMaxEpochs]. Only the last epoch's files are kept (a device has little
 // disk), so damaged weights have no earlier epoch to fall back to: the error says so.
 //
@@ -26,6 +29,7 @@
 
 #include "bundle.h"
 #include "files.h"
+#include "optimizer.h"
 #include "runtime.h"
 
 namespace edgetl {
@@ -42,10 +46,14 @@ class StateDir {
   int epoch() const { return state_.value("epoch", 0); }
   // The weights to start from: the last saved epoch's (checked against weights_sha256), else the bundle's train.ptd.
   std::string weights_path() const;
-  // Saved momentum buffers (empty when none were saved: the run starts with zero momentum).
-  std::vector<std::vector<float>> momentum(const std::vector<std::string>& parameter_names) const;
-  // Writes the weights and momentum of epoch `epoch`, then state.json with `row` appended to the history.
-  void save_epoch(int epoch, const TrainingSession& session, const std::vector<std::vector<float>>& momentum, const nlohmann::json& row);
+  // The optimizer the saved epochs were trained with (states that name none were trained with SGD).
+  std::string optimizer() const { return state_.value("optimizer", std::string("sgd")); }
+  int64_t optimizer_steps() const { return state_.value("optimizer_steps", int64_t{0}); }
+  // The optimizer buffers saved under `key` (Optimizer::state_key), one per name in `names`
+  // (sized by its weights slot; a name may repeat), empty when none were saved.
+  std::vector<std::vector<float>> optimizer_buffers(const std::string& key, const std::vector<std::string>& names) const;
+  // Writes the weights and the optimizer's state of epoch `epoch`, then state.json with `row` appended to the history.
+  void save_epoch(int epoch, const TrainingSession& session, const Optimizer& optimizer, const nlohmann::json& row);
   // Starts the run from `tensors` laid over the bundle's train.ptd, as epoch 0 (import-weights):
   // finetune then trains from them. DeviceError if the directory already holds weights.
   void start_from(const std::vector<TensorView>& tensors);

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,9 +217,28 @@ class TrainingSession:
         """The running statistics after the last step (copies)."""
         return self._buffers
 
-    def sgd(self, lr: float, *, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False) -> SGD:
-        """ExecuTorch's SGD over this session's parameters (PyTorch's ``torch.optim.SGD`` rule)."""
-        return SGD(self, lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+    def sgd(
+        self,
+        lr: float,
+        *,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        decay: Collection[str] | None = None,
+    ) -> SGD:
+        """ExecuTorch's SGD over this session's parameters (PyTorch's ``torch.optim.SGD`` rule);
+        weight decay applies to the parameters named in ``decay`` (None: all)."""
+        return SGD(self, lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, decay=decay)
+
+    def parameter_arrays(self) -> dict[str, np.ndarray]:
+        """The live parameters as numpy arrays sharing the program's memory (an optimizer written
+        in numpy updates them in place)."""
+        return {name: t.detach().numpy() for name, t in self.named_parameters().items()}
+
+    def gradient_arrays(self) -> dict[str, np.ndarray]:
+        """The last step's gradients as numpy arrays (program memory, valid until the next step)."""
+        return {name: t.detach().numpy() for name, t in self.named_gradients().items()}
 
     def state(self) -> dict[str, np.ndarray]:
         """Copies of the current parameters and running statistics, by name."""
@@ -236,17 +255,35 @@ class SGD:
     """
 
     def __init__(
-        self, session: TrainingSession, lr: float, *, momentum: float, dampening: float, weight_decay: float, nesterov: bool
+        self,
+        session: TrainingSession,
+        lr: float,
+        *,
+        momentum: float,
+        dampening: float,
+        weight_decay: float,
+        nesterov: bool,
+        decay: Collection[str] | None = None,
     ) -> None:
         try:
             from executorch.extension.training import get_sgd_optimizer
         except ImportError as exc:
             raise ExecutorchUnavailable(f"ExecuTorch's training extension is not importable: {exc}") from None
         self.session = session
-        self._opt = get_sgd_optimizer(session.named_parameters(), lr, momentum, dampening, weight_decay, nesterov)
+        params = session.named_parameters()
+        decayed = set(params) if decay is None else set(decay)
+        # two of ExecuTorch's SGDs when only some parameters decay (it has no per-group settings)
+        groups = [(sorted(decayed & set(params)), weight_decay), (sorted(set(params) - decayed), 0.0)]
+        self._opts = [
+            (names, get_sgd_optimizer({k: params[k] for k in names}, lr, momentum, dampening, wd, nesterov))
+            for names, wd in groups
+            if names
+        ]
 
     def step(self) -> None:
-        self._opt.step(self.session.named_gradients())
+        grads = self.session.named_gradients()
+        for names, opt in self._opts:
+            opt.step({k: grads[k] for k in names})
 
 
 def profile_operators(
