@@ -147,7 +147,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shots", default="5,10,20", help="photos per new class (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=5, help="device epochs after imprinting (default: %(default)s)")
-    p.add_argument("--replay-per-class", type=int, default=20, help="replay photos per known class (default: %(default)s)")
+    p.add_argument("--replay-per-class", type=int, default=100, help="replay photos per known class (default: %(default)s)")
     p.add_argument("--replay-ratio", type=float, default=0.5, help="replay rows per device batch (default: %(default)s)")
     p.add_argument("--optimizer", default="adamw", choices=("sgd", "adamw"), help="the device's optimizer (default: %(default)s)")
     p.add_argument("--lr", type=float, default=3e-4, help="the device's learning rate (default: %(default)s)")
