@@ -131,7 +131,7 @@ def _device_train(msg: Message, context: Context) -> Message:
         raise DeviceClientError("a device client needs its images: node config data=DIR (one subfolder per class)")
     config, client, offered, start = _device_start(msg, context)
     rnd = int(msg.content["round"]["round"])
-    lr = config.lr if config.optimizer == "sgd" else None  # otherwise the bundle's SGD learning rate
+    lr = config.lr if config.optimizer == "sgd" else None  # otherwise the bundle's optimizer's learning rate
     seed = _seed(config, rnd, node, context.node_id)
     result = client.train(start, node["data"], epochs=config.epochs, seed=seed, lr=lr, timeout=config.round_timeout)
     if config.fedbn:
