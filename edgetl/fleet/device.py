@@ -13,12 +13,12 @@ back (``export-weights``) and replies with the tensors the server sent that its 
 The process imports numpy, flwr and this package's torch-free modules only
 (``tests/test_native.py`` checks that torch is never loaded).
 
-The optimizer is the bundle's (SGD or AdamW, as it was exported); a fleet whose recipe says
-``sgd`` also sets its learning rate. A bundle with spare classes is refused: the server averages
-each output over clients, so a class one device added would be averaged with another's. ``epochs`` and ``seed`` come from the recipe; the batch is the bundle's
-(static shapes). Node config: ``bundle``, ``data``; optional ``val`` (held-out ``ImageFolder`` for
-federated evaluation), ``runner`` (path of ``edgetl-device``; default: found on ``PATH``) and
-``threads``.
+The optimizer is the bundle's (SGD or AdamW, as it was exported); a fleet whose recipe says ``sgd``
+also sets its learning rate. A bundle with spare classes is refused: the server averages each output
+over clients, so a class one device added would be averaged with another's. ``epochs`` and ``seed``
+come from the recipe; the batch is the bundle's (static shapes). Node config: ``bundle``, ``data``;
+optional ``val`` (held-out ``ImageFolder`` for federated evaluation), ``runner`` (path of ``edgetl-
+device``; default: found on ``PATH``) and ``threads``.
 """
 
 from __future__ import annotations
