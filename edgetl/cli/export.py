@@ -115,6 +115,17 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "and the calibration's activation ranges to FILE (JSON)",
     )
     p.add_argument(
+        "--qat-epochs",
+        type=non_negative_int,
+        default=ExportConfig.qat_epochs,
+        help="int8: quantization-aware fine-tuning of model.pte's int8 graph for N passes over the calibration images "
+        "(distilled from the float32 model; raise --calibration-images to give it more), instead of post-training "
+        "quantization and mixed precision; 0: post-training (default: %(default)s)",
+    )
+    p.add_argument(
+        "--qat-lr", type=float, default=ExportConfig.qat_lr, help="int8: Adam learning rate of --qat-epochs (default: %(default)s)"
+    )
+    p.add_argument(
         "--seed", type=non_negative_int, default=ExportConfig.seed, help="of the calibration subset and the checks (default: %(default)s)"
     )
     p.add_argument(
@@ -169,6 +180,8 @@ def _run_export(args: argparse.Namespace) -> int:
         raise ExportError("--calibration-data and --calibration-images calibrate an int8 export: add --quantize int8")
     if args.quantize == "none" and (args.report or args.observer != ExportConfig.observer):
         raise ExportError("--report and --observer are about an int8 export: add --quantize int8")
+    if args.qat_epochs and args.report:
+        raise ExportError("--report measures post-training int8, which --qat-epochs replaces: pass one of them")
     config = ExportConfig.for_run(
         trained.config,
         image_size=args.image_size,
@@ -186,6 +199,8 @@ def _run_export(args: argparse.Namespace) -> int:
         max_accuracy_drop=args.max_accuracy_drop,
         observer=args.observer,
         mixed_precision=args.mixed_precision,
+        qat_epochs=args.qat_epochs,
+        qat_lr=args.qat_lr,
     )
     log = lambda line: print(line, flush=True)  # noqa: E731
     calibration = validation = None

@@ -45,6 +45,10 @@ class ExportConfig:
             (:mod:`edgetl.exporter.sensitivity`) instead of refusing at once.
         sensitivity_images: validation images the per-layer sensitivity is measured on (the
             first ones; the accuracy check uses them all).
+        qat_epochs: with int8, quantization-aware fine-tuning of ``model.pte``'s int8 graph for
+            this many passes over the calibration images (distilled from the float32 network,
+            :mod:`edgetl.exporter.qat`) instead of post-training quantization; 0: post-training.
+        qat_lr: Adam's learning rate of the quantization-aware fine-tuning.
     """
 
     image_size: int = 224
@@ -63,6 +67,8 @@ class ExportConfig:
     observer: str = "minmax"
     mixed_precision: bool = True
     sensitivity_images: int = 200
+    qat_epochs: int = 0
+    qat_lr: float = 1e-5
 
     def __post_init__(self) -> None:
         checks = [
@@ -81,6 +87,9 @@ class ExportConfig:
             (self.calibration_images >= 1, f"calibration images must be >= 1, got {self.calibration_images}"),
             (self.observer in OBSERVERS, f"observer must be one of {', '.join(OBSERVERS)}, got {self.observer!r}"),
             (self.sensitivity_images >= 1, f"sensitivity images must be >= 1, got {self.sensitivity_images}"),
+            (self.qat_epochs >= 0, f"QAT epochs must be >= 0, got {self.qat_epochs}"),
+            (math.isfinite(self.qat_lr) and self.qat_lr > 0, f"QAT learning rate must be a finite number > 0, got {self.qat_lr}"),
+            (self.qat_epochs == 0 or self.quantize == "int8", "quantization-aware fine-tuning (QAT epochs) needs quantize='int8'"),
             (
                 math.isfinite(self.max_accuracy_drop) and 0 <= self.max_accuracy_drop <= 100,
                 f"max accuracy drop must be in [0, 100] percentage points, got {self.max_accuracy_drop}",
