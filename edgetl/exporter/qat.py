@@ -11,7 +11,7 @@ checks and lowers.
 Decided: the target is the float32 network's output (distillation: the KL divergence of the
 int8 graph's class probabilities from float32's), not the labels: the export promises a program
 that computes what the fine-tuned float32 model computes, and is checked against it; training on
-labels would fine-tune further and compare the result with a model it no longer is. It needs no
+labels would fine-tune further and compare the result with a different model. It needs no
 labels, so any calibration images serve. The ranges are observed (moving averages of each batch's extremes) for the first half of
 the steps and frozen for the second, so the weights settle on the grid the program keeps; the
 norms stay folded throughout (their statistics are the fine-tuned run's, and a folded convolution
