@@ -1,6 +1,6 @@
 """int8 post-training quantization options on fine-tuned models, side by side (a benchmark, not a test).
 
-    python benchmarks/int8_accuracy.py --run runs/demo [--run runs/digits ...] [--threads 1] [--work /tmp/edgetl-int8-acc]
+    python benchmarks/int8_accuracy.py --run runs/demo [--run runs/digits ...] [--qat-epochs 1] [--threads 1] [--work /tmp/edgetl-int8-acc]
     python benchmarks/int8_accuracy.py --bundles dist/demo dist/demo-int8 [--threads 1]
 
 ``--bundles``: the ``model.pte`` of exported bundles side by side, nothing else: size, classify
@@ -13,7 +13,9 @@ checks before lowering): the quantizer's own ReLU6 handling (the clamp shares it
 pre-clamp range) against ReLU6 on its own range, the three activation observers, 25 / 100 / 500
 calibration images (a seeded subset of the run's training images). Then the per-layer sensitivity
 on the first 200 validation images and the mixed-precision choice at the 1-point limit. Last, the
-float32, pure int8 and (if any layer stays float32) mixed programs lowered to XNNPACK: size on
+float32, pure int8, (if any layer stays float32) mixed and (with ``--qat-epochs``) the
+quantization-aware fine-tuned programs (:mod:`edgetl.exporter.qat`, on all the run's training
+images, ``ExportConfig.qat_lr``) lowered to XNNPACK: size on
 disk, classify latency (batch 1, ``--threads`` threads, median of 50 after 5 warm-up runs, one
 process) and accuracy through ExecuTorch.
 
@@ -32,7 +34,8 @@ import torch
 
 from edgetl.exporter import _executorch as et
 from edgetl.exporter import calibration as cal
-from edgetl.exporter import inference, quantize, sensitivity
+from edgetl.exporter import inference, qat, quantize, sensitivity
+from edgetl.exporter.config import ExportConfig
 from edgetl.exporter.weights import load_weights
 from edgetl.train.run import read_weights
 
@@ -58,7 +61,7 @@ def _latency_ms(pte: Path, x: torch.Tensor) -> float:
     return statistics.median(times)
 
 
-def bench(run: Path, work: Path) -> None:
+def bench(run: Path, work: Path, qat_epochs: int) -> None:
     trained = read_weights(run)
     model = load_weights(trained.model_name, trained.state_dict, trained.num_classes, source=trained.source).eval()
     size = trained.config.image_size
@@ -103,6 +106,14 @@ def bench(run: Path, work: Path) -> None:
         print(f"  mixed precision: {kept} layer(s) float32 -> drop {mixed.accuracy_drop:+.2f} {mixed.float_layers}")
         print(f"    (float32 layers, drop) tried: {mixed.tried}")
 
+    qat_graph = None
+    if qat_epochs:
+        train = cal.from_run(trained.config, model=trained.model_name, image_size=size, count=10**9, seed=0, log=lambda _: None)[0]
+        t0 = time.perf_counter()
+        qat_graph = qat.finetune_int8(model, train.images, epochs=qat_epochs, lr=ExportConfig.qat_lr, seed=0, log=lambda _: None)
+        name = f"QAT, {qat_epochs} epoch(s) on {len(train)} images"
+        print(_row(name, quantize.graph_outputs(qat_graph, images, 1), fp32, y) + f"   ({time.perf_counter() - t0:.0f}s)", flush=True)
+
     x1 = images[:1]
     variants = [("float32", model), ("int8 (minmax, 100 images)", quantize.int8_graph(model, x1, calibration))]
     if mixed is not None and mixed.float_layers:
@@ -112,6 +123,8 @@ def bench(run: Path, work: Path) -> None:
                 quantize.int8_graph(model, x1, calibration, float_layers=mixed.float_layers),
             )
         )
+    if qat_graph is not None:
+        variants.append((f"int8 QAT, {qat_epochs} epoch(s)", qat_graph))
     print(f"  {'program (XNNPACK, batch 1)':<44} {'bytes':>9} {'ms':>7} {'accuracy':>8}")
     sizes = {}
     for name, module in variants:
@@ -158,6 +171,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", action="append", help="a finished run directory (repeat for several)")
     ap.add_argument("--bundles", nargs="+", type=Path, help="time these bundles' model.pte side by side instead")
+    ap.add_argument("--qat-epochs", type=int, default=0, help="also quantization-aware fine-tune this many epochs (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=1, help="threads of torch and ExecuTorch (default: %(default)s)")
     ap.add_argument("--work", default="/tmp/edgetl-int8-acc", help="where programs and reports go (default: %(default)s)")
     args = ap.parse_args()
@@ -171,7 +185,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     for run in args.run:
-        bench(Path(run), work)
+        bench(Path(run), work, args.qat_epochs)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """On-device fine-tuning on an int8 frozen bottom against a float32 one (a benchmark, not a test).
 
-    python benchmarks/int8_bottom.py [--run runs/demo-...] [--seeds 3] [--threads 2] [--work /tmp/edgetl-int8]
+    python benchmarks/int8_bottom.py [--run runs/demo-...] [--seeds 3] [--threads 2] [--observer minmax] [--work /tmp/edgetl-int8]
 
 The demo setting: the demo's fine-tuned run (EfficientNet-Lite0 from ImageNet, MobileTL K=4 on
 Fashion-MNIST, 96 px; default: the newest ``runs/demo-*``), exported twice with ``--training
 --batch-size 8`` — float32, and ``--quantize int8`` (``model.pte`` and ``bottom.pte`` int8, the
 training program float32; ``--max-accuracy-drop 100`` so the benchmark measures rather than
-refuses). Then, per seed and alternating the two bundles, the native device runner
+refuses; ``--observer`` as the export's). Then, per seed and alternating the two bundles, the native device runner
 (``deploy/native/build/edgetl-device``, fresh process each time) fine-tunes one epoch on the
 demo's 240 device photos (Fashion-MNIST test images 9000-9239) with ``--seed``, and classifies
 1,000 other test images (8000-8999) with the trained weights. Reported: test accuracy after
@@ -42,12 +42,12 @@ def run(cmd: list[str]) -> tuple[float, str, str]:
     return time.perf_counter() - t0, r.stdout, r.stderr
 
 
-def export(run_dir: Path, out: Path, int8: bool, threads: int) -> Path:
+def export(run_dir: Path, out: Path, int8: bool, observer: str) -> Path:
     if not (out / "manifest.json").is_file():
         print(f"exporting {'int8' if int8 else 'float32'} bundle -> {out} ...", flush=True)
         cmd = [*EDGETL, "export", "--checkpoint", str(run_dir), "--out", str(out), "--training", "--batch-size", "8"]
         if int8:
-            cmd += ["--quantize", "int8", "--max-accuracy-drop", "100"]
+            cmd += ["--quantize", "int8", "--max-accuracy-drop", "100", "--observer", observer]
         seconds, stdout, _ = run(cmd)
         print(stdout.rstrip(), flush=True)
         print(f"  exported in {seconds:.0f}s", flush=True)
@@ -81,6 +81,7 @@ def main() -> int:
     p.add_argument("--run", help="the demo's run directory (default: the newest runs/demo-*)")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="ExecuTorch threads of the device runner (default: %(default)s)")
+    p.add_argument("--observer", default="minmax", help="of the int8 export (default: %(default)s)")
     p.add_argument("--work", default="/tmp/edgetl-int8-bottom", help="bundles and photos, reused between runs (default: %(default)s)")
     args = p.parse_args()
     runs = sorted(ROOT.glob("runs/demo-*/model.pt"))
@@ -99,7 +100,7 @@ def main() -> int:
         test = FashionMNIST(split="test")
         write_image_folder(test, photos, indices=range(9000, 9240))
         write_image_folder(test, check, indices=range(8000, 9000))
-    bundles = {"float32": export(run_dir, work / "fp32", False, args.threads), "int8": export(run_dir, work / "int8", True, args.threads)}
+    bundles = {"float32": export(run_dir, work / "fp32", False, args.observer), "int8": export(run_dir, work / "int8", True, args.observer)}
     q = json.loads((bundles["int8"] / "manifest.json").read_text())["quantization"]
     for c in q["checks"]:
         print(

@@ -145,6 +145,29 @@ def test_int8_export_agrees_with_float32_on_real_photos_and_records_its_calibrat
     assert (int8_bundle / "model.pte").stat().st_size < 1.6 * params
 
 
+def test_qat_export_is_checked_like_post_training_int8(fashion_run, tmp_path):
+    """``--qat-epochs``: the int8 graph fine-tuned quantization-aware on the run's training images,
+    then lowered and checked as the post-training one is: the recorded check is what the written
+    program computes, it agrees with float32, its weights are int8, the manifest says how it was made."""
+    out = tmp_path / "dist"
+    argv = ["export", "--checkpoint", str(fashion_run), "--out", str(out), "--quantize", "int8", "--qat-epochs", "1"]
+    assert cli([*argv, "--calibration-images", str(CALIBRATION), "--max-accuracy-drop", str(MAX_DROP)]) == 0
+    q = edgetl.ExportBundle.load(out).manifest.quantization
+    assert (q.qat_epochs, q.calibration.images, q.float_layers) == (1, CALIBRATION, [])
+    _, validation = cal.from_run(Run(fashion_run).config(), model="mobilenet_v2", image_size=SIZE, count=1, seed=0)
+    with torch.no_grad():
+        fp32 = _eager(fashion_run)(validation.images).numpy()
+    int8 = quantize.program_outputs(out / "model.pte", validation.images, 1)
+    agreement = 100.0 * float((int8.argmax(1) == fp32.argmax(1)).mean())
+    int8_accuracy = 100.0 * float((int8.argmax(1) == validation.labels.numpy()).mean())
+    check = q.checks[0]
+    assert (check.path, check.images) == ("model.pte", VAL) and check.accuracy_drop <= MAX_DROP
+    assert (check.top1_agreement, check.int8_accuracy) == pytest.approx((agreement, int8_accuracy))
+    assert agreement >= MIN_AGREEMENT, (agreement, check)
+    params = sum(p.numel() for p in _eager(fashion_run).parameters())
+    assert (out / "model.pte").stat().st_size < 1.6 * params
+
+
 def _black_images(tmp_path: Path) -> Path:
     from PIL import Image
 
@@ -193,6 +216,13 @@ def test_int8_settings_are_checked(fashion_run, tmp_path):
         ExportConfig(quantize="int8", observer="percentile")
     with pytest.raises(ExportError, match="--report and --observer are about an int8 export"):
         cli(["export", "--checkpoint", str(fashion_run), "--out", str(tmp_path / "x"), "--report", str(tmp_path / "r.json")])
+    with pytest.raises(ExportError, match="needs quantize='int8'"):
+        ExportConfig(qat_epochs=1)
+    with pytest.raises(ExportError, match="QAT learning rate"):
+        ExportConfig(quantize="int8", qat_epochs=1, qat_lr=0)
+    with pytest.raises(ExportError, match="--report measures post-training int8"):
+        argv = ["--quantize", "int8", "--qat-epochs", "1", "--report", str(tmp_path / "r.json")]
+        cli(["export", "--checkpoint", str(fashion_run), "--out", str(tmp_path / "x"), *argv])
     with pytest.raises(ExportError, match="needs a run directory"):
         model_pt = tmp_path / "model.pt"
         shutil.copy(fashion_run / "model.pt", model_pt)

@@ -91,6 +91,37 @@ def test_prepared_graph_float_path_equals_the_float32_network_with_shift_only_no
     assert not [n for n in graph.graph.nodes if "batch_norm" in str(n.target)]
 
 
+def test_qat_graph_float_path_equals_the_float32_network_with_shift_only_norms():
+    """The graph quantization-aware fine-tuning trains (batch norms folded with their running
+    statistics, fake quantization on every tensor): with the fake quantization off it computes the
+    float32 network, shift-only norms included; with it on, int8's rounding; at another batch size
+    than it was captured at too."""
+    torch.manual_seed(0)
+    model = calibrate(edgetl.load_model("mobilenet_v2", num_classes=3), torch.randn(16, 3, 32, 32))
+    policy = TrainPolicy(blocks=2)
+    prepared = edgetl.prepare(model, policy)
+    with torch.no_grad():
+        for m in prepared.modules():
+            if type(m).__name__ == "ShiftOnlyNorm":
+                m.bias.add_(torch.randn_like(m.bias))
+    prepared.eval()
+    plain, _ = _networks(prepared, policy, "mobilenet_v2", 3)
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    graph = et.prepare_int8_qat(plain.eval(), x[:2])
+    assert not [n for n in graph.graph.nodes if "batch_norm" in str(n.target)]
+    et.qat_mode(graph, observe=True)
+    with torch.no_grad():
+        graph(x)  # ranges observed
+        want = prepared(x)
+        et.qat_mode(graph, observe=False, fake_quant=False)
+        float_path = graph(x)
+        et.qat_mode(graph, observe=False)
+        fake = graph(x)
+    tol = 1e-4 * float(want.abs().max())
+    assert torch.allclose(float_path, want, rtol=1e-4, atol=tol), float((float_path - want).abs().max())
+    assert float((fake - want).abs().max()) > 100 * tol
+
+
 def test_float_layers_stay_float32_and_only_layers_alone_are_int8():
     net = _wide_relu6()
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(4))

@@ -161,6 +161,17 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "(--replay-ratio) against forgetting; needs a run directory; 0: none (default: %(default)s)",
     )
     p.add_argument(
+        "--qat-epochs",
+        type=non_negative_int,
+        default=ExportConfig.qat_epochs,
+        help="int8: quantization-aware fine-tuning of model.pte's int8 graph for N passes over the calibration images "
+        "(distilled from the float32 model; raise --calibration-images to give it more), instead of post-training "
+        "quantization and mixed precision; 0: post-training (default: %(default)s)",
+    )
+    p.add_argument(
+        "--qat-lr", type=float, default=ExportConfig.qat_lr, help="int8: Adam learning rate of --qat-epochs (default: %(default)s)"
+    )
+    p.add_argument(
         "--seed",
         type=non_negative_int,
         default=ExportConfig.seed,
@@ -170,8 +181,9 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "--device-weights",
         metavar="STATE_DIR|PTD",
         help="export with weights trained on the device: an 'edgetl-device finetune --state' directory (its last epoch) or "
-        "a .ptd in one; its state.json must name the checkpoint's model and exactly its classes (a device trained from a "
-        "bundle with other classes is refused). A bare .ptd with no state.json beside it is checked only for tensor names "
+        "a .ptd in one; its state.json must name the checkpoint's model and its classes, then any the device added from "
+        "spare outputs (they become classes of the bundle); a device trained from a bundle with other classes is refused. "
+        "A bare .ptd with no state.json beside it is checked only for tensor names "
         "and sizes, which cannot tell a class order apart",
     )
     p.add_argument(
@@ -226,6 +238,8 @@ def _run_export(args: argparse.Namespace) -> int:
         )
     if args.quantize == "none" and (args.report or args.observer != ExportConfig.observer):
         raise ExportError("--report and --observer are about an int8 export: add --quantize int8")
+    if args.qat_epochs and args.report:
+        raise ExportError("--report measures post-training int8, which --qat-epochs replaces: pass one of them")
     config = ExportConfig.for_run(
         trained.config,
         image_size=args.image_size,
@@ -248,6 +262,8 @@ def _run_export(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
         spare_classes=args.spare_classes,
         replay_per_class=args.replay_per_class,
+        qat_epochs=args.qat_epochs,
+        qat_lr=args.qat_lr,
     )
     log = lambda line: print(line, flush=True)  # noqa: E731
     calibration = validation = replay = None

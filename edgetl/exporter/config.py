@@ -56,6 +56,10 @@ class ExportConfig:
         replay_per_class: with ``training``, store the bottom features of this many training
             images per known class in the bundle (``replay.bin``, int8, drawn by ``seed``), which
             device fine-tuning mixes into its batches; 0: no replay set.
+        qat_epochs: with int8, quantization-aware fine-tuning of ``model.pte``'s int8 graph for
+            this many passes over the calibration images (distilled from the float32 network,
+            :mod:`edgetl.exporter.qat`) instead of post-training quantization; 0: post-training.
+        qat_lr: Adam's learning rate of the quantization-aware fine-tuning.
     """
 
     image_size: int = 224
@@ -79,6 +83,8 @@ class ExportConfig:
     sensitivity_images: int = 200
     spare_classes: int = 0
     replay_per_class: int = 0
+    qat_epochs: int = 0
+    qat_lr: float = 1e-5
 
     def __post_init__(self) -> None:
         checks = [
@@ -113,6 +119,9 @@ class ExportConfig:
                 self.training or self.replay_per_class == 0,
                 "a replay set is for on-device fine-tuning: replay images per class need a training export",
             ),
+            (self.qat_epochs >= 0, f"QAT epochs must be >= 0, got {self.qat_epochs}"),
+            (math.isfinite(self.qat_lr) and self.qat_lr > 0, f"QAT learning rate must be a finite number > 0, got {self.qat_lr}"),
+            (self.qat_epochs == 0 or self.quantize == "int8", "quantization-aware fine-tuning (QAT epochs) needs quantize='int8'"),
             (
                 math.isfinite(self.max_accuracy_drop) and 0 <= self.max_accuracy_drop <= 100,
                 f"max accuracy drop must be in [0, 100] percentage points, got {self.max_accuracy_drop}",

@@ -283,6 +283,9 @@ class Quantization:
     observer: str = "minmax"
     #: convolutions / linear layers of ``model.pte`` kept float32 (mixed precision)
     float_layers: list[str] = field(default_factory=list)
+    #: passes of quantization-aware fine-tuning over the calibration images that made ``model.pte``
+    #: (``ExportConfig.qat_epochs``; 0: post-training quantization)
+    qat_epochs: int = 0
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from torch import nn
 from edgetl.errors import EdgetlError
 from edgetl.exporter import _executorch as et
 from edgetl.exporter import bundle as bundle_mod
-from edgetl.exporter import inference, memory, quantize, sensitivity, training
+from edgetl.exporter import inference, memory, qat, quantize, sensitivity, training
 from edgetl.exporter import replay as replay_mod
 from edgetl.exporter.bundle import BOTTOM_PTE, MANIFEST, MODEL_PTE, TRAIN_PTD, TRAIN_PTE, BundleWriter, ExportBundle
 from edgetl.exporter.calibration import ImageSet
@@ -290,6 +290,7 @@ def export(
                 checks=checks,
                 observer=config.observer,
                 float_layers=float_layers,
+                qat_epochs=config.qat_epochs,
             )
         bundle = writer.commit(
             Manifest(**head, programs=programs, verification=verification, memory=mem, quantization=quant, replay=replay_set)
@@ -375,7 +376,10 @@ def _int8_model_graph(plain, x1, calibration, validation, fp32_logits, config, r
     the layers that cost most kept float32 when pure int8 loses too much (``config.mixed_precision``).
     Returns ``(graph, check, float layers, the floatable layers ranked costliest first)``; refuses
     when no graph is within the limit. With
-    ``report`` (a path) the per-layer sensitivity is written there (measured in any case)."""
+    ``report`` (a path) the per-layer sensitivity is written there (measured in any case). With
+    ``config.qat_epochs`` the graph is quantization-aware fine-tuned instead (no mixed precision)."""
+    if config.qat_epochs:
+        return _qat_model_graph(plain, calibration, validation, fp32_logits, config, log)
     log(f"  quantizing {MODEL_PTE} to int8 (PT2E, XNNPACK, {config.observer} ranges), calibrated on {len(calibration)} images ...")
     graph = quantize.int8_graph(plain, x1, calibration.images, observer=config.observer)
     # the quantized graph in eager first: a refusal costs no lowering
@@ -413,6 +417,23 @@ def _int8_model_graph(plain, x1, calibration, validation, fp32_logits, config, r
     log(f"  {quantize.describe(early)}")
     quantize.refuse_if_worse(early, config.max_accuracy_drop)
     return graph, early, chosen.float_layers, ranking
+
+
+def _qat_model_graph(plain, calibration, validation, fp32_logits, config, log):
+    """The quantization-aware fine-tuned int8 graph of ``model.pte``, checked in eager; refused when
+    it is not within the limit. Returns what :func:`_int8_model_graph` returns."""
+    log(
+        f"  quantization-aware fine-tuning of {MODEL_PTE}'s int8 graph (PT2E, XNNPACK): {config.qat_epochs} epoch(s) on "
+        f"{len(calibration)} calibration images, distilled from float32, lr {config.qat_lr:g} ..."
+    )
+    graph = qat.finetune_int8(plain, calibration.images, epochs=config.qat_epochs, lr=config.qat_lr, seed=config.seed, log=log)
+    reference = quantize.graph_outputs(graph, validation.images, 1)
+    early = quantize.compare(
+        f"{MODEL_PTE} (PT2E graph, quantization-aware, before lowering)", reference, fp32_logits, validation.labels, 0.0
+    )
+    log(f"  {quantize.describe(early)}")
+    quantize.refuse_if_worse(early, config.max_accuracy_drop)
+    return graph, early, [], []
 
 
 def _write_int8_model(writer, plain, x1, calibration, validation, fp32_logits, config, part_of, checks, report, log):

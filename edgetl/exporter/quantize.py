@@ -118,5 +118,7 @@ def refuse_if_worse(check: AccuracyCheck, max_drop: float) -> None:
         raise AccuracyDropError(
             f"int8 refused: {check.path} reaches {check.int8_accuracy:.2f}% against float32's {check.fp32_accuracy:.2f}% on "
             f"{check.images} validation images, a drop of {check.accuracy_drop:.2f} points (allowed: {max_drop:g}; "
-            "--max-accuracy-drop, or calibrate on other images with --calibration-data / --calibration-images); nothing written"
+            "--max-accuracy-drop, calibrate on other images with --calibration-data / --calibration-images, "
+            "or fine-tune quantization-aware with "
+            "--qat-epochs); nothing written"
         )

@@ -17,8 +17,8 @@ The optimizer is the bundle's (SGD or AdamW, as it was exported); a fleet whose 
 also sets its learning rate. A bundle with spare classes is refused: the server averages each output
 over clients, so a class one device added would be averaged with another's. ``epochs`` and ``seed``
 come from the recipe; the batch is the bundle's (static shapes). Node config: ``bundle``, ``data``;
-optional ``val`` (held-out ``ImageFolder`` for federated evaluation), ``runner`` (path of ``edgetl-
-device``; default: found on ``PATH``) and ``threads``.
+optional ``val`` (held-out ``ImageFolder`` for federated evaluation), ``runner`` (path of
+``edgetl-device``; default: found on ``PATH``) and ``threads``.
 """
 
 from __future__ import annotations

@@ -384,10 +384,8 @@ def prepare_int8(
     capturing again.
     """
     import copy
-    import dataclasses
 
     import torch
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
     float_set = set(float_layers)
@@ -399,6 +397,19 @@ def prepare_int8(
             return True
         return owner not in float_set and (only is None or owner in only)
 
+    quantizer = _int8_quantizer(observer, fuse_clamps, keep)
+    graph = capture(module, example) if captured is None else copy.deepcopy(captured)
+    with torch.no_grad():
+        return prepare_pt2e(graph, quantizer)
+
+
+def _int8_quantizer(observer: str, fuse_clamps: bool, keep=None, *, qat: bool = False):
+    """ExecuTorch's XNNPACK quantizer as edgetl configures it (see :data:`INT8_SCHEME`); with
+    ``qat`` its fake-quantizing configuration (moving-average activation ranges)."""
+    import dataclasses
+
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+
     class _Quantizer(XNNPACKQuantizer):
         def annotate(self, model):
             model = super().annotate(model)
@@ -406,13 +417,48 @@ def prepare_int8(
                 _clamp_outputs(model.graph)
             return model
 
-    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
-    activation = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=_observer(observer))
-    quantizer = _Quantizer().set_global(dataclasses.replace(config, input_activation=activation, output_activation=activation))
-    quantizer.set_filter_function(keep)
-    graph = capture(module, example) if captured is None else copy.deepcopy(captured)
-    with torch.no_grad():
-        return prepare_pt2e(graph, quantizer)
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False, is_qat=qat)
+    if not qat:
+        activation = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=_observer(observer))
+        config = dataclasses.replace(config, input_activation=activation, output_activation=activation)
+    quantizer = _Quantizer().set_global(config)
+    if keep is not None:
+        quantizer.set_filter_function(keep)
+    return quantizer
+
+
+def prepare_int8_qat(module, example):
+    """A copy of ``module`` captured (eval mode, any batch size) with its batch norms folded into
+    their convolutions and fake quantization on every tensor :func:`prepare_int8` quantizes: a
+    graph to train (:func:`qat_mode`), then :func:`convert_int8`.
+
+    The batch norms are folded with their running statistics before training, as the PTQ graph
+    folds them, so the fake-quantized network trains the very weights the int8 program holds (a
+    folded convolution is one int8 tensor) and its float path is the float32 network's.
+    """
+    import copy
+
+    import torch
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.quantization.pt2e.utils import _fuse_conv_bn_
+
+    batch = torch.export.Dim("batch", min=2)
+    graph = torch.export.export(copy.deepcopy(module).eval(), (example,), dynamic_shapes=({0: batch},), strict=False).module()
+    _fuse_conv_bn_(graph)
+    return prepare_qat_pt2e(graph, _int8_quantizer("minmax", True, qat=True))
+
+
+def qat_mode(prepared, *, observe: bool, fake_quant: bool = True) -> None:
+    """Set a :func:`prepare_int8_qat` graph's fake quantizers: ``observe`` updates their ranges
+    (moving averages of each batch's extremes) or freezes them; ``fake_quant=False`` passes every
+    tensor through unrounded (the graph's float path)."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+
+    move_exported_model_to_eval(prepared)  # no dropout or batch norm stays in the folded graph either way
+    for m in prepared.modules():
+        if hasattr(m, "observer_enabled") and hasattr(m, "fake_quant_enabled"):
+            m.observer_enabled[0] = int(observe)
+            m.fake_quant_enabled[0] = int(fake_quant)
 
 
 def convert_int8(prepared, ranges: dict[str, tuple[float, float]] | None = None):
