@@ -222,6 +222,9 @@ int finetune(const Bundle& bundle, const FinetuneOptions& o) {
   // the device's classes so far (the bundle's and those it added), then the data's new ones
   const std::vector<std::string> known = recorded_classes(o.state, bundle);
   const std::vector<std::string> added = new_class_folders(o.data, known, bundle);
+  if (o.epochs == 0 && added.empty())
+    throw DeviceError("--epochs 0 only imprints new classes, and " + o.data +
+                      " has none (every folder is a known class): give --epochs N to train");
   std::vector<std::string> classes = known;
   classes.insert(classes.end(), added.begin(), added.end());
   Dataset train = read_folder(o.data, classes, "data");
