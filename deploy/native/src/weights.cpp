@@ -5,7 +5,6 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 
 #include "commands.h"
@@ -78,15 +77,9 @@ int import_weights(const Bundle& bundle, const std::string& npy_dir, const std::
 int export_weights(const Bundle& bundle, const std::string& trained, const std::string& out_dir) {
   const auto& layout = bundle.training().weights_layout;
   const std::string ptd = trained_weights(trained, bundle);
-  std::ifstream in(ptd, std::ios::binary);
-  if (!in) throw DeviceError("cannot read " + ptd);
   ensure_writable_dir(out_dir);
-  std::string buf;
   for (const auto& [name, slot] : layout) {
-    buf.resize(slot.nbytes);
-    in.seekg(static_cast<std::streamoff>(slot.offset));
-    in.read(buf.data(), static_cast<std::streamsize>(slot.nbytes));
-    if (static_cast<uint64_t>(in.gcount()) != slot.nbytes) throw DeviceError(ptd + " is shorter than the bundle's weights layout");
+    const std::vector<char> buf = read_ptd_tensor(ptd, slot);
     write_npy(join(out_dir, name + kSuffix), npy_descr(slot.dtype), slot.shape, buf.data(), buf.size());
   }
   std::cout << "exported " << layout.size() << " training tensors of " << ptd << " to " << out_dir << std::endl;
