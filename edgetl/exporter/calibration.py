@@ -97,12 +97,9 @@ def seeded_subset(n: int, count: int, seed: int) -> list[int]:
     return sorted(order[: min(count, n)])
 
 
-def from_run(
-    config: FinetuneConfig, *, model: str, image_size: int, count: int, seed: int, log: Callable[[str], None] = print
-) -> tuple[ImageSet, ImageSet]:
-    """``(calibration, validation)`` of a fine-tuning run: ``count`` of its training images drawn by
-    ``seed``, and its whole validation set with labels, both through ``model``'s evaluation
-    transform at ``image_size``."""
+def _run_datasets(config: FinetuneConfig, *, model: str, image_size: int, log: Callable[[str], None]):
+    """The run's datasets as its trainer split them, through ``model``'s evaluation transform, and
+    its training images (without augmentation)."""
     tf = transforms_for(model, image_size=image_size, train=False)
     data = build_datasets(
         config.data,
@@ -115,7 +112,16 @@ def from_run(
         seed=config.seed,
         log=log,
     )
-    train = data.train_eval if data.train_eval is not None else data.train
+    return data, data.train_eval if data.train_eval is not None else data.train
+
+
+def from_run(
+    config: FinetuneConfig, *, model: str, image_size: int, count: int, seed: int, log: Callable[[str], None] = print
+) -> tuple[ImageSet, ImageSet]:
+    """``(calibration, validation)`` of a fine-tuning run: ``count`` of its training images drawn by
+    ``seed``, and its whole validation set with labels, both through ``model``'s evaluation
+    transform at ``image_size``."""
+    data, train = _run_datasets(config, model=model, image_size=image_size, log=log)
     fashion = config.data == FASHION_MNIST
     calibration = _gather(
         train,
@@ -145,19 +151,7 @@ def replay_from_run(
     evaluation transform: the replay set's images."""
     from edgetl.exporter.replay import draw_per_class
 
-    tf = transforms_for(model, image_size=image_size, train=False)
-    data = build_datasets(
-        config.data,
-        train_transform=tf,
-        eval_transform=tf,
-        val_data=config.val_data,
-        val_fraction=config.val_fraction,
-        train_limit=config.train_limit,
-        val_limit=config.val_limit,
-        seed=config.seed,
-        log=log,
-    )
-    train = data.train_eval if data.train_eval is not None else data.train
+    _, train = _run_datasets(config, model=model, image_size=image_size, log=log)
     labels = [_target(train, i) for i in range(len(train))]
     if labels and max(labels) >= num_classes:
         raise ExportError(f"the run's training images ({config.data}) have {max(labels) + 1} classes, the model {num_classes}")

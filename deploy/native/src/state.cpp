@@ -223,7 +223,10 @@ void StateDir::start_from(const std::vector<TensorView>& tensors) {
   const auto& t = bundle_.training();
   std::string wname = numbered("weights", 0, ".ptd");
   write_ptd(join(dir_, wname), bundle_.file(t.ptd), t.weights_layout, tensors);
-  nlohmann::json next = state_;
+  commit_weights(state_, wname);
+}
+
+void StateDir::commit_weights(nlohmann::json next, const std::string& wname) {
   next["weights"] = wname;
   next["weights_sha256"] = sha256_file(join(dir_, wname));
   atomic_write(join(dir_, kState), next.dump(2) + "\n");  // the commit point
@@ -246,12 +249,7 @@ void StateDir::add_classes(const std::vector<std::string>& added, const std::vec
   const std::string wname = numbered("weights", epoch(), suffix);
   write_ptd(join(dir_, wname), weights_path(), t.weights_layout, tensors);
   const std::string previous = state_["weights"].is_string() ? state_["weights"].get<std::string>() : "";
-  next["weights"] = wname;
-  next["weights_sha256"] = sha256_file(join(dir_, wname));
-  atomic_write(join(dir_, kState), next.dump(2) + "\n");  // the commit point
-  state_ = std::move(next);
-  verified_ = join(dir_, wname);
-  atomic_link(join(dir_, wname), join(dir_, kTrained));
+  commit_weights(std::move(next), wname);
   if (!previous.empty() && previous != wname) std::remove(join(dir_, previous).c_str());
 }
 

@@ -66,6 +66,10 @@ class StateDir {
   void add_classes(const std::vector<std::string>& added, const std::vector<size_t>& images, const std::vector<TensorView>& tensors);
 
  private:
+  // Names the written weights file `wname` in `next` (with its sha256), writes state.json (the
+  // commit point) and links trained.ptd to it.
+  void commit_weights(nlohmann::json next, const std::string& wname);
+
   std::string dir_;
   DirLock lock_;  // before anything reads or writes the directory
   const Bundle& bundle_;
