@@ -237,6 +237,20 @@ def training_bundle(export_run, tmp_path_factory) -> Path:
     return out
 
 
+def fisher_yates(n: int, state: int) -> list[int]:
+    """The runner's documented shuffle (``random.h``): Fisher-Yates over splitmix64 from ``state``
+    (finetune.cpp's epoch order, replay.cpp's replay order)."""
+    mask = (1 << 64) - 1
+    order = list(range(n))
+    for i in range(n, 1, -1):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        j = (z ^ (z >> 31)) % i
+        order[i - 1], order[j] = order[j], order[i - 1]
+    return order
+
+
 #: spare outputs of :func:`spare_bundle`
 SPARE = 2
 

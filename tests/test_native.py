@@ -27,13 +27,12 @@ import edgetl
 from edgetl.exporter import _executorch as et
 from edgetl.exporter.bundle import manifest_bytes
 from edgetl.exporter.weights import apply_device_weights
-from tests.conftest import CLASSES, EXPORT_BATCH, EXPORT_IMAGE_SIZE, export_eager_net, make_image_folder
+from tests.conftest import CLASSES, EXPORT_BATCH, EXPORT_IMAGE_SIZE, export_eager_net, fisher_yates, make_image_folder
 
 BATCH, IMAGE_SIZE = EXPORT_BATCH, EXPORT_IMAGE_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "deploy" / "native" / "build"
-MASK = (1 << 64) - 1
 
 
 def run(runner: Path, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -41,16 +40,8 @@ def run(runner: Path, *args: str, **kw) -> subprocess.CompletedProcess:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The runner's documented shuffle (finetune.cpp): Fisher-Yates over splitmix64(seed * 1000003 + epoch)."""
-    state = (seed * 1000003 + epoch) & MASK
-    order = list(range(n))
-    for i in range(n, 1, -1):
-        state = (state + 0x9E3779B97F4A7C15) & MASK
-        z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & MASK
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
-        j = (z ^ (z >> 31)) % i
-        order[i - 1], order[j] = order[j], order[i - 1]
-    return order
+    """The runner's epoch order (finetune.cpp): the shuffle seeded with seed * 1000003 + epoch."""
+    return fisher_yates(n, seed * 1000003 + epoch)
 
 
 def preprocessed(paths: list[Path]) -> np.ndarray:

@@ -23,24 +23,11 @@ from edgetl.exporter.bundle import manifest_bytes
 from edgetl.exporter.config import ExportConfig
 from edgetl.exporter.errors import ExportError
 from edgetl.exporter.replay import MAGIC, QuantizedRows, draw_per_class, quantization_error, quantize_rows, replay_bytes
-from tests.conftest import CLASSES, EXPORT_BATCH, EXPORT_IMAGE_SIZE, make_image_folder
+from tests.conftest import CLASSES, EXPORT_BATCH, EXPORT_IMAGE_SIZE, fisher_yates, make_image_folder
 
-MASK = (1 << 64) - 1
 PER_CLASS = 5
 #: the device's replay stream constant (replay.h: "replay")
 REPLAY_STREAM = 0x7265706C6179
-
-
-def fisher_yates(n: int, state: int) -> list[int]:
-    """The runner's Fisher-Yates over splitmix64 starting at ``state`` (finetune.cpp, replay.cpp)."""
-    order = list(range(n))
-    for i in range(n, 1, -1):
-        state = (state + 0x9E3779B97F4A7C15) & MASK
-        z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & MASK
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
-        j = (z ^ (z >> 31)) % i
-        order[i - 1], order[j] = order[j], order[i - 1]
-    return order
 
 
 def run(runner: Path, *args: str) -> subprocess.CompletedProcess:

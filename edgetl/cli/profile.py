@@ -57,6 +57,21 @@ def _missing(required: dict[str, object]) -> None:
         raise ConfigError(f"give --{missing[0].replace('_', '-')} (or --run DIR / --config FILE)")
 
 
+def _add_classes(p: argparse.ArgumentParser) -> None:
+    """``--num-classes`` and ``--spare-classes``: the classifier's rows, for profile and plan alike."""
+    p.add_argument(
+        "--num-classes",
+        type=positive_int,
+        help=f"classifier outputs (default: the run's classes, else {StepSettings.num_classes})",
+    )
+    p.add_argument(
+        "--spare-classes",
+        type=non_negative_int,
+        default=StepSettings.spare_classes,
+        help="classifier outputs beyond the classes, as 'edgetl export --spare-classes' adds them (default: %(default)s)",
+    )
+
+
 def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``edgetl profile``."""
     p = subparsers.add_parser(
@@ -71,17 +86,7 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--blocks", "-K", type=blocks_arg, help="K: blocks trained from the top, or 'all'")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--image-size", type=positive_int)
-    p.add_argument(
-        "--num-classes",
-        type=positive_int,
-        help=f"classifier outputs (default: the run's classes, else {StepSettings.num_classes})",
-    )
-    p.add_argument(
-        "--spare-classes",
-        type=non_negative_int,
-        default=StepSettings.spare_classes,
-        help="classifier outputs beyond the classes, as 'edgetl export --spare-classes' adds them (default: %(default)s)",
-    )
+    _add_classes(p)
     p.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
@@ -195,17 +200,7 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--model", help="architecture (or take it from --run / --config)")
     p.add_argument("--image-size", type=positive_int, help=f"input side in pixels (default: the run's, else {StepSettings.image_size})")
     p.add_argument("--method", choices=METHODS, help="default: the run's, else mobiletl")
-    p.add_argument(
-        "--num-classes",
-        type=positive_int,
-        help=f"classifier outputs (default: the run's classes, else {StepSettings.num_classes})",
-    )
-    p.add_argument(
-        "--spare-classes",
-        type=non_negative_int,
-        default=StepSettings.spare_classes,
-        help="classifier outputs beyond the classes, as 'edgetl export --spare-classes' adds them (default: %(default)s)",
-    )
+    _add_classes(p)
     p.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
